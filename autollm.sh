@@ -1,0 +1,26 @@
+#!/bin/sh
+# autollm-lf in one command.
+#   sh autollm.sh          set up .venv if needed, then run the toy example end to end
+#   sh autollm.sh test     set up .venv if needed, then run the test suite (extra args go to pytest)
+# The venv is (re)installed only when constraints.txt or pyproject.toml changed since the last install.
+set -eu
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+STAMP=.venv/.autollm-installed
+WANT=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+
+if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "autollm-lf pins packages for Python 3.11"' \
+    || { echo "error: Python 3.11 needed (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
+  echo "== installing into .venv (pinned by constraints.txt)"
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+  echo "$WANT" > "$STAMP"
+fi
+
+case "${1:-toy}" in
+  toy) exec .venv/bin/autollm run examples/toy.yaml ;;
+  test) shift; exec .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: sh autollm.sh [test [pytest args]]" >&2; exit 2 ;;
+esac

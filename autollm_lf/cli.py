@@ -1,0 +1,55 @@
+"""`autollm`: the command line. Every user-facing failure is one `error:` line and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+STAGE_HELP = {
+    "prepare": "read the sources, chunk, hold out validation/test, write LLaMA-Factory data files",
+    "train": "render configs/<delta>.yaml from templates/ and run `llamafactory-cli train` per delta",
+    "search": "find the delta weights that maximise the validation score (Bayesian optimisation)",
+    "report": "score raw, train@all, train@<chunk>, average/human/auto merges on validation and test",
+    "export": "save the best merge as one PEFT adapter in runs/<name>/merged/",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autollm",
+        description="Improve an LLM from new data without guessing mixing ratios: one LoRA delta per data chunk "
+                    "(trained with LLaMA-Factory), merge weights found by Bayesian optimisation on validation.",
+        epilog="Start with: autollm run examples/toy.yaml   (outputs go to runs/<name>/, re-runs skip finished work)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="every stage in order: " + ", ".join(STAGE_HELP))
+    run.add_argument("config", help="run YAML, e.g. examples/toy.yaml")
+    for name, text in STAGE_HELP.items():
+        sub.add_parser(name, help=text).add_argument("config")
+    sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)").add_argument("config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .config import load_config
+
+        cfg = load_config(args.config)
+        if args.command == "validate":
+            print(f"{args.config}: ok")
+            return 0
+        from .pipeline import STAGES, run_stages
+
+        run_stages(cfg, list(STAGES) if args.command == "run" else [args.command])
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, re-run to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

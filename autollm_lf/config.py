@@ -1,0 +1,168 @@
+"""The run config: one YAML file, validated with pydantic. Every error is reported at once, with its key path."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SqlSource(Strict):
+    """Rows from a SQL query against any SQLAlchemy URL (SQLite files are opened read-only)."""
+    type: Literal["sql"]
+    url: str
+    query: str
+    columns: dict[str, str] = Field(default_factory=dict, description="tool field -> source column")
+
+
+class FileSource(Strict):
+    """Rows from a json/jsonl/csv/parquet file, loaded with `datasets`."""
+    type: Literal["file"]
+    path: Path
+    columns: dict[str, str] = Field(default_factory=dict)
+
+
+Source = Annotated[Union[SqlSource, FileSource], Field(discriminator="type")]
+
+
+class DataConfig(Strict):
+    sources: list[Source] = Field(min_length=1)
+    chunk_by: str = "task"
+    validation_per_chunk: int = Field(40, ge=1)
+    test_per_chunk: int = Field(40, ge=1)
+    min_train_per_chunk: int = Field(1, ge=1)
+
+
+class ModelConfig(Strict):
+    path: Path
+    template: str = "default"
+
+
+class ToyConfig(Strict):
+    """Builds the toy's SQLite database and raw-capable base model if they are missing."""
+    seed: int = 0
+    database: Path = Path("data/toy/source.sqlite")
+    rows_per_task: int = Field(300, ge=10)
+    base_train_rows: int = Field(4000, ge=10)
+    base_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Strict):
+    template: str = "sft_lora.yaml.j2"
+    args: dict[str, Any] = Field(default_factory=dict, description="LLaMA-Factory keys overriding the template's")
+    chunk_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    train_all: bool = True
+
+
+class SearchConfig(Strict):
+    bounds: tuple[float, float] = (0.0, 1.0)
+    init_points: int = Field(5, ge=0)
+    n_iter: int = Field(40, ge=0)
+    human_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered(cls, v):
+        if not v[0] < v[1]:
+            raise ValueError(f"lower bound {v[0]} must be below upper bound {v[1]}; write [low, high]")
+        return v
+
+
+class EvaluationConfig(Strict):
+    metric: str = "exact_match"
+    batch_size: int = Field(64, ge=1)
+
+
+class RunConfig(Strict):
+    name: str
+    seed: int = 0
+    run_dir: Path = Path("runs")
+    base_model: ModelConfig
+    toy: Optional[ToyConfig] = None
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        if not SAFE_NAME.match(v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it becomes a folder name)")
+        return v
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        from .evaluate import METRICS
+        from .train import find_template
+
+        if self.evaluation.metric not in METRICS:
+            raise ValueError(f"evaluation.metric: unknown metric {self.evaluation.metric!r}; choose one of {sorted(METRICS)}")
+        if find_template(self.train.template) is None:
+            raise ValueError(f"train.template: no template {self.train.template!r} in templates/; "
+                             f"name a file there or give a path")
+        return self
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.name
+
+
+def _format_errors(err: ValidationError, file: Path) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{file}: {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make paths absolute (relative ones are relative to the working directory, as in LLaMA-Factory)."""
+    cfg.run_dir = cfg.run_dir.resolve()
+    cfg.base_model.path = cfg.base_model.path.resolve()
+    if cfg.toy:
+        cfg.toy.database = cfg.toy.database.resolve()
+    for src in cfg.data.sources:
+        if isinstance(src, FileSource):
+            src.path = src.path.resolve()
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and validate a config; raise UserError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass the path of a run YAML (e.g. examples/toy.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, path)) from None
+    return _resolve_paths(cfg)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,89 @@
+"""Merge maths and the in-place weighted model.
+
+W = W0 + sum_i w_i * dW_i, with dW_i = s_i * B_i @ A_i (s_i = lora_alpha / r). With every adapter
+active, PEFT computes y = W0 x + sum_i scaling_i * B_i A_i x, so setting scaling_i = w_i * s_i gives
+exactly the weighted sum: no weight copies, no reloads, one float per adapter per layer per trial.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r], s)
+
+
+# ---- pure functions (property-tested in tests/test_merge_math.py) ---------------------------------
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    return s * (B @ A)
+
+
+def weighted_delta(factors: Sequence[Factors], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i * s_i * B_i @ A_i: the true weighted sum of the deltas."""
+    return sum(w * delta_weight(A, B, s) for (A, B, s), w in zip(factors, weights))
+
+
+def cat_factors(factors: Sequence[Factors], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA pair (A, B), scaling 1, whose product is the weighted sum exactly (PEFT's `cat`)."""
+    A = torch.cat([A for A, _, _ in factors], dim=0)
+    B = torch.cat([w * s * B for (_, B, s), w in zip(factors, weights)], dim=1)
+    return A, B
+
+
+# ---- the loaded model ----------------------------------------------------------------------------
+
+def load_base(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+class WeightedDeltas:
+    """The base model with every delta loaded once and active at once; `set_weights` is the only per-trial work."""
+
+    def __init__(self, base_path: Path, adapters: Mapping[str, Path]):
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        base, self.tokenizer = load_base(base_path)
+        names = list(adapters)
+        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+        model.base_model.set_adapter(names)
+        self.model = model.eval()
+        self.names = names
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.unit_scaling = [dict(layer.scaling) for layer in self.layers]  # s_i = alpha_i / r_i per layer
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Adapters not named get weight 0."""
+        unknown = set(weights) - set(self.names)
+        if unknown:
+            raise KeyError(f"unknown deltas {sorted(unknown)}; loaded: {self.names}")
+        for layer, unit in zip(self.layers, self.unit_scaling):
+            for name, s in unit.items():
+                layer.scaling[name] = float(weights.get(name, 0.0)) * s
+
+    def export(self, weights: Mapping[str, float], out_dir: Path) -> Path:
+        """Save the weighted sum as one ordinary PEFT adapter (PEFT's exact `cat` combination)."""
+        names = [n for n, w in weights.items() if w != 0.0] or self.names[:1]
+        self.set_weights({n: 1.0 for n in self.names})  # add_weighted_adapter reads the unit scalings
+        merged = "autollm_merged"
+        self.model.add_weighted_adapter(names, [float(weights.get(n, 0.0)) for n in names], merged,
+                                        combination_type="cat")
+        out_dir = Path(out_dir)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+            self.model.save_pretrained(tmp, selected_adapters=[merged])
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.move(str(Path(tmp) / merged), out_dir)
+        self.model.delete_adapter(merged)
+        self.model.base_model.set_adapter(self.names)
+        self.set_weights(weights)
+        return out_dir

@@ -1,0 +1,73 @@
+"""Stage 4: the AutoLLM README's table on validation and test, the weights table, a convergence plot."""
+from __future__ import annotations
+
+from .errors import UserError
+from .io import atomic_write_text, read_json, read_jsonl, write_json
+from .train import ALL_DELTA
+
+
+def report_rows(session) -> list[dict]:
+    """Every row is a weight vector over the loaded deltas, scored in place on the same model."""
+    cfg, chunks = session.cfg, session.chunks
+    best = read_json(cfg.out / "search" / "best.json")
+    if best is None:
+        raise UserError(f"{cfg.out / 'search' / 'best.json'} missing; run `autollm search` first")
+    rows = [("raw", {c: 0.0 for c in chunks}, False)]
+    if cfg.train.train_all:
+        rows.append((f"train@{ALL_DELTA}", {ALL_DELTA: 1.0}, False))
+    rows += [(f"train@{c}", {d: float(d == c) for d in chunks}, False) for c in chunks]
+    rows.append(("average_merge", {c: 1.0 for c in chunks}, True))
+    if cfg.search.human_weights:
+        rows.append(("human_merge", {c: float(cfg.search.human_weights.get(c, 0.0)) for c in chunks}, True))
+    rows.append(("auto_merge", best["weights"], True))
+    return [{"model": name, "validation": session.score(w, "validation"), "test": session.score(w, "test"),
+             **({"weights": w} if show else {})} for name, w, show in rows]
+
+
+def _markdown(rows: list[dict], chunks: list[str], cfg) -> str:
+    lines = [f"# autollm-lf report: {cfg.name}", "",
+             f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.", "",
+             "model | validation | test |", "---|---|---|"]
+    lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} |" for r in rows]
+    lines += ["", "model | " + " | ".join(f"{c}_weight" for c in chunks) + " |", "---|" + "---|" * len(chunks)]
+    lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(c, 0.0):.4g}" for c in chunks) + " |"
+              for r in rows if "weights" in r]
+    lines += ["", "![convergence](convergence.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(trials: list[dict], rows: list[dict], path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = [t["validation"] for t in trials]
+    best_so_far = [max(scores[: i + 1]) for i in range(len(scores))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(range(len(scores)), scores, s=12, alpha=0.6, label="trial")
+    ax.plot(best_so_far, color="C1", label="best so far")
+    for r in rows:
+        if r["model"] in ("raw", f"train@{ALL_DELTA}", "average_merge", "human_merge"):
+            ax.axhline(r["validation"], ls="--", lw=0.8, color="gray")
+            ax.annotate(r["model"], (len(scores) - 1, r["validation"]), fontsize=7, ha="right", va="bottom")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation score")
+    ax.set_title("auto_merge search")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(session) -> dict:
+    cfg, chunks = session.cfg, session.chunks
+    out = cfg.out / "report"
+    rows = report_rows(session)
+    auto = next(r for r in rows if r["model"] == "auto_merge")
+    report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
+              "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]}}
+    write_json(out / "report.json", report)
+    _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, out / "convergence.png")
+    atomic_write_text(out / "report.md", _markdown(rows, chunks, cfg))
+    print(_markdown(rows, chunks, cfg).split("\n\n![")[0])
+    return report

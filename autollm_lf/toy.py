@@ -1,0 +1,126 @@
+"""The toy example's set-up, deterministic from a seed: a SQLite source database of four task
+families and a tiny Llama given some raw skill by one short full fine-tune through LLaMA-Factory."""
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Callable
+
+from .io import fingerprint, read_json, write_json, atomic_write_text
+from .tiny import make_tiny_llama
+
+Example = tuple[str, str]
+
+
+ALPHABET = "abcdefgh"  # small, so a tiny model learns the families within minutes on a CPU
+
+
+def _word(rng: random.Random, lo: int = 2, hi: int = 4) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(lo, hi)))
+
+
+def math_task(rng: random.Random) -> Example:
+    """Mathematics: add a digit to a number."""
+    a, b = rng.randint(0, 49), rng.randint(0, 9)
+    return f"{a}+{b}=", str(a + b)
+
+
+def code_task(rng: random.Random) -> Example:
+    """Code: what a Python one-liner prints."""
+    s = _word(rng)
+    return f'print("{s}"[::-1])', s[::-1]
+
+
+def following_task(rng: random.Random) -> Example:
+    """Instruction following: do what the instruction says."""
+    w = _word(rng)
+    return f"Write in capitals: {w}", w.upper()
+
+
+def generation_task(rng: random.Random) -> Example:
+    """Instruction generation: write the instruction that produces a given output."""
+    w = _word(rng)
+    return f"Instruction for: {w.upper()}", f"Write in capitals: {w}"
+
+
+TASKS: dict[str, Callable[[random.Random], Example]] = {
+    "math": math_task,
+    "code": code_task,
+    "following": following_task,
+    "generation": generation_task,
+}
+
+
+def build_source_db(path: Path, seed: int, rows_per_task: int) -> Path:
+    """A real SQLite database with one table `examples(id, task, prompt, response)`; prompts unique per task."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    for task, make in TASKS.items():
+        count = 0
+        while count < rows_per_task:
+            prompt, response = make(rng)
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            rows.append((task, prompt, response))
+            count += 1
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with sqlite3.connect(tmp) as db:
+        db.execute("CREATE TABLE examples (id INTEGER PRIMARY KEY, task TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT NOT NULL)")
+        db.executemany("INSERT INTO examples (task, prompt, response) VALUES (?, ?, ?)", rows)
+    tmp.replace(path)
+    return path
+
+
+def _base_corpus(seed: int, n: int, exclude: set[str]) -> list[dict]:
+    """The base model's own training mix: fresh examples of every family, none from the database."""
+    rng = random.Random(seed + 1)
+    makers = list(TASKS.values())
+    corpus = []
+    while len(corpus) < n:
+        prompt, response = rng.choice(makers)(rng)
+        if prompt not in exclude:
+            corpus.append({"instruction": prompt, "output": response})
+    return corpus
+
+
+def ensure_toy(cfg) -> None:
+    """Build what is missing: the database, then the base model (cached by a fingerprint of its recipe)."""
+    from .train import hardware_defaults, render_template, run_llamafactory
+
+    toy = cfg.toy
+    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, sorted(TASKS))
+    db_marker = toy.database.with_suffix(".json")
+    if not toy.database.exists() or read_json(db_marker, {}).get("fingerprint") != db_fp:
+        print(f"toy: building source database {toy.database}")
+        build_source_db(toy.database, toy.seed, toy.rows_per_task)
+        write_json(db_marker, {"fingerprint": db_fp})
+
+    base = cfg.base_model.path
+    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, db_fp,
+                          (Path(__file__).parent.parent / "templates" / "toy_base_full.yaml.j2").read_text())
+    if read_json(base / "autollm_toy.json", {}).get("fingerprint") == base_fp:
+        return
+    print(f"toy: building base model {base} (random tiny Llama + one short full fine-tune)")
+    work = base.parent / f"{base.name}.build"
+    shutil.rmtree(work, ignore_errors=True)
+    init = make_tiny_llama(work / "init", seed=toy.seed, hidden_size=128, num_layers=4, num_heads=4,
+                           intermediate_size=256)
+    with sqlite3.connect(f"file:{toy.database}?mode=ro", uri=True) as db:
+        exclude = {p for (p,) in db.execute("SELECT prompt FROM examples")}
+    write_json(work / "data" / "base_mix.json", _base_corpus(toy.seed, toy.base_train_rows, exclude))
+    write_json(work / "data" / "dataset_info.json", {"base_mix": {"file_name": "base_mix.json", "columns": {"prompt": "instruction", "response": "output"}}})
+    shutil.rmtree(base, ignore_errors=True)
+    yaml_path = work / "base.yaml"
+    atomic_write_text(yaml_path, render_template(
+        "toy_base_full.yaml.j2", toy.base_args, model_name_or_path=str(init), template=cfg.base_model.template,
+        dataset_dir=str(work / "data"), dataset="base_mix", output_dir=str(base), seed=toy.seed,
+        **hardware_defaults()))
+    run_llamafactory(yaml_path, base, desc="toy base model")
+    write_json(base / "autollm_toy.json", {"fingerprint": base_fp})
+    shutil.rmtree(work, ignore_errors=True)

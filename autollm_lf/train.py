@@ -1,0 +1,207 @@
+"""Stage 2: render one LLaMA-Factory YAML per delta and run `llamafactory-cli train` on each, one at a time."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from .errors import UserError
+from .io import file_digest, fingerprint, read_json, write_json, atomic_write_text
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+ADAPTER_FILE = "adapter_model.safetensors"
+DONE_MARKER = "autollm_delta.json"
+ALL_DELTA = "all"
+TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
+
+
+@dataclass
+class DeltaSpec:
+    """One training run: a LoRA delta on some chunks' datasets."""
+    name: str
+    datasets: list[str]
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def find_template(name: str) -> Path | None:
+    for candidate in (Path(name), TEMPLATES_DIR / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def llamafactory_cli() -> str:
+    """The CLI next to this interpreter (the .venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name("llamafactory-cli")
+    if local.exists():
+        return str(local)
+    found = shutil.which("llamafactory-cli")
+    if not found:
+        raise UserError("llamafactory-cli not found; run `sh autollm.sh` to install it into .venv")
+    return found
+
+
+def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
+    """Replace top-level `key: value` lines in place (keeping the template's comments); append new keys.
+
+    Values are written as JSON, which is valid YAML and keeps e.g. "no" a string.
+    """
+    remaining = dict(overrides)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = TOP_LEVEL_KEY.match(line)
+        if m and m.group(1) in remaining:
+            lines[i] = f"{m.group(1)}: {json.dumps(remaining.pop(m.group(1)))}"
+    if remaining:
+        lines += ["", "### overrides from the autollm config"]
+        lines += [f"{k}: {json.dumps(v)}" for k, v in remaining.items()]
+    return "\n".join(lines) + "\n"
+
+
+def hardware_defaults() -> dict[str, Any]:
+    """bf16 where a GPU supports it; on CPU no half precision and no gradient checkpointing."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "cpu": not gpu}
+
+
+def render_template(template_file: str, overrides: dict[str, Any], **variables: Any) -> str:
+    path = find_template(template_file)
+    if path is None:
+        raise UserError(f"train.template: no template {template_file!r} in {TEMPLATES_DIR}; name a file there or give a path")
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(path.read_text(encoding="utf-8")).render(**variables)
+    return apply_overrides(text, overrides)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Config contents plus weight-file sizes and mtimes (hashing GBs of weights per run would be slow)."""
+    model_dir = Path(model_dir)
+    parts = []
+    for p in sorted(model_dir.glob("*")):
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".bin", ".model"}:
+            st = p.stat()
+            parts.append([p.name, st.st_size, st.st_mtime_ns if st.st_size > 1 << 20 else p.read_text(errors="ignore")])
+    return fingerprint(parts)
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    if not path.exists():
+        return "(no log written)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def run_llamafactory(config_path: Path, output_dir: Path, desc: str) -> None:
+    """`llamafactory-cli train CONFIG` as an argument list; progress from trainer_log.jsonl; log to train.log."""
+    from tqdm import tqdm
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "train.log"
+    progress_path = output_dir / "trainer_log.jsonl"
+    env = dict(os.environ, WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DISABLE_VERSION_CHECK="1")
+    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True) as bar:
+        proc = subprocess.Popen([llamafactory_cli(), "train", str(config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            _update_progress(bar, progress_path)
+        _update_progress(bar, progress_path)
+    if proc.returncode != 0:
+        raise UserError(f"training {desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
+
+
+def _update_progress(bar, progress_path: Path) -> None:
+    if not progress_path.exists():
+        return
+    lines = progress_path.read_text(errors="ignore").strip().splitlines()
+    try:
+        last = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return
+    if last and last.get("current_steps") != bar.n:
+        bar.total = last.get("total_steps", bar.total)
+        bar.n = last["current_steps"]
+        if "loss" in last:
+            bar.set_postfix(loss=round(last["loss"], 4), refresh=False)
+        bar.refresh()
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_for_delta(cfg, spec: DeltaSpec) -> tuple[Path, str]:
+    """Render configs/<delta>.yaml unless the user edited it since we last rendered it (then keep theirs)."""
+    out = cfg.out
+    path = out / "configs" / f"{spec.name}.yaml"
+    state_path = out / "configs" / ".rendered.json"
+    state = read_json(state_path, {})
+    rendered = render_template(
+        cfg.train.template, {**cfg.train.args, **spec.args},
+        delta=spec.name, model_name_or_path=str(cfg.base_model.path), template=cfg.base_model.template,
+        dataset_dir=str(out / "data"), dataset=",".join(spec.datasets), output_dir=str(out / "deltas" / spec.name),
+        seed=cfg.seed, **hardware_defaults(),
+    )
+    if path.exists() and _sha(path.read_text(encoding="utf-8")) != state.get(spec.name):
+        print(f"keeping hand-edited {path} (delete it to go back to the template)")
+        text = path.read_text(encoding="utf-8")
+        _check_user_yaml(path, text, out / "deltas" / spec.name)
+        return path, text
+    atomic_write_text(path, rendered)
+    state[spec.name] = _sha(rendered)
+    write_json(state_path, state)
+    return path, rendered
+
+
+def _check_user_yaml(path: Path, text: str, output_dir: Path) -> None:
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e}); fix it or delete it to re-render from the template") from None
+    if not isinstance(parsed, dict) or Path(str(parsed.get("output_dir", ""))) != output_dir:
+        raise UserError(f"{path}: output_dir must stay {output_dir} (autollm reads the delta from there)")
+
+
+def delta_specs(cfg, chunks: list[str]) -> list[DeltaSpec]:
+    specs = [DeltaSpec(c, [c], cfg.train.chunk_args.get(c, {})) for c in chunks]
+    if cfg.train.train_all:
+        specs.append(DeltaSpec(ALL_DELTA, list(chunks)))
+    return specs
+
+
+def train_all(cfg, chunks: list[str]) -> dict[str, Path]:
+    """Train every delta that is not already trained with the same config, data and base model."""
+    out = cfg.out
+    base_fp = model_fingerprint(cfg.base_model.path)
+    adapters = {}
+    for spec in delta_specs(cfg, chunks):
+        cfg_path, text = config_for_delta(cfg, spec)
+        data_files = [out / "data" / f"{d}.json" for d in spec.datasets] + [out / "data" / "dataset_info.json"]
+        fp = fingerprint(text, file_digest(data_files), base_fp)
+        delta_dir = out / "deltas" / spec.name
+        done = read_json(delta_dir / DONE_MARKER, {})
+        if done.get("fingerprint") == fp and (delta_dir / ADAPTER_FILE).exists():
+            print(f"delta {spec.name}: up to date, not retrained")
+        else:
+            # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
+            shutil.rmtree(delta_dir, ignore_errors=True)
+            run_llamafactory(cfg_path, delta_dir, desc=f"train {spec.name}")
+            if not (delta_dir / ADAPTER_FILE).exists():
+                raise UserError(f"training {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
+                                f"is finetuning_type lora in {cfg_path}?")
+            write_json(delta_dir / DONE_MARKER, {"fingerprint": fp, "config": str(cfg_path)})
+        adapters[spec.name] = delta_dir
+    return adapters

@@ -1,0 +1,47 @@
+"""Tiny fixtures built on the fly (no downloads): a 2-layer Llama with a char tokenizer, LoRA adapters with
+non-zero B (init_lora_weights=False) so merges are really tested."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from autollm_lf.tiny import make_tiny_llama
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def make_adapter(base_path: Path, out: Path, seed: int, r: int = 4, alpha: int = 8,
+                 targets=("q_proj", "v_proj", "down_proj")) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                            init_lora_weights=False, lora_dropout=0.0))
+    with torch.no_grad():  # make B large enough that each delta changes the logits clearly
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "a": make_adapter(tiny_model, root / "a", seed=1, r=4, alpha=8),
+        "b": make_adapter(tiny_model, root / "b", seed=2, r=8, alpha=8),
+        "c": make_adapter(tiny_model, root / "c", seed=3, r=2, alpha=16, targets=("q_proj", "k_proj", "up_proj")),
+    }

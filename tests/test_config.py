@@ -1,0 +1,71 @@
+"""Config validation: every error at once, with key paths; the CLI prints them and exits 2 without a traceback."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from autollm_lf.config import load_config
+from autollm_lf.errors import UserError
+
+GOOD = {
+    "name": "t",
+    "base_model": {"path": "m"},
+    "data": {"sources": [{"type": "sql", "url": "sqlite:///x.sqlite", "query": "SELECT 1"}]},
+}
+
+
+def write(tmp_path, cfg):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_good_config_resolves_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.base_model.path == tmp_path / "m"
+    assert cfg.out == tmp_path / "runs" / "t"
+    assert cfg.search.bounds == (0.0, 1.0)
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    bad = {**GOOD, "nmae": "typo", "seed": "zero",
+           "search": {"bounds": [1.0, 0.0], "n_iter": -1},
+           "data": {"sources": [{"type": "sql", "url": "sqlite:///x"}], "chunkby": "task"},
+           "evaluation": {"metric": "bleu"}}
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, bad))
+    msg = str(e.value)
+    for expected in ["nmae: unknown key", "seed:", "search.bounds: lower bound 1.0 must be below",
+                     "search.n_iter:", "data.sources.0.sql.query: required key is missing",
+                     "data.chunkby: unknown key"]:
+        assert expected in msg, (expected, msg)
+    assert len(msg.splitlines()) >= 6
+
+
+def test_unknown_template_and_metric(tmp_path):
+    bad = {**GOOD, "train": {"template": "nope.yaml.j2"}}
+    with pytest.raises(UserError, match="train.template: no template 'nope.yaml.j2'"):
+        load_config(write(tmp_path, bad))
+    with pytest.raises(UserError, match="unknown metric 'bleu'"):
+        load_config(write(tmp_path, {**GOOD, "evaluation": {"metric": "bleu"}}))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden"])
+def test_run_names_cannot_escape_run_dir(tmp_path, name):
+    with pytest.raises(UserError, match="name:"):
+        load_config(write(tmp_path, {**GOOD, "name": name}))
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(write(tmp_path, GOOD))],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    bad = write(tmp_path, {**GOOD, "serch": {}})
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "serch: unknown key" in res.stderr and "Traceback" not in res.stderr
+    missing = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(tmp_path / "none.yaml")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "config file not found" in missing.stderr

@@ -1,0 +1,75 @@
+"""prepare: a real SQLite source, chunked and split (stratified), written as LLaMA-Factory data files."""
+import json
+import sqlite3
+
+import pytest
+
+from autollm_lf.config import RunConfig
+from autollm_lf.errors import UserError
+from autollm_lf.prepare import chunk_name, prepare
+from autollm_lf.toy import TASKS, build_source_db
+
+
+def make_cfg(tmp_path, url, **data):
+    return RunConfig.model_validate({
+        "name": "p", "run_dir": str(tmp_path / "runs"), "base_model": {"path": str(tmp_path)},
+        "data": {"sources": [{"type": "sql", "url": url, "query": "SELECT id, task, prompt, response FROM examples"}],
+                 "validation_per_chunk": 7, "test_per_chunk": 5, **data}})
+
+
+def test_prepare_from_sqlite(tmp_path):
+    db = build_source_db(tmp_path / "src.sqlite", seed=3, rows_per_task=40)
+    before = db.read_bytes()
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}")
+    chunks = prepare(cfg)
+    assert chunks == sorted(TASKS)
+    data = cfg.out / "data"
+    info = json.loads((data / "dataset_info.json").read_text())
+    assert set(info) == set(TASKS) | {"validation", "test"}
+    assert info["math"] == {"file_name": "math.json", "columns": {"prompt": "instruction", "response": "output"}}
+    val = json.loads((data / "validation.json").read_text())
+    test = json.loads((data / "test.json").read_text())
+    for c in TASKS:  # stratified by chunk
+        assert sum(r["chunk"] == c for r in val) == 7 and sum(r["chunk"] == c for r in test) == 5
+        train = json.loads((data / f"{c}.json").read_text())
+        assert len(train) == 40 - 12 and {r["chunk"] for r in train} == {c}
+    prompts = lambda rows: {r["instruction"] for r in rows}
+    all_train = [r for c in TASKS for r in json.loads((data / f"{c}.json").read_text())]
+    assert not (prompts(all_train) & (prompts(val) | prompts(test)))
+    assert all(r["source"] == "sql:0" and r["row_id"] for r in val)  # provenance kept
+    assert db.read_bytes() == before  # opened read-only
+
+
+def test_same_seed_same_split(tmp_path):
+    db = build_source_db(tmp_path / "src.sqlite", seed=3, rows_per_task=30)
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}")
+    prepare(cfg)
+    first = (cfg.out / "data" / "validation.json").read_text()
+    prepare(cfg)
+    assert (cfg.out / "data" / "validation.json").read_text() == first
+
+
+def test_missing_database_is_a_clear_error(tmp_path):
+    cfg = make_cfg(tmp_path, f"sqlite:///{tmp_path / 'nope.sqlite'}")
+    with pytest.raises(UserError, match="data.sources.0: cannot read"):
+        prepare(cfg)
+    assert not (tmp_path / "nope.sqlite").exists()  # read-only: never created
+
+
+def test_too_small_chunk_and_missing_field(tmp_path):
+    db = tmp_path / "s.sqlite"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE examples (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
+        c.executemany("INSERT INTO examples VALUES (?,?,?,?)", [(i, "a", f"p{i}", "r") for i in range(10)])
+    with pytest.raises(UserError, match="chunk 'a' has 10 rows, needs at least 13"):
+        prepare(make_cfg(tmp_path, f"sqlite:///{db}"))
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE examples SET response = NULL WHERE id = 4")
+    with pytest.raises(UserError, match="row 4 of sql:0 has no response"):
+        prepare(make_cfg(tmp_path, f"sqlite:///{db}"))
+
+
+@pytest.mark.parametrize("raw,expected", [("Math & Logic", "Math_Logic"), ("../../etc", "etc"),
+                                           ("all", "all_chunk"), ("", "chunk")])
+def test_chunk_names_are_safe(raw, expected):
+    assert chunk_name(raw) == expected
