@@ -55,6 +55,15 @@ class Session:
         self.weighted.set_weights(weights)
         return self.scorer(split).score()
 
+    def score_by_chunk(self, weights: dict[str, float], split: str) -> tuple[float, dict[str, float]]:
+        """Overall score and the score on each chunk's rows."""
+        from .prepare import load_split
+        self.weighted.set_weights(weights)
+        flags = self.scorer(split).correct()
+        chunks = [r["chunk"] for r in load_split(self.cfg, split)]
+        by_chunk = {c: sum(f for f, k in zip(flags, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
+        return sum(flags) / max(len(flags), 1), by_chunk
+
     def search_fingerprint(self) -> str:
         from .search import search_fingerprint
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}

@@ -20,8 +20,13 @@ def report_rows(session) -> list[dict]:
     if cfg.search.human_weights:
         rows.append(("human_merge", {c: float(cfg.search.human_weights.get(c, 0.0)) for c in chunks}, True))
     rows.append(("auto_merge", best["weights"], True))
-    return [{"model": name, "validation": session.score(w, "validation"), "test": session.score(w, "test"),
-             **({"weights": w} if show else {})} for name, w, show in rows]
+    result = []
+    for name, w, show in rows:
+        validation, _ = session.score_by_chunk(w, "validation")
+        test, test_by_chunk = session.score_by_chunk(w, "test")
+        result.append({"model": name, "validation": validation, "test": test, "test_by_chunk": test_by_chunk,
+                       **({"weights": w} if show else {})})
+    return result
 
 
 def _markdown(rows: list[dict], chunks: list[str], cfg) -> str:
@@ -29,6 +34,9 @@ def _markdown(rows: list[dict], chunks: list[str], cfg) -> str:
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.", "",
              "model | validation | test |", "---|---|---|"]
     lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} |" for r in rows]
+    lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
+    lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'].get(c, 0.0):.2f}" for c in chunks) + " |"
+              for r in rows]
     lines += ["", "model | " + " | ".join(f"{c}_weight" for c in chunks) + " |", "---|" + "---|" * len(chunks)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(c, 0.0):.4g}" for c in chunks) + " |"
               for r in rows if "weights" in r]

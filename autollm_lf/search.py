@@ -6,6 +6,8 @@ so a resumed search proposes the same points an uninterrupted one would.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from .io import append_jsonl, fingerprint, read_json, read_jsonl, write_json
@@ -61,9 +63,12 @@ def run_search(cfg, session, deltas: list[str], fp: str) -> dict:
         if weights is None:
             opt._random_state.seed(cfg.seed * 100_003 + number)  # same suggestion after a restart
             weights = {d: float(v) for d, v in opt.suggest().items()}
+        started = time.perf_counter()
         score = session.score(weights, "validation")
+        eval_seconds = time.perf_counter() - started
         opt.register(params=weights, target=score)
-        trial = {"trial": number, "kind": kind, "weights": weights, "validation": score, "fingerprint": fp}
+        trial = {"trial": number, "kind": kind, "weights": weights, "validation": score,
+                 "eval_seconds": round(eval_seconds, 4), "fingerprint": fp}
         append_jsonl(trials_path, trial)
         if best is None or score > best["validation"]:
             best = {"weights": weights, "validation": score, "trial": number, "kind": kind}

@@ -2,6 +2,7 @@
 families and a tiny Llama given some raw skill by one short full fine-tune through LLaMA-Factory."""
 from __future__ import annotations
 
+import inspect
 import random
 import shutil
 import sqlite3
@@ -23,7 +24,7 @@ def _word(rng: random.Random, lo: int = 2, hi: int = 4) -> str:
 
 def math_task(rng: random.Random) -> Example:
     """Mathematics: add a digit to a number."""
-    a, b = rng.randint(0, 49), rng.randint(0, 9)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     return f"{a}+{b}=", str(a + b)
 
 
@@ -94,7 +95,9 @@ def ensure_toy(cfg) -> None:
     from .train import hardware_defaults, render_template, run_llamafactory
 
     toy = cfg.toy
-    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, sorted(TASKS))
+    # The generators' own source is part of the recipe: editing a task family rebuilds the database.
+    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, ALPHABET,
+                        [inspect.getsource(f) for f in TASKS.values()], inspect.getsource(build_source_db))
     db_marker = toy.database.with_suffix(".json")
     if not toy.database.exists() or read_json(db_marker, {}).get("fingerprint") != db_fp:
         print(f"toy: building source database {toy.database}")
@@ -102,7 +105,7 @@ def ensure_toy(cfg) -> None:
         write_json(db_marker, {"fingerprint": db_fp})
 
     base = cfg.base_model.path
-    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, db_fp,
+    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, db_fp, inspect.getsource(_base_corpus),
                           (Path(__file__).parent.parent / "templates" / "toy_base_full.yaml.j2").read_text())
     if read_json(base / "autollm_toy.json", {}).get("fingerprint") == base_fp:
         return

@@ -198,7 +198,7 @@ def train_all(cfg, chunks: list[str]) -> dict[str, Path]:
         else:
             # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
             shutil.rmtree(delta_dir, ignore_errors=True)
-            run_llamafactory(cfg_path, delta_dir, desc=f"train {spec.name}")
+            run_llamafactory(cfg_path, delta_dir, desc=f"delta {spec.name}")
             if not (delta_dir / ADAPTER_FILE).exists():
                 raise UserError(f"training {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
                                 f"is finetuning_type lora in {cfg_path}?")

@@ -1,0 +1,109 @@
+"""The whole pipeline through the real CLI and the real `llamafactory-cli train`, on a tiny model."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from autollm_lf.toy import build_source_db
+
+
+def autollm(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "autollm_lf", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+def write_config(tmp_path, tiny_model, name="e2e", **train_args):
+    db = tmp_path / "src.sqlite"
+    if not db.exists():
+        build_source_db(db, seed=1, rows_per_task=24)
+    cfg = {
+        "name": name, "seed": 0, "base_model": {"path": str(tiny_model), "template": "default"},
+        "data": {"sources": [{"type": "sql", "url": f"sqlite:///{db}",
+                              "query": "SELECT id, task, prompt, response FROM examples WHERE task IN ('math', 'code')"}],
+                 "chunk_by": "task", "validation_per_chunk": 6, "test_per_chunk": 6},
+        "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1,
+                           "learning_rate": 0.01, **train_args}},
+        "search": {"init_points": 2, "n_iter": 3, "human_weights": {"math": 0.5}},
+        "evaluation": {"batch_size": 8},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(tmp, tiny_model)
+    res = autollm("run", str(cfg), cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp, cfg, res
+
+
+def test_run_writes_the_documented_layout(first_run):
+    tmp, _, _ = first_run
+    run = tmp / "runs" / "e2e"
+    for rel in ["config.resolved.yaml", "data/dataset_info.json", "data/validation.json", "data/test.json",
+                "configs/math.yaml", "configs/code.yaml", "configs/all.yaml",
+                "deltas/math/adapter_model.safetensors", "deltas/all/adapter_model.safetensors",
+                "deltas/math/trainer_log.jsonl", "deltas/math/train.log",
+                "search/trials.jsonl", "search/best.json", "report/report.md", "report/report.json",
+                "report/convergence.png", "merged/adapter_model.safetensors", "merged/adapter_config.json"]:
+        assert (run / rel).exists(), rel
+    rendered = yaml.safe_load((run / "configs" / "math.yaml").read_text())
+    assert rendered["learning_rate"] == 0.01 and rendered["dataset"] == "math"
+    assert yaml.safe_load((run / "configs" / "all.yaml").read_text())["dataset"] == "code,math"
+
+
+def test_report_and_search_contents(first_run):
+    tmp, _, _ = first_run
+    run = tmp / "runs" / "e2e"
+    report = json.loads((run / "report" / "report.json").read_text())
+    models = [r["model"] for r in report["rows"]]
+    assert models == ["raw", "train@all", "train@code", "train@math", "average_merge", "human_merge", "auto_merge"]
+    assert all(0.0 <= r[k] <= 1.0 for r in report["rows"] for k in ("validation", "test"))
+    trials = [json.loads(l) for l in (run / "search" / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 2 + 2 + 1 + 2 + 3  # raw, uniform, one-hot x2, human, random x2, bayes_opt x3
+    best = json.loads((run / "search" / "best.json").read_text())
+    assert best["validation"] == max(t["validation"] for t in trials)
+    assert report["best"]["validation"] == best["validation"]
+    auto = next(r for r in report["rows"] if r["model"] == "auto_merge")
+    for r in report["rows"]:
+        if r["model"] in ("raw", "train@code", "train@math", "average_merge", "human_merge"):
+            assert auto["validation"] >= r["validation"]  # they were all seeds of the search
+    export = json.loads((run / "merged" / "autollm_export.json").read_text())
+    assert export["exported_validation"] == best["validation"]
+
+
+def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
+    tmp, cfg, _ = first_run
+    run = tmp / "runs" / "e2e"
+    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math", "code", "all")}
+    trials_before = (run / "search" / "trials.jsonl").read_text()
+    again = autollm("run", str(cfg), cwd=tmp)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("up to date, not retrained") == 3
+    assert (run / "search" / "trials.jsonl").read_text() == trials_before
+    assert {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in mtimes} == mtimes
+
+    math_yaml = run / "configs" / "math.yaml"
+    math_yaml.write_text(math_yaml.read_text().replace("lora_rank: 8", "lora_rank: 4"))
+    third = autollm("run", str(cfg), cwd=tmp)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "keeping hand-edited" in third.stdout and "lora_rank: 4" in math_yaml.read_text()
+    assert json.loads((run / "deltas" / "math" / "adapter_config.json").read_text())["r"] == 4
+    assert (run / "deltas" / "math" / "adapter_model.safetensors").stat().st_mtime_ns != mtimes["math"]
+    assert (run / "deltas" / "code" / "adapter_model.safetensors").stat().st_mtime_ns == mtimes["code"]
+
+
+def test_failing_llamafactory_run_exits_2_with_log_tail(tiny_model, tmp_path):
+    cfg = write_config(tmp_path, tiny_model, name="broken", not_a_llamafactory_key=1)
+    res = autollm("train", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "has no prepared data" in res.stderr  # train before prepare: told what to run
+    res = autollm("run", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "training delta code failed" in res.stderr and "not_a_llamafactory_key" in res.stderr
+    assert "Traceback (most recent call last)" not in res.stderr.split("last lines:")[0]

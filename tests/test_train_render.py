@@ -1,0 +1,71 @@
+"""Rendering LLaMA-Factory configs, keeping hand edits, and failure reporting (subprocess faked here;
+tests/test_e2e.py runs the real llamafactory-cli)."""
+import stat
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from autollm_lf import train
+from autollm_lf.errors import UserError
+from autollm_lf.train import DeltaSpec, apply_overrides, config_for_delta, render_template
+
+
+def test_overrides_replace_in_place_and_append_new_keys():
+    text = "# comment\nlearning_rate: 1.0e-4\nsave_strategy: \"no\"\n"
+    out = apply_overrides(text, {"learning_rate": 0.003, "lora_rank": 16, "save_strategy": "no"})
+    assert out.startswith("# comment\nlearning_rate: 0.003\n")
+    parsed = yaml.safe_load(out)
+    assert parsed == {"learning_rate": 0.003, "save_strategy": "no", "lora_rank": 16}
+
+
+def test_rendered_template_is_valid_llamafactory_yaml(tmp_path):
+    text = render_template("sft_lora.yaml.j2", {"num_train_epochs": 2.0}, delta="d", model_name_or_path="/m",
+                           template="default", dataset_dir="/data", dataset="a,b", output_dir="/out/d", seed=3,
+                           bf16=False, cpu=True)
+    cfg = yaml.safe_load(text)
+    assert cfg["stage"] == "sft" and cfg["finetuning_type"] == "lora" and cfg["dataset"] == "a,b"
+    assert cfg["save_strategy"] == "no" and cfg["num_train_epochs"] == 2.0 and cfg["seed"] == 3
+    assert cfg["disable_gradient_checkpointing"] is True and cfg["bf16"] is False
+
+
+def fake_cfg(tmp_path, **args):
+    return SimpleNamespace(out=tmp_path / "run", seed=0,
+                           base_model=SimpleNamespace(path=tmp_path / "m", template="default"),
+                           train=SimpleNamespace(template="sft_lora.yaml.j2", args=args, chunk_args={}))
+
+
+def test_hand_edited_config_is_kept_and_untouched_one_rerendered(tmp_path, capsys):
+    spec = DeltaSpec("math", ["math"])
+    path, first = config_for_delta(fake_cfg(tmp_path, learning_rate=0.001), spec)
+    # not edited: a config change re-renders
+    path, second = config_for_delta(fake_cfg(tmp_path, learning_rate=0.002), spec)
+    assert "learning_rate: 0.002" in second and path.read_text() == second
+    edited = second.replace("lora_rank: 8", "lora_rank: 32")
+    path.write_text(edited)
+    path, used = config_for_delta(fake_cfg(tmp_path, learning_rate=0.005), spec)
+    assert used == edited and path.read_text() == edited
+    assert "keeping hand-edited" in capsys.readouterr().out
+    path.unlink()  # back to the template
+    path, used = config_for_delta(fake_cfg(tmp_path, learning_rate=0.005), spec)
+    assert "learning_rate: 0.005" in used and "lora_rank: 8" in used
+
+
+def test_hand_edit_moving_output_dir_is_refused(tmp_path):
+    spec = DeltaSpec("math", ["math"])
+    path, text = config_for_delta(fake_cfg(tmp_path), spec)
+    path.write_text(text.replace(f"output_dir: {tmp_path / 'run' / 'deltas' / 'math'}", "output_dir: /elsewhere"))
+    with pytest.raises(UserError, match="output_dir must stay"):
+        config_for_delta(fake_cfg(tmp_path), spec)
+
+
+def test_failed_training_shows_log_tail(tmp_path, monkeypatch):
+    script = tmp_path / "fake-llamafactory-cli"
+    script.write_text("#!/bin/sh\necho starting\necho 'ValueError: lora_rank must be positive'\nexit 3\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(train, "llamafactory_cli", lambda: str(script))
+    with pytest.raises(UserError) as e:
+        train.run_llamafactory(tmp_path / "x.yaml", tmp_path / "out", desc="delta math")
+    assert "training delta math failed (exit 3)" in str(e.value)
+    assert "lora_rank must be positive" in str(e.value)
+    assert (tmp_path / "out" / "train.log").read_text().startswith("starting")
