@@ -144,6 +144,23 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _check_paths(cfg: RunConfig, file: Path) -> None:
+    """Problems pydantic cannot see: files that must exist before anything runs (all reported at once)."""
+    problems = []
+    if cfg.toy is None and not (cfg.base_model.path / "config.json").is_file():
+        problems.append(f"base_model.path: {cfg.base_model.path} is not a Hugging Face model folder (no config.json); "
+                        f"give the folder that holds the model's config.json and weights")
+    for i, src in enumerate(cfg.data.sources):
+        if isinstance(src, FileSource) and not src.path.is_file():
+            problems.append(f"data.sources.{i}.path: {src.path} not found")
+        if isinstance(src, SqlSource) and src.url.startswith("sqlite:///") and cfg.toy is None:
+            db = Path(src.url.split(":///", 1)[1])
+            if not db.is_file():
+                problems.append(f"data.sources.{i}.url: SQLite file {db} not found")
+    if problems:
+        raise UserError("\n".join(f"{file}: {p}" for p in problems))
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Load and validate a config; raise UserError listing every problem."""
     path = Path(path)
@@ -161,7 +178,9 @@ def load_config(path: str | Path) -> RunConfig:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(_format_errors(e, path)) from None
-    return _resolve_paths(cfg)
+    cfg = _resolve_paths(cfg)
+    _check_paths(cfg, path)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

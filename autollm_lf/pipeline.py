@@ -80,13 +80,23 @@ def stage_prepare(s: Session) -> None:
     write_json(s.cfg.out / "data" / "manifest.json", {"chunks": chunks})
 
 
+def check_chunk_keys(s: Session) -> None:
+    """Config keys that name chunks can only be checked once the data says which chunks exist."""
+    for key, names in {"train.chunk_args": s.cfg.train.chunk_args, "search.human_weights": s.cfg.search.human_weights}.items():
+        unknown = sorted(set(names) - set(s.chunks))
+        if unknown:
+            raise UserError(f"{key}: unknown chunk {', '.join(map(repr, unknown))}; the chunks are {', '.join(s.chunks)}")
+
+
 def stage_train(s: Session) -> None:
     from .train import train_all
+    check_chunk_keys(s)
     train_all(s.cfg, s.chunks)
 
 
 def stage_search(s: Session) -> None:
     from .search import run_search
+    check_chunk_keys(s)
     best = run_search(s.cfg, s, s.chunks, s.search_fingerprint())
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 

@@ -16,9 +16,22 @@ GOOD = {
 
 
 def write(tmp_path, cfg):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "x.sqlite").touch()
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
+
+
+def test_missing_model_and_database_reported_together(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = {**GOOD, "base_model": {"path": "no-model"},
+           "data": {"sources": [{"type": "sql", "url": "sqlite:///gone.sqlite", "query": "SELECT 1"}]}}
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, cfg))
+    assert "base_model.path:" in str(e.value) and "no config.json" in str(e.value)
+    assert "data.sources.0.url: SQLite file" in str(e.value) and "gone.sqlite not found" in str(e.value)
 
 
 def test_good_config_resolves_paths(tmp_path, monkeypatch):
@@ -60,10 +73,11 @@ def test_run_names_cannot_escape_run_dir(tmp_path, name):
 
 def test_cli_validate_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(write(tmp_path, GOOD))],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, cwd=tmp_path)
     assert ok.returncode == 0 and "ok" in ok.stdout
     bad = write(tmp_path, {**GOOD, "serch": {}})
-    res = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(bad)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(bad)], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert res.returncode == 2
     assert "serch: unknown key" in res.stderr and "Traceback" not in res.stderr
     missing = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(tmp_path / "none.yaml")],

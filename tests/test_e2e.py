@@ -107,3 +107,14 @@ def test_failing_llamafactory_run_exits_2_with_log_tail(tiny_model, tmp_path):
     assert res.returncode == 2
     assert "training delta code failed" in res.stderr and "not_a_llamafactory_key" in res.stderr
     assert "Traceback (most recent call last)" not in res.stderr.split("last lines:")[0]
+
+
+def test_unknown_chunk_in_human_weights_stops_before_training(tiny_model, tmp_path):
+    cfg_path = write_config(tmp_path, tiny_model, name="typo")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["search"]["human_weights"] = {"maths": 1.0}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = autollm("run", str(cfg_path), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "search.human_weights: unknown chunk 'maths'; the chunks are code, math" in res.stderr
+    assert not (tmp_path / "runs" / "typo" / "deltas").exists()
