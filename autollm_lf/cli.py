@@ -15,6 +15,9 @@ STAGE_HELP = {
 }
 
 
+FORCEABLE = ["train", "search", "export"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autollm",
@@ -23,9 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: autollm run examples/toy.yaml   (outputs go to runs/<name>/, re-runs skip finished work)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="every stage in order: " + ", ".join(STAGE_HELP))
-    run.add_argument("config", help="run YAML, e.g. examples/toy.yaml")
-    for name, text in STAGE_HELP.items():
-        sub.add_parser(name, help=text).add_argument("config")
+    stages = [run] + [sub.add_parser(name, help=text) for name, text in STAGE_HELP.items()]
+    for stage in stages:
+        stage.add_argument("config", help="run YAML, e.g. examples/toy.yaml")
+        stage.add_argument("--force", action="append", choices=FORCEABLE, default=[], metavar="STAGE",
+                           help=f"redo this stage even if nothing changed ({', '.join(FORCEABLE)}); repeatable")
+        stage.add_argument("--keep-going", action="store_true",
+                           help="if a delta fails to train, train the rest and search over those that succeeded")
     sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)").add_argument("config")
     return p
 
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .pipeline import STAGES, run_stages
 
-        run_stages(cfg, list(STAGES) if args.command == "run" else [args.command])
+        run_stages(cfg, list(STAGES) if args.command == "run" else [args.command], frozenset(args.force),
+                   args.keep_going)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

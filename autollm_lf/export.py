@@ -30,7 +30,7 @@ def export_best(session) -> dict:
     merged = cfg.out / "merged"
     fp = fingerprint(best["weights"], session.search_fingerprint())
     done = read_json(merged / EXPORT_MARKER, {})
-    if done.get("fingerprint") == fp and (merged / "adapter_model.safetensors").exists():
+    if "export" not in session.force and done.get("fingerprint") == fp and (merged / "adapter_model.safetensors").exists():
         print(f"export: {merged} up to date")
         return done
     session.weighted.export(best["weights"], merged)

@@ -1,6 +1,7 @@
 """The stages in order, sharing one loaded model within a process (a trial never reloads it)."""
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -13,8 +14,10 @@ from .train import ALL_DELTA, ADAPTER_FILE, DONE_MARKER
 class Session:
     """One run's state: config, chunks, deltas and (lazily) the base model with every delta loaded."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False):
         self.cfg = cfg
+        self.force = force
+        self.keep_going = keep_going
         self._weighted = None
         self._scorers: dict[str, object] = {}
 
@@ -25,14 +28,28 @@ class Session:
             raise UserError(f"{self.cfg.out / 'data'} has no prepared data; run `autollm prepare` first")
         return manifest["chunks"]
 
-    @property
+    @cached_property
     def adapters(self) -> dict[str, Path]:
+        """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
         names = self.chunks + ([ALL_DELTA] if self.cfg.train.train_all else [])
         found = {n: self.cfg.out / "deltas" / n for n in names}
         missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
+        if missing and not self.keep_going:
+            raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
+                            f"(or pass --keep-going to search over the others)")
         if missing:
-            raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first")
+            print(f"left out (not trained): {', '.join(missing)}")
+        found = {n: p for n, p in found.items() if n not in missing}
+        if not [n for n in found if n != ALL_DELTA]:
+            raise UserError("no trained chunk delta to search over; see the training errors above")
+        for name, path in found.items():
+            check_adapter_base(path, self.cfg.base_model.path)
         return found
+
+    @property
+    def deltas(self) -> list[str]:
+        """The chunk deltas the search weighs (train@all is a baseline, not a search dimension)."""
+        return [c for c in self.chunks if c in self.adapters]
 
     @property
     def weighted(self):
@@ -67,7 +84,7 @@ class Session:
     def search_fingerprint(self) -> str:
         from .search import search_fingerprint
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
-        return search_fingerprint(self.cfg, self.chunks, delta_fps,
+        return search_fingerprint(self.cfg, self.deltas, delta_fps,
                                   file_digest([self.cfg.out / "data" / "validation.json"]))
 
 
@@ -91,13 +108,13 @@ def check_chunk_keys(s: Session) -> None:
 def stage_train(s: Session) -> None:
     from .train import train_all
     check_chunk_keys(s)
-    train_all(s.cfg, s.chunks)
+    train_all(s.cfg, s.chunks, force="train" in s.force, keep_going=s.keep_going)
 
 
 def stage_search(s: Session) -> None:
     from .search import run_search
     check_chunk_keys(s)
-    best = run_search(s.cfg, s, s.chunks, s.search_fingerprint())
+    best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force)
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 
 
@@ -120,11 +137,20 @@ STAGES: dict[str, Callable[[Session], None]] = {
 }
 
 
-def run_stages(cfg: RunConfig, stages: list[str]) -> Session:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.out / "config.resolved.yaml", dump_config(cfg))
-    session = Session(cfg)
+def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:
+    cfg = read_json(adapter_dir / "adapter_config.json", {})
+    trained_on = cfg.get("base_model_name_or_path")
+    if trained_on and Path(trained_on).resolve() != Path(base_path).resolve():
+        raise UserError(f"{adapter_dir} was trained on {trained_on}, not on base_model.path {base_path}; "
+                        f"run `autollm train` to retrain it on this base")
+
+
+def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozenset(),
+               keep_going: bool = False) -> Session:
+    session = Session(cfg, force, keep_going)
     for name in stages:
         print(f"== {name}")
         STAGES[name](session)
+        # Saved next to the outputs once a stage has produced some, never by a run that failed at once.
+        atomic_write_text(cfg.out / "config.resolved.yaml", dump_config(cfg))
     return session

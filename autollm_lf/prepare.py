@@ -21,16 +21,23 @@ def sqlite_read_only(url: str) -> str:
     return f"sqlite:///file:{path}?mode=ro&uri=true"
 
 
+READ_ONLY_SQL = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
+
+
 def read_sql(src: SqlSource, index: int) -> list[dict]:
+    """Run the query in a transaction that is always rolled back; only SELECT/WITH queries are accepted."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import SQLAlchemyError
+
+    if not READ_ONLY_SQL.match(src.query) or ";" in src.query.strip().rstrip(";"):
+        raise UserError(f"data.sources.{index}.query: sources are read-only; give one SELECT (or WITH ... SELECT) query")
 
     url = sqlite_read_only(src.url) if src.url.startswith("sqlite:///") else src.url
     try:
         engine = create_engine(url)
-        with engine.connect() as conn:
-            result = conn.execute(text(src.query))
-            rows = [dict(r._mapping) for r in result]
+        with engine.connect() as conn, conn.begin() as tx:
+            rows = [dict(r._mapping) for r in conn.execute(text(src.query))]
+            tx.rollback()
         engine.dispose()
     except (SQLAlchemyError, ImportError) as e:
         first = str(e).splitlines()[0]

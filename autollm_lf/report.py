@@ -8,12 +8,12 @@ from .train import ALL_DELTA
 
 def report_rows(session) -> list[dict]:
     """Every row is a weight vector over the loaded deltas, scored in place on the same model."""
-    cfg, chunks = session.cfg, session.chunks
+    cfg, chunks = session.cfg, session.deltas
     best = read_json(cfg.out / "search" / "best.json")
     if best is None:
         raise UserError(f"{cfg.out / 'search' / 'best.json'} missing; run `autollm search` first")
     rows = [("raw", {c: 0.0 for c in chunks}, False)]
-    if cfg.train.train_all:
+    if ALL_DELTA in session.adapters:
         rows.append((f"train@{ALL_DELTA}", {ALL_DELTA: 1.0}, False))
     rows += [(f"train@{c}", {d: float(d == c) for d in chunks}, False) for c in chunks]
     rows.append(("average_merge", {c: 1.0 for c in chunks}, True))
@@ -29,7 +29,7 @@ def report_rows(session) -> list[dict]:
     return result
 
 
-def _markdown(rows: list[dict], chunks: list[str], cfg) -> str:
+def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
     lines = [f"# autollm-lf report: {cfg.name}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.", "",
              "model | validation | test |", "---|---|---|"]
@@ -37,8 +37,8 @@ def _markdown(rows: list[dict], chunks: list[str], cfg) -> str:
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'].get(c, 0.0):.2f}" for c in chunks) + " |"
               for r in rows]
-    lines += ["", "model | " + " | ".join(f"{c}_weight" for c in chunks) + " |", "---|" + "---|" * len(chunks)]
-    lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(c, 0.0):.4g}" for c in chunks) + " |"
+    lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
+    lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(d, 0.0):.4g}" for d in deltas) + " |"
               for r in rows if "weights" in r]
     lines += ["", "![convergence](convergence.png)", ""]
     return "\n".join(lines)
@@ -76,6 +76,6 @@ def write_report(session) -> dict:
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]}}
     write_json(out / "report.json", report)
     _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, out / "convergence.png")
-    atomic_write_text(out / "report.md", _markdown(rows, chunks, cfg))
-    print(_markdown(rows, chunks, cfg).split("\n\n![")[0])
+    atomic_write_text(out / "report.md", _markdown(rows, chunks, session.deltas, cfg))
+    print(_markdown(rows, chunks, session.deltas, cfg).split("\n\n![")[0])
     return report

@@ -6,11 +6,13 @@ so a resumed search proposes the same points an uninterrupted one would.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
-from .io import append_jsonl, fingerprint, read_json, read_jsonl, write_json
+from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 
 
 def seed_points(deltas: list[str], bounds: tuple[float, float], human: dict[str, float]) -> list[tuple[str, dict]]:
@@ -40,16 +42,13 @@ def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], valida
                        cfg.seed, deltas, delta_fps, validation_fp)
 
 
-def run_search(cfg, session, deltas: list[str], fp: str) -> dict:
+def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False) -> dict:
     """Run (or finish) the search; returns best = {weights, validation, trial}."""
     from bayes_opt import BayesianOptimization
 
     out = cfg.out / "search"
     trials_path, best_path = out / "trials.jsonl", out / "best.json"
-    trials = [t for t in read_jsonl(trials_path) if t.get("fingerprint") == fp]
-    if len(trials) < len(read_jsonl(trials_path)):  # a different search ran here before: start over
-        trials_path.unlink()
-        trials = []
+    trials = _resume(trials_path, fp, discard=force)
     plan = plan_trials(cfg, deltas)
     opt = BayesianOptimization(f=None, pbounds={d: cfg.search.bounds for d in deltas}, random_state=cfg.seed,
                                verbose=0, allow_duplicate_points=True)
@@ -77,6 +76,19 @@ def run_search(cfg, session, deltas: list[str], fp: str) -> dict:
     if read_json(best_path) != best:
         write_json(best_path, best)
     return best
+
+
+def _resume(path: Path, fp: str, discard: bool) -> list[dict]:
+    """The trials of this same search logged so far. A torn last line (a killed run) is dropped; the log
+    of a different search (config, deltas or data changed) or a discarded one (--force search) is set
+    aside as trials.<its fingerprint>.<time>.jsonl, never deleted."""
+    logged = read_jsonl(path)
+    if logged and (discard or logged[0].get("fingerprint") != fp):
+        path.replace(path.with_name(f"trials.{logged[0].get('fingerprint')}.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+        return []
+    if path.exists() and path.read_text(encoding="utf-8") != "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in logged):
+        atomic_write_text(path, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in logged))
+    return logged
 
 
 def _best(trials: list[dict]) -> dict | None:

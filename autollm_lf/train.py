@@ -182,26 +182,39 @@ def delta_specs(cfg, chunks: list[str]) -> list[DeltaSpec]:
     return specs
 
 
-def train_all(cfg, chunks: list[str]) -> dict[str, Path]:
-    """Train every delta that is not already trained with the same config, data and base model."""
+def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
+    """Train one delta unless it is already trained with the same config text, data and base model."""
     out = cfg.out
+    cfg_path, text = config_for_delta(cfg, spec)
+    data_files = [out / "data" / f"{d}.json" for d in spec.datasets] + [out / "data" / "dataset_info.json"]
+    fp = fingerprint(text, file_digest(data_files), base_fp)
+    delta_dir = out / "deltas" / spec.name
+    done = read_json(delta_dir / DONE_MARKER, {})
+    if not force and done.get("fingerprint") == fp and (delta_dir / ADAPTER_FILE).exists():
+        print(f"delta {spec.name}: up to date, not retrained")
+        return delta_dir
+    # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
+    shutil.rmtree(delta_dir, ignore_errors=True)
+    run_llamafactory(cfg_path, delta_dir, desc=f"delta {spec.name}")
+    if not (delta_dir / ADAPTER_FILE).exists():
+        raise UserError(f"training delta {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
+                        f"is finetuning_type lora in {cfg_path}?")
+    write_json(delta_dir / DONE_MARKER, {"fingerprint": fp, "config": str(cfg_path)})
+    return delta_dir
+
+
+def train_all(cfg, chunks: list[str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
+    """Train the deltas one at a time. With keep_going a failed delta is reported and left out."""
     base_fp = model_fingerprint(cfg.base_model.path)
-    adapters = {}
+    adapters, failed = {}, []
     for spec in delta_specs(cfg, chunks):
-        cfg_path, text = config_for_delta(cfg, spec)
-        data_files = [out / "data" / f"{d}.json" for d in spec.datasets] + [out / "data" / "dataset_info.json"]
-        fp = fingerprint(text, file_digest(data_files), base_fp)
-        delta_dir = out / "deltas" / spec.name
-        done = read_json(delta_dir / DONE_MARKER, {})
-        if done.get("fingerprint") == fp and (delta_dir / ADAPTER_FILE).exists():
-            print(f"delta {spec.name}: up to date, not retrained")
-        else:
-            # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
-            shutil.rmtree(delta_dir, ignore_errors=True)
-            run_llamafactory(cfg_path, delta_dir, desc=f"delta {spec.name}")
-            if not (delta_dir / ADAPTER_FILE).exists():
-                raise UserError(f"training {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
-                                f"is finetuning_type lora in {cfg_path}?")
-            write_json(delta_dir / DONE_MARKER, {"fingerprint": fp, "config": str(cfg_path)})
-        adapters[spec.name] = delta_dir
+        try:
+            adapters[spec.name] = train_one(cfg, spec, base_fp, force)
+        except UserError as e:
+            if not keep_going:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(spec.name)
+    if failed:
+        print(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas", file=sys.stderr)
     return adapters

@@ -14,7 +14,7 @@ def autollm(*args, cwd):
                           timeout=900)
 
 
-def write_config(tmp_path, tiny_model, name="e2e", **train_args):
+def write_config(tmp_path, tiny_model, name="e2e", search=None, **train_args):
     db = tmp_path / "src.sqlite"
     if not db.exists():
         build_source_db(db, seed=1, rows_per_task=24)
@@ -25,7 +25,7 @@ def write_config(tmp_path, tiny_model, name="e2e", **train_args):
                  "chunk_by": "task", "validation_per_chunk": 6, "test_per_chunk": 6},
         "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1,
                            "learning_rate": 0.01, **train_args}},
-        "search": {"init_points": 2, "n_iter": 3, "human_weights": {"math": 0.5}},
+        "search": {"init_points": 2, "n_iter": 3, "human_weights": {"math": 0.5}, **(search or {})},
         "evaluation": {"batch_size": 8},
     }
     path = tmp_path / f"{name}.yaml"

@@ -1,0 +1,149 @@
+"""Table-driven bad inputs: each exits 2 with one clear line naming the key, file or row, no traceback,
+and leaves every file already on disk exactly as it was."""
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autollm_lf.cli import main
+
+
+def good_config(root: Path) -> dict:
+    return {
+        "name": "t", "run_dir": str(root / "runs"),
+        "base_model": {"path": str(root / "model")},
+        "data": {"sources": [{"type": "sql", "url": f"sqlite:///{root / 'src.sqlite'}",
+                              "query": "SELECT id, task, prompt, response FROM examples"}],
+                 "validation_per_chunk": 2, "test_per_chunk": 2},
+        "search": {"human_weights": {"a": 1.0}},
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A model folder, a source database and a prepared run: the state bad input must not disturb."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    (root / "notes.txt").write_text("prompt,response\n")
+    with sqlite3.connect(root / "src.sqlite") as db:
+        db.execute("CREATE TABLE examples (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
+        db.executemany("INSERT INTO examples VALUES (?,?,?,?)",
+                       [(i, "ab"[i % 2], f"p{i}", f"r{i}") for i in range(20)])
+        db.execute("CREATE TABLE gaps (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
+        db.executemany("INSERT INTO gaps VALUES (?,?,?,?)", [(i, "a", f"p{i}", None if i == 3 else "r") for i in range(9)])
+    cfg = root / "good.yaml"
+    cfg.write_text(yaml.safe_dump(good_config(root)))
+    assert main(["prepare", str(cfg)]) == 0
+    return root
+
+
+def edit(cfg: dict, path: str, value) -> dict:
+    """Set a dotted key (list indices as numbers); value None with '-' prefix deletes it."""
+    keys = path.lstrip("-").split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node[int(k)] if k.isdigit() else node.setdefault(k, {})
+    if path.startswith("-"):
+        del node[keys[-1]]
+    else:
+        node[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    return cfg
+
+
+SQL = "data.sources.0"
+CASES = [  # (id, edits, command, expected text in the one error line)
+    ("unknown top-level key", [("nmae", "x")], "validate", "nmae: unknown key"),
+    ("mistyped nested key", [("data.chunkby", "task")], "validate", "data.chunkby: unknown key"),
+    ("mistyped search key", [("search.n_iters", 3)], "validate", "search.n_iters: unknown key"),
+    ("seed not an int", [("seed", "zero")], "validate", "seed: Input should be a valid integer"),
+    ("n_iter not an int", [("search.n_iter", "many")], "validate", "search.n_iter: Input should be a valid integer"),
+    ("negative init_points", [("search.init_points", -2)], "validate", "search.init_points: Input should be greater"),
+    ("bounds reversed", [("search.bounds", [1.0, 0.0])], "validate", "search.bounds: lower bound 1.0 must be below"),
+    ("bounds equal", [("search.bounds", [0.5, 0.5])], "validate", "search.bounds: lower bound 0.5 must be below"),
+    ("bounds one number", [("search.bounds", [1.0])], "validate", "search.bounds"),
+    ("human weight not a number", [("search.human_weights", {"a": "lots"})], "validate", "search.human_weights.a"),
+    ("missing base_model", [("-base_model", None)], "validate", "base_model: required key is missing"),
+    ("missing query", [(f"-{SQL}.query", None)], "validate", "data.sources.0.sql.query: required key is missing"),
+    ("no sources", [("data.sources", [])], "validate", "data.sources: List should have at least 1 item"),
+    ("unknown source type", [(f"{SQL}.type", "mongo")], "validate", "data.sources.0: Input tag 'mongo'"),
+    ("batch size zero", [("evaluation.batch_size", 0)], "validate", "evaluation.batch_size: Input should be greater"),
+    ("unknown template", [("train.template", "nope.j2")], "validate", "train.template: no template 'nope.j2'"),
+    ("unknown metric", [("evaluation.metric", "bleu")], "validate", "unknown metric 'bleu'"),
+    ("run name escapes", [("name", "../elsewhere")], "validate", "name: use letters, digits"),
+    ("base model not a model", [("base_model.path", "/nonexistent/model")], "validate", "base_model.path: /nonexistent/model is not a Hugging Face model folder"),
+    ("sqlite file missing", [(f"{SQL}.url", "sqlite:////nonexistent/x.sqlite")], "validate", "data.sources.0.url: SQLite file /nonexistent/x.sqlite not found"),
+    ("file source missing", [("data.sources", [{"type": "file", "path": "/nonexistent/d.jsonl"}])], "validate", "data.sources.0.path: /nonexistent/d.jsonl not found"),
+    ("file source wrong format", [("data.sources", [{"type": "file", "path": "WS/notes.txt"}])], "prepare", "notes.txt is not one of"),
+    ("query fails", [(f"{SQL}.query", "SELECT nope FROM examples")], "prepare", "data.sources.0: cannot read"),
+    ("query writes", [(f"{SQL}.query", "DELETE FROM examples")], "prepare", "data.sources.0.query: sources are read-only"),
+    ("two statements", [(f"{SQL}.query", "SELECT 1; DROP TABLE examples")], "prepare", "sources are read-only"),
+    ("database unreachable", [(f"{SQL}.url", "postgresql+psycopg2://u@127.0.0.1:1/db")], "prepare", "data.sources.0: cannot read"),
+    ("row missing field", [(f"{SQL}.query", "SELECT id, task, prompt, response FROM gaps")], "prepare", "row 3 of sql:0 has no response"),
+    ("chunk too small", [("data.validation_per_chunk", 9)], "prepare", "chunk 'a' has 10 rows, needs at least 12"),
+    ("no rows", [(f"{SQL}.query", "SELECT id, task, prompt, response FROM examples WHERE 0")], "prepare", "data.sources: no rows"),
+    ("chunk_by column missing", [("data.chunk_by", "topic")], "prepare", "has no topic (column 'topic')"),
+    ("human weight for unknown chunk", [("search.human_weights", {"c": 1.0})], "train", "search.human_weights: unknown chunk 'c'"),
+    ("chunk_args for unknown chunk", [("train.chunk_args", {"z": {"learning_rate": 0.1}})], "train", "train.chunk_args: unknown chunk 'z'"),
+    ("search before training", [], "search", "deltas not trained: a, b, all; run `autollm train` first"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "cases" not in p.parts}
+
+
+@pytest.mark.parametrize("case_id,edits,command,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(workspace, capsys, case_id, edits, command, expected):
+    cfg = good_config(workspace)
+    for path, value in edits:
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "path" in value[0]:
+            value = [{**value[0], "path": value[0]["path"].replace("WS", str(workspace))}]
+        edit(cfg, path, value)
+    case_file = workspace / "cases" / f"{case_id.replace(' ', '_')}.yaml"
+    case_file.parent.mkdir(exist_ok=True)
+    case_file.write_text(yaml.safe_dump(cfg))
+    before = snapshot(workspace)
+    capsys.readouterr()
+    assert main([command, str(case_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    if expected:
+        assert expected in err, err
+    assert snapshot(workspace) == before
+
+
+def test_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+def test_adapters_of_a_different_base_are_refused(workspace, capsys):
+    run = workspace / "runs" / "t"
+    try:
+        for name in ("a", "b", "all"):
+            d = run / "deltas" / name
+            d.mkdir(parents=True)
+            (d / "adapter_model.safetensors").write_bytes(b"")
+            (d / "autollm_delta.json").write_text(json.dumps({"fingerprint": "x"}))
+            (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/some/other/model"}))
+        before = snapshot(workspace)
+        assert main(["search", str(workspace / "good.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert "was trained on /some/other/model, not on base_model.path" in err
+        assert snapshot(workspace) == before
+    finally:
+        import shutil
+        shutil.rmtree(run / "deltas", ignore_errors=True)
+
+
+@pytest.mark.parametrize("text,expected", [("name: [unclosed", "not valid YAML"), ("- a\n- b\n", "expected a mapping")])
+def test_unparsable_config(tmp_path, capsys, text, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(bad) in err
