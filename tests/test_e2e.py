@@ -118,3 +118,20 @@ def test_unknown_chunk_in_human_weights_stops_before_training(tiny_model, tmp_pa
     assert res.returncode == 2
     assert "search.human_weights: unknown chunk 'maths'; the chunks are code, math" in res.stderr
     assert not (tmp_path / "runs" / "typo" / "deltas").exists()
+
+
+def test_keep_going_searches_over_the_deltas_that_trained(tiny_model, tmp_path):
+    cfg_path = write_config(tmp_path, tiny_model, name="partial")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["train"]["chunk_args"] = {"code": {"not_a_llamafactory_key": 1}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = autollm("run", str(cfg_path), "--keep-going", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training delta code failed" in res.stderr
+    assert "left out (training failed): code" in res.stderr
+    run = tmp_path / "runs" / "partial"
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert [r["model"] for r in report["rows"]] == ["raw", "train@all", "train@math", "average_merge",
+                                                     "human_merge", "auto_merge"]
+    assert set(report["best"]["weights"]) == {"math"}
+    assert (run / "deltas" / "code" / "train.log").exists()  # the failed run's log is kept for the user
