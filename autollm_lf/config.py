@@ -79,9 +79,38 @@ class SearchConfig(Strict):
         return v
 
 
+class JudgeConfig(Strict):
+    """An OpenAI-compatible chat endpoint that grades answers (`evaluation.metric: judge`)."""
+    base_url: str
+    model: str
+    api_key_env: Optional[str] = Field(None, description="name of the environment variable holding the API key")
+    prompt_template: str = "judge.j2"
+    concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(2, ge=0, le=10)
+    timeout: float = Field(60.0, gt=0)
+    max_tokens: int = Field(64, ge=1)
+
+
 class EvaluationConfig(Strict):
     metric: str = "exact_match"
     batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="for metrics on generated answers")
+    pattern: Optional[str] = Field(None, description="regex: extracts the answer (group 1 if any)")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")
+    function: Optional[str] = Field(None, description="python: module:function(predictions, references, rows)")
+    judge: Optional[JudgeConfig] = None
+
+    @model_validator(mode="after")
+    def _metric_needs(self):
+        needs = {"regex": "pattern", "python": "function", "judge": "judge"}.get(self.metric)
+        if needs and getattr(self, needs) is None:
+            raise ValueError(f"metric {self.metric!r} needs evaluation.{needs}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"evaluation.pattern: not a valid regular expression ({e})")
+        return self
 
 
 class RunConfig(Strict):
@@ -109,6 +138,9 @@ class RunConfig(Strict):
 
         if self.evaluation.metric not in METRICS:
             raise ValueError(f"evaluation.metric: unknown metric {self.evaluation.metric!r}; choose one of {sorted(METRICS)}")
+        if self.evaluation.judge and find_template(self.evaluation.judge.prompt_template) is None:
+            raise ValueError(f"evaluation.judge.prompt_template: no template {self.evaluation.judge.prompt_template!r} "
+                             f"in templates/; name a file there or give a path")
         if find_template(self.train.template) is None:
             raise ValueError(f"train.template: no template {self.train.template!r} in templates/; "
                              f"name a file there or give a path")
@@ -157,6 +189,12 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
             db = Path(src.url.split(":///", 1)[1])
             if not db.is_file():
                 problems.append(f"data.sources.{i}.url: SQLite file {db} not found")
+    if cfg.evaluation.metric == "python":
+        from .evaluate import load_function
+        try:
+            load_function(cfg.evaluation.function)
+        except UserError as e:
+            problems.append(str(e))
     if problems:
         raise UserError("\n".join(f"{file}: {p}" for p in problems))
 

@@ -1,15 +1,22 @@
-"""Evaluators: score a model on held-out rows. Batched, tokenised once, so one search trial is one pass.
+"""Evaluators: score a model on held-out rows, batched and tokenised once, per row (so per chunk too).
 
-`exact_match` scores greedy decoding without generating: with teacher forcing, greedy decoding
-reproduces the reference (and then stops) exactly when the argmax at every reference position,
-end-of-sequence included, is the reference token. One forward pass per batch gives that.
+`exact_match` and `loss` need no generation: with teacher forcing, greedy decoding reproduces the
+reference (and then stops) exactly when the argmax at every reference position, end-of-sequence
+included, is the reference token, so one forward pass per batch scores a trial. `contains`, `regex`,
+`numeric`, `python` and `judge` score answers produced by batched greedy `generate`.
 """
 from __future__ import annotations
 
+import importlib
+import re
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .errors import UserError
+
+_templates: dict = {}
 
 
 def encode_prompt_response(tokenizer, template_name: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -30,32 +37,48 @@ def encode_prompt_response(tokenizer, template_name: str, prompt: str, response:
     return prompt_ids, response_ids
 
 
-_templates: dict = {}
-
-
 @dataclass
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_mask: torch.Tensor  # True where position t+1 holds a reference token to predict at t
-    index: torch.Tensor        # row index of each sequence in the original order
+    index: list[int]           # row index of each sequence in the original order
 
 
-class ExactMatch:
-    """Fraction of rows whose greedy answer equals the reference exactly."""
+class Evaluator:
+    """Base: `row_scores()` gives one score per row (higher is better); `score()` their mean."""
 
-    def __init__(self, model, tokenizer, template_name: str, rows: list[dict], batch_size: int = 64):
-        self.model = model
-        self.n = len(rows)
-        device = next(model.parameters()).device
-        encoded = [encode_prompt_response(tokenizer, template_name, r["prompt"], r["response"]) for r in rows]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-        self.batches = [self._collate([encoded[i] for i in order[s:s + batch_size]], order[s:s + batch_size],
-                                      tokenizer.pad_token_id, device)
-                        for s in range(0, len(order), batch_size)]
+    def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg):
+        self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
+        self.encoded = [encode_prompt_response(tokenizer, template_name, r["prompt"], r["response"]) for r in rows]
+        self.stats: dict[str, int] = {}
 
-    @staticmethod
-    def _collate(items, index, pad_id, device) -> Batch:
+    def row_scores(self) -> list[float]:
+        raise NotImplementedError
+
+    def score(self) -> float:
+        scores = self.row_scores()
+        return sum(scores) / max(len(scores), 1)
+
+    def _batches(self, key) -> list[list[int]]:
+        """Row indices grouped in batches of similar length (less padding)."""
+        order = sorted(range(len(self.rows)), key=key)
+        size = self.cfg.batch_size
+        return [order[s:s + size] for s in range(0, len(order), size)]
+
+
+class TeacherForced(Evaluator):
+    """One forward pass over prompt + reference per batch; subclasses read the logits."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        self.batches = [self._collate(idx, pad, device)
+                        for idx in self._batches(lambda i: len(self.encoded[i][0]) + len(self.encoded[i][1]))]
+
+    def _collate(self, index: list[int], pad_id: int, device) -> Batch:
+        items = [self.encoded[i] for i in index]
         length = max(len(p) + len(r) for p, r in items)
         ids = torch.full((len(items), length), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -64,20 +87,128 @@ class ExactMatch:
             ids[row, : len(p) + len(r)] = torch.tensor(p + r)
             attn[row, : len(p) + len(r)] = 1
             target[row, len(p) - 1: len(p) + len(r) - 1] = True
-        return Batch(ids.to(device), attn.to(device), target.to(device), torch.tensor(index))
+        return Batch(ids.to(device), attn.to(device), target.to(device), index)
+
+    def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
+        raise NotImplementedError
 
     @torch.no_grad()
-    def correct(self) -> list[bool]:
-        result = [False] * self.n
+    def row_scores(self) -> list[float]:
+        result = [0.0] * len(self.rows)
         for b in self.batches:
             logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-            hit = (logits.argmax(-1) == b.input_ids[:, 1:]) | ~b.target_mask
-            for i, ok in zip(b.index.tolist(), hit.all(-1).tolist()):
-                result[i] = ok
+            for i, s in zip(b.index, self.per_row(logits, b)):
+                result[i] = s
         return result
 
-    def score(self) -> float:
-        return sum(self.correct()) / max(self.n, 1)
+
+class ExactMatch(TeacherForced):
+    """1 when the greedy answer equals the reference exactly, else 0."""
+
+    def per_row(self, logits, b):
+        hit = (logits.argmax(-1) == b.input_ids[:, 1:]) | ~b.target_mask
+        return hit.all(-1).float().tolist()
+
+    def correct(self) -> list[bool]:
+        return [s == 1.0 for s in self.row_scores()]
 
 
-METRICS: dict[str, Callable[..., ExactMatch]] = {"exact_match": ExactMatch}
+class NegativeLoss(TeacherForced):
+    """Minus the mean token NLL of the reference (higher is better)."""
+
+    def per_row(self, logits, b):
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b.input_ids[:, 1:], reduction="none")
+        mask = b.target_mask.float()
+        return (-(nll * mask).sum(-1) / mask.sum(-1)).tolist()
+
+
+class Generated(Evaluator):
+    """Greedy answers from batched `generate` (left padding), compared to the reference by `compare`."""
+
+    def predictions(self) -> list[str]:
+        tok, device = self.tokenizer, next(self.model.parameters()).device
+        out = [""] * len(self.rows)
+        for index in self._batches(lambda i: len(self.encoded[i][0])):
+            prompts = [self.encoded[i][0] for i in index]
+            length = max(map(len, prompts))
+            ids = torch.tensor([[tok.pad_token_id] * (length - len(p)) + p for p in prompts], device=device)
+            attn = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=self.cfg.max_new_tokens,
+                                          do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            for i, seq in zip(index, gen[:, length:]):
+                out[i] = tok.decode(seq, skip_special_tokens=True).strip()
+        return out
+
+    def row_scores(self) -> list[float]:
+        preds = self.predictions()
+        return [float(self.compare(p, r["response"].strip(), r)) for p, r in zip(preds, self.rows)]
+
+    def compare(self, prediction: str, reference: str, row: dict) -> float:
+        raise NotImplementedError
+
+
+class Contains(Generated):
+    def compare(self, prediction, reference, row):
+        return reference in prediction
+
+
+class Regex(Generated):
+    """Extract the answer with `evaluation.pattern` (group 1 if any) and compare it to the reference."""
+
+    def compare(self, prediction, reference, row):
+        m = re.search(self.cfg.pattern, prediction)
+        return bool(m) and (m.group(1) if m.groups() else m.group(0)).strip() == reference
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+class Numeric(Generated):
+    """The last number in the answer equals the reference within `evaluation.tolerance`."""
+
+    def compare(self, prediction, reference, row):
+        found = NUMBER.findall(prediction.replace(",", ""))
+        try:
+            return bool(found) and abs(float(found[-1]) - float(reference)) <= self.cfg.tolerance
+        except ValueError:
+            return False
+
+
+def load_function(spec: str) -> Callable:
+    """`package.module:function` -> the function, or a UserError saying what is wrong."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f"evaluation.function: cannot import {spec!r} ({e}); give module:function on the Python path")
+    if not callable(fn):
+        raise UserError(f"evaluation.function: {spec!r} is not callable")
+    return fn
+
+
+class Python(Generated):
+    """The user's `module:function(predictions, references, rows)` returning one score per row."""
+
+    def row_scores(self):
+        scores = load_function(self.cfg.function)(self.predictions(), [r["response"] for r in self.rows], self.rows)
+        scores = list(scores)
+        if len(scores) != len(self.rows):
+            raise UserError(f"evaluation.function: {self.cfg.function} returned {len(scores)} scores for {len(self.rows)} rows")
+        return [float(s) for s in scores]
+
+
+def make_judge(*args):
+    from .judge import Judge
+    return Judge(*args)
+
+
+METRICS: dict[str, Callable[..., Evaluator]] = {
+    "exact_match": ExactMatch,
+    "loss": NegativeLoss,
+    "contains": Contains,
+    "regex": Regex,
+    "numeric": Numeric,
+    "python": Python,
+    "judge": make_judge,
+}

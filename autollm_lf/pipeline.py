@@ -64,8 +64,7 @@ class Session:
             from .prepare import load_split
             ev = self.cfg.evaluation
             self._scorers[split] = METRICS[ev.metric](self.weighted.model, self.weighted.tokenizer,
-                                                      self.cfg.base_model.template, load_split(self.cfg, split),
-                                                      ev.batch_size)
+                                                      self.cfg.base_model.template, load_split(self.cfg, split), ev)
         return self._scorers[split]
 
     def score(self, weights: dict[str, float], split: str) -> float:
@@ -76,10 +75,10 @@ class Session:
         """Overall score and the score on each chunk's rows."""
         from .prepare import load_split
         self.weighted.set_weights(weights)
-        flags = self.scorer(split).correct()
+        scores = self.scorer(split).row_scores()
         chunks = [r["chunk"] for r in load_split(self.cfg, split)]
-        by_chunk = {c: sum(f for f, k in zip(flags, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
-        return sum(flags) / max(len(flags), 1), by_chunk
+        by_chunk = {c: sum(f for f, k in zip(scores, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
+        return sum(scores) / max(len(scores), 1), by_chunk
 
     def search_fingerprint(self) -> str:
         from .search import search_fingerprint
@@ -147,6 +146,9 @@ def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:
 
 def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozenset(),
                keep_going: bool = False) -> Session:
+    if cfg.evaluation.judge and {"search", "report", "export"} & set(stages):
+        from .judge import JudgeClient
+        JudgeClient(cfg.evaluation.judge)  # an endpoint that does not answer stops the run before any work
     session = Session(cfg, force, keep_going)
     for name in stages:
         print(f"== {name}")

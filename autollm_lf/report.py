@@ -1,6 +1,8 @@
 """Stage 4: the AutoLLM README's table on validation and test, the weights table, a convergence plot."""
 from __future__ import annotations
 
+import json
+
 from .errors import UserError
 from .io import atomic_write_text, read_json, read_jsonl, write_json
 from .train import ALL_DELTA
@@ -72,10 +74,15 @@ def write_report(session) -> dict:
     out = cfg.out / "report"
     rows = report_rows(session)
     auto = next(r for r in rows if r["model"] == "auto_merge")
+    stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
     report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
-              "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]}}
+              "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
+              "evaluation_stats": stats}
     write_json(out / "report.json", report)
     _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, out / "convergence.png")
-    atomic_write_text(out / "report.md", _markdown(rows, chunks, session.deltas, cfg))
+    md = _markdown(rows, chunks, session.deltas, cfg)
+    if any(stats.values()):  # e.g. how many judge answers held no score
+        md += "\nEvaluator counts (over every row scored for this report): " + json.dumps(stats) + "\n"
+    atomic_write_text(out / "report.md", md)
     print(_markdown(rows, chunks, session.deltas, cfg).split("\n\n![")[0])
     return report

@@ -89,6 +89,17 @@ CASES = [  # (id, edits, command, expected text in the one error line)
     ("human weight for unknown chunk", [("search.human_weights", {"c": 1.0})], "train", "search.human_weights: unknown chunk 'c'"),
     ("chunk_args for unknown chunk", [("train.chunk_args", {"z": {"learning_rate": 0.1}})], "train", "train.chunk_args: unknown chunk 'z'"),
     ("search before training", [], "search", "deltas not trained: a, b, all; run `autollm train` first"),
+    ("evaluator module missing", [("evaluation", {"metric": "python", "function": "no_such_mod:f"})], "validate",
+     "evaluation.function: cannot import 'no_such_mod:f'"),
+    ("evaluator function missing", [("evaluation", {"metric": "python", "function": "json:nope"})], "validate",
+     "evaluation.function: cannot import 'json:nope'"),
+    ("python metric without function", [("evaluation", {"metric": "python"})], "validate", "metric 'python' needs evaluation.function"),
+    ("bad regex", [("evaluation", {"metric": "regex", "pattern": "("})], "validate", "not a valid regular expression"),
+    ("judge endpoint down", [("evaluation", {"metric": "judge", "judge": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "timeout": 2}})],
+     "run", "evaluation.judge.base_url: no answer from http://127.0.0.1:9/v1"),
+    ("judge key not set", [("evaluation", {"metric": "judge", "judge": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                                                        "api_key_env": "AUTOLLM_NO_SUCH_KEY"}})],
+     "run", "AUTOLLM_NO_SUCH_KEY is not set"),
 ]
 
 

@@ -1,0 +1,145 @@
+"""The LLM judge: a real OpenAI-compatible server (`llamafactory-cli api` with the tiny model), plus a
+small local server with scripted answers for parsing, caching, retries and the API key."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from autollm_lf.config import EvaluationConfig, JudgeConfig
+from autollm_lf.errors import UserError
+from autollm_lf.evaluate import METRICS
+from autollm_lf.judge import parse_score
+
+ROWS = [{"prompt": p, "response": p[::-1]} for p in ["ab", "abc", "ba", "cab"]]
+
+
+@pytest.mark.parametrize("text,expected", [('{"score": 1}', 1.0), ('sure {"score": 0.25} done', 0.25),
+                                            ('{"score": 7}', 1.0), ('{"grade": 1}', None), ("no json", None),
+                                            ('{"score": "high"}', None), ("", None)])
+def test_parse_score(text, expected):
+    assert parse_score(text) == expected
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """Grades 1 when the reference appears reversed in the prompt's question, else garbage; first call 503."""
+    calls: list = []
+    fail_first = True
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"data": [{"id": "scripted"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Scripted.calls.append((self.headers.get("Authorization"), body))
+        if Scripted.fail_first:
+            Scripted.fail_first = False
+            return self._send(503, {"error": "busy"})
+        prompt = body["messages"][0]["content"]
+        answer = '{"score": 1}' if "Question:\nab\n" in prompt else "I think it is fine"
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+
+
+@pytest.fixture
+def scripted_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Scripted.calls, Scripted.fail_first = [], True
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def judge_cfg(base_url, **kw):
+    return EvaluationConfig(metric="judge", max_new_tokens=4, batch_size=4,
+                            judge=JudgeConfig(base_url=base_url, model="m", **kw))
+
+
+def test_judge_scores_caches_retries_and_counts_unparsable(tiny_model, scripted_server, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-123")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    judge = METRICS["judge"](model, tok, "default", ROWS, judge_cfg(scripted_server, api_key_env="MY_JUDGE_KEY"))
+    assert judge.row_scores() == [1.0, 0.0, 0.0, 0.0]
+    assert judge.stats == {"unparsable": 3, "requests": 4, "errors": 0}
+    assert len(Scripted.calls) == 5  # one 503, retried
+    assert all(auth == "Bearer sk-test-123" for auth, _ in Scripted.calls)
+    judge.row_scores()  # same answers again: served from the cache
+    assert len(Scripted.calls) == 5 and judge.stats["requests"] == 4
+
+
+def test_judge_errors_are_clear(tiny_model, scripted_server, monkeypatch):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    with pytest.raises(UserError, match="NOT_SET_KEY is not set"):
+        METRICS["judge"](model, tok, "default", ROWS, judge_cfg(scripted_server, api_key_env="NOT_SET_KEY"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(UserError, match="evaluation.judge.base_url: no answer from"):
+        METRICS["judge"](model, tok, "default", ROWS, judge_cfg(dead, timeout=2.0))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llamafactory_api(tiny_model, tmp_path_factory):
+    """`llamafactory-cli api` serving the tiny model on 127.0.0.1."""
+    cfg = tmp_path_factory.mktemp("api") / "api.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model), "template": "default",
+                                   "infer_backend": "huggingface", "trust_remote_code": True}))
+    port = free_port()
+    cli = Path(sys.executable).with_name("llamafactory-cli")
+    env = dict(os.environ, API_HOST="127.0.0.1", API_PORT=str(port), DISABLE_VERSION_CHECK="1")
+    log = open(cfg.with_suffix(".log"), "w")
+    proc = subprocess.Popen([str(cli), "api", str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None, cfg.with_suffix(".log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "llamafactory-cli api did not come up"
+        time.sleep(1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_judge_against_real_llamafactory_api(tiny_model, llamafactory_api):
+    """The tiny model is a poor judge: its answers hold no score. The evaluation must cope, not crash."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    judge = METRICS["judge"](model, tok, "default", ROWS, judge_cfg(llamafactory_api, max_tokens=8, timeout=120.0))
+    scores = judge.row_scores()
+    assert len(scores) == len(ROWS) and all(0.0 <= s <= 1.0 for s in scores)
+    assert judge.stats["errors"] == 0 and judge.stats["requests"] == len(ROWS)
+    assert judge.stats["unparsable"] == sum(s == 0.0 for s in scores)
