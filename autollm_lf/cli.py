@@ -34,12 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--keep-going", action="store_true",
                            help="if a delta fails to train, train the rest and search over those that succeeded")
     sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)").add_argument("config")
+    bench = sub.add_parser("bench", help="measure what a search trial costs (in place vs reload, per apply mode, ...)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object last")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (figures mean little)")
+    bench.add_argument("--toy", default="examples/toy.yaml", help="toy config whose run the exact-match and BO parts use")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from pathlib import Path
+
+            from .bench import run_bench
+            run_bench(args.json, args.quick, Path(args.toy))
+            return 0
         from .config import load_config
 
         cfg = load_config(args.config)

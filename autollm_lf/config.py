@@ -70,6 +70,7 @@ class SearchConfig(Strict):
     init_points: int = Field(5, ge=0)
     n_iter: int = Field(40, ge=0)
     human_weights: dict[str, float] = Field(default_factory=dict)
+    apply: Literal["cat", "scaling"] = Field("cat", description="how trial weights are applied in place (both exact)")
 
     @field_validator("bounds")
     @classmethod

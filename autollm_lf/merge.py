@@ -45,28 +45,59 @@ def load_base(path: Path):
 
 
 class WeightedDeltas:
-    """The base model with every delta loaded once and active at once; `set_weights` is the only per-trial work."""
+    """The base model with every delta loaded once; `set_weights` is the only per-trial work.
 
-    def __init__(self, base_path: Path, adapters: Mapping[str, Path]):
+    Two exact ways to apply weights (config `search.apply`):
+    - `scaling`: every adapter active, scaling_i = w_i * s_i (one LoRA path per delta);
+    - `cat` (default): one concatenated path A_cat = [s_i A_i], B_cat = [B_i] (PEFT's `cat`), whose
+      rows are rescaled in place by w_i per trial: O(R * d_in) per module, and one matmul pair per
+      module however many deltas there are.
+    """
+
+    CAT = "autollm_cat"
+
+    def __init__(self, base_path: Path, adapters: Mapping[str, Path], mode: str = "cat"):
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
 
+        if mode not in APPLY_MODES:
+            raise ValueError(f"unknown apply mode {mode!r}; choose one of {APPLY_MODES}")
         base, self.tokenizer = load_base(base_path)
         names = list(adapters)
         model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
         for name in names[1:]:
             model.load_adapter(str(adapters[name]), adapter_name=name)
-        model.base_model.set_adapter(names)
-        self.model = model.eval()
-        self.names = names
+        self.model, self.names, self.mode = model.eval(), names, mode
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self.unit_scaling = [dict(layer.scaling) for layer in self.layers]  # s_i = alpha_i / r_i per layer
+        if mode == "cat":
+            self._build_cat()
+        else:
+            model.base_model.set_adapter(names)
 
+    def _build_cat(self) -> None:
+        self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), self.CAT, combination_type="cat")
+        self.model.base_model.set_adapter(self.CAT)
+        self.cat_rows = []  # (A_cat weight, its unit copy, index of the delta owning each row)
+        for layer in self.layers:
+            if self.CAT not in layer.lora_A:
+                continue
+            owner = [i for i, n in enumerate(self.names) if n in layer.lora_A for _ in range(layer.r[n])]
+            A = layer.lora_A[self.CAT].weight
+            owner += [len(self.names)] * (A.shape[0] - len(owner))  # zero padding rows: weight 0
+            self.cat_rows.append((A, A.detach().clone(), torch.tensor(owner, device=A.device)))
+
+    @torch.no_grad()
     def set_weights(self, weights: Mapping[str, float]) -> None:
         """Adapters not named get weight 0."""
         unknown = set(weights) - set(self.names)
         if unknown:
             raise KeyError(f"unknown deltas {sorted(unknown)}; loaded: {self.names}")
+        if self.mode == "cat":
+            w = torch.tensor([float(weights.get(n, 0.0)) for n in self.names] + [0.0])
+            for A, unit, owner in self.cat_rows:
+                torch.mul(unit, w.to(A.device, A.dtype)[owner].unsqueeze(1), out=A)
+            return
         for layer, unit in zip(self.layers, self.unit_scaling):
             for name, s in unit.items():
                 layer.scaling[name] = float(weights.get(name, 0.0)) * s
@@ -74,7 +105,8 @@ class WeightedDeltas:
     def export(self, weights: Mapping[str, float], out_dir: Path) -> Path:
         """Save the weighted sum as one ordinary PEFT adapter (PEFT's exact `cat` combination)."""
         names = [n for n, w in weights.items() if w != 0.0] or self.names[:1]
-        self.set_weights({n: 1.0 for n in self.names})  # add_weighted_adapter reads the unit scalings
+        for layer, unit in zip(self.layers, self.unit_scaling):  # add_weighted_adapter reads the unit scalings
+            layer.scaling.update(unit)
         merged = "autollm_merged"
         self.model.add_weighted_adapter(names, [float(weights.get(n, 0.0)) for n in names], merged,
                                         combination_type="cat")
@@ -84,6 +116,9 @@ class WeightedDeltas:
             shutil.rmtree(out_dir, ignore_errors=True)
             shutil.move(str(Path(tmp) / merged), out_dir)
         self.model.delete_adapter(merged)
-        self.model.base_model.set_adapter(self.names)
+        self.model.base_model.set_adapter(self.CAT if self.mode == "cat" else self.names)
         self.set_weights(weights)
         return out_dir
+
+
+APPLY_MODES = ("cat", "scaling")

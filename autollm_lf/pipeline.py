@@ -55,7 +55,7 @@ class Session:
     def weighted(self):
         if self._weighted is None:
             from .merge import WeightedDeltas
-            self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters)
+            self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, self.cfg.search.apply)
         return self._weighted
 
     def scorer(self, split: str):

@@ -23,9 +23,9 @@ def peft_reference(base_path, adapters, weights):
     return logits(model.eval())
 
 
-@pytest.fixture(scope="module")
-def weighted(tiny_model, tiny_adapters):
-    return WeightedDeltas(tiny_model, tiny_adapters)
+@pytest.fixture(scope="module", params=["cat", "scaling"])
+def weighted(request, tiny_model, tiny_adapters):
+    return WeightedDeltas(tiny_model, tiny_adapters, mode=request.param)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

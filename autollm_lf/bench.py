@@ -1,0 +1,300 @@
+"""`autollm bench`: what a search trial costs, measured side by side in one run.
+
+- overhead_seconds_ours vs overhead_seconds_reload: setting weights in place vs the AutoLLM-style
+  trial (weighted state-dict sum, save_pretrained, reload), on a random model of a ~0.5B Llama/Qwen
+  shape built locally, with four rank-16 deltas;
+- trial_vs_plain: one whole trial (apply weights + evaluation pass) / the same pass on a plain model
+  whose weights already hold the merge, at 4 and 16 deltas, per apply mode;
+- exact_match_speedup: teacher-forced vs generate-based exact match on the same rows (scores equal);
+- bo_vs_random: on the toy, best validation after 30 trials of bayes_opt vs random search;
+- peak RSS of a search process vs the size of base + adapters.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # Qwen2-0.5B's dimensions; `quick` is for the test of this command
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def timed(fn, repeats: int = 3) -> float:
+    """Median wall time of fn()."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(root: Path, shape: dict) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tiny import build_char_tokenizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **shape))
+    model.save_pretrained(root / "base")
+    build_char_tokenizer().save_pretrained(root / "base")
+    return root / "base"
+
+
+def build_adapters(base: Path, root: Path, n: int, rank: int = 16) -> dict[str, Path]:
+    """n random rank-`rank` LoRA deltas on every linear module (non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False))
+    out = {}
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.02)
+        model.save_pretrained(root / f"d{i}")
+        out[f"d{i}"] = root / f"d{i}"
+    return out
+
+
+def reload_trial(weighted, weights: dict, base: Path, tmp: Path):
+    """The AutoLLM-style trial: W0 + sum w_i dW_i into a state dict, save_pretrained, reload."""
+    from transformers import AutoModelForCausalLM
+
+    from .merge import delta_weight
+
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    state = plain.state_dict()
+    for name, module in weighted.model.named_modules():
+        if hasattr(module, "lora_A") and weighted.names[0] in module.lora_A:
+            key = name.removeprefix("base_model.model.") + ".weight"
+            for d in weighted.names:
+                state[key] += weights[d] * delta_weight(module.lora_A[d].weight, module.lora_B[d].weight,
+                                                        weighted.unit_scaling[0][d])
+    plain.load_state_dict(state)
+    plain.save_pretrained(tmp / "merged")
+    return AutoModelForCausalLM.from_pretrained(tmp / "merged").eval()
+
+
+def forward_pass(model, ids):
+    with torch.no_grad():
+        model(input_ids=ids)
+
+
+def trial_costs(base: Path, adapters: dict[str, Path], ids, plain_pass: float, repeats: int) -> dict:
+    from .merge import APPLY_MODES, WeightedDeltas
+
+    result = {}
+    for mode in APPLY_MODES:
+        w = WeightedDeltas(base, adapters, mode=mode)
+        rng = random.Random(0)
+        weights = lambda: {n: rng.uniform(0, 1) for n in w.names}
+        apply = timed(lambda: w.set_weights(weights()), repeats=5)
+        w.set_weights(weights())
+        eval_pass = timed(lambda: forward_pass(w.model, ids), repeats)
+        result[mode] = {"apply_seconds": apply, "pass_seconds": eval_pass,
+                        "trial_vs_plain": (apply + eval_pass) / plain_pass, "merge_fraction": apply / eval_pass}
+        del w
+    return result
+
+
+def bench_merge(shape_name: str, repeats: int) -> dict:
+    from .merge import WeightedDeltas
+
+    shape = SHAPES[shape_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = build_model(tmp, shape)
+        adapters16 = build_adapters(base, tmp / "adapters", 16)
+        adapters4 = {k: adapters16[k] for k in list(adapters16)[:4]}
+        ids = torch.randint(0, shape["vocab_size"], (16, 64), generator=torch.Generator().manual_seed(0))
+
+        weighted = WeightedDeltas(base, adapters4, mode="cat")
+        weights = {n: 0.3 + 0.1 * i for i, n in enumerate(weighted.names)}
+        ours = timed(lambda: weighted.set_weights(weights), repeats=5)
+        reloaded = {}
+        reload = timed(lambda: reloaded.setdefault("m", reload_trial(weighted, weights, base, tmp)), repeats=1)
+        plain = reloaded["m"]
+        plain_pass = timed(lambda: forward_pass(plain, ids), repeats)
+        weighted.set_weights(weights)
+        with torch.no_grad():  # the in-place model and the reloaded merged model agree
+            max_diff = (weighted.model(input_ids=ids[:2]).logits - plain(input_ids=ids[:2]).logits).abs().max().item()
+        del weighted, plain, reloaded
+        costs = {n: trial_costs(base, a, ids, plain_pass, repeats) for n, a in (("4", adapters4), ("16", adapters16))}
+        size = sum(p.stat().st_size for p in tmp.rglob("*.safetensors") if "d" not in p.parent.name or
+                   p.parent.name in adapters4)
+        rss = search_process_rss(base, adapters4)
+    return {
+        "shape": shape_name, "eval_batch": "16x64 tokens",
+        "overhead_seconds_ours": ours, "overhead_seconds_reload": reload,
+        "overhead_ratio": reload / max(ours, 1e-9),
+        "trial_seconds_ours": ours + costs["4"]["cat"]["pass_seconds"], "trial_seconds_reload": reload + plain_pass,
+        "plain_pass_seconds": plain_pass, "max_logit_diff_in_place_vs_reload": max_diff,
+        "trial_vs_plain": {f"{n}_deltas": {mode: round(c["trial_vs_plain"], 3) for mode, c in modes.items()}
+                           for n, modes in costs.items()},
+        "merge_fraction": {f"{n}_deltas": {mode: c["merge_fraction"] for mode, c in modes.items()}
+                           for n, modes in costs.items()},
+        "detail": costs,
+        "search_peak_rss_mb": rss, "base_plus_4_adapters_mb": size / 2**20,
+    }
+
+
+RSS_PROBE = """
+import json, resource, sys, torch
+from autollm_lf.merge import WeightedDeltas
+base, adapters = sys.argv[1], json.loads(sys.argv[2])
+w = WeightedDeltas(base, adapters, mode="cat")
+ids = torch.randint(0, 100, (16, 64))
+for i in range(3):
+    w.set_weights({n: 0.1 * i for n in adapters})
+    with torch.no_grad():
+        w.model(input_ids=ids)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
+    """Peak RSS (MB) of a process that does what a search does: load once, apply, evaluate."""
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(base), json.dumps({k: str(v) for k, v in adapters.items()})],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_exact_match(toy_cfg: Path | None) -> dict:
+    """Teacher-forced exact match vs generate-based, on the toy's validation rows (or a tiny model)."""
+    from .config import EvaluationConfig, load_config
+    from .evaluate import ExactMatch, encode_prompt_response
+    from .merge import load_base
+    from .prepare import load_split
+
+    cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
+    if cfg is None or not (cfg.out / "data" / "validation.json").exists():
+        return {"skipped": "run `sh autollm.sh` first (needs the toy's base model and validation split)"}
+    model, tok = load_base(cfg.base_model.path)
+    rows = load_split(cfg, "validation")
+    ev = ExactMatch(model, tok, cfg.base_model.template, rows, EvaluationConfig(batch_size=cfg.evaluation.batch_size))
+    tf_score = {}
+    tf = timed(lambda: tf_score.setdefault("s", ev.score()), repeats=1)
+
+    def generate_based():
+        hits = 0
+        for s in range(0, len(rows), cfg.evaluation.batch_size):
+            chunk = [encode_prompt_response(tok, cfg.base_model.template, r["prompt"], r["response"])
+                     for r in rows[s:s + cfg.evaluation.batch_size]]
+            length = max(len(p) for p, _ in chunk)
+            ids = torch.tensor([[tok.pad_token_id] * (length - len(p)) + p for p, _ in chunk])
+            attn = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p, _ in chunk])
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=attn, do_sample=False,
+                                     max_new_tokens=max(len(t) for _, t in chunk), eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)[:, length:].tolist()
+            hits += sum(g[: len(t)] == t for g, (_, t) in zip(gen, chunk))
+        return hits / len(rows)
+
+    gen_score = {}
+    gen = timed(lambda: gen_score.setdefault("s", generate_based()), repeats=1)
+    return {"rows": len(rows), "teacher_forced_seconds": tf, "generate_seconds": gen, "speedup": gen / tf,
+            "teacher_forced_score": tf_score["s"], "generate_score": gen_score["s"],
+            "scores_equal": tf_score["s"] == gen_score["s"]}
+
+
+def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, reference: int = 200,
+                       rows: int = 240) -> dict:
+    """On the toy's deltas: bayes_opt vs random search, against the best of `reference` random trials."""
+    import numpy as np
+    from bayes_opt import BayesianOptimization
+
+    from .config import load_config
+    from .evaluate import METRICS
+    from .pipeline import Session
+    from .prepare import load_split
+
+    cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
+    if cfg is None or not (cfg.out / "search" / "best.json").exists():
+        return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
+    session = Session(cfg)
+    validation = load_split(cfg, "validation")
+    subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), min(rows, len(validation))))]
+    scorer = METRICS[cfg.evaluation.metric](session.weighted.model, session.weighted.tokenizer,
+                                            cfg.base_model.template, subset, cfg.evaluation)
+    deltas, (lo, hi) = session.deltas, cfg.search.bounds
+
+    def f(weights):
+        session.weighted.set_weights(weights)
+        return scorer.score()
+
+    def random_search(seed, n):
+        rng = np.random.default_rng(seed)
+        return max(f({d: float(x) for d, x in zip(deltas, rng.uniform(lo, hi, len(deltas)))}) for _ in range(n))
+
+    def bo(seed):
+        opt = BayesianOptimization(f=None, pbounds={d: (lo, hi) for d in deltas}, random_state=seed, verbose=0,
+                                   allow_duplicate_points=True)
+        rng, best = np.random.default_rng(seed), -1.0
+        for i in range(trials):
+            w = ({d: float(x) for d, x in zip(deltas, rng.uniform(lo, hi, len(deltas)))} if i < 5
+                 else {d: float(v) for d, v in opt.suggest().items()})
+            s = f(w)
+            opt.register(params=w, target=s)
+            best = max(best, s)
+        return best
+
+    ref = random_search(10_000, reference)
+    bo_best = [bo(s) for s in range(seeds)]
+    rnd_best = [random_search(s, trials) for s in range(seeds)]
+    return {"validation_rows": len(subset), "trials": trials, "bo_best": bo_best, "random_best": rnd_best,
+            "reference_best_of_random": ref, "bo_mean_vs_reference": statistics.mean(bo_best) / ref,
+            "random_mean_vs_reference": statistics.mean(rnd_best) / ref}
+
+
+def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None) -> dict:
+    torch.manual_seed(0)
+    started = time.time()
+    result = {"merge": bench_merge("quick" if quick else "0.5B", repeats=1 if quick else 2),
+              "exact_match_speedup": bench_exact_match(toy_cfg),
+              "bo_vs_random": bench_bo_vs_random(toy_cfg, trials=8 if quick else 30, seeds=1 if quick else 3,
+                                                 reference=10 if quick else 200, rows=40 if quick else 240),
+              "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    result["seconds"] = time.time() - started
+    print_table(result)
+    if as_json:
+        print(json.dumps(result, default=float))
+    return result
+
+
+def print_table(r: dict) -> None:
+    m = r["merge"]
+    lines = [f"== autollm bench ({m['shape']} shape, {r['device']}, {r['threads']} threads, eval {m['eval_batch']})",
+             f"trial overhead: in place {m['overhead_seconds_ours']:.4f}s vs reload {m['overhead_seconds_reload']:.2f}s "
+             f"= {m['overhead_ratio']:.0f}x",
+             f"whole trial:    in place {m['trial_seconds_ours']:.2f}s vs reload {m['trial_seconds_reload']:.2f}s "
+             f"(plain pass {m['plain_pass_seconds']:.2f}s)"]
+    for n, modes in m["trial_vs_plain"].items():
+        lines.append(f"trial / plain pass, {n}: " + ", ".join(f"{k} {v:.3f}x" for k, v in modes.items()))
+    lines.append(f"search process peak RSS {m['search_peak_rss_mb']:.0f} MB vs base + 4 adapters "
+                 f"{m['base_plus_4_adapters_mb']:.0f} MB on disk")
+    em = r["exact_match_speedup"]
+    lines.append("exact match: " + (em["skipped"] if "skipped" in em else
+                 f"teacher-forced {em['teacher_forced_seconds']:.2f}s vs generate {em['generate_seconds']:.2f}s = "
+                 f"{em['speedup']:.1f}x, scores {em['teacher_forced_score']:.4f} / {em['generate_score']:.4f}"))
+    bo = r["bo_vs_random"]
+    lines.append("bo vs random: " + (bo["skipped"] if "skipped" in bo else
+                 f"{bo['trials']} trials, BO {bo['bo_mean_vs_reference']:.1%} and random {bo['random_mean_vs_reference']:.1%} "
+                 f"of the best of {bo['reference_best_of_random']:.4f} random trials"))
+    lines.append(f"took {r['seconds']:.0f}s")
+    print("\n".join(lines))
