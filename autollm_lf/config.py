@@ -70,7 +70,8 @@ class SearchConfig(Strict):
     init_points: int = Field(5, ge=0)
     n_iter: int = Field(40, ge=0)
     human_weights: dict[str, float] = Field(default_factory=dict)
-    apply: Literal["cat", "scaling"] = Field("cat", description="how trial weights are applied in place (both exact)")
+    apply: Literal["auto", "cat", "fold", "scaling"] = Field(
+        "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once")
 
     @field_validator("bounds")
     @classmethod

@@ -7,9 +7,10 @@ exactly the weighted sum: no weight copies, no reloads, one float per adapter pe
 from __future__ import annotations
 
 import shutil
+import time
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -47,11 +48,14 @@ def load_base(path: Path):
 class WeightedDeltas:
     """The base model with every delta loaded once; `set_weights` is the only per-trial work.
 
-    Two exact ways to apply weights (config `search.apply`):
+    Three exact ways to apply weights (config `search.apply`):
     - `scaling`: every adapter active, scaling_i = w_i * s_i (one LoRA path per delta);
-    - `cat` (default): one concatenated path A_cat = [s_i A_i], B_cat = [B_i] (PEFT's `cat`), whose
-      rows are rescaled in place by w_i per trial: O(R * d_in) per module, and one matmul pair per
-      module however many deltas there are.
+    - `cat`: one concatenated path A_cat = [s_i A_i], B_cat = [B_i] (PEFT's `cat`), whose rows are
+      rescaled in place by w_i per trial: O(R * d_in) per module, one matmul pair per module however
+      many deltas there are;
+    - `fold`: W = W0 + B_cat @ A_cat written into the base weights per trial (R * d_in * d_out per
+      module), so the evaluation pass is a plain one; costs a copy of W0 for the target modules.
+    `auto` (default) times one trial of `cat` and of `fold` and keeps the cheaper (`pick_mode`).
     """
 
     CAT = "autollm_cat"
@@ -60,7 +64,7 @@ class WeightedDeltas:
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
 
-        if mode not in APPLY_MODES:
+        if mode not in APPLY_MODES + ("auto",):
             raise ValueError(f"unknown apply mode {mode!r}; choose one of {APPLY_MODES}")
         base, self.tokenizer = load_base(base_path)
         names = list(adapters)
@@ -70,15 +74,19 @@ class WeightedDeltas:
         self.model, self.names, self.mode = model.eval(), names, mode
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         self.unit_scaling = [dict(layer.scaling) for layer in self.layers]  # s_i = alpha_i / r_i per layer
-        if mode == "cat":
-            self._build_cat()
-        else:
+        if mode == "scaling":
             model.base_model.set_adapter(names)
+        else:
+            self._build_cat()
+            self.mode = "cat"
+            if mode == "fold":
+                self._use_fold()
 
     def _build_cat(self) -> None:
         self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), self.CAT, combination_type="cat")
         self.model.base_model.set_adapter(self.CAT)
         self.cat_rows = []  # (A_cat weight, its unit copy, index of the delta owning each row)
+        self.cat_layers = []
         for layer in self.layers:
             if self.CAT not in layer.lora_A:
                 continue
@@ -86,6 +94,40 @@ class WeightedDeltas:
             A = layer.lora_A[self.CAT].weight
             owner += [len(self.names)] * (A.shape[0] - len(owner))  # zero padding rows: weight 0
             self.cat_rows.append((A, A.detach().clone(), torch.tensor(owner, device=A.device)))
+            self.cat_layers.append(layer)
+        self.base_copies = None
+
+    def _use_fold(self) -> None:
+        if any(getattr(layer, "fan_in_fan_out", False) for layer in self.cat_layers):
+            return  # transposed (Conv1D) weights: keep `cat`
+        if self.base_copies is None:
+            self.base_copies = [layer.get_base_layer().weight.detach().clone() for layer in self.cat_layers]
+        self.model.base_model.disable_adapter_layers()  # a plain forward: the weights hold the merge
+        self.mode = "fold"
+
+    def _use_cat(self) -> None:
+        if self.mode == "fold":
+            with torch.no_grad():
+                for layer, w0 in zip(self.cat_layers, self.base_copies):
+                    layer.get_base_layer().weight.copy_(w0)
+            self.model.base_model.enable_adapter_layers()
+        self.base_copies, self.mode = None, "cat"
+
+    def pick_mode(self, evaluate: Callable[[], object], weights: Mapping[str, float]) -> str:
+        """`auto`: time one trial (apply + evaluation pass) with `cat` and with `fold`; keep the cheaper."""
+        cost = {}
+        for mode, use in (("fold", self._use_fold), ("cat", self._use_cat)):
+            use()
+            if self.mode != mode:
+                continue
+            start = time.perf_counter()
+            self.set_weights(weights)
+            evaluate()
+            cost[mode] = time.perf_counter() - start
+        if cost.get("fold", float("inf")) < cost["cat"]:
+            self._use_fold()
+        self.set_weights(weights)
+        return self.mode
 
     @torch.no_grad()
     def set_weights(self, weights: Mapping[str, float]) -> None:
@@ -93,10 +135,13 @@ class WeightedDeltas:
         unknown = set(weights) - set(self.names)
         if unknown:
             raise KeyError(f"unknown deltas {sorted(unknown)}; loaded: {self.names}")
-        if self.mode == "cat":
+        if self.mode in ("cat", "fold"):
             w = torch.tensor([float(weights.get(n, 0.0)) for n in self.names] + [0.0])
             for A, unit, owner in self.cat_rows:
                 torch.mul(unit, w.to(A.device, A.dtype)[owner].unsqueeze(1), out=A)
+            if self.mode == "fold":
+                for layer, w0, (A, _, _) in zip(self.cat_layers, self.base_copies, self.cat_rows):
+                    torch.addmm(w0, layer.lora_B[self.CAT].weight, A, out=layer.get_base_layer().weight)
             return
         for layer, unit in zip(self.layers, self.unit_scaling):
             for name, s in unit.items():
@@ -116,9 +161,11 @@ class WeightedDeltas:
             shutil.rmtree(out_dir, ignore_errors=True)
             shutil.move(str(Path(tmp) / merged), out_dir)
         self.model.delete_adapter(merged)
-        self.model.base_model.set_adapter(self.CAT if self.mode == "cat" else self.names)
+        self.model.base_model.set_adapter(self.names if self.mode == "scaling" else self.CAT)
+        if self.mode == "fold":
+            self.model.base_model.disable_adapter_layers()
         self.set_weights(weights)
         return out_dir
 
 
-APPLY_MODES = ("cat", "scaling")
+APPLY_MODES = ("cat", "fold", "scaling")

@@ -67,6 +67,13 @@ class Session:
                                                       self.cfg.base_model.template, load_split(self.cfg, split), ev)
         return self._scorers[split]
 
+    def pick_apply_mode(self) -> None:
+        """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
+        if self.cfg.search.apply == "auto":
+            w = self.weighted
+            mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
+            print(f"search: applying weights with `{mode}` (search.apply: auto)")
+
     def score(self, weights: dict[str, float], split: str) -> float:
         self.weighted.set_weights(weights)
         return self.scorer(split).score()
@@ -113,6 +120,7 @@ def stage_train(s: Session) -> None:
 def stage_search(s: Session) -> None:
     from .search import run_search
     check_chunk_keys(s)
+    s.pick_apply_mode()
     best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force)
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 

@@ -23,7 +23,7 @@ def peft_reference(base_path, adapters, weights):
     return logits(model.eval())
 
 
-@pytest.fixture(scope="module", params=["cat", "scaling"])
+@pytest.fixture(scope="module", params=["cat", "fold", "scaling"])
 def weighted(request, tiny_model, tiny_adapters):
     return WeightedDeltas(tiny_model, tiny_adapters, mode=request.param)
 
@@ -63,3 +63,15 @@ def test_exported_adapter_gives_same_logits(weighted, tiny_model, tmp_path):
 def test_unknown_delta_name_is_refused(weighted):
     with pytest.raises(KeyError, match="zzz"):
         weighted.set_weights({"zzz": 1.0})
+
+
+def test_auto_mode_picks_a_mode_and_stays_exact(tiny_model, tiny_adapters):
+    weighted = WeightedDeltas(tiny_model, tiny_adapters, mode="auto")
+    weights = {"a": 0.8, "b": -0.3, "c": 0.5}
+    mode = weighted.pick_mode(lambda: logits(weighted.model), weights)
+    assert mode in ("cat", "fold")
+    weighted.set_weights(weights)
+    torch.testing.assert_close(logits(weighted.model), peft_reference(tiny_model, tiny_adapters, weights), atol=1e-5, rtol=0)
+    weighted._use_cat() if mode == "fold" else weighted._use_fold()  # switching back and forth keeps it exact
+    weighted.set_weights(weights)
+    torch.testing.assert_close(logits(weighted.model), peft_reference(tiny_model, tiny_adapters, weights), atol=1e-5, rtol=0)
