@@ -1,0 +1,18 @@
+"""`autollm bench` runs and reports every figure (tiny shapes here; the real figures come from a full run)."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_quick_json(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--quick", "--json",
+                          "--toy", str(tmp_path / "no-toy.yaml")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trial overhead: in place" in res.stdout
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    merge = result["merge"]
+    assert merge["overhead_seconds_reload"] > merge["overhead_seconds_ours"] > 0
+    assert merge["max_logit_diff_in_place_vs_reload"] < 1e-4  # the reloaded merge is the same model
+    for n in ("4_deltas", "16_deltas"):
+        assert set(merge["trial_vs_plain"][n]) == {"cat", "fold", "scaling"}
+    assert "skipped" in result["exact_match_speedup"] and "skipped" in result["bo_vs_random"]
