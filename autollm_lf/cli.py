@@ -15,7 +15,7 @@ STAGE_HELP = {
 }
 
 
-FORCEABLE = ["train", "search", "export"]
+FORCEABLE = ["train", "search", "report", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

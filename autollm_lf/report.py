@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from .errors import UserError
-from .io import atomic_write_text, read_json, read_jsonl, write_json
+from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .train import ALL_DELTA
 
 
@@ -69,15 +69,27 @@ def _plot(trials: list[dict], rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+def report_fingerprint(session) -> str:
+    cfg = session.cfg
+    return fingerprint(session.search_fingerprint(), read_json(cfg.out / "search" / "best.json"),
+                       file_digest([cfg.out / "data" / "test.json"]), cfg.search.human_weights)
+
+
 def write_report(session) -> dict:
     cfg, chunks = session.cfg, session.chunks
     out = cfg.out / "report"
+    fp = report_fingerprint(session)
+    done = read_json(out / "report.json", {})
+    if "report" not in session.force and done.get("fingerprint") == fp and (out / "report.md").exists():
+        print((out / "report.md").read_text(encoding="utf-8").split("\n\n![")[0])
+        print(f"report: {out} up to date")
+        return done
     rows = report_rows(session)
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
     report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
-              "evaluation_stats": stats}
+              "evaluation_stats": stats, "fingerprint": fp}
     write_json(out / "report.json", report)
     _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, out / "convergence.png")
     md = _markdown(rows, chunks, session.deltas, cfg)

@@ -82,9 +82,13 @@ def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
     run = tmp / "runs" / "e2e"
     mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math", "code", "all")}
     trials_before = (run / "search" / "trials.jsonl").read_text()
+    outputs = ["data/validation.json", "data/math.json", "report/report.json", "merged/adapter_model.safetensors"]
+    output_mtimes = {p: (run / p).stat().st_mtime_ns for p in outputs}
     again = autollm("run", str(cfg), cwd=tmp)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("up to date, not retrained") == 3
+    assert "report: " in again.stdout and again.stdout.count(" up to date\n") >= 2  # report and export
+    assert {p: (run / p).stat().st_mtime_ns for p in outputs} == output_mtimes  # nothing rewritten
     assert (run / "search" / "trials.jsonl").read_text() == trials_before
     assert {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in mtimes} == mtimes
 
