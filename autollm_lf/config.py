@@ -54,15 +54,41 @@ class ToyConfig(Strict):
     seed: int = 0
     database: Path = Path("data/toy/source.sqlite")
     rows_per_task: int = Field(300, ge=10)
+    preference_rows: int = Field(0, ge=0, description="rows of the `preferences` table (the preference chunk)")
     base_train_rows: int = Field(4000, ge=10)
     base_args: dict[str, Any] = Field(default_factory=dict)
 
 
+Methods = Union[Literal["auto"], list[str]]
+
+
 class TrainConfig(Strict):
-    template: str = "sft_lora.yaml.j2"
+    methods: Methods = Field("auto", description="training methods for every chunk; auto = from the data's shape")
+    chunk_methods: dict[str, Methods] = Field(default_factory=dict, description="per-chunk methods")
+    templates: dict[str, str] = Field(default_factory=dict, description="method -> jinja2 template, over the defaults")
     args: dict[str, Any] = Field(default_factory=dict, description="LLaMA-Factory keys overriding the template's")
-    chunk_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    method_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method LLaMA-Factory keys")
+    chunk_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per chunk or delta name")
     train_all: bool = True
+
+    @model_validator(mode="after")
+    def _known_methods(self):
+        from .methods import METHODS
+        from .train import find_template
+
+        named = [("train.methods", m) for m in (self.methods if isinstance(self.methods, list) else [])]
+        named += [(f"train.chunk_methods.{c}", m) for c, ms in self.chunk_methods.items() if isinstance(ms, list) for m in ms]
+        named += [(f"train.templates.{m}", m) for m in self.templates] + [(f"train.method_args.{m}", m) for m in self.method_args]
+        bad = [f"{key}: unknown method {m!r}" for key, m in named if m not in METHODS]
+        bad += [f"train.templates.{m}: no template {t!r} in templates/; name a file there or give a path"
+                for m, t in self.templates.items() if find_template(t) is None]
+        if bad:
+            raise ValueError("; ".join(bad) + f" (methods: {', '.join(METHODS)})")
+        return self
+
+    def template_for(self, method: str) -> str:
+        from .methods import METHODS
+        return self.templates.get(method, METHODS[method].template)
 
 
 class SearchConfig(Strict):
@@ -143,9 +169,6 @@ class RunConfig(Strict):
         if self.evaluation.judge and find_template(self.evaluation.judge.prompt_template) is None:
             raise ValueError(f"evaluation.judge.prompt_template: no template {self.evaluation.judge.prompt_template!r} "
                              f"in templates/; name a file there or give a path")
-        if find_template(self.train.template) is None:
-            raise ValueError(f"train.template: no template {self.train.template!r} in templates/; "
-                             f"name a file there or give a path")
         return self
 
     @property

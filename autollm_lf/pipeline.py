@@ -22,17 +22,31 @@ class Session:
         self._scorers: dict[str, object] = {}
 
     @property
-    def chunks(self) -> list[str]:
+    def shapes(self) -> dict[str, str]:
         manifest = read_json(self.cfg.out / "data" / "manifest.json")
         if manifest is None:
             raise UserError(f"{self.cfg.out / 'data'} has no prepared data; run `autollm prepare` first")
-        return manifest["chunks"]
+        return manifest["shapes"]
+
+    @property
+    def chunks(self) -> list[str]:
+        return list(self.shapes)
+
+    @cached_property
+    def delta_names(self) -> list[str]:
+        """Every delta the config asks for: <chunk>-<method>, then train@all's."""
+        from .train import delta_specs
+        return [spec.name for spec in delta_specs(self.cfg, self.shapes)]
+
+    def human_weights(self) -> dict[str, float]:
+        """search.human_weights keyed by delta, or by chunk for all of its deltas."""
+        human = self.cfg.search.human_weights
+        return {d: float(human.get(d, human.get(d.rsplit("-", 1)[0], 0.0))) for d in self.deltas}
 
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        names = self.chunks + ([ALL_DELTA] if self.cfg.train.train_all else [])
-        found = {n: self.cfg.out / "deltas" / n for n in names}
+        found = {n: self.cfg.out / "deltas" / n for n in self.delta_names}
         missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
         if missing and not self.keep_going:
             raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
@@ -49,7 +63,7 @@ class Session:
     @property
     def deltas(self) -> list[str]:
         """The chunk deltas the search weighs (train@all is a baseline, not a search dimension)."""
-        return [c for c in self.chunks if c in self.adapters]
+        return [d for d in self.delta_names if d != ALL_DELTA and d in self.adapters]
 
     @property
     def weighted(self):
@@ -99,29 +113,35 @@ def stage_prepare(s: Session) -> None:
     if s.cfg.toy:
         from .toy import ensure_toy
         ensure_toy(s.cfg)
-    chunks = prepare(s.cfg)
-    write_json(s.cfg.out / "data" / "manifest.json", {"chunks": chunks})
+    shapes = prepare(s.cfg)
+    write_json(s.cfg.out / "data" / "manifest.json", {"chunks": list(shapes), "shapes": shapes})
 
 
 def check_chunk_keys(s: Session) -> None:
     """Config keys that name chunks can only be checked once the data says which chunks exist."""
-    for key, names in {"train.chunk_args": s.cfg.train.chunk_args, "search.human_weights": s.cfg.search.human_weights}.items():
-        unknown = sorted(set(names) - set(s.chunks))
+    known = set(s.chunks) | set(s.delta_names)
+    for key, names, allowed in (("train.chunk_args", s.cfg.train.chunk_args, known),
+                                ("search.human_weights", s.cfg.search.human_weights, known),
+                                ("train.chunk_methods", s.cfg.train.chunk_methods, set(s.chunks))):
+        unknown = sorted(set(names) - allowed)
         if unknown:
-            raise UserError(f"{key}: unknown chunk {', '.join(map(repr, unknown))}; the chunks are {', '.join(s.chunks)}")
+            raise UserError(f"{key}: unknown chunk {', '.join(map(repr, unknown))}; the chunks are {', '.join(s.chunks)}"
+                            f" (deltas: {', '.join(d for d in s.delta_names if d != ALL_DELTA)})")
 
 
 def stage_train(s: Session) -> None:
     from .train import train_all
     check_chunk_keys(s)
-    train_all(s.cfg, s.chunks, force="train" in s.force, keep_going=s.keep_going)
+    s.delta_names  # a method that does not fit its chunk stops here, before any training
+    train_all(s.cfg, s.shapes, force="train" in s.force, keep_going=s.keep_going)
 
 
 def stage_search(s: Session) -> None:
     from .search import run_search
     check_chunk_keys(s)
     s.pick_apply_mode()
-    best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force)
+    best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force,
+                      human=s.human_weights() if s.cfg.search.human_weights else {})
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 
 

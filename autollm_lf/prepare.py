@@ -11,6 +11,7 @@ from typing import Callable
 from .config import FileSource, RunConfig, SqlSource
 from .errors import UserError
 from .io import write_json
+from .methods import SHAPE_FIELDS, SHAPE_WORDS
 
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
 
@@ -55,26 +56,67 @@ def read_file(src: FileSource, index: int) -> list[dict]:
         raise UserError(f"data.sources.{index}.path: {src.path} is not one of {sorted(builders)}")
     if not src.path.is_file():
         raise UserError(f"data.sources.{index}.path: {src.path} not found")
-    return list(datasets.load_dataset(builder, data_files=str(src.path), split="train"))
+    try:
+        return list(datasets.load_dataset(builder, data_files=str(src.path), split="train"))
+    except Exception as e:  # datasets wraps parser errors; the cause says which row and column
+        cause = e.__cause__ or e
+        raise UserError(f"data.sources.{index}.path: cannot load {src.path} ({str(cause).splitlines()[0]}); "
+                        f"fix the file or convert it") from None
 
 
 READERS: dict[str, Callable] = {"sql": read_sql, "file": read_file}
 
 
+FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")
+TRUE, FALSE = {"true", "1", "yes", "desirable"}, {"false", "0", "no", "undesirable"}
+
+
 def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str, index: int, label: str) -> list[dict]:
-    """Map source columns to the tool's fields; keep provenance (source, row id)."""
-    mapping = {"prompt": "prompt", "response": "response", chunk_by: chunk_by, **columns}
+    """Map source columns to the tool's fields (missing ones are None); keep provenance (source, row id)."""
+    mapping = {**{f: f for f in FIELDS}, chunk_by: chunk_by, **columns}
     rows = []
     for n, r in enumerate(raw):
-        row = {field: r.get(col) for field, col in mapping.items()}
-        missing = [f"{field} (column {col!r})" for field, col in mapping.items() if row[field] in (None, "")]
-        if missing:
-            raise UserError(f"data.sources.{index}: row {n} of {label} has no {', '.join(missing)}; "
+        if r.get(mapping[chunk_by]) in (None, ""):
+            raise UserError(f"data.sources.{index}: row {n} of {label} has no {chunk_by} (column {mapping[chunk_by]!r}); "
                             f"fill it, drop the row, or map the field with data.sources.{index}.columns")
-        row = {k: str(v) for k, v in row.items()}
-        row["source"], row["row_id"] = label, str(r.get(columns.get("id", "id"), n))
+        row = {f: (None if r.get(col) in (None, "") else r.get(col)) for f, col in mapping.items()}
+        row = {k: (v if k == "label" or v is None else str(v)) for k, v in row.items()}
+        row["source"], row["row_id"], row["n"] = label, str(r.get(columns.get("id", "id"), n)), n
         rows.append(row)
     return rows
+
+
+def detect_shape(name: str, rows: list[dict]) -> str:
+    """preference if any row has chosen/rejected, else kto if any has a label, else sft, else pt."""
+    present = {f for r in rows for f in FIELDS if r.get(f) is not None}
+    for shape, marker in (("preference", {"chosen", "rejected"}), ("kto", {"label"}), ("sft", {"response"}),
+                          ("pt", {"text"})):
+        if present & marker:
+            return shape
+    raise UserError(f"data: chunk {name!r} has no usable rows: give prompt/response, prompt with chosen/rejected, "
+                    f"prompt/response with a label, or text (map columns with data.sources.N.columns)")
+
+
+def validate_rows(name: str, shape: str, rows: list[dict]) -> None:
+    """Every row of a chunk must have the fields of the chunk's shape; KTO labels must be booleans."""
+    for r in rows:
+        missing = [f for f in SHAPE_FIELDS[shape] if r.get(f) is None]
+        if missing:
+            raise UserError(f"data: row {r['n']} of {r['source']} has no {', '.join(missing)} (chunk {name!r} holds "
+                            f"{SHAPE_WORDS[shape]} data); fill it, drop the row, or map the column")
+        if shape == "kto":
+            value = str(r["label"]).strip().lower()
+            if value not in TRUE | FALSE:
+                raise UserError(f"data: row {r['n']} of {r['source']} has label {r['label']!r}; use true/false")
+            r["label"] = value in TRUE
+
+
+def reference(r: dict) -> tuple[str, str] | None:
+    """(prompt, reference answer) for scoring a held-out row; None when the row cannot be scored."""
+    if r.get("label") is False:
+        return None  # an undesirable KTO answer is no reference
+    answer = r.get("response") or r.get("chosen")
+    return (r["prompt"], answer) if answer is not None else ("", r["text"])
 
 
 def chunk_name(value: str) -> str:
@@ -83,63 +125,92 @@ def chunk_name(value: str) -> str:
     return f"{name}_chunk" if name in RESERVED_CHUNK_NAMES else name
 
 
-def split_chunks(rows: list[dict], cfg: RunConfig) -> tuple[dict[str, list[dict]], list[dict], list[dict], int]:
-    """Per chunk: shuffle (seeded), take validation and test rows, keep the rest for training."""
+def split_chunks(rows: list[dict], cfg: RunConfig):
+    """Per chunk: detect and check the shape, shuffle (seeded), take validation and test rows among the
+    scorable ones, keep the rest for training. Returns (train, shapes, validation, test, dropped)."""
     d = cfg.data
     by_chunk: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         r["chunk"] = chunk_name(r[d.chunk_by])
         by_chunk[r["chunk"]].append(r)
-    train, val, test = {}, [], []
+    train, shapes, val, test = {}, {}, [], []
     for name in sorted(by_chunk):
         items = by_chunk[name]
+        shapes[name] = detect_shape(name, items)
+        validate_rows(name, shapes[name], items)
         random.Random(f"{cfg.seed}:{name}").shuffle(items)
+        scorable = [r for r in items if reference(r) is not None]
         need = d.validation_per_chunk + d.test_per_chunk + d.min_train_per_chunk
-        if len(items) < need:
-            raise UserError(f"data: chunk {name!r} has {len(items)} rows, needs at least {need} "
-                            f"(validation_per_chunk + test_per_chunk + min_train_per_chunk); add rows or lower them")
-        val += items[: d.validation_per_chunk]
-        test += items[d.validation_per_chunk: d.validation_per_chunk + d.test_per_chunk]
-        train[name] = items[d.validation_per_chunk + d.test_per_chunk:]
-    held_out = {r["prompt"] for r in val + test}
+        if len(items) < need or len(scorable) < d.validation_per_chunk + d.test_per_chunk:
+            raise UserError(f"data: chunk {name!r} has {len(items)} rows ({len(scorable)} usable as references), "
+                            f"needs at least {need} (validation_per_chunk + test_per_chunk + min_train_per_chunk); "
+                            f"add rows or lower them")
+        held = scorable[: d.validation_per_chunk + d.test_per_chunk]
+        val += held[: d.validation_per_chunk]
+        test += held[d.validation_per_chunk:]
+        held_ids = {id(r) for r in held}
+        train[name] = [r for r in items if id(r) not in held_ids]
+    key = lambda r: r["prompt"] if r.get("prompt") is not None else r.get("text")
+    held_out = {key(r) for r in val + test}
     dropped = 0
     for name, items in train.items():
-        kept = [r for r in items if r["prompt"] not in held_out]
+        kept = [r for r in items if key(r) not in held_out]
         dropped += len(items) - len(kept)
         train[name] = kept
-    return train, val, test, dropped
+    return train, shapes, val, test, dropped
 
 
-def _alpaca(rows: list[dict]) -> list[dict]:
-    return [{"instruction": r["prompt"], "output": r["response"], "chunk": r["chunk"],
-             "source": r["source"], "row_id": r["row_id"]} for r in rows]
+PROVENANCE = ("chunk", "source", "row_id")
+FORMATS = {  # shape -> (LLaMA-Factory record, dataset_info entry)
+    "sft": (lambda r: {"instruction": r["prompt"], "output": r["response"]},
+            {"columns": {"prompt": "instruction", "response": "output"}}),
+    "preference": (lambda r: {"instruction": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                   {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}),
+    "kto": (lambda r: {"instruction": r["prompt"], "output": r["response"], "kto_tag": bool(r["label"])},
+            {"columns": {"prompt": "instruction", "response": "output", "kto_tag": "kto_tag"}}),
+    "pt": (lambda r: {"text": r["text"]}, {"columns": {"prompt": "text"}}),
+}
 
 
-def prepare(cfg: RunConfig) -> list[str]:
-    """Write runs/<name>/data/ and return the chunk names."""
+def _records(rows: list[dict], shape: str) -> list[dict]:
+    return [{**FORMATS[shape][0](r), **{k: r[k] for k in PROVENANCE}} for r in rows]
+
+
+def _eval_records(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        prompt, answer = reference(r)
+        out.append({"instruction": prompt, "output": answer, **{k: r[k] for k in PROVENANCE}})
+    return out
+
+
+def prepare(cfg: RunConfig) -> dict[str, str]:
+    """Write runs/<name>/data/ and return {chunk: shape}."""
     rows = []
     for i, src in enumerate(cfg.data.sources):
         label = f"{src.type}:{i}"
         rows += _normalise(READERS[src.type](src, i), src.columns, cfg.data.chunk_by, i, label)
     if not rows:
         raise UserError("data.sources: no rows; check the query or file")
-    train, val, test, dropped = split_chunks(rows, cfg)
+    train, shapes, val, test, dropped = split_chunks(rows, cfg)
     data_dir = cfg.out / "data"
-    columns = {"prompt": "instruction", "response": "output"}
     info = {}
-    for name, items in {**train, "validation": val, "test": test}.items():
-        write_json(data_dir / f"{name}.json", _alpaca(items))
-        info[name] = {"file_name": f"{name}.json", "columns": columns}
+    for name, items in train.items():
+        write_json(data_dir / f"{name}.json", _records(items, shapes[name]))
+        info[name] = {"file_name": f"{name}.json", **FORMATS[shapes[name]][1]}
+    for split, items in (("validation", val), ("test", test)):
+        write_json(data_dir / f"{split}.json", _eval_records(items))
+        info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
     write_json(data_dir / "dataset_info.json", info)
-    _print_table(train, val, test, dropped)
-    return list(train)
+    _print_table(train, shapes, val, test, dropped)
+    return shapes
 
 
-def _print_table(train, val, test, dropped) -> None:
+def _print_table(train, shapes, val, test, dropped) -> None:
     count = lambda rows, c: sum(r["chunk"] == c for r in rows)
-    print(f"{'chunk':<20} {'train':>6} {'validation':>10} {'test':>6}")
+    print(f"{'chunk':<20} {'shape':<11} {'train':>6} {'validation':>10} {'test':>6}")
     for c, items in train.items():
-        print(f"{c:<20} {len(items):>6} {count(val, c):>10} {count(test, c):>6}")
+        print(f"{c:<20} {shapes[c]:<11} {len(items):>6} {count(val, c):>10} {count(test, c):>6}")
     if dropped:
         print(f"removed {dropped} training rows whose prompt is also in validation or test")
 

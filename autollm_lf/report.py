@@ -20,7 +20,7 @@ def report_rows(session) -> list[dict]:
     rows += [(f"train@{c}", {d: float(d == c) for d in chunks}, False) for c in chunks]
     rows.append(("average_merge", {c: 1.0 for c in chunks}, True))
     if cfg.search.human_weights:
-        rows.append(("human_merge", {c: float(cfg.search.human_weights.get(c, 0.0)) for c in chunks}, True))
+        rows.append(("human_merge", session.human_weights(), True))
     rows.append(("auto_merge", best["weights"], True))
     result = []
     for name, w, show in rows:

@@ -26,11 +26,11 @@ def seed_points(deltas: list[str], bounds: tuple[float, float], human: dict[str,
     return points
 
 
-def plan_trials(cfg, deltas: list[str]) -> list[tuple[str, dict | None]]:
+def plan_trials(cfg, deltas: list[str], human: dict[str, float] | None = None) -> list[tuple[str, dict | None]]:
     """All trials in order; None weights mean 'ask the optimiser'."""
     rng = np.random.default_rng(cfg.seed)
     lo, hi = cfg.search.bounds
-    plan = seed_points(deltas, cfg.search.bounds, cfg.search.human_weights)
+    plan = seed_points(deltas, cfg.search.bounds, cfg.search.human_weights if human is None else human)
     plan += [("random", {d: float(x) for d, x in zip(deltas, rng.uniform(lo, hi, len(deltas)))})
              for _ in range(cfg.search.init_points)]
     plan += [("bayes_opt", None)] * cfg.search.n_iter
@@ -42,14 +42,15 @@ def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], valida
                        cfg.seed, deltas, delta_fps, validation_fp)
 
 
-def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False) -> dict:
+def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
+               human: dict[str, float] | None = None) -> dict:
     """Run (or finish) the search; returns best = {weights, validation, trial}."""
     from bayes_opt import BayesianOptimization
 
     out = cfg.out / "search"
     trials_path, best_path = out / "trials.jsonl", out / "best.json"
     trials = _resume(trials_path, fp, discard=force)
-    plan = plan_trials(cfg, deltas)
+    plan = plan_trials(cfg, deltas, human)
     opt = BayesianOptimization(f=None, pbounds={d: cfg.search.bounds for d in deltas}, random_state=cfg.seed,
                                verbose=0, allow_duplicate_points=True)
     for t in trials:

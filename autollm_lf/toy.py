@@ -54,8 +54,21 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
-def build_source_db(path: Path, seed: int, rows_per_task: int) -> Path:
-    """A real SQLite database with one table `examples(id, task, prompt, response)`; prompts unique per task."""
+def preference_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str, str]]:
+    """A behaviour to penalise: answering the reversal task by copying the input (chosen: reversed)."""
+    rows = []
+    while len(rows) < n:
+        prompt, answer = code_task(rng)
+        copied = prompt.split('"')[1]
+        if prompt not in exclude and copied != answer:
+            exclude.add(prompt)
+            rows.append((prompt, answer, copied))
+    return rows
+
+
+def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_count: int = 0) -> Path:
+    """A real SQLite database: `examples(id, task, prompt, response)`, prompts unique per task, and
+    `preferences(id, prompt, chosen, rejected)` for the preference chunk."""
     rng = random.Random(seed)
     rows, seen = [], set()
     for task, make in TASKS.items():
@@ -74,6 +87,9 @@ def build_source_db(path: Path, seed: int, rows_per_task: int) -> Path:
     with sqlite3.connect(tmp) as db:
         db.execute("CREATE TABLE examples (id INTEGER PRIMARY KEY, task TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT NOT NULL)")
         db.executemany("INSERT INTO examples (task, prompt, response) VALUES (?, ?, ?)", rows)
+        db.execute("CREATE TABLE preferences (id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, chosen TEXT NOT NULL, rejected TEXT NOT NULL)")
+        db.executemany("INSERT INTO preferences (prompt, chosen, rejected) VALUES (?, ?, ?)",
+                       preference_rows(random.Random(seed + 2), preference_rows_count, set(seen)))
     tmp.replace(path)
     return path
 
@@ -96,16 +112,17 @@ def ensure_toy(cfg) -> None:
 
     toy = cfg.toy
     # The generators' own source is part of the recipe: editing a task family rebuilds the database.
-    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, ALPHABET,
-                        [inspect.getsource(f) for f in TASKS.values()], inspect.getsource(build_source_db))
+    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, toy.preference_rows, ALPHABET,
+                        [inspect.getsource(f) for f in (*TASKS.values(), preference_rows, build_source_db)])
     db_marker = toy.database.with_suffix(".json")
     if not toy.database.exists() or read_json(db_marker, {}).get("fingerprint") != db_fp:
         print(f"toy: building source database {toy.database}")
-        build_source_db(toy.database, toy.seed, toy.rows_per_task)
+        build_source_db(toy.database, toy.seed, toy.rows_per_task, toy.preference_rows)
         write_json(db_marker, {"fingerprint": db_fp})
 
     base = cfg.base_model.path
-    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, db_fp, inspect.getsource(_base_corpus),
+    examples_fp = fingerprint(toy.seed, toy.rows_per_task, ALPHABET, [inspect.getsource(f) for f in TASKS.values()])
+    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, examples_fp, inspect.getsource(_base_corpus),
                           (Path(__file__).parent.parent / "templates" / "toy_base_full.yaml.j2").read_text())
     if read_json(base / "autollm_toy.json", {}).get("fingerprint") == base_fp:
         return

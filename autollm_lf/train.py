@@ -18,6 +18,7 @@ import yaml
 
 from .errors import UserError
 from .io import file_digest, fingerprint, read_json, write_json, atomic_write_text
+from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -28,9 +29,10 @@ TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
 
 @dataclass
 class DeltaSpec:
-    """One training run: a LoRA delta on some chunks' datasets."""
+    """One training run: a LoRA delta trained with one method on some chunks' datasets."""
     name: str
     datasets: list[str]
+    method: str = "sft"
     args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,7 +152,7 @@ def config_for_delta(cfg, spec: DeltaSpec) -> tuple[Path, str]:
     state_path = out / "configs" / ".rendered.json"
     state = read_json(state_path, {})
     rendered = render_template(
-        cfg.train.template, {**cfg.train.args, **spec.args},
+        cfg.train.template_for(spec.method), {**cfg.train.args, **spec.args}, **METHODS[spec.method].args,
         delta=spec.name, model_name_or_path=str(cfg.base_model.path), template=cfg.base_model.template,
         dataset_dir=str(out / "data"), dataset=",".join(spec.datasets), output_dir=str(out / "deltas" / spec.name),
         seed=cfg.seed, **hardware_defaults(),
@@ -175,10 +177,29 @@ def _check_user_yaml(path: Path, text: str, output_dir: Path) -> None:
         raise UserError(f"{path}: output_dir must stay {output_dir} (autollm reads the delta from there)")
 
 
-def delta_specs(cfg, chunks: list[str]) -> list[DeltaSpec]:
-    specs = [DeltaSpec(c, [c], cfg.train.chunk_args.get(c, {})) for c in chunks]
-    if cfg.train.train_all:
-        specs.append(DeltaSpec(ALL_DELTA, list(chunks)))
+def chunk_methods(cfg, chunk: str, shape: str) -> list[str]:
+    chosen = cfg.train.chunk_methods.get(chunk, cfg.train.methods)
+    return AUTO_METHODS[shape] if chosen == "auto" else list(chosen)
+
+
+def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
+    """One delta per (chunk, method), named <chunk>-<method>, plus train@all (SFT on the SFT chunks).
+
+    A method that does not fit a chunk's data is an error here, before anything trains."""
+    specs = []
+    for chunk, shape in shapes.items():
+        for m in chunk_methods(cfg, chunk, shape):
+            if METHODS[m].shape != shape:
+                raise UserError(f"train: method {m!r} does not fit chunk {chunk!r}: its data is {SHAPE_WORDS[shape]}, "
+                                f"{m} needs {SHAPE_WORDS[METHODS[m].shape]}; set train.chunk_methods.{chunk} "
+                                f"(e.g. {AUTO_METHODS[shape]}) or give the chunk such data")
+            name = f"{chunk}-{m}"
+            args = {**cfg.train.method_args.get(m, {}), **cfg.train.chunk_args.get(chunk, {}),
+                    **cfg.train.chunk_args.get(name, {})}
+            specs.append(DeltaSpec(name, [chunk], m, args))
+    sft_chunks = [c for c, shape in shapes.items() if shape == "sft"]
+    if cfg.train.train_all and sft_chunks:
+        specs.append(DeltaSpec(ALL_DELTA, sft_chunks, "sft", cfg.train.method_args.get("sft", {})))
     return specs
 
 
@@ -203,11 +224,11 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
     return delta_dir
 
 
-def train_all(cfg, chunks: list[str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
+def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
     """Train the deltas one at a time. With keep_going a failed delta is reported and left out."""
     base_fp = model_fingerprint(cfg.base_model.path)
     adapters, failed = {}, []
-    for spec in delta_specs(cfg, chunks):
+    for spec in delta_specs(cfg, shapes):
         try:
             adapters[spec.name] = train_one(cfg, spec, base_fp, force)
         except UserError as e:

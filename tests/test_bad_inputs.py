@@ -71,7 +71,10 @@ CASES = [  # (id, edits, command, expected text in the one error line)
     ("no sources", [("data.sources", [])], "validate", "data.sources: List should have at least 1 item"),
     ("unknown source type", [(f"{SQL}.type", "mongo")], "validate", "data.sources.0: Input tag 'mongo'"),
     ("batch size zero", [("evaluation.batch_size", 0)], "validate", "evaluation.batch_size: Input should be greater"),
-    ("unknown template", [("train.template", "nope.j2")], "validate", "train.template: no template 'nope.j2'"),
+    ("unknown template", [("train.templates", {"sft": "nope.j2"})], "validate", "train.templates.sft: no template 'nope.j2'"),
+    ("unknown method", [("train.methods", ["ppo"])], "validate", "train.methods: unknown method 'ppo'"),
+    ("method does not fit the data", [("train.chunk_methods", {"a": ["dpo"]})], "train",
+     "train: method 'dpo' does not fit chunk 'a': its data is prompt/response, dpo needs prompt with chosen/rejected"),
     ("unknown metric", [("evaluation.metric", "bleu")], "validate", "unknown metric 'bleu'"),
     ("run name escapes", [("name", "../elsewhere")], "validate", "name: use letters, digits"),
     ("base model not a model", [("base_model.path", "/nonexistent/model")], "validate", "base_model.path: /nonexistent/model is not a Hugging Face model folder"),
@@ -83,12 +86,12 @@ CASES = [  # (id, edits, command, expected text in the one error line)
     ("two statements", [(f"{SQL}.query", "SELECT 1; DROP TABLE examples")], "prepare", "sources are read-only"),
     ("database unreachable", [(f"{SQL}.url", "postgresql+psycopg2://u@127.0.0.1:1/db")], "prepare", "data.sources.0: cannot read"),
     ("row missing field", [(f"{SQL}.query", "SELECT id, task, prompt, response FROM gaps")], "prepare", "row 3 of sql:0 has no response"),
-    ("chunk too small", [("data.validation_per_chunk", 9)], "prepare", "chunk 'a' has 10 rows, needs at least 12"),
+    ("chunk too small", [("data.validation_per_chunk", 9)], "prepare", "chunk 'a' has 10 rows (10 usable as references), needs at least 12"),
     ("no rows", [(f"{SQL}.query", "SELECT id, task, prompt, response FROM examples WHERE 0")], "prepare", "data.sources: no rows"),
     ("chunk_by column missing", [("data.chunk_by", "topic")], "prepare", "has no topic (column 'topic')"),
     ("human weight for unknown chunk", [("search.human_weights", {"c": 1.0})], "train", "search.human_weights: unknown chunk 'c'"),
     ("chunk_args for unknown chunk", [("train.chunk_args", {"z": {"learning_rate": 0.1}})], "train", "train.chunk_args: unknown chunk 'z'"),
-    ("search before training", [], "search", "deltas not trained: a, b, all; run `autollm train` first"),
+    ("search before training", [], "search", "deltas not trained: a-sft, b-sft, all; run `autollm train` first"),
     ("evaluator module missing", [("evaluation", {"metric": "python", "function": "no_such_mod:f"})], "validate",
      "evaluation.function: cannot import 'no_such_mod:f'"),
     ("evaluator function missing", [("evaluation", {"metric": "python", "function": "json:nope"})], "validate",
@@ -135,7 +138,7 @@ def test_at_least_25_cases():
 def test_adapters_of_a_different_base_are_refused(workspace, capsys):
     run = workspace / "runs" / "t"
     try:
-        for name in ("a", "b", "all"):
+        for name in ("a-sft", "b-sft", "all"):
             d = run / "deltas" / name
             d.mkdir(parents=True)
             (d / "adapter_model.safetensors").write_bytes(b"")

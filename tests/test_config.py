@@ -58,8 +58,8 @@ def test_all_errors_reported_at_once(tmp_path):
 
 
 def test_unknown_template_and_metric(tmp_path):
-    bad = {**GOOD, "train": {"template": "nope.yaml.j2"}}
-    with pytest.raises(UserError, match="train.template: no template 'nope.yaml.j2'"):
+    bad = {**GOOD, "train": {"templates": {"dpo": "nope.yaml.j2"}}}
+    with pytest.raises(UserError, match="train.templates.dpo: no template 'nope.yaml.j2'"):
         load_config(write(tmp_path, bad))
     with pytest.raises(UserError, match="unknown metric 'bleu'"):
         load_config(write(tmp_path, {**GOOD, "evaluation": {"metric": "bleu"}}))

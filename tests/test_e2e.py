@@ -46,13 +46,13 @@ def test_run_writes_the_documented_layout(first_run):
     tmp, _, _ = first_run
     run = tmp / "runs" / "e2e"
     for rel in ["config.resolved.yaml", "data/dataset_info.json", "data/validation.json", "data/test.json",
-                "configs/math.yaml", "configs/code.yaml", "configs/all.yaml",
-                "deltas/math/adapter_model.safetensors", "deltas/all/adapter_model.safetensors",
-                "deltas/math/trainer_log.jsonl", "deltas/math/train.log",
+                "configs/math-sft.yaml", "configs/code-sft.yaml", "configs/all.yaml",
+                "deltas/math-sft/adapter_model.safetensors", "deltas/all/adapter_model.safetensors",
+                "deltas/math-sft/trainer_log.jsonl", "deltas/math-sft/train.log",
                 "search/trials.jsonl", "search/best.json", "report/report.md", "report/report.json",
                 "report/convergence.png", "merged/adapter_model.safetensors", "merged/adapter_config.json"]:
         assert (run / rel).exists(), rel
-    rendered = yaml.safe_load((run / "configs" / "math.yaml").read_text())
+    rendered = yaml.safe_load((run / "configs" / "math-sft.yaml").read_text())
     assert rendered["learning_rate"] == 0.01 and rendered["dataset"] == "math"
     assert yaml.safe_load((run / "configs" / "all.yaml").read_text())["dataset"] == "code,math"
 
@@ -62,7 +62,7 @@ def test_report_and_search_contents(first_run):
     run = tmp / "runs" / "e2e"
     report = json.loads((run / "report" / "report.json").read_text())
     models = [r["model"] for r in report["rows"]]
-    assert models == ["raw", "train@all", "train@code", "train@math", "average_merge", "human_merge", "auto_merge"]
+    assert models == ["raw", "train@all", "train@code-sft", "train@math-sft", "average_merge", "human_merge", "auto_merge"]
     assert all(0.0 <= r[k] <= 1.0 for r in report["rows"] for k in ("validation", "test"))
     trials = [json.loads(l) for l in (run / "search" / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 2 + 2 + 1 + 2 + 3  # raw, uniform, one-hot x2, human, random x2, bayes_opt x3
@@ -71,7 +71,7 @@ def test_report_and_search_contents(first_run):
     assert report["best"]["validation"] == best["validation"]
     auto = next(r for r in report["rows"] if r["model"] == "auto_merge")
     for r in report["rows"]:
-        if r["model"] in ("raw", "train@code", "train@math", "average_merge", "human_merge"):
+        if r["model"] in ("raw", "train@code-sft", "train@math-sft", "average_merge", "human_merge"):
             assert auto["validation"] >= r["validation"]  # they were all seeds of the search
     export = json.loads((run / "merged" / "autollm_export.json").read_text())
     assert export["exported_validation"] == best["validation"]
@@ -80,7 +80,7 @@ def test_report_and_search_contents(first_run):
 def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
     tmp, cfg, _ = first_run
     run = tmp / "runs" / "e2e"
-    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math", "code", "all")}
+    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math-sft", "code-sft", "all")}
     trials_before = (run / "search" / "trials.jsonl").read_text()
     outputs = ["data/validation.json", "data/math.json", "report/report.json", "merged/adapter_model.safetensors"]
     output_mtimes = {p: (run / p).stat().st_mtime_ns for p in outputs}
@@ -92,14 +92,14 @@ def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
     assert (run / "search" / "trials.jsonl").read_text() == trials_before
     assert {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in mtimes} == mtimes
 
-    math_yaml = run / "configs" / "math.yaml"
+    math_yaml = run / "configs" / "math-sft.yaml"
     math_yaml.write_text(math_yaml.read_text().replace("lora_rank: 8", "lora_rank: 4"))
     third = autollm("run", str(cfg), cwd=tmp)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "keeping hand-edited" in third.stdout and "lora_rank: 4" in math_yaml.read_text()
-    assert json.loads((run / "deltas" / "math" / "adapter_config.json").read_text())["r"] == 4
-    assert (run / "deltas" / "math" / "adapter_model.safetensors").stat().st_mtime_ns != mtimes["math"]
-    assert (run / "deltas" / "code" / "adapter_model.safetensors").stat().st_mtime_ns == mtimes["code"]
+    assert json.loads((run / "deltas" / "math-sft" / "adapter_config.json").read_text())["r"] == 4
+    assert (run / "deltas" / "math-sft" / "adapter_model.safetensors").stat().st_mtime_ns != mtimes["math-sft"]
+    assert (run / "deltas" / "code-sft" / "adapter_model.safetensors").stat().st_mtime_ns == mtimes["code-sft"]
 
 
 def test_failing_llamafactory_run_exits_2_with_log_tail(tiny_model, tmp_path):
@@ -109,7 +109,7 @@ def test_failing_llamafactory_run_exits_2_with_log_tail(tiny_model, tmp_path):
     assert "has no prepared data" in res.stderr  # train before prepare: told what to run
     res = autollm("run", str(cfg), cwd=tmp_path)
     assert res.returncode == 2
-    assert "training delta code failed" in res.stderr and "not_a_llamafactory_key" in res.stderr
+    assert "training delta code-sft failed" in res.stderr and "not_a_llamafactory_key" in res.stderr
     assert "Traceback (most recent call last)" not in res.stderr.split("last lines:")[0]
 
 
@@ -131,11 +131,11 @@ def test_keep_going_searches_over_the_deltas_that_trained(tiny_model, tmp_path):
     cfg_path.write_text(yaml.safe_dump(cfg))
     res = autollm("run", str(cfg_path), "--keep-going", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "training delta code failed" in res.stderr
-    assert "left out (training failed): code" in res.stderr
+    assert "training delta code-sft failed" in res.stderr
+    assert "left out (training failed): code-sft" in res.stderr
     run = tmp_path / "runs" / "partial"
     report = json.loads((run / "report" / "report.json").read_text())
-    assert [r["model"] for r in report["rows"]] == ["raw", "train@all", "train@math", "average_merge",
+    assert [r["model"] for r in report["rows"]] == ["raw", "train@all", "train@math-sft", "average_merge",
                                                      "human_merge", "auto_merge"]
-    assert set(report["best"]["weights"]) == {"math"}
-    assert (run / "deltas" / "code" / "train.log").exists()  # the failed run's log is kept for the user
+    assert set(report["best"]["weights"]) == {"math-sft"}
+    assert (run / "deltas" / "code-sft" / "train.log").exists()  # the failed run's log is kept for the user

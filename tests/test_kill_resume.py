@@ -41,10 +41,10 @@ def test_sigkill_during_training_and_search(tiny_model, tmp_path):
     cfg = write_config(kill_dir, tiny_model, name="r", search=search)
     run = kill_dir / "runs" / "r"
     # 1. killed while the second delta trains (the first one, code, has finished)
-    kill_when(start(cfg, kill_dir), lambda: (run / "deltas" / "math" / "train.log").exists())
-    assert (run / "deltas" / "code" / "autollm_delta.json").exists()
-    assert not (run / "deltas" / "math" / "autollm_delta.json").exists()
-    code_mtime = (run / "deltas" / "code" / "adapter_model.safetensors").stat().st_mtime_ns
+    kill_when(start(cfg, kill_dir), lambda: (run / "deltas" / "math-sft" / "train.log").exists())
+    assert (run / "deltas" / "code-sft" / "autollm_delta.json").exists()
+    assert not (run / "deltas" / "math-sft" / "autollm_delta.json").exists()
+    code_mtime = (run / "deltas" / "code-sft" / "adapter_model.safetensors").stat().st_mtime_ns
     # 2. killed in the middle of the search
     kill_when(start(cfg, kill_dir), lambda: len(lines(run / "search" / "trials.jsonl")) >= 8)
     logged = [l for l in lines(run / "search" / "trials.jsonl") if l.endswith("}")]
@@ -53,8 +53,8 @@ def test_sigkill_during_training_and_search(tiny_model, tmp_path):
     res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(cfg)], cwd=kill_dir, capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "delta code: up to date, not retrained" in res.stdout and "delta math: up to date" in res.stdout
-    assert (run / "deltas" / "code" / "adapter_model.safetensors").stat().st_mtime_ns == code_mtime
+    assert "delta code-sft: up to date, not retrained" in res.stdout and "delta math-sft: up to date" in res.stdout
+    assert (run / "deltas" / "code-sft" / "adapter_model.safetensors").stat().st_mtime_ns == code_mtime
     final = lines(run / "search" / "trials.jsonl")
     # timings differ, and so do fingerprints (they hash absolute paths): compare everything else
     strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "fingerprint")} for l in ls]

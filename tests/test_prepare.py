@@ -21,8 +21,8 @@ def test_prepare_from_sqlite(tmp_path):
     db = build_source_db(tmp_path / "src.sqlite", seed=3, rows_per_task=40)
     before = db.read_bytes()
     cfg = make_cfg(tmp_path, f"sqlite:///{db}")
-    chunks = prepare(cfg)
-    assert chunks == sorted(TASKS)
+    shapes = prepare(cfg)
+    assert shapes == {t: "sft" for t in sorted(TASKS)}
     data = cfg.out / "data"
     info = json.loads((data / "dataset_info.json").read_text())
     assert set(info) == set(TASKS) | {"validation", "test"}
@@ -61,7 +61,7 @@ def test_too_small_chunk_and_missing_field(tmp_path):
     with sqlite3.connect(db) as c:
         c.execute("CREATE TABLE examples (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
         c.executemany("INSERT INTO examples VALUES (?,?,?,?)", [(i, "a", f"p{i}", "r") for i in range(10)])
-    with pytest.raises(UserError, match="chunk 'a' has 10 rows, needs at least 13"):
+    with pytest.raises(UserError, match=r"chunk 'a' has 10 rows \(10 usable as references\), needs at least 13"):
         prepare(make_cfg(tmp_path, f"sqlite:///{db}"))
     with sqlite3.connect(db) as c:
         c.execute("UPDATE examples SET response = NULL WHERE id = 4")
