@@ -33,7 +33,14 @@ class FileSource(Strict):
     columns: dict[str, str] = Field(default_factory=dict)
 
 
-Source = Annotated[Union[SqlSource, FileSource], Field(discriminator="type")]
+class LlamaFactorySource(Strict):
+    """Datasets of an existing LLaMA-Factory data directory, each one chunk, used in their own format."""
+    type: Literal["llamafactory"]
+    dataset_dir: Path
+    datasets: list[str] = Field(min_length=1, description="names in its dataset_info.json")
+
+
+Source = Annotated[Union[SqlSource, FileSource, LlamaFactorySource], Field(discriminator="type")]
 
 
 class DataConfig(Strict):
@@ -198,6 +205,8 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     for src in cfg.data.sources:
         if isinstance(src, FileSource):
             src.path = src.path.resolve()
+        if isinstance(src, LlamaFactorySource):
+            src.dataset_dir = src.dataset_dir.resolve()
     return cfg
 
 
@@ -210,6 +219,8 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
     for i, src in enumerate(cfg.data.sources):
         if isinstance(src, FileSource) and not src.path.is_file():
             problems.append(f"data.sources.{i}.path: {src.path} not found")
+        if isinstance(src, LlamaFactorySource) and not (src.dataset_dir / "dataset_info.json").is_file():
+            problems.append(f"data.sources.{i}.dataset_dir: {src.dataset_dir} has no dataset_info.json")
         if isinstance(src, SqlSource) and src.url.startswith("sqlite:///") and cfg.toy is None:
             db = Path(src.url.split(":///", 1)[1])
             if not db.is_file():

@@ -19,8 +19,10 @@ from .errors import UserError
 _templates: dict = {}
 
 
-def encode_prompt_response(tokenizer, template_name: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids exactly as LLaMA-Factory builds them for training with this chat template.
+def encode_prompt_response(tokenizer, template_name: str, prompt: str, response: str,
+                           history: list[dict] | None = None, system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids exactly as LLaMA-Factory builds them for training with this chat template (earlier turns
+    of a conversation in `history`).
 
     The target is the response up to and including end-of-sequence: what greedy decoding must emit.
     """
@@ -30,8 +32,8 @@ def encode_prompt_response(tokenizer, template_name: str, prompt: str, response:
     template = _templates.get(template_name)
     if template is None:
         template = _templates[template_name] = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template_name))
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    prompt_ids, response_ids = template.encode_oneturn(tokenizer, messages)
+    messages = list(history or []) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    prompt_ids, response_ids = template.encode_oneturn(tokenizer, messages, system)
     if tokenizer.eos_token_id in response_ids:
         response_ids = response_ids[: response_ids.index(tokenizer.eos_token_id) + 1]
     return prompt_ids, response_ids
@@ -50,7 +52,8 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg):
         self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
-        self.encoded = [encode_prompt_response(tokenizer, template_name, r["prompt"], r["response"]) for r in rows]
+        self.encoded = [encode_prompt_response(tokenizer, template_name, r["prompt"], r["response"], r.get("history"),
+                                               r.get("system")) for r in rows]
         self.stats: dict[str, int] = {}
 
     def row_scores(self) -> list[float]:

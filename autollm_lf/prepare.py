@@ -11,6 +11,7 @@ from typing import Callable
 from .config import FileSource, RunConfig, SqlSource
 from .errors import UserError
 from .io import write_json
+from .lfdata import read_llamafactory
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
@@ -64,7 +65,8 @@ def read_file(src: FileSource, index: int) -> list[dict]:
                         f"fix the file or convert it") from None
 
 
-READERS: dict[str, Callable] = {"sql": read_sql, "file": read_file}
+READERS: dict[str, Callable] = {"sql": read_sql, "file": read_file, "llamafactory": read_llamafactory}
+KEEP = ("history", "system", "raw", "lf_entry")  # carried as they are (lists, dicts)
 
 
 FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")
@@ -74,6 +76,8 @@ TRUE, FALSE = {"true", "1", "yes", "desirable"}, {"false", "0", "no", "undesirab
 def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str, index: int, label: str) -> list[dict]:
     """Map source columns to the tool's fields (missing ones are None); keep provenance (source, row id)."""
     mapping = {**{f: f for f in FIELDS}, chunk_by: chunk_by, **columns}
+    if label.startswith("llamafactory:"):
+        mapping[chunk_by] = "chunk_value"  # one chunk per LLaMA-Factory dataset
     rows = []
     for n, r in enumerate(raw):
         if r.get(mapping[chunk_by]) in (None, ""):
@@ -81,6 +85,7 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str, index: i
                             f"fill it, drop the row, or map the field with data.sources.{index}.columns")
         row = {f: (None if r.get(col) in (None, "") else r.get(col)) for f, col in mapping.items()}
         row = {k: (v if k == "label" or v is None else str(v)) for k, v in row.items()}
+        row.update({k: r[k] for k in KEEP if r.get(k) is not None})
         row["source"], row["row_id"], row["n"] = label, str(r.get(columns.get("id", "id"), n)), n
         rows.append(row)
     return rows
@@ -172,15 +177,27 @@ FORMATS = {  # shape -> (LLaMA-Factory record, dataset_info entry)
 }
 
 
-def _records(rows: list[dict], shape: str) -> list[dict]:
-    return [{**FORMATS[shape][0](r), **{k: r[k] for k in PROVENANCE}} for r in rows]
+def _records(rows: list[dict], shape: str) -> tuple[list[dict], dict]:
+    """Training records and their dataset_info entry: LLaMA-Factory rows stay in their own format."""
+    if any("raw" in r for r in rows):
+        if not all("raw" in r for r in rows):
+            raise UserError(f"data: chunk {rows[0]['chunk']!r} mixes a LLaMA-Factory dataset with other sources; "
+                            f"give them different chunk names")
+        entry = {k: v for k, v in rows[0]["lf_entry"].items() if k not in ("file_name", "file_sha1", "hf_hub_url")}
+        return [r["raw"] for r in rows], entry
+    record, entry = FORMATS[shape]
+    return [{**record(r), **{k: r[k] for k in PROVENANCE}} for r in rows], entry
 
 
 def _eval_records(rows: list[dict]) -> list[dict]:
+    """Held-out rows in alpaca form; earlier turns of a conversation go in `history` as [user, assistant] pairs."""
     out = []
     for r in rows:
         prompt, answer = reference(r)
-        out.append({"instruction": prompt, "output": answer, **{k: r[k] for k in PROVENANCE}})
+        turns = r.get("history") or []
+        history = [[u["content"], a["content"]] for u, a in zip(turns[::2], turns[1::2])]
+        out.append({"instruction": prompt, "output": answer, "history": history, "system": r.get("system") or "",
+                    **{k: r[k] for k in PROVENANCE}})
     return out
 
 
@@ -189,18 +206,20 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     rows = []
     for i, src in enumerate(cfg.data.sources):
         label = f"{src.type}:{i}"
-        rows += _normalise(READERS[src.type](src, i), src.columns, cfg.data.chunk_by, i, label)
+        rows += _normalise(READERS[src.type](src, i), getattr(src, "columns", {}), cfg.data.chunk_by, i, label)
     if not rows:
         raise UserError("data.sources: no rows; check the query or file")
     train, shapes, val, test, dropped = split_chunks(rows, cfg)
     data_dir = cfg.out / "data"
     info = {}
     for name, items in train.items():
-        write_json(data_dir / f"{name}.json", _records(items, shapes[name]))
-        info[name] = {"file_name": f"{name}.json", **FORMATS[shapes[name]][1]}
+        records, entry = _records(items, shapes[name])
+        write_json(data_dir / f"{name}.json", records)
+        info[name] = {"file_name": f"{name}.json", **entry}
     for split, items in (("validation", val), ("test", test)):
         write_json(data_dir / f"{split}.json", _eval_records(items))
-        info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
+        info[split] = {"file_name": f"{split}.json",
+                       "columns": {"prompt": "instruction", "response": "output", "history": "history", "system": "system"}}
     write_json(data_dir / "dataset_info.json", info)
     _print_table(train, shapes, val, test, dropped)
     return shapes
@@ -221,4 +240,6 @@ def load_split(cfg: RunConfig, split: str) -> list[dict]:
     rows = read_json(cfg.out / "data" / f"{split}.json")
     if rows is None:
         raise UserError(f"{cfg.out / 'data' / (split + '.json')} missing; run `autollm prepare` first")
-    return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"]} for r in rows]
+    return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"],
+             "history": [{"role": role, "content": c} for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],
+             "system": r.get("system") or None} for r in rows]
