@@ -86,9 +86,30 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str, index: i
         row = {f: (None if r.get(col) in (None, "") else r.get(col)) for f, col in mapping.items()}
         row = {k: (v if k == "label" or v is None else str(v)) for k, v in row.items()}
         row.update({k: r[k] for k in KEEP if r.get(k) is not None})
+        if r.get(mapping.get("messages", "messages")):
+            row.update(split_messages(r[mapping.get("messages", "messages")], f"row {n} of {label}"))
         row["source"], row["row_id"], row["n"] = label, str(r.get(columns.get("id", "id"), n)), n
         rows.append(row)
     return rows
+
+
+def split_messages(messages, where: str) -> dict:
+    """An OpenAI-style `messages` list -> history (earlier turns), prompt (last user turn), response (last
+    assistant turn, if the list ends with one), system."""
+    try:
+        turns = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+    except (TypeError, KeyError):
+        raise UserError(f"data: {where}: messages must be a list of {{role, content}}") from None
+    system = next((t["content"] for t in turns if t["role"] == "system"), None)
+    turns = [t for t in turns if t["role"] in ("user", "assistant")]
+    out = {"system": system}
+    if turns and turns[-1]["role"] == "assistant":
+        out["response"] = turns.pop()["content"]
+    if not turns or turns[-1]["role"] != "user":
+        raise UserError(f"data: {where}: messages must end with a user turn (and optionally the assistant's answer)")
+    out["prompt"] = turns.pop()["content"]
+    out["history"] = turns
+    return out
 
 
 def detect_shape(name: str, rows: list[dict]) -> str:
@@ -166,13 +187,22 @@ def split_chunks(rows: list[dict], cfg: RunConfig):
 
 
 PROVENANCE = ("chunk", "source", "row_id")
+def _context(r: dict) -> dict:
+    """Earlier turns as alpaca `history` ([user, assistant] pairs) and the system prompt."""
+    turns = r.get("history") or []
+    return {"history": [[u["content"], a["content"]] for u, a in zip(turns[::2], turns[1::2])],
+            "system": r.get("system") or ""}
+
+
+CONTEXT_COLUMNS = {"history": "history", "system": "system"}
 FORMATS = {  # shape -> (LLaMA-Factory record, dataset_info entry)
-    "sft": (lambda r: {"instruction": r["prompt"], "output": r["response"]},
-            {"columns": {"prompt": "instruction", "response": "output"}}),
-    "preference": (lambda r: {"instruction": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
-                   {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}}),
-    "kto": (lambda r: {"instruction": r["prompt"], "output": r["response"], "kto_tag": bool(r["label"])},
-            {"columns": {"prompt": "instruction", "response": "output", "kto_tag": "kto_tag"}}),
+    "sft": (lambda r: {"instruction": r["prompt"], "output": r["response"], **_context(r)},
+            {"columns": {"prompt": "instruction", "response": "output", **CONTEXT_COLUMNS}}),
+    "preference": (lambda r: {"instruction": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], **_context(r)},
+                   {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected",
+                                                 **CONTEXT_COLUMNS}}),
+    "kto": (lambda r: {"instruction": r["prompt"], "output": r["response"], "kto_tag": bool(r["label"]), **_context(r)},
+            {"columns": {"prompt": "instruction", "response": "output", "kto_tag": "kto_tag", **CONTEXT_COLUMNS}}),
     "pt": (lambda r: {"text": r["text"]}, {"columns": {"prompt": "text"}}),
 }
 
@@ -194,10 +224,7 @@ def _eval_records(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         prompt, answer = reference(r)
-        turns = r.get("history") or []
-        history = [[u["content"], a["content"]] for u, a in zip(turns[::2], turns[1::2])]
-        out.append({"instruction": prompt, "output": answer, "history": history, "system": r.get("system") or "",
-                    **{k: r[k] for k in PROVENANCE}})
+        out.append({"instruction": prompt, "output": answer, **_context(r), **{k: r[k] for k in PROVENANCE}})
     return out
 
 
@@ -218,8 +245,7 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
         info[name] = {"file_name": f"{name}.json", **entry}
     for split, items in (("validation", val), ("test", test)):
         write_json(data_dir / f"{split}.json", _eval_records(items))
-        info[split] = {"file_name": f"{split}.json",
-                       "columns": {"prompt": "instruction", "response": "output", "history": "history", "system": "system"}}
+        info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
     write_json(data_dir / "dataset_info.json", info)
     _print_table(train, shapes, val, test, dropped)
     return shapes

@@ -50,7 +50,8 @@ def test_shapes_detected_and_written_for_llamafactory(tmp_path):
     data = cfg.out / "data"
     info = json.loads((data / "dataset_info.json").read_text())
     assert info["pref"]["ranking"] is True
-    assert info["pref"]["columns"] == {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}
+    assert info["pref"]["columns"] == {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected",
+                                       "history": "history", "system": "system"}
     assert info["judged"]["columns"]["kto_tag"] == "kto_tag" and "ranking" not in info["judged"]
     assert info["corpus"]["columns"] == {"prompt": "text"}
     kto = json.loads((data / "judged.json").read_text())
@@ -131,3 +132,22 @@ def test_every_method_trains_for_real_and_the_search_loads_it(tiny_model, tmp_pa
     report = json.loads((run / "report" / "report.json").read_text())
     assert set(report["best"]["weights"]) == set(deltas)
     assert {f"train@{d}" for d in deltas} <= {r["model"] for r in report["rows"]}
+
+
+def test_messages_column_gives_multi_turn_sft_and_preference(tmp_path):
+    rows = []
+    for i in range(12):
+        convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hi {i}"},
+                 {"role": "assistant", "content": "hello"}, {"role": "user", "content": f"count {i}"}]
+        rows.append({"task": "chat", "messages": convo + [{"role": "assistant", "content": str(i)}]})
+        rows.append({"task": "chatpref", "messages": convo, "chosen": str(i), "rejected": "many"})
+    cfg = make_cfg(tmp_path, write_source(tmp_path, rows))
+    assert prepare(cfg) == {"chat": "sft", "chatpref": "preference"}
+    chat = json.loads((cfg.out / "data" / "chat.json").read_text())
+    assert all(r["history"] == [[r["history"][0][0], "hello"]] and r["system"] == "be brief" for r in chat)
+    assert all(r["instruction"].startswith("count ") and r["output"] == r["instruction"].split()[1] for r in chat)
+    pref = json.loads((cfg.out / "data" / "chatpref.json").read_text())
+    assert all(r["rejected"] == "many" and r["history"][0][1] == "hello" for r in pref)
+    bad = [{"task": "chat", "messages": [{"role": "assistant", "content": "x"}]}] * 12
+    with pytest.raises(UserError, match="row 0 of file:0: messages must end with a user turn"):
+        prepare(make_cfg(tmp_path, write_source(tmp_path, bad)))

@@ -26,7 +26,8 @@ def test_prepare_from_sqlite(tmp_path):
     data = cfg.out / "data"
     info = json.loads((data / "dataset_info.json").read_text())
     assert set(info) == set(TASKS) | {"validation", "test"}
-    assert info["math"] == {"file_name": "math.json", "columns": {"prompt": "instruction", "response": "output"}}
+    assert info["math"] == {"file_name": "math.json", "columns": {"prompt": "instruction", "response": "output",
+                                                                 "history": "history", "system": "system"}}
     val = json.loads((data / "validation.json").read_text())
     test = json.loads((data / "test.json").read_text())
     for c in TASKS:  # stratified by chunk
