@@ -109,7 +109,7 @@ def trial_costs(base: Path, adapters: dict[str, Path], ids, plain_pass: float, r
         eval_pass = timed(lambda: forward_pass(w.model, ids), repeats)
         result[mode] = {"apply_seconds": apply, "pass_seconds": eval_pass,
                         "trial_vs_plain": (apply + eval_pass) / plain_pass, "merge_fraction": apply / eval_pass}
-        del w
+        w = None  # free this model before loading the next
     return result
 
 
@@ -134,7 +134,7 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
         weighted.set_weights(weights)
         with torch.no_grad():  # the in-place model and the reloaded merged model agree
             max_diff = (weighted.model(input_ids=ids[:2]).logits - plain(input_ids=ids[:2]).logits).abs().max().item()
-        del weighted, plain, reloaded
+        weighted = plain = reloaded = None  # free ~3 models' memory before the next part
         costs = {n: trial_costs(base, a, ids, plain_pass, repeats) for n, a in (("4", adapters4), ("16", adapters16))}
         size = sum(p.stat().st_size for p in tmp.rglob("*.safetensors") if "d" not in p.parent.name or
                    p.parent.name in adapters4)

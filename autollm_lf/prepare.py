@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from pathlib import Path
 from typing import Callable
 
 from .config import FileSource, RunConfig, SqlSource
