@@ -3,15 +3,31 @@ non-zero B (init_lora_weights=False) so merges are really tested."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run_autollm():
+    """`autollm run` on a config dict (written to cwd), through the real CLI; returns the run dir."""
+    def run(cfg: dict, cwd: Path) -> Path:
+        path = cwd / f"{cfg['name']}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(path)], cwd=cwd, capture_output=True,
+                             text=True, timeout=1200)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        return cwd / "runs" / cfg["name"]
+    return run
 
 
 @pytest.fixture(scope="session")

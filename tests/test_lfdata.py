@@ -2,8 +2,6 @@
 multi-turn conversations, ranking and kto entries; trained for real with the right method each."""
 import json
 import random
-import subprocess
-import sys
 
 import yaml
 from transformers import AutoTokenizer
@@ -84,18 +82,14 @@ def test_history_is_encoded_like_llamafactory(tiny_model):
     assert tok.decode(target, skip_special_tokens=True) == "e1"
 
 
-def test_llamafactory_directory_trains_for_real(tiny_model, tmp_path):
+def test_llamafactory_directory_trains_for_real(tiny_model, tmp_path, run_autollm):
     root, _, _ = make_dataset_dir(tmp_path / "lf")
     cfg = {"name": "lfrun", "base_model": {"path": str(tiny_model)},
            "data": {"sources": [{"type": "llamafactory", "dataset_dir": str(root), "datasets": DATASETS}],
                     "validation_per_chunk": 2, "test_per_chunk": 2},
            "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4}},
            "search": {"init_points": 1, "n_iter": 1}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(tmp_path / "c.yaml")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    run = tmp_path / "runs" / "lfrun"
+    run = run_autollm(cfg, tmp_path)
     deltas = ["alpaca_pref-dpo", "alpaca_sft-sft", "chat_kto-kto", "chat_pref-dpo", "chat_sft-sft"]
     for d in deltas:
         assert (run / "deltas" / d / "adapter_model.safetensors").exists(), d

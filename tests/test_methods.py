@@ -2,8 +2,6 @@
 (chunk, method), and a real `llamafactory-cli train` run per method (sft, dpo, orpo, simpo, kto, pt)."""
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -108,7 +106,7 @@ def test_templates_per_stage(method, stage, extra):
         assert cfg["pref_beta"] == 0.25  # overrides replace the method's default in place
 
 
-def test_every_method_trains_for_real_and_the_search_loads_it(tiny_model, tmp_path):
+def test_every_method_trains_for_real_and_the_search_loads_it(tiny_model, tmp_path, run_autollm):
     path = write_source(tmp_path, mixed_rows())
     cfg = {"name": "methods", "base_model": {"path": str(tiny_model)},
            "data": {"sources": [{"type": "file", "path": str(path)}], "validation_per_chunk": 3, "test_per_chunk": 3},
@@ -116,11 +114,7 @@ def test_every_method_trains_for_real_and_the_search_loads_it(tiny_model, tmp_pa
                      "method_args": {"pt": {"cutoff_len": 32}},  # PT packs texts into blocks of cutoff_len
                      "args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1}},
            "search": {"init_points": 1, "n_iter": 1}}
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(tmp_path / "m.yaml")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    run = tmp_path / "runs" / "methods"
+    run = run_autollm(cfg, tmp_path)
     deltas = ["corpus-pt", "judged-kto", "pref-dpo", "pref-orpo", "pref-simpo", "qa-sft"]
     for d in deltas:
         rendered = yaml.safe_load((run / "configs" / f"{d}.yaml").read_text())
