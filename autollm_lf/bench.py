@@ -220,7 +220,7 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     from bayes_opt import BayesianOptimization
 
     from .config import load_config
-    from .evaluate import METRICS
+    from .evaluate import make_evaluator
     from .pipeline import Session
     from .prepare import load_split
 
@@ -230,8 +230,7 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     session = Session(cfg)
     validation = load_split(cfg, "validation")
     subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), min(rows, len(validation))))]
-    scorer = METRICS[cfg.evaluation.metric](session.weighted.model, session.weighted.tokenizer,
-                                            cfg.base_model.template, subset, cfg.evaluation)
+    scorer = make_evaluator(cfg, session.weighted.model, session.weighted.tokenizer, subset)
     deltas, (lo, hi) = session.deltas, cfg.search.bounds
 
     def f(weights):

@@ -206,6 +206,11 @@ def make_judge(*args):
     return Judge(*args)
 
 
+def make_evaluator(cfg, model, tokenizer, rows: list[dict]) -> Evaluator:
+    """The run's evaluator (cfg.evaluation.metric) over these rows, with the run's chat template."""
+    return METRICS[cfg.evaluation.metric](model, tokenizer, cfg.base_model.template, rows, cfg.evaluation)
+
+
 METRICS: dict[str, Callable[..., Evaluator]] = {
     "exact_match": ExactMatch,
     "loss": NegativeLoss,

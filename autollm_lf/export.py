@@ -13,14 +13,13 @@ def exported_score(cfg, merged_dir) -> float:
     """Score the saved adapter the way a user would load it: fresh base + PeftModel.from_pretrained."""
     from peft import PeftModel
 
-    from .evaluate import METRICS
+    from .evaluate import make_evaluator
     from .merge import load_base
     from .prepare import load_split
 
     base, tokenizer = load_base(cfg.base_model.path)
     model = PeftModel.from_pretrained(base, str(merged_dir)).eval()
-    ev = cfg.evaluation
-    return METRICS[ev.metric](model, tokenizer, cfg.base_model.template, load_split(cfg, "validation"), ev).score()
+    return make_evaluator(cfg, model, tokenizer, load_split(cfg, "validation")).score()
 
 
 def export_best(session) -> dict:

@@ -74,11 +74,10 @@ class Session:
 
     def scorer(self, split: str):
         if split not in self._scorers:
-            from .evaluate import METRICS
+            from .evaluate import make_evaluator
             from .prepare import load_split
-            ev = self.cfg.evaluation
-            self._scorers[split] = METRICS[ev.metric](self.weighted.model, self.weighted.tokenizer,
-                                                      self.cfg.base_model.template, load_split(self.cfg, split), ev)
+            self._scorers[split] = make_evaluator(self.cfg, self.weighted.model, self.weighted.tokenizer,
+                                                  load_split(self.cfg, split))
         return self._scorers[split]
 
     def pick_apply_mode(self) -> None:
@@ -94,10 +93,10 @@ class Session:
 
     def score_by_chunk(self, weights: dict[str, float], split: str) -> tuple[float, dict[str, float]]:
         """Overall score and the score on each chunk's rows."""
-        from .prepare import load_split
+        scorer = self.scorer(split)
         self.weighted.set_weights(weights)
-        scores = self.scorer(split).row_scores()
-        chunks = [r["chunk"] for r in load_split(self.cfg, split)]
+        scores = scorer.row_scores()
+        chunks = [r["chunk"] for r in scorer.rows]  # the rows the scorer already holds, not a re-read
         by_chunk = {c: sum(f for f, k in zip(scores, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
         return sum(scores) / max(len(scores), 1), by_chunk
 
