@@ -1,6 +1,7 @@
 """The run config: one YAML file, validated with pydantic. Every error is reported at once, with its key path."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -11,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+BAD_CASES_FILE = "report/bad_cases.jsonl"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -21,6 +23,7 @@ class Strict(BaseModel):
 class SqlSource(Strict):
     """Rows from a SQL query against any SQLAlchemy URL (SQLite files are opened read-only)."""
     type: Literal["sql"]
+    name: Optional[str] = Field(None, description="provenance label of its rows (default <type>:<index>)")
     url: str
     query: str
     columns: dict[str, str] = Field(default_factory=dict, description="tool field -> source column")
@@ -29,6 +32,7 @@ class SqlSource(Strict):
 class FileSource(Strict):
     """Rows from a json/jsonl/csv/parquet file, loaded with `datasets`."""
     type: Literal["file"]
+    name: Optional[str] = None
     path: Path
     columns: dict[str, str] = Field(default_factory=dict)
 
@@ -36,19 +40,77 @@ class FileSource(Strict):
 class LlamaFactorySource(Strict):
     """Datasets of an existing LLaMA-Factory data directory, each one chunk, used in their own format."""
     type: Literal["llamafactory"]
+    name: Optional[str] = None
     dataset_dir: Path
     datasets: list[str] = Field(min_length=1, description="names in its dataset_info.json")
 
 
-Source = Annotated[Union[SqlSource, FileSource, LlamaFactorySource], Field(discriminator="type")]
+DocumentSource = Annotated[Union[SqlSource, FileSource], Field(discriminator="type")]
+
+
+class GenerateSource(Strict):
+    """An LLM writes examples from documents (rows of another source) through an OpenAI-compatible chat endpoint."""
+    type: Literal["generate"]
+    name: Optional[str] = None
+    documents: DocumentSource
+    text_column: str = Field("text", description="the documents' column holding the text")
+    id_column: str = Field("id", description="the documents' column naming a document (else its row number)")
+    chunk: Optional[str] = Field(None, description="chunk value of the generated rows (default: the document's "
+                                                   "data.chunk_by column, else 'generated')")
+    per_document: int = Field(3, ge=1, le=100, description="examples asked for per document")
+    base_url: str
+    model: str
+    api_key_env: Optional[str] = Field(None, description="name of the environment variable holding the API key")
+    prompt_template: str = "generate.j2"
+    concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(2, ge=0, le=10)
+    timeout: float = Field(120.0, gt=0)
+    max_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    cache_dir: Optional[Path] = Field(None, description="answers cached by prompt hash (default runs/<name>/cache/generate)")
+
+
+class BadCasesSource(Strict):
+    """The validation rows a previous run's best merge got wrong (its report/bad_cases.jsonl)."""
+    type: Literal["bad_cases"]
+    name: Optional[str] = None
+    run: Path = Field(description="the previous run's folder, e.g. runs/toy")
+    rejected: bool = Field(False, description="keep the model's wrong answer as `rejected` (a preference chunk: DPO/ORPO)")
+    chunk: str = Field("bad_cases", description="chunk value of these rows")
+
+
+Source = Annotated[Union[SqlSource, FileSource, LlamaFactorySource, GenerateSource, BadCasesSource],
+                   Field(discriminator="type")]
+
+
+class ChunkCount(Strict):
+    count: int = Field(ge=1, description="N chunks, rows assigned at random (deterministic by seed)")
+
+
+class ChunkSize(Strict):
+    size: int = Field(ge=1, description="chunks of N rows, rows assigned at random (deterministic by seed)")
 
 
 class DataConfig(Strict):
     sources: list[Source] = Field(min_length=1)
-    chunk_by: str = "task"
+    chunk_by: Union[str, ChunkCount, ChunkSize] = Field("task", description="a column, {count: N} or {size: N}")
     validation_per_chunk: int = Field(40, ge=1)
     test_per_chunk: int = Field(40, ge=1)
     min_train_per_chunk: int = Field(1, ge=1)
+
+    @field_validator("chunk_by", mode="before")
+    @classmethod
+    def _chunk_by_form(cls, v):
+        ok = isinstance(v, str) and v.strip() or (isinstance(v, dict) and len(v) == 1 and set(v) <= {"count", "size"}
+                                                  and isinstance(v[next(iter(v))], int) and v[next(iter(v))] >= 1)
+        if not ok:
+            raise ValueError(f"unknown form {v!r}; give a column name (e.g. task), {{count: N}} or {{size: N}} "
+                             f"with N a positive integer")
+        return v
+
+    @property
+    def chunk_column(self) -> Optional[str]:
+        return self.chunk_by if isinstance(self.chunk_by, str) else None
 
 
 class ModelConfig(Strict):
@@ -202,11 +264,15 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.base_model.path = cfg.base_model.path.resolve()
     if cfg.toy:
         cfg.toy.database = cfg.toy.database.resolve()
-    for src in cfg.data.sources:
+    for src in cfg.data.sources + [s.documents for s in cfg.data.sources if isinstance(s, GenerateSource)]:
         if isinstance(src, FileSource):
             src.path = src.path.resolve()
         if isinstance(src, LlamaFactorySource):
             src.dataset_dir = src.dataset_dir.resolve()
+        if isinstance(src, BadCasesSource):
+            src.run = src.run.resolve()
+        if isinstance(src, GenerateSource):
+            src.cache_dir = (src.cache_dir or cfg.out / "cache" / "generate").resolve()
     return cfg
 
 
@@ -216,15 +282,30 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
     if cfg.toy is None and not (cfg.base_model.path / "config.json").is_file():
         problems.append(f"base_model.path: {cfg.base_model.path} is not a Hugging Face model folder (no config.json); "
                         f"give the folder that holds the model's config.json and weights")
+    named = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
+    named += [(f"data.sources.{i}.documents", src.documents) for i, src in enumerate(cfg.data.sources)
+              if isinstance(src, GenerateSource)]
     for i, src in enumerate(cfg.data.sources):
+        if isinstance(src, GenerateSource):
+            from .train import find_template
+            if find_template(src.prompt_template) is None:
+                problems.append(f"data.sources.{i}.prompt_template: no template {src.prompt_template!r} in templates/; "
+                                f"name a file there or give a path")
+            if src.api_key_env and not os.environ.get(src.api_key_env):
+                problems.append(f"data.sources.{i}.api_key_env: environment variable {src.api_key_env} is not set; "
+                                f"export it with the endpoint's API key")
+        if isinstance(src, BadCasesSource) and not (src.run / BAD_CASES_FILE).is_file():
+            problems.append(f"data.sources.{i}.run: {src.run / BAD_CASES_FILE} not found; run `autollm run` on "
+                            f"that run first (its report stage writes it)")
+    for i, src in named:
         if isinstance(src, FileSource) and not src.path.is_file():
-            problems.append(f"data.sources.{i}.path: {src.path} not found")
+            problems.append(f"{i}.path: {src.path} not found")
         if isinstance(src, LlamaFactorySource) and not (src.dataset_dir / "dataset_info.json").is_file():
-            problems.append(f"data.sources.{i}.dataset_dir: {src.dataset_dir} has no dataset_info.json")
+            problems.append(f"{i}.dataset_dir: {src.dataset_dir} has no dataset_info.json")
         if isinstance(src, SqlSource) and src.url.startswith("sqlite:///") and cfg.toy is None:
             db = Path(src.url.split(":///", 1)[1])
             if not db.is_file():
-                problems.append(f"data.sources.{i}.url: SQLite file {db} not found")
+                problems.append(f"{i}.url: SQLite file {db} not found")
     if cfg.evaluation.metric == "python":
         from .evaluate import load_function
         try:

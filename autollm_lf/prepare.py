@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable
 
 from .config import FileSource, RunConfig, SqlSource
@@ -64,22 +64,41 @@ def read_file(src: FileSource, index: int) -> list[dict]:
                         f"fix the file or convert it") from None
 
 
-READERS: dict[str, Callable] = {"sql": read_sql, "file": read_file, "llamafactory": read_llamafactory}
-KEEP = ("history", "system", "raw", "lf_entry")  # carried as they are (lists, dicts)
+def _read_generate(src, index: int, cfg: RunConfig) -> list[dict]:
+    from .generate import read_generate
+    return read_generate(src, index, cfg)
+
+
+def _read_bad_cases(src, index: int, cfg: RunConfig) -> list[dict]:
+    from .feedback import read_bad_cases
+    return read_bad_cases(src, index)
+
+
+# Every source type, in one place: type -> reader(src, index, cfg) -> raw rows (dicts).
+READERS: dict[str, Callable] = {
+    "sql": lambda src, i, cfg: read_sql(src, i),
+    "file": lambda src, i, cfg: read_file(src, i),
+    "llamafactory": lambda src, i, cfg: read_llamafactory(src, i),
+    "generate": _read_generate,
+    "bad_cases": _read_bad_cases,
+}
+KEEP = ("history", "system", "raw", "lf_entry", "train_only", "chunk_fixed", "prediction")  # carried as they are (lists, dicts, flags)
 
 
 FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")
 TRUE, FALSE = {"true", "1", "yes", "desirable"}, {"false", "0", "no", "undesirable"}
 
 
-def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str, index: int, label: str) -> list[dict]:
-    """Map source columns to the tool's fields (missing ones are None); keep provenance (source, row id)."""
-    mapping = {**{f: f for f in FIELDS}, chunk_by: chunk_by, **columns}
-    if label.startswith("llamafactory:"):
-        mapping[chunk_by] = "chunk_value"  # one chunk per LLaMA-Factory dataset
+def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, index: int, label: str,
+               kind: str = "") -> list[dict]:
+    """Map source columns to the tool's fields (missing ones are None); keep provenance (source, row id).
+    chunk_by None: chunks are drawn at random later ({count: N} / {size: N})."""
+    mapping = {**{f: f for f in FIELDS}, **({chunk_by: chunk_by} if chunk_by else {}), **columns}
+    if kind in ("llamafactory", "generate", "bad_cases") and chunk_by:
+        mapping[chunk_by] = "chunk_value"  # chosen by the reader (e.g. one chunk per LLaMA-Factory dataset)
     rows = []
     for n, r in enumerate(raw):
-        if r.get(mapping[chunk_by]) in (None, ""):
+        if chunk_by and r.get(mapping[chunk_by]) in (None, ""):
             raise UserError(f"data.sources.{index}: row {n} of {label} has no {chunk_by} (column {mapping[chunk_by]!r}); "
                             f"fill it, drop the row, or map the field with data.sources.{index}.columns")
         row = {f: (None if r.get(col) in (None, "") else r.get(col)) for f, col in mapping.items()}
@@ -150,32 +169,73 @@ def chunk_name(value: str) -> str:
     return f"{name}_chunk" if name in RESERVED_CHUNK_NAMES else name
 
 
+def assign_chunks(rows: list[dict], cfg: RunConfig) -> None:
+    """Set each row's `chunk`: from a column (sanitised), or at random (seeded) into {count: N} chunks or
+    chunks of {size: N} rows, named part-01, part-02, ... Rows whose source fixed a chunk value (bad cases,
+    generated rows given `chunk:`) keep it."""
+    d = cfg.data
+    if d.chunk_column:
+        for r in rows:
+            r["chunk"] = chunk_name(str(r[d.chunk_column]))
+        return
+    fixed = [r for r in rows if r.get("chunk_fixed")]
+    free = [r for r in rows if not r.get("chunk_fixed")]
+    for r in fixed:
+        r["chunk"] = chunk_name(str(r["chunk_fixed"]))
+    order = list(range(len(free)))
+    random.Random(f"{cfg.seed}:chunk_by").shuffle(order)
+    count = d.chunk_by.count if hasattr(d.chunk_by, "count") else max(1, -(-len(free) // d.chunk_by.size))
+    width = len(str(count))
+    for pos, i in enumerate(order):
+        part = pos % count if hasattr(d.chunk_by, "count") else pos // d.chunk_by.size
+        free[i]["chunk"] = f"part-{part + 1:0{width}d}"
+
+
+def prompt_key(r: dict):
+    return r["prompt"] if r.get("prompt") is not None else r.get("text")
+
+
 def split_chunks(rows: list[dict], cfg: RunConfig):
     """Per chunk: detect and check the shape, shuffle (seeded), take validation and test rows among the
-    scorable ones, keep the rest for training. Returns (train, shapes, validation, test, dropped)."""
+    scorable ones, keep the rest for training. A prompt is held out once (validation or test, never both);
+    rows marked train_only (bad cases) and every row sharing their prompt are never held out.
+    Returns (train, shapes, validation, test, dropped)."""
     d = cfg.data
+    assign_chunks(rows, cfg)
     by_chunk: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        r["chunk"] = chunk_name(r[d.chunk_by])
         by_chunk[r["chunk"]].append(r)
+    train_only = {prompt_key(r) for r in rows if r.get("train_only")}
+    taken: set = set()  # prompts already held out, across chunks and splits
     train, shapes, val, test = {}, {}, [], []
     for name in sorted(by_chunk):
         items = by_chunk[name]
         shapes[name] = detect_shape(name, items)
         validate_rows(name, shapes[name], items)
         random.Random(f"{cfg.seed}:{name}").shuffle(items)
-        scorable = [r for r in items if reference(r) is not None]
+        if all(r.get("train_only") for r in items):  # e.g. last round's bad cases: training rows only
+            train[name] = items
+            continue
+        scorable = [r for r in items if reference(r) is not None and prompt_key(r) not in train_only]
+        unique, seen = [], set()
+        for r in scorable:  # a prompt already held out (another chunk, or a duplicate row) stays out
+            if len(unique) == d.validation_per_chunk + d.test_per_chunk:
+                break
+            if prompt_key(r) not in taken and prompt_key(r) not in seen:
+                seen.add(prompt_key(r))
+                unique.append(r)
         need = d.validation_per_chunk + d.test_per_chunk + d.min_train_per_chunk
-        if len(items) < need or len(scorable) < d.validation_per_chunk + d.test_per_chunk:
+        if len(items) < need or len(unique) < d.validation_per_chunk + d.test_per_chunk:
             raise UserError(f"data: chunk {name!r} has {len(items)} rows ({len(scorable)} usable as references), "
                             f"needs at least {need} (validation_per_chunk + test_per_chunk + min_train_per_chunk); "
                             f"add rows or lower them")
-        held = scorable[: d.validation_per_chunk + d.test_per_chunk]
+        held = unique
+        taken |= {prompt_key(r) for r in held}
         val += held[: d.validation_per_chunk]
         test += held[d.validation_per_chunk:]
         held_ids = {id(r) for r in held}
         train[name] = [r for r in items if id(r) not in held_ids]
-    key = lambda r: r["prompt"] if r.get("prompt") is not None else r.get("text")
+    key = prompt_key
     held_out = {key(r) for r in val + test}
     dropped = 0
     for name, items in train.items():
@@ -212,6 +272,9 @@ def _records(rows: list[dict], shape: str) -> tuple[list[dict], dict]:
         if not all("raw" in r for r in rows):
             raise UserError(f"data: chunk {rows[0]['chunk']!r} mixes a LLaMA-Factory dataset with other sources; "
                             f"give them different chunk names")
+        if any(r["lf_entry"] != rows[0]["lf_entry"] for r in rows):
+            raise UserError(f"data: chunk {rows[0]['chunk']!r} mixes LLaMA-Factory datasets of different formats; "
+                            f"chunk them by dataset (data.chunk_by: a column name)")
         entry = {k: v for k, v in rows[0]["lf_entry"].items() if k not in ("file_name", "file_sha1", "hf_hub_url")}
         return [r["raw"] for r in rows], entry
     record, entry = FORMATS[shape]
@@ -231,8 +294,9 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     """Write runs/<name>/data/ and return {chunk: shape}."""
     rows = []
     for i, src in enumerate(cfg.data.sources):
-        label = f"{src.type}:{i}"
-        rows += _normalise(READERS[src.type](src, i), getattr(src, "columns", {}), cfg.data.chunk_by, i, label)
+        label = src.name or f"{src.type}:{i}"
+        rows += _normalise(READERS[src.type](src, i, cfg), getattr(src, "columns", {}), cfg.data.chunk_column, i, label,
+                           src.type)
     if not rows:
         raise UserError("data.sources: no rows; check the query or file")
     train, shapes, val, test, dropped = split_chunks(rows, cfg)
@@ -246,17 +310,29 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
         write_json(data_dir / f"{split}.json", _eval_records(items))
         info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
     write_json(data_dir / "dataset_info.json", info)
-    _print_table(train, shapes, val, test, dropped)
+    table = chunk_table(cfg, train, shapes, val, test)
+    write_json(data_dir / "summary.json", {"chunks": table, "duplicates_removed": dropped,
+                                           "sources": dict(Counter(r["source"] for r in rows))})
+    _print_table(table, dropped)
     return shapes
 
 
-def _print_table(train, shapes, val, test, dropped) -> None:
+def chunk_table(cfg: RunConfig, train, shapes, val, test) -> list[dict]:
+    """Per chunk: rows, shape, training methods, split sizes."""
+    from .train import chunk_methods
+
     count = lambda rows, c: sum(r["chunk"] == c for r in rows)
-    print(f"{'chunk':<20} {'shape':<11} {'train':>6} {'validation':>10} {'test':>6}")
-    for c, items in train.items():
-        print(f"{c:<20} {shapes[c]:<11} {len(items):>6} {count(val, c):>10} {count(test, c):>6}")
-    if dropped:
-        print(f"removed {dropped} training rows whose prompt is also in validation or test")
+    return [{"chunk": c, "rows": len(items) + count(val, c) + count(test, c), "shape": shapes[c],
+             "methods": chunk_methods(cfg, c, shapes[c]), "train": len(items), "validation": count(val, c),
+             "test": count(test, c)} for c, items in train.items()]
+
+
+def _print_table(table: list[dict], dropped: int) -> None:
+    print(f"{'chunk':<20} {'rows':>6} {'shape':<11} {'methods':<14} {'train':>6} {'validation':>10} {'test':>6}")
+    for t in table:
+        print(f"{t['chunk']:<20} {t['rows']:>6} {t['shape']:<11} {','.join(t['methods']):<14} {t['train']:>6} "
+              f"{t['validation']:>10} {t['test']:>6}")
+    print(f"duplicates across splits removed: {dropped} training rows whose prompt is also in validation or test")
 
 
 def load_split(cfg: RunConfig, split: str) -> list[dict]:
@@ -266,5 +342,6 @@ def load_split(cfg: RunConfig, split: str) -> list[dict]:
     if rows is None:
         raise UserError(f"{cfg.out / 'data' / (split + '.json')} missing; run `autollm prepare` first")
     return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"],
+             "source": r.get("source"), "row_id": r.get("row_id"),
              "history": [{"role": role, "content": c} for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],
              "system": r.get("system") or None} for r in rows]

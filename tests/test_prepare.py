@@ -74,3 +74,61 @@ def test_too_small_chunk_and_missing_field(tmp_path):
                                            ("all", "all_chunk"), ("", "chunk")])
 def test_chunk_names_are_safe(raw, expected):
     assert chunk_name(raw) == expected
+
+
+def test_chunk_by_count_and_size_are_seeded_and_balanced(tmp_path):
+    db = build_source_db(tmp_path / "src.sqlite", seed=3, rows_per_task=20)  # 80 rows
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}", chunk_by={"count": 3}, validation_per_chunk=2, test_per_chunk=2)
+    shapes = prepare(cfg)
+    assert list(shapes) == ["part-1", "part-2", "part-3"]
+    summary = json.loads((cfg.out / "data" / "summary.json").read_text())
+    assert [t["rows"] for t in summary["chunks"]] == [27, 27, 26]
+    assert summary["chunks"][0]["methods"] == ["sft"]
+    first = (cfg.out / "data" / "part-1.json").read_text()
+    prepare(cfg)
+    assert (cfg.out / "data" / "part-1.json").read_text() == first  # deterministic by seed
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}", chunk_by={"size": 30}, validation_per_chunk=2, test_per_chunk=2)
+    summary_rows = None
+    shapes = prepare(cfg)
+    summary_rows = [t["rows"] for t in json.loads((cfg.out / "data" / "summary.json").read_text())["chunks"]]
+    assert list(shapes) == ["part-1", "part-2", "part-3"] and summary_rows == [30, 30, 20]
+
+
+@pytest.mark.parametrize("bad", [{"count": 0}, {"bogus": 3}, {"count": 2, "size": 3}, "", {"size": "x"}])
+def test_unknown_chunk_by_form(tmp_path, bad):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="give a column name"):
+        make_cfg(tmp_path, "sqlite:///x", chunk_by=bad)
+
+
+def test_duplicates_across_splits_removed_and_counted(tmp_path, capsys):
+    db = tmp_path / "dup.sqlite"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE examples (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
+        # every prompt twice within chunk a, and chunk b repeats a's prompts
+        rows = [(i, "a", f"p{i % 15}", "r") for i in range(30)] + [(100 + i, "b", f"p{i}", "r") for i in range(15)]
+        c.executemany("INSERT INTO examples VALUES (?,?,?,?)", rows)
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}", validation_per_chunk=3, test_per_chunk=3)
+    prepare(cfg)
+    data = cfg.out / "data"
+    val, test = (json.loads((data / f"{s}.json").read_text()) for s in ("validation", "test"))
+    held = [r["instruction"] for r in val + test]
+    assert len(held) == len(set(held)) == 12  # no prompt held out twice (within or across chunks, splits)
+    train = [r for c in "ab" for r in json.loads((data / f"{c}.json").read_text())]
+    assert not {r["instruction"] for r in train} & set(held)
+    summary = json.loads((data / "summary.json").read_text())
+    assert summary["duplicates_removed"] == 45 - 12 - len(train) > 0
+    out = capsys.readouterr().out
+    assert f"duplicates across splits removed: {summary['duplicates_removed']}" in out
+    assert "methods" in out.splitlines()[0]
+
+
+def test_provenance_reaches_training_files_and_source_names(tmp_path):
+    db = build_source_db(tmp_path / "src.sqlite", seed=3, rows_per_task=20)
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}", validation_per_chunk=2, test_per_chunk=2)
+    cfg.data.sources[0].name = "crm-db"
+    prepare(cfg)
+    train = json.loads((cfg.out / "data" / "math.json").read_text())
+    assert all(r["source"] == "crm-db" and r["row_id"].isdigit() and r["chunk"] == "math" for r in train)
+    from autollm_lf.prepare import load_split
+    assert all(r["source"] == "crm-db" and r["row_id"] for r in load_split(cfg, "validation"))
