@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jinja2
 
-from .errors import UserError
 from .evaluate import Generated
+from .llm import TRANSIENT, ChatClient  # noqa: F401  (TRANSIENT re-exported)
 
 JSON_OBJECT = re.compile(r"\{[^{}]*\}")
-TRANSIENT = {429, 500, 502, 503, 504}
 
 
 def parse_score(text: str) -> float | None:
@@ -33,47 +30,9 @@ def parse_score(text: str) -> float | None:
     return None
 
 
-class JudgeClient:
+class JudgeClient(ChatClient):
     def __init__(self, cfg):
-        import httpx
-
-        self.cfg = cfg
-        headers = {}
-        if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
-                raise UserError(f"evaluation.judge.api_key_env: environment variable {cfg.api_key_env} is not set; "
-                                f"export it with the endpoint's API key")
-            headers["Authorization"] = f"Bearer {key}"  # read from the environment, never written anywhere
-        self.http = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout)
-        self.check()
-
-    def check(self) -> None:
-        import httpx
-
-        try:
-            self.http.get("/models").raise_for_status()
-        except httpx.HTTPError as e:
-            raise UserError(f"evaluation.judge.base_url: no answer from {self.cfg.base_url} ({type(e).__name__}: {e}); "
-                            f"start the server or fix the URL") from None
-
-    def complete(self, prompt: str) -> str:
-        import httpx
-
-        body = {"model": self.cfg.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0, "max_tokens": self.cfg.max_tokens}
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                r = self.http.post("/chat/completions", json=body)
-                if r.status_code in TRANSIENT and attempt < self.cfg.retries:
-                    raise httpx.HTTPStatusError("transient", request=r.request, response=r)
-                r.raise_for_status()
-                return r.json()["choices"][0]["message"]["content"] or ""
-            except (httpx.TransportError, httpx.HTTPStatusError):
-                if attempt == self.cfg.retries:
-                    raise
-                time.sleep(0.5 * 2 ** attempt)
-        raise AssertionError("unreachable")
+        super().__init__(cfg, "evaluation.judge")
 
 
 class Judge(Generated):

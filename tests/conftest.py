@@ -3,10 +3,13 @@ non-zero B (init_lora_weights=False) so merges are really tested."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -61,3 +64,37 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
         "b": make_adapter(tiny_model, root / "b", seed=2, r=8, alpha=8),
         "c": make_adapter(tiny_model, root / "c", seed=3, r=2, alpha=16, targets=("q_proj", "k_proj", "up_proj")),
     }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llamafactory_api(tiny_model, tmp_path_factory):
+    """`llamafactory-cli api` serving the tiny model on 127.0.0.1."""
+    cfg = tmp_path_factory.mktemp("api") / "api.yaml"
+    cfg.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model), "template": "default",
+                                   "infer_backend": "huggingface", "trust_remote_code": True}))
+    port = free_port()
+    cli = Path(sys.executable).with_name("llamafactory-cli")
+    env = dict(os.environ, API_HOST="127.0.0.1", API_PORT=str(port), DISABLE_VERSION_CHECK="1")
+    log = open(cfg.with_suffix(".log"), "w")
+    proc = subprocess.Popen([str(cli), "api", str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 180
+    while True:
+        assert proc.poll() is None, cfg.with_suffix(".log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "llamafactory-cli api did not come up"
+        time.sleep(1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
