@@ -145,8 +145,10 @@ def stage_search(s: Session) -> None:
 
 
 def stage_report(s: Session) -> None:
+    from .feedback import write_bad_cases
     from .report import write_report
     write_report(s)
+    write_bad_cases(s)  # report/bad_cases.jsonl: the next round's `bad_cases` source
 
 
 def stage_export(s: Session) -> None:

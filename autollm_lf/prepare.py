@@ -82,7 +82,7 @@ READERS: dict[str, Callable] = {
     "generate": _read_generate,
     "bad_cases": _read_bad_cases,
 }
-KEEP = ("history", "system", "raw", "lf_entry", "train_only", "chunk_fixed", "prediction")  # carried as they are (lists, dicts, flags)
+KEEP = ("history", "system", "raw", "lf_entry", "train_only", "chunk_fixed")  # carried as they are (lists, dicts, flags)
 
 
 FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")

@@ -1,0 +1,113 @@
+"""Bad-case feedback: what the best merge got wrong on validation, and the `bad_cases` source that
+feeds it to the next run (or round).
+
+Only validation rows are listed, never test rows: the next round trains on them, and the test split
+must stay unseen. The next round also keeps every bad-case prompt out of its validation and test
+splits (rows from this source are `train_only`).
+
+report/bad_cases.jsonl, one line per wrong validation row: prompt, reference, prediction (the best
+merge's greedy answer), score, chunk, source, row_id, history, system.
+"""
+from __future__ import annotations
+
+from .errors import UserError
+from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
+from .config import BAD_CASES_FILE
+
+MARKER = "report/bad_cases.json"
+SECTION = "\n## Bad cases (validation)\n"
+
+
+def write_bad_cases(session) -> dict:
+    """Score the best merge per validation row, generate greedy answers for the wrong ones, write
+    report/bad_cases.jsonl and a bad-case section in report.md. Skipped when already up to date."""
+    import json
+
+    cfg = session.cfg
+    best = read_json(cfg.out / "search" / "best.json")
+    report = read_json(cfg.out / "report" / "report.json")
+    if best is None or report is None:
+        raise UserError(f"{cfg.out / 'report' / 'report.json'} missing; run `autollm report` first")
+    fp = fingerprint(report.get("fingerprint"), best["weights"], cfg.evaluation.model_dump(mode="json"))
+    done = read_json(cfg.out / MARKER, {})
+    path = cfg.out / BAD_CASES_FILE
+    if "report" not in session.force and done.get("fingerprint") == fp and path.exists():
+        cases = read_jsonl(path)
+    else:
+        scorer = session.scorer("validation")
+        session.weighted.set_weights(best["weights"])
+        scores = scorer.row_scores()
+        if cfg.evaluation.metric == "loss":  # no notion of right or wrong: use exact match
+            from .evaluate import ExactMatch
+            correct = ExactMatch(scorer.model, scorer.tokenizer, cfg.base_model.template, scorer.rows,
+                                 cfg.evaluation).correct()
+        else:
+            correct = [s >= 1.0 for s in scores]
+        wrong = [i for i, ok in enumerate(correct) if not ok]
+        predictions = _greedy(session, [scorer.rows[i] for i in wrong])
+        cases = [{"prompt": scorer.rows[i]["prompt"], "reference": scorer.rows[i]["response"], "prediction": p,
+                  "score": scores[i], "chunk": scorer.rows[i]["chunk"], "source": scorer.rows[i].get("source"),
+                  "row_id": scorer.rows[i].get("row_id"), "history": scorer.rows[i].get("history") or [],
+                  "system": scorer.rows[i].get("system")} for i, p in zip(wrong, predictions)]
+        atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases))
+        write_json(cfg.out / MARKER, {"fingerprint": fp, "bad_cases": len(cases), "validation_rows": len(scores),
+                                      "split": "validation", "weights": best["weights"]})
+    _append_section(cfg, cases)
+    print(f"bad cases: {len(cases)} validation rows the best merge got wrong -> {path}")
+    return {"bad_cases": len(cases)}
+
+
+def _greedy(session, rows: list[dict]) -> list[str]:
+    """The best merge's greedy answers (what the user would see), batched."""
+    if not rows:
+        return []
+    from .evaluate import Contains
+
+    gen = Contains(session.weighted.model, session.weighted.tokenizer, session.cfg.base_model.template, rows,
+                   session.cfg.evaluation)
+    return gen.predictions()
+
+
+def _append_section(cfg, cases: list[dict], shown: int = 10) -> None:
+    """A bad-case listing with provenance at the end of report.md (replacing an earlier one)."""
+    md_path = cfg.out / "report" / "report.md"
+    if not md_path.exists():
+        return
+    md = md_path.read_text(encoding="utf-8").split(SECTION)[0].rstrip("\n") + "\n"
+    by_chunk: dict[str, int] = {}
+    for c in cases:
+        by_chunk[c["chunk"]] = by_chunk.get(c["chunk"], 0) + 1
+    lines = [SECTION, f"The best merge got {len(cases)} validation rows wrong (all in `{BAD_CASES_FILE}`, with its "
+             f"greedy answers; test rows are never listed). A next round trains on them with a `bad_cases` source.", "",
+             "chunk | wrong |", "---|---|"] + [f"{c} | {n} |" for c, n in sorted(by_chunk.items())]
+    lines += ["", "source | row_id | chunk | prompt | reference | prediction |", "---|---|---|---|---|---|"]
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:60]
+    lines += [f"{esc(c['source'])} | {esc(c['row_id'])} | {c['chunk']} | {esc(c['prompt'])} | {esc(c['reference'])} | "
+              f"{esc(c['prediction'])} |" for c in cases[:shown]]
+    text = md + "\n".join(lines) + "\n"
+    if text != md_path.read_text(encoding="utf-8"):
+        atomic_write_text(md_path, text)
+
+
+def read_bad_cases(src, index: int) -> list[dict]:
+    """Rows of a previous run's report/bad_cases.jsonl: prompt/response (SFT), or with `rejected: true`
+    prompt/chosen (the reference)/rejected (the model's wrong answer) for a DPO/ORPO chunk. Training rows only."""
+    path = src.run / BAD_CASES_FILE
+    if not path.is_file():
+        raise UserError(f"data.sources.{index}.run: {path} not found; run `autollm run` on that run first")
+    rows, skipped = [], 0
+    for n, c in enumerate(read_jsonl(path)):
+        row = {"prompt": c["prompt"], "history": c.get("history") or None, "system": c.get("system"),
+               "chunk_value": src.chunk, "chunk_fixed": src.chunk, "train_only": True,
+               "id": f"{c.get('source')}/{c.get('row_id', n)}"}
+        if src.rejected:
+            if not (c.get("prediction") or "").strip() or c["prediction"].strip() == c["reference"].strip():
+                skipped += 1  # no usable wrong answer to penalise
+                continue
+            row.update(chosen=c["reference"], rejected=c["prediction"])
+        else:
+            row["response"] = c["reference"]
+        rows.append(row)
+    print(f"bad_cases (data.sources.{index}): {len(rows)} rows from {path}"
+          + (f"; {skipped} without a usable wrong answer skipped" if skipped else ""))
+    return rows
