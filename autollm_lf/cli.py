@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -10,12 +11,14 @@ STAGE_HELP = {
     "prepare": "read the sources, chunk, hold out validation/test, write LLaMA-Factory data files",
     "train": "render configs/<delta>.yaml from templates/ and run `llamafactory-cli train` per delta",
     "search": "find the delta weights that maximise the validation score (Bayesian optimisation)",
+    "mix": "train@auto_mix: one adapter on the SFT chunks interleaved with probabilities from the best weights",
     "report": "score raw, train@all, train@<chunk>, average/human/auto merges on validation and test",
-    "export": "save the best merge as one PEFT adapter in runs/<name>/merged/",
+    "export": "save the best merge as one PEFT adapter in runs/<name>/merged/ and the WebUI's saves/, "
+              "write export.yaml and chat.yaml for llamafactory-cli",
 }
 
 
-FORCEABLE = ["train", "search", "report", "export"]
+FORCEABLE = ["train", "search", "mix", "report", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: autollm run examples/toy.yaml   (outputs go to runs/<name>/, re-runs skip finished work)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="every stage in order: " + ", ".join(STAGE_HELP))
-    stages = [run] + [sub.add_parser(name, help=text) for name, text in STAGE_HELP.items()]
-    for stage in stages:
+    stages = {"run": run, **{name: sub.add_parser(name, help=text) for name, text in STAGE_HELP.items()}}
+    for stage in stages.values():
         stage.add_argument("config", help="run YAML, e.g. examples/toy.yaml")
         stage.add_argument("--force", action="append", choices=FORCEABLE, default=[], metavar="STAGE",
                            help=f"redo this stage even if nothing changed ({', '.join(FORCEABLE)}); repeatable")
         stage.add_argument("--keep-going", action="store_true",
                            help="if a delta fails to train, train the rest and search over those that succeeded")
+    for stage in (run, stages["export"]):
+        stage.add_argument("--full", action="store_true",
+                           help="export: also merge into full weights with `llamafactory-cli export` and check that "
+                                "the full model scores what the adapter scores")
     sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)").add_argument("config")
     bench = sub.add_parser("bench", help="measure what a search trial costs (in place vs reload, per apply mode, ...)")
     bench.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -43,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # logs and pipes get one line per step, not progress-bar redraws
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     try:
         if args.command == "bench":
             from pathlib import Path
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import STAGES, run_stages
 
         run_stages(cfg, list(STAGES) if args.command == "run" else [args.command], frozenset(args.force),
-                   args.keep_going)
+                   args.keep_going, getattr(args, "full", False))
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -139,6 +139,8 @@ class TrainConfig(Strict):
     method_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method LLaMA-Factory keys")
     chunk_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per chunk or delta name")
     train_all: bool = True
+    auto_mix: bool = Field(True, description="baseline train@auto_mix: retrain on the SFT chunks mixed by the best weights")
+    auto_mix_floor: float = Field(0.05, ge=0, lt=1, description="smallest interleave probability a chunk keeps")
 
     @model_validator(mode="after")
     def _known_methods(self):
@@ -210,6 +212,14 @@ class EvaluationConfig(Strict):
         return self
 
 
+class ExportConfig(Strict):
+    """Where `autollm export` puts the adapters so that LLaMA-Factory's WebUI lists them."""
+    saves_dir: Path = Field(Path("saves"), description="the WebUI's saves/ folder (relative: where you start the webui)")
+    model_label: Optional[str] = Field(None, description="WebUI model name; default: the base's LLaMA-Factory name "
+                                                         "if it is a known model, else Custom")
+    deltas: bool = Field(True, description="also place every delta and baseline adapter, not only the best merge")
+
+
 class RunConfig(Strict):
     name: str
     seed: int = 0
@@ -220,6 +230,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("name")
     @classmethod
@@ -262,6 +273,7 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make paths absolute (relative ones are relative to the working directory, as in LLaMA-Factory)."""
     cfg.run_dir = cfg.run_dir.resolve()
     cfg.base_model.path = cfg.base_model.path.resolve()
+    cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.toy:
         cfg.toy.database = cfg.toy.database.resolve()
     for src in cfg.data.sources + [s.documents for s in cfg.data.sources if isinstance(s, GenerateSource)]:

@@ -26,14 +26,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_json(path: Path, data: Any) -> bool:
-    """Write atomically unless the file already holds exactly this; returns whether it wrote."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write atomically unless the file already holds exactly this text; returns whether it wrote."""
     path = Path(path)
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
     atomic_write_text(path, text)
     return True
+
+
+def write_json(path: Path, data: Any) -> bool:
+    return write_if_changed(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -14,10 +14,12 @@ from .train import ALL_DELTA, ADAPTER_FILE, DONE_MARKER
 class Session:
     """One run's state: config, chunks, deltas and (lazily) the base model with every delta loaded."""
 
-    def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False):
+    def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False,
+                 full: bool = False):
         self.cfg = cfg
         self.force = force
         self.keep_going = keep_going
+        self.full = full  # export also merges into full weights with `llamafactory-cli export` and checks them
         self._weighted = None
         self._scorers: dict[str, object] = {}
 
@@ -95,10 +97,8 @@ class Session:
         """Overall score and the score on each chunk's rows."""
         scorer = self.scorer(split)
         self.weighted.set_weights(weights)
-        scores = scorer.row_scores()
-        chunks = [r["chunk"] for r in scorer.rows]  # the rows the scorer already holds, not a re-read
-        by_chunk = {c: sum(f for f, k in zip(scores, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
-        return sum(scores) / max(len(scores), 1), by_chunk
+        from .report import split_by_chunk
+        return split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])  # rows it holds, no re-read
 
     def search_fingerprint(self) -> str:
         from .search import search_fingerprint
@@ -144,6 +144,11 @@ def stage_search(s: Session) -> None:
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 
 
+def stage_mix(s: Session) -> None:
+    from .mix import train_auto_mix
+    train_auto_mix(s)
+
+
 def stage_report(s: Session) -> None:
     from .feedback import write_bad_cases
     from .report import write_report
@@ -160,6 +165,7 @@ STAGES: dict[str, Callable[[Session], None]] = {
     "prepare": stage_prepare,
     "train": stage_train,
     "search": stage_search,
+    "mix": stage_mix,
     "report": stage_report,
     "export": stage_export,
 }
@@ -174,11 +180,11 @@ def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:
 
 
 def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozenset(),
-               keep_going: bool = False) -> Session:
+               keep_going: bool = False, full: bool = False) -> Session:
     if cfg.evaluation.judge and {"search", "report", "export"} & set(stages):
         from .judge import JudgeClient
         JudgeClient(cfg.evaluation.judge)  # an endpoint that does not answer stops the run before any work
-    session = Session(cfg, force, keep_going)
+    session = Session(cfg, force, keep_going, full)
     for name in stages:
         print(f"== {name}")
         STAGES[name](session)

@@ -5,7 +5,8 @@ import json
 
 from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
-from .train import ALL_DELTA
+from .mix import MIX_DELTA, mix_spec
+from .train import ALL_DELTA, DONE_MARKER
 
 
 def report_rows(session) -> list[dict]:
@@ -28,7 +29,34 @@ def report_rows(session) -> list[dict]:
         test, test_by_chunk = session.score_by_chunk(w, "test")
         result.append({"model": name, "validation": validation, "test": test, "test_by_chunk": test_by_chunk,
                        **({"weights": w} if show else {})})
+    mix = _mix_dir(cfg)
+    if mix is not None:
+        result.append(_adapter_row(cfg, f"train@{MIX_DELTA}", mix))
     return result
+
+
+def _mix_dir(cfg):
+    """train@auto_mix's adapter if the mix stage trained it (it is not one of the search's loaded deltas)."""
+    mix = cfg.out / "deltas" / MIX_DELTA
+    return mix if cfg.train.auto_mix and (mix / DONE_MARKER).is_file() else None
+
+
+def _adapter_row(cfg, name: str, adapter_dir) -> dict:
+    """A row for an adapter the search never loaded: scored on its own, loaded as a user would load it."""
+    from .export import adapter_score
+
+    row = {"model": name}
+    for split in ("validation", "test"):
+        evaluator = adapter_score(cfg, adapter_dir, split)
+        row[split], by_chunk = split_by_chunk(evaluator.row_scores(), [r["chunk"] for r in evaluator.rows])
+    row["test_by_chunk"] = by_chunk
+    return row
+
+
+def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[str, float]]:
+    """Mean score overall and on each chunk's rows."""
+    by_chunk = {c: sum(f for f, k in zip(scores, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
+    return sum(scores) / max(len(scores), 1), by_chunk
 
 
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
@@ -42,7 +70,7 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> st
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(d, 0.0):.4g}" for d in deltas) + " |"
               for r in rows if "weights" in r]
-    lines += ["", "![convergence](convergence.png)", ""]
+    lines += ["", "![convergence](convergence.png)", "", "![weights](weights.png)", ""]
     return "\n".join(lines)
 
 
@@ -69,10 +97,50 @@ def _plot(trials: list[dict], rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+def _plot_weights(rows: list[dict], deltas: list[str], path) -> None:
+    """One bar group per delta: the weights of each merge row side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    merges = [r for r in rows if "weights" in r]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(deltas) + 2), 4))
+    width = 0.8 / max(len(merges), 1)
+    for i, r in enumerate(merges):
+        ax.bar([j + i * width for j in range(len(deltas))], [r["weights"].get(d, 0.0) for d in deltas], width,
+               label=r["model"])
+    ax.set_xticks([j + width * (len(merges) - 1) / 2 for j in range(len(deltas))], deltas, rotation=20, ha="right")
+    ax.set_ylabel("weight")
+    ax.set_title("merge weights per delta")
+    top = max([w for r in merges for w in r["weights"].values()] + [1.0])
+    ax.set_ylim(top=top * 1.25)  # room for the legend above the bars
+    ax.legend(ncol=len(merges), loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | None, images: dict) -> str:
+    """report.html: self-contained (plots inlined as data: URIs), readable offline."""
+    import base64
+
+    import jinja2
+
+    from .train import find_template
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    uris = [(title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()) for title, path in images.items()]
+    stats = report["evaluation_stats"] if any(report["evaluation_stats"].values()) else None
+    return env.from_string(find_template("report.html.j2").read_text(encoding="utf-8")).render(
+        name=report["name"], metric=report["metric"], rows=report["rows"], chunks=chunks, deltas=deltas,
+        mix_probs=mix_probs, images=uris, evaluation_stats=stats)
+
+
 def report_fingerprint(session) -> str:
     cfg = session.cfg
+    mix = _mix_dir(cfg)
     return fingerprint(session.search_fingerprint(), read_json(cfg.out / "search" / "best.json"),
-                       file_digest([cfg.out / "data" / "test.json"]), cfg.search.human_weights)
+                       file_digest([cfg.out / "data" / "test.json"]), cfg.search.human_weights,
+                       read_json(mix / DONE_MARKER) if mix else None)
 
 
 def write_report(session) -> dict:
@@ -80,7 +148,7 @@ def write_report(session) -> dict:
     out = cfg.out / "report"
     fp = report_fingerprint(session)
     done = read_json(out / "report.json", {})
-    if "report" not in session.force and done.get("fingerprint") == fp and (out / "report.md").exists():
+    if "report" not in session.force and done.get("fingerprint") == fp and (out / "report.html").exists():
         print((out / "report.md").read_text(encoding="utf-8").split("\n\n![")[0])
         print(f"report: {out} up to date")
         return done
@@ -91,7 +159,11 @@ def write_report(session) -> dict:
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
               "evaluation_stats": stats, "fingerprint": fp}
     write_json(out / "report.json", report)
-    _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, out / "convergence.png")
+    images = {"Search convergence": out / "convergence.png", "Merge weights": out / "weights.png"}
+    _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, images["Search convergence"])
+    _plot_weights(rows, session.deltas, images["Merge weights"])
+    mix = mix_spec(cfg, session.shapes, auto["weights"]) if _mix_dir(cfg) else None
+    atomic_write_text(out / "report.html", _html(report, chunks, session.deltas, mix and mix[1], images))
     md = _markdown(rows, chunks, session.deltas, cfg)
     if any(stats.values()):  # e.g. how many judge answers held no score
         md += "\nEvaluator counts (over every row scored for this report): " + json.dumps(stats) + "\n"

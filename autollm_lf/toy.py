@@ -141,6 +141,6 @@ def ensure_toy(cfg) -> None:
         "toy_base_full.yaml.j2", toy.base_args, model_name_or_path=str(init), template=cfg.base_model.template,
         dataset_dir=str(work / "data"), dataset="base_mix", output_dir=str(base), seed=toy.seed,
         **hardware_defaults()))
-    run_llamafactory(yaml_path, base, desc="toy base model")
+    run_llamafactory(yaml_path, base, desc="training the toy base model")
     write_json(base / "autollm_toy.json", {"fingerprint": base_fp})
     shutil.rmtree(work, ignore_errors=True)

@@ -17,7 +17,7 @@ import jinja2
 import yaml
 
 from .errors import UserError
-from .io import file_digest, fingerprint, read_json, write_json, atomic_write_text
+from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -105,28 +105,38 @@ def _tail(path: Path, n: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_llamafactory(config_path: Path, output_dir: Path, desc: str) -> None:
-    """`llamafactory-cli train CONFIG` as an argument list; progress from trainer_log.jsonl; log to train.log."""
+def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train") -> None:
+    """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log.
+
+    Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise (CI logs, pipes)."""
     from tqdm import tqdm
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir / "train.log"
+    log_path = output_dir / f"{command}.log"
     progress_path = output_dir / "trainer_log.jsonl"
     env = dict(os.environ, WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DISABLE_VERSION_CHECK="1")
-    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True) as bar:
-        proc = subprocess.Popen([llamafactory_cli(), "train", str(config_path)], stdout=log,
+    started = time.perf_counter()
+    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True, disable=None) as bar:
+        proc = subprocess.Popen([llamafactory_cli(), command, str(config_path)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             time.sleep(0.5)
             _update_progress(bar, progress_path)
         _update_progress(bar, progress_path)
     if proc.returncode != 0:
-        raise UserError(f"training {desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
+        raise UserError(f"{desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
+    if bar.disable:
+        print(f"{desc}: done in {time.perf_counter() - started:.0f} s{_last_loss(progress_path)}")
+
+
+def _last_loss(progress_path: Path) -> str:
+    losses = [r["loss"] for r in read_jsonl(progress_path) if "loss" in r]
+    return f", last logged loss {losses[-1]:.4f}" if losses else ""
 
 
 def _update_progress(bar, progress_path: Path) -> None:
-    if not progress_path.exists():
+    if bar.disable or not progress_path.exists():
         return
     lines = progress_path.read_text(errors="ignore").strip().splitlines()
     try:
@@ -216,7 +226,7 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
         return delta_dir
     # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
     shutil.rmtree(delta_dir, ignore_errors=True)
-    run_llamafactory(cfg_path, delta_dir, desc=f"delta {spec.name}")
+    run_llamafactory(cfg_path, delta_dir, desc=f"training delta {spec.name}")
     if not (delta_dir / ADAPTER_FILE).exists():
         raise UserError(f"training delta {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
                         f"is finetuning_type lora in {cfg_path}?")

@@ -65,7 +65,7 @@ def test_failed_training_shows_log_tail(tmp_path, monkeypatch):
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(train, "llamafactory_cli", lambda: str(script))
     with pytest.raises(UserError) as e:
-        train.run_llamafactory(tmp_path / "x.yaml", tmp_path / "out", desc="delta math")
+        train.run_llamafactory(tmp_path / "x.yaml", tmp_path / "out", desc="training delta math")
     assert "training delta math failed (exit 3)" in str(e.value)
     assert "lora_rank must be positive" in str(e.value)
     assert (tmp_path / "out" / "train.log").read_text().startswith("starting")
