@@ -36,11 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"redo this stage even if nothing changed ({', '.join(FORCEABLE)}); repeatable")
         stage.add_argument("--keep-going", action="store_true",
                            help="if a delta fails to train, train the rest and search over those that succeeded")
+        stage.add_argument("--round", type=int, default=None, metavar="K",
+                           help="continual round K >= 2: start from round K-1's best merge, add its bad cases; "
+                                "outputs in runs/<name>/round-K/ (default: the config's `round`, else 1)")
     for stage in (run, stages["export"]):
         stage.add_argument("--full", action="store_true",
                            help="export: also merge into full weights with `llamafactory-cli export` and check that "
                                 "the full model scores what the adapter scores")
-    sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)").add_argument("config")
+    validate = sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)")
+    validate.add_argument("config")
+    validate.add_argument("--round", type=int, default=None, metavar="K", help="check it as round K")
     bench = sub.add_parser("bench", help="measure what a search trial costs (in place vs reload, per apply mode, ...)")
     bench.add_argument("--json", action="store_true", help="print one JSON object last")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (figures mean little)")
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .config import load_config
 
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.round)
         if args.command == "validate":
             print(f"{args.config}: ok")
             return 0

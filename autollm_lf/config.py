@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -220,11 +220,24 @@ class ExportConfig(Strict):
     deltas: bool = Field(True, description="also place every delta and baseline adapter, not only the best merge")
 
 
+class RoundsConfig(Strict):
+    """Continual rounds (`autollm run CONFIG --round K`, K >= 2): round K starts from round K-1's best merge
+    merged into full weights, and adds to data.sources what is set here."""
+    bad_cases: bool = Field(True, description="add round K-1's bad cases (its validation rows the best merge got wrong)")
+    rejected: bool = Field(False, description="keep the wrong answer as `rejected`: the bad cases train a DPO/ORPO delta")
+    chunk: str = Field("bad_cases", description="chunk value of the bad cases")
+    sources: list[Source] = Field(default_factory=list, description="new data for rounds >= 2, on top of data.sources")
+
+
 class RunConfig(Strict):
     name: str
     seed: int = 0
     run_dir: Path = Path("runs")
+    round: int = Field(1, ge=1, description="continual round; `--round K` sets it; round K >= 2 lives in "
+                                             "runs/<name>/round-K/")
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     base_model: ModelConfig
+    _first_base: Optional[Path] = PrivateAttr(None)  # round 1's base model (round K's is round K-1's merge)
     toy: Optional[ToyConfig] = None
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -253,7 +266,16 @@ class RunConfig(Strict):
 
     @property
     def out(self) -> Path:
-        return self.run_dir / self.name
+        """runs/<name>/ for round 1 (as ever), runs/<name>/round-<K>/ for round K >= 2."""
+        return round_dir(self, self.round)
+
+    @property
+    def run_label(self) -> str:
+        return self.name if self.round == 1 else f"{self.name}-round{self.round}"
+
+
+def round_dir(cfg: RunConfig, k: int) -> Path:
+    return cfg.run_dir / cfg.name if k == 1 else cfg.run_dir / cfg.name / f"round-{k}"
 
 
 def _format_errors(err: ValidationError, file: Path) -> str:
@@ -276,7 +298,8 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.toy:
         cfg.toy.database = cfg.toy.database.resolve()
-    for src in cfg.data.sources + [s.documents for s in cfg.data.sources if isinstance(s, GenerateSource)]:
+    sources = cfg.data.sources + cfg.rounds.sources
+    for src in sources + [s.documents for s in sources if isinstance(s, GenerateSource)]:
         if isinstance(src, FileSource):
             src.path = src.path.resolve()
         if isinstance(src, LlamaFactorySource):
@@ -291,7 +314,7 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
 def _check_paths(cfg: RunConfig, file: Path) -> None:
     """Problems pydantic cannot see: files that must exist before anything runs (all reported at once)."""
     problems = []
-    if cfg.toy is None and not (cfg.base_model.path / "config.json").is_file():
+    if cfg.toy is None and cfg.round == 1 and not (cfg.base_model.path / "config.json").is_file():
         problems.append(f"base_model.path: {cfg.base_model.path} is not a Hugging Face model folder (no config.json); "
                         f"give the folder that holds the model's config.json and weights")
     named = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
@@ -328,8 +351,8 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
         raise UserError("\n".join(f"{file}: {p}" for p in problems))
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Load and validate a config; raise UserError listing every problem."""
+def load_config(path: str | Path, round: int | None = None) -> RunConfig:
+    """Load and validate a config (as round `round`, over its `round:` key); raise UserError listing every problem."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path of a run YAML (e.g. examples/toy.yaml)")
@@ -345,7 +368,14 @@ def load_config(path: str | Path) -> RunConfig:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(_format_errors(e, path)) from None
+    if round is not None:
+        if round < 1:
+            raise UserError(f"--round: {round} is not a round; rounds count from 1")
+        cfg.round = round
     cfg = _resolve_paths(cfg)
+    if cfg.round > 1:
+        from .rounds import apply_round
+        cfg = apply_round(cfg, path)
     _check_paths(cfg, path)
     return cfg
 

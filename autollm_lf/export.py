@@ -145,7 +145,7 @@ def place_in_webui(cfg, adapters: dict[str, Path]) -> list[Path]:
     lora_dir = cfg.export.saves_dir / label / "lora"
     placed = []
     for name, src in adapters.items():
-        dst = lora_dir / f"{cfg.name}-{name}"
+        dst = lora_dir / f"{cfg.run_label}-{name}"
         for f in ADAPTER_FILES:
             _copy_if_changed(src / f, dst / f)
         placed.append(dst)

@@ -109,6 +109,9 @@ class Session:
 
 def stage_prepare(s: Session) -> None:
     from .prepare import prepare
+    if s.cfg.round > 1:  # round K's base: round K-1's best merge as full weights
+        from .rounds import ensure_round_base
+        ensure_round_base(s.cfg)
     if s.cfg.toy:
         from .toy import ensure_toy
         ensure_toy(s.cfg)
@@ -153,6 +156,9 @@ def stage_report(s: Session) -> None:
     from .feedback import write_bad_cases
     from .report import write_report
     write_report(s)
+    if s.cfg.round > 1:
+        from .rounds import write_rounds_section
+        write_rounds_section(s.cfg)
     write_bad_cases(s)  # report/bad_cases.jsonl: the next round's `bad_cases` source
 
 
@@ -184,6 +190,9 @@ def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozen
     if cfg.evaluation.judge and {"search", "report", "export"} & set(stages):
         from .judge import JudgeClient
         JudgeClient(cfg.evaluation.judge)  # an endpoint that does not answer stops the run before any work
+    if "prepare" not in stages:
+        from .rounds import check_round_base
+        check_round_base(cfg)
     session = Session(cfg, force, keep_going, full)
     for name in stages:
         print(f"== {name}")

@@ -139,3 +139,50 @@ def test_keep_going_searches_over_the_deltas_that_trained(tiny_model, tmp_path):
                                                      "human_merge", "auto_merge"]
     assert set(report["best"]["weights"]) == {"math-sft"}
     assert (run / "deltas" / "code-sft" / "train.log").exists()  # the failed run's log is kept for the user
+
+
+def test_second_round_starts_from_the_first_rounds_best_merge(first_run):
+    """Round 2: base = round 1's best merge as full weights (llamafactory-cli export), round 1's bad cases
+    as a DPO chunk (train-only: never in round 2's validation or test), report with the score across rounds."""
+    tmp, cfg_path, _ = first_run
+    run = tmp / "runs" / "e2e"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["rounds"] = {"rejected": True}
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    bad = [json.loads(l) for l in (run / "report" / "bad_cases.jsonl").read_text().splitlines()]
+    assert bad and all(b["source"] == "sql:0" and b["row_id"] and b["prediction"] != b["reference"] for b in bad)
+    val1 = {r["instruction"] for r in json.loads((run / "data" / "validation.json").read_text())}
+    assert {b["prompt"] for b in bad} <= val1  # bad cases come from validation only
+    assert "## Bad cases (validation)" in (run / "report" / "report.md").read_text()
+
+    res = autollm("run", str(cfg_path), "--round", "2", cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r2 = run / "round-2"
+    assert (run / "merged_full" / "config.json").exists() and (run / "export.yaml").exists()
+    resolved = yaml.safe_load((r2 / "config.resolved.yaml").read_text())
+    assert resolved["base_model"]["path"] == str(run / "merged_full") and resolved["round"] == 2
+    adapter_cfg = json.loads((r2 / "deltas" / "math-sft" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(run / "merged_full")
+    held2 = [r for s in ("validation", "test") for r in json.loads((r2 / "data" / f"{s}.json").read_text())]
+    assert not {r["instruction"] for r in held2} & {b["prompt"] for b in bad}  # bad cases never held out
+    manifest = json.loads((r2 / "data" / "manifest.json").read_text())
+    if any((b["prediction"] or "").strip() for b in bad):
+        assert manifest["shapes"]["bad_cases"] == "preference"
+        assert (r2 / "deltas" / "bad_cases-dpo" / "adapter_model.safetensors").exists()
+        pref = json.loads((r2 / "data" / "bad_cases.json").read_text())
+        assert all(p["source"] == "bad_cases:round-1" and p["rejected"] for p in pref)
+    report = json.loads((r2 / "report" / "report.json").read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    r1 = json.loads((run / "report" / "report.json").read_text())
+    assert rounds[0]["auto_merge_test"] == r1["best"]["test"] and rounds[1]["auto_merge_test"] == report["best"]["test"]
+    assert "## Score across rounds" in (r2 / "report" / "report.md").read_text()
+
+
+def test_round_without_the_previous_round_is_refused(tiny_model, tmp_path):
+    cfg = write_config(tmp_path, tiny_model, name="lonely")
+    res = autollm("run", str(cfg), "--round", "2", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "round 2 starts from round 1's best merge, but round 1 is not finished" in res.stderr
+    assert f"run `autollm run {cfg}` first" in res.stderr
+    assert not (tmp_path / "runs").exists()
