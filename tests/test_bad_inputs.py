@@ -55,6 +55,8 @@ def edit(cfg: dict, path: str, value) -> dict:
 
 
 SQL = "data.sources.0"
+GENERATE = {"type": "generate", "base_url": "http://127.0.0.1:9/v1", "model": "m", "timeout": 2, "retries": 0,
+            "documents": {"type": "sql", "url": "sqlite:///WS/src.sqlite", "query": "SELECT id, prompt AS text FROM examples"}}
 CASES = [  # (id, edits, command, expected text in the one error line)
     ("unknown top-level key", [("nmae", "x")], "validate", "nmae: unknown key"),
     ("mistyped nested key", [("data.chunkby", "task")], "validate", "data.chunkby: unknown key"),
@@ -103,7 +105,36 @@ CASES = [  # (id, edits, command, expected text in the one error line)
     ("judge key not set", [("evaluation", {"metric": "judge", "judge": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
                                                                         "api_key_env": "AUTOLLM_NO_SUCH_KEY"}})],
      "run", "AUTOLLM_NO_SUCH_KEY is not set"),
+    ("unknown chunk_by form", [("data.chunk_by", {"bogus": 3})], "validate",
+     "data.chunk_by: unknown form {'bogus': 3}; give a column name (e.g. task), {count: N} or {size: N}"),
+    ("chunk_by count zero", [("data.chunk_by", {"count": 0})], "validate", "data.chunk_by: unknown form {'count': 0}"),
+    ("generate key not set", [("data.sources", [{**GENERATE, "api_key_env": "AUTOLLM_NO_SUCH_KEY"}])], "validate",
+     "data.sources.0.api_key_env: environment variable AUTOLLM_NO_SUCH_KEY is not set; export it"),
+    ("generate server down", [("data.sources", [GENERATE])], "prepare",
+     "data.sources.0.base_url: no answer from http://127.0.0.1:9/v1"),
+    ("generate template missing", [("data.sources", [{**GENERATE, "prompt_template": "nope.j2"}])], "validate",
+     "data.sources.0.prompt_template: no template 'nope.j2'"),
+    ("generate text column missing", [("data.sources", [{**GENERATE, "text_column": "body"}])], "prepare",
+     "data.sources.0.text_column: document 0 has no 'body'"),
+    ("generate documents missing", [("data.sources", [{**GENERATE, "documents": {"type": "file", "path": "/nonexistent/docs.csv"}}])],
+     "validate", "data.sources.0.documents.path: /nonexistent/docs.csv not found"),
+    ("bad_cases run missing", [("data.sources", [{"type": "bad_cases", "run": "/nonexistent/run"}])], "validate",
+     "data.sources.0.run: /nonexistent/run/report/bad_cases.jsonl not found; run `autollm run` on that run first"),
+    ("round without the previous round", [("round", 2)], "validate",
+     "round 2 starts from round 1's best merge, but round 1 is not finished"),
+    ("round zero", [("round", 0)], "validate", "round: Input should be greater than or equal to 1"),
 ]
+
+
+def in_workspace(value, workspace: Path):
+    """'WS/...' in any string of a case's value -> a path in the workspace."""
+    if isinstance(value, str):
+        return value.replace("WS/", f"{workspace}/")
+    if isinstance(value, list):
+        return [in_workspace(v, workspace) for v in value]
+    if isinstance(value, dict):
+        return {k: in_workspace(v, workspace) for k, v in value.items()}
+    return value
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -115,9 +146,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def test_bad_input(workspace, capsys, case_id, edits, command, expected):
     cfg = good_config(workspace)
     for path, value in edits:
-        if isinstance(value, list) and value and isinstance(value[0], dict) and "path" in value[0]:
-            value = [{**value[0], "path": value[0]["path"].replace("WS", str(workspace))}]
-        edit(cfg, path, value)
+        edit(cfg, path, in_workspace(value, workspace))
     case_file = workspace / "cases" / f"{case_id.replace(' ', '_')}.yaml"
     case_file.parent.mkdir(exist_ok=True)
     case_file.write_text(yaml.safe_dump(cfg))
