@@ -60,12 +60,13 @@ def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[
 
 
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
-    lines = [f"# autollm-lf report: {cfg.name}", "",
+    lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.", "",
              "model | validation | test |", "---|---|---|"]
     lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} |" for r in rows]
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
-    lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'].get(c, 0.0):.2f}" for c in chunks) + " |"
+    lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
+                                              for c in chunks) + " |"  # "-": a training-only chunk (bad cases)
               for r in rows]
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(d, 0.0):.4g}" for d in deltas) + " |"
