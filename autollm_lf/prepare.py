@@ -216,23 +216,31 @@ def split_chunks(rows: list[dict], cfg: RunConfig):
         if all(r.get("train_only") for r in items):  # e.g. last round's bad cases: training rows only
             train[name] = items
             continue
-        scorable = [r for r in items if reference(r) is not None and prompt_key(r) not in train_only]
+        scorable = [r for r in items if reference(r) is not None]
+        V, T = d.validation_per_chunk, d.test_per_chunk
         unique, seen = [], set()
         for r in scorable:  # a prompt already held out (another chunk, or a duplicate row) stays out
-            if len(unique) == d.validation_per_chunk + d.test_per_chunk:
-                break
             if prompt_key(r) not in taken and prompt_key(r) not in seen:
                 seen.add(prompt_key(r))
                 unique.append(r)
-        need = d.validation_per_chunk + d.test_per_chunk + d.min_train_per_chunk
-        if len(items) < need or len(unique) < d.validation_per_chunk + d.test_per_chunk:
-            raise UserError(f"data: chunk {name!r} has {len(items)} rows ({len(scorable)} usable as references), "
+        # The split without train-only rows is kept, so a later round keeps the same test rows (bad cases come
+        # from validation); a train-only prompt drawn into validation (or test) is replaced by the next free row.
+        chunk_val = [r for r in unique[:V] if prompt_key(r) not in train_only]
+        chunk_test = [r for r in unique[V:V + T] if prompt_key(r) not in train_only]
+        spare = [r for r in unique[V + T:] if prompt_key(r) not in train_only]
+        short = V - len(chunk_val)
+        chunk_val += spare[:short]
+        chunk_test += spare[short: short + T - len(chunk_test)]
+        need = V + T + d.min_train_per_chunk
+        if len(items) < need or len(chunk_val) < V or len(chunk_test) < T:
+            usable = sum(prompt_key(r) not in train_only for r in scorable)
+            raise UserError(f"data: chunk {name!r} has {len(items)} rows ({usable} usable as references), "
                             f"needs at least {need} (validation_per_chunk + test_per_chunk + min_train_per_chunk); "
                             f"add rows or lower them")
-        held = unique
+        held = chunk_val + chunk_test
         taken |= {prompt_key(r) for r in held}
-        val += held[: d.validation_per_chunk]
-        test += held[d.validation_per_chunk:]
+        val += chunk_val
+        test += chunk_test
         held_ids = {id(r) for r in held}
         train[name] = [r for r in items if id(r) not in held_ids]
     key = prompt_key

@@ -101,10 +101,11 @@ def write_rounds_section(cfg: RunConfig) -> list[dict]:
         write_json(json_path, {**report, "rounds": table})
     f = lambda r, key: f"{r[key]:.4f}" if key in r else "-"
     lines = [SECTION, "Each round's numbers are on that round's own splits: `validation` is what its search tuned on, "
-             "`test` was never tuned on. The splits differ by round: round K keeps round K-1's bad cases (rows of "
-             "round K-1's validation) out of its validation and test rows, so other rows take their place "
-             "(the last column says how many test rows are the same as round 1's). Round K's raw is round K-1's "
-             "auto_merge as full weights, so raw(K) against auto_merge(K-1) shows the split change alone.", "",
+             "`test` was never tuned on. Validation differs by round: round K's bad cases from round K-1's validation "
+             "are training rows in round K, so other rows replace them in its validation. Test rows stay the same "
+             "when the data do (the column says how many are shared with round 1; new data in a chunk reshuffle it). "
+             "Round K's raw is round K-1's auto_merge as full weights: on a shared test split, raw test(K) equals "
+             "auto_merge test(K-1).", "",
              "round | base | validation rows | test rows | test rows shared with round 1 | raw validation | raw test | "
              "train@all test | auto_merge validation | auto_merge test |", "---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"{r['round']} | {r['base']} | {r['validation_rows']} | {r['test_rows']} | "

@@ -132,3 +132,32 @@ def test_provenance_reaches_training_files_and_source_names(tmp_path):
     assert all(r["source"] == "crm-db" and r["row_id"].isdigit() and r["chunk"] == "math" for r in train)
     from autollm_lf.prepare import load_split
     assert all(r["source"] == "crm-db" and r["row_id"] for r in load_split(cfg, "validation"))
+
+
+def test_train_only_rows_are_never_held_out_and_the_test_split_stays(tmp_path):
+    """Bad cases (train-only) taken from validation: replaced there by other rows; test rows unchanged."""
+    db = build_source_db(tmp_path / "src.sqlite", seed=3, rows_per_task=30)
+    cfg = make_cfg(tmp_path, f"sqlite:///{db}", validation_per_chunk=5, test_per_chunk=5)
+    prepare(cfg)
+    data = cfg.out / "data"
+    val1, test1 = (json.loads((data / f"{s}.json").read_text()) for s in ("validation", "test"))
+    run1 = tmp_path / "run1"
+    (run1 / "report").mkdir(parents=True)
+    bad = [r for r in val1 if r["chunk"] == "math"][:3]
+    (run1 / "report" / "bad_cases.jsonl").write_text("".join(json.dumps(
+        {"prompt": r["instruction"], "reference": r["output"], "prediction": "wrong", "chunk": "math",
+         "source": "sql:0", "row_id": r["row_id"]}) + "\n" for r in bad))
+    cfg2 = make_cfg(tmp_path / "r2", f"sqlite:///{db}", validation_per_chunk=5, test_per_chunk=5)
+    from autollm_lf.config import BadCasesSource
+    cfg2.data.sources.append(BadCasesSource(type="bad_cases", run=run1, rejected=True))
+    shapes = prepare(cfg2)
+    assert shapes["bad_cases"] == "preference"
+    data2 = cfg2.out / "data"
+    val2, test2 = (json.loads((data2 / f"{s}.json").read_text()) for s in ("validation", "test"))
+    assert [r["instruction"] for r in test2] == [r["instruction"] for r in test1]  # same test rows
+    bad_prompts = {r["instruction"] for r in bad}
+    assert not bad_prompts & {r["instruction"] for r in val2 + test2}
+    assert len([r for r in val2 if r["chunk"] == "math"]) == 5
+    pref = json.loads((data2 / "bad_cases.json").read_text())
+    assert {p["instruction"] for p in pref} == bad_prompts and all(p["rejected"] == "wrong" for p in pref)
+    assert all(p["source"] == "bad_cases:1" and p["row_id"].startswith("sql:0/") for p in pref)
