@@ -165,6 +165,8 @@ def test_second_round_starts_from_the_first_rounds_best_merge(first_run):
     assert adapter_cfg["base_model_name_or_path"] == str(run / "merged_full")
     held2 = [r for s in ("validation", "test") for r in json.loads((r2 / "data" / f"{s}.json").read_text())]
     assert not {r["instruction"] for r in held2} & {b["prompt"] for b in bad}  # bad cases never held out
+    test1, test2 = (json.loads((d / "data" / "test.json").read_text()) for d in (run, r2))
+    assert [r["instruction"] for r in test2] == [r["instruction"] for r in test1]  # the same test rows
     manifest = json.loads((r2 / "data" / "manifest.json").read_text())
     if any((b["prediction"] or "").strip() for b in bad):
         assert manifest["shapes"]["bad_cases"] == "preference"
@@ -176,6 +178,7 @@ def test_second_round_starts_from_the_first_rounds_best_merge(first_run):
     assert [r["round"] for r in rounds] == [1, 2]
     r1 = json.loads((run / "report" / "report.json").read_text())
     assert rounds[0]["auto_merge_test"] == r1["best"]["test"] and rounds[1]["auto_merge_test"] == report["best"]["test"]
+    assert rounds[1]["test_rows_shared_with_round_1"] == rounds[1]["test_rows"] == 12
     assert "## Score across rounds" in (r2 / "report" / "report.md").read_text()
 
 
