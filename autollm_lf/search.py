@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 
@@ -58,22 +59,25 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
     best = _best(trials)
     if len(trials) < len(plan):
         print(f"search: {len(plan)} trials over {len(deltas)} deltas ({len(trials)} done before)")
-    for number in range(len(trials), len(plan)):
-        kind, weights = plan[number]
-        if weights is None:
-            opt._random_state.seed(cfg.seed * 100_003 + number)  # same suggestion after a restart
-            weights = {d: float(v) for d, v in opt.suggest().items()}
-        started = time.perf_counter()
-        score = session.score(weights, "validation")
-        eval_seconds = time.perf_counter() - started
-        opt.register(params=weights, target=score)
-        trial = {"trial": number, "kind": kind, "weights": weights, "validation": score,
-                 "eval_seconds": round(eval_seconds, 4), "fingerprint": fp}
-        append_jsonl(trials_path, trial)
-        if best is None or score > best["validation"]:
-            best = {"weights": weights, "validation": score, "trial": number, "kind": kind}
-            write_json(best_path, best)
-            print(f"  trial {number:>3} {kind:<14} validation {score:.4f}  (new best)")
+    with tqdm(total=len(plan), initial=len(trials), desc="search", unit="trial", disable=None) as bar:
+        for number in range(len(trials), len(plan)):
+            kind, weights = plan[number]
+            if weights is None:
+                opt._random_state.seed(cfg.seed * 100_003 + number)  # same suggestion after a restart
+                weights = {d: float(v) for d, v in opt.suggest().items()}
+            started = time.perf_counter()
+            score = session.score(weights, "validation")
+            eval_seconds = time.perf_counter() - started
+            opt.register(params=weights, target=score)
+            trial = {"trial": number, "kind": kind, "weights": weights, "validation": score,
+                     "eval_seconds": round(eval_seconds, 4), "fingerprint": fp}
+            append_jsonl(trials_path, trial)
+            if best is None or score > best["validation"]:
+                best = {"weights": weights, "validation": score, "trial": number, "kind": kind}
+                write_json(best_path, best)
+                bar.write(f"  trial {number:>3} {kind:<14} validation {score:.4f}  (new best)")
+            bar.set_postfix(best=round(best["validation"], 4), refresh=False)
+            bar.update()
     if read_json(best_path) != best:
         write_json(best_path, best)
     return best

@@ -50,7 +50,8 @@ def test_run_writes_the_documented_layout(first_run):
                 "deltas/math-sft/adapter_model.safetensors", "deltas/all/adapter_model.safetensors",
                 "deltas/math-sft/trainer_log.jsonl", "deltas/math-sft/train.log",
                 "search/trials.jsonl", "search/best.json", "report/report.md", "report/report.json",
-                "report/convergence.png", "merged/adapter_model.safetensors", "merged/adapter_config.json"]:
+                "report/convergence.png", "report/weights.png", "report/report.html", "deltas/auto_mix/train.log",
+                "merged/adapter_model.safetensors", "merged/adapter_config.json", "export.yaml", "chat.yaml"]:
         assert (run / rel).exists(), rel
     rendered = yaml.safe_load((run / "configs" / "math-sft.yaml").read_text())
     assert rendered["learning_rate"] == 0.01 and rendered["dataset"] == "math"
@@ -62,7 +63,8 @@ def test_report_and_search_contents(first_run):
     run = tmp / "runs" / "e2e"
     report = json.loads((run / "report" / "report.json").read_text())
     models = [r["model"] for r in report["rows"]]
-    assert models == ["raw", "train@all", "train@code-sft", "train@math-sft", "average_merge", "human_merge", "auto_merge"]
+    assert models == ["raw", "train@all", "train@code-sft", "train@math-sft", "average_merge", "human_merge", "auto_merge",
+                      "train@auto_mix"]
     assert all(0.0 <= r[k] <= 1.0 for r in report["rows"] for k in ("validation", "test"))
     trials = [json.loads(l) for l in (run / "search" / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 2 + 2 + 1 + 2 + 3  # raw, uniform, one-hot x2, human, random x2, bayes_opt x3
@@ -80,15 +82,18 @@ def test_report_and_search_contents(first_run):
 def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
     tmp, cfg, _ = first_run
     run = tmp / "runs" / "e2e"
-    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math-sft", "code-sft", "all")}
+    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math-sft", "code-sft", "all", "auto_mix")}
     trials_before = (run / "search" / "trials.jsonl").read_text()
-    outputs = ["data/validation.json", "data/math.json", "report/report.json", "merged/adapter_model.safetensors"]
-    output_mtimes = {p: (run / p).stat().st_mtime_ns for p in outputs}
+    outputs = [run / p for p in ("data/validation.json", "data/math.json", "report/report.json", "report/report.html",
+                                 "merged/adapter_model.safetensors", "export.yaml", "chat.yaml")]
+    outputs += [tmp / "saves" / "Custom" / "lora" / "e2e-best" / "adapter_model.safetensors",
+                 tmp / "llamaboard_cache" / "user_config.yaml"]
+    output_mtimes = {p: p.stat().st_mtime_ns for p in outputs}
     again = autollm("run", str(cfg), cwd=tmp)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("up to date, not retrained") == 3
+    assert again.stdout.count("up to date, not retrained") == 4  # three deltas and train@auto_mix
     assert "report: " in again.stdout and again.stdout.count(" up to date\n") >= 2  # report and export
-    assert {p: (run / p).stat().st_mtime_ns for p in outputs} == output_mtimes  # nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in outputs} == output_mtimes  # nothing rewritten
     assert (run / "search" / "trials.jsonl").read_text() == trials_before
     assert {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in mtimes} == mtimes
 
