@@ -205,6 +205,17 @@ class WeightedDeltas:
             self.model.base_model.enable_adapter_layers()
         self.base_copies, self.mode = None, "cat"
 
+    def use_method(self, method: str, density: float | None = None) -> None:
+        """Switch the merge method on the loaded model (the bench compares them without reloading)."""
+        if method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
+        if method != "linear":
+            self._use_fold()
+            if self.mode != "fold":
+                raise ValueError(f"merge method {method!r} needs the deltas folded into the base weights")
+        self.method, self.density = method, self.density if density is None else density
+        self._thresholds.clear()
+
     def pick_mode(self, evaluate: Callable[[], object], weights: Mapping[str, float]) -> str:
         """`auto`: time one trial (apply + evaluation pass) with `cat` and with `fold`; keep the cheaper."""
         cost = {}
