@@ -56,32 +56,49 @@ def linear_sum(pairs: Pairs) -> torch.Tensor | None:
 
 def ties_sum(pairs: Pairs) -> torch.Tensor | None:
     """TIES sign election: per entry keep only the weighted deltas whose sign agrees with the sign of their
-    sum (0 counts as +), and add those. Equals where(P + N >= 0, P, N) with P / N the sums of the positive /
-    negative parts, which streams over the deltas without stacking them."""
-    pos = neg = None
+    sum (0 counts as +), and add those. With S = sum_i w_i d_i and P = sum_i max(w_i d_i, 0) that is
+    where(S >= 0, P, S - P): it streams over the deltas (no stack) in three passes per delta."""
+    total = pos = part = None
     for d, w in pairs:
-        d = d * w
-        pos = d.clamp(min=0) if pos is None else pos.add_(d.clamp(min=0))
-        neg = d.clamp(max=0) if neg is None else neg.add_(d.clamp(max=0))
-    return None if pos is None else torch.where(pos + neg >= 0, pos, neg)
+        part = torch.empty_like(d) if part is None else part
+        torch.clamp(d, min=0, out=part) if w > 0 else torch.clamp(d, max=0, out=part)  # where w*d > 0, over w
+        if total is None:
+            total, pos = d * w, part * w
+        else:
+            total.add_(d, alpha=w)
+            pos.add_(part, alpha=w)
+    return None if total is None else torch.where(total >= 0, pos, total.sub_(pos))
 
 
 def magnitude_threshold(delta: torch.Tensor, density: float) -> float | None:
     """The largest |entry| TIES drops: keeping |d| > it keeps the int(density * numel) largest (mergekit's
     `magnitude`); None when everything is kept."""
     drop = delta.numel() - int(density * delta.numel())
-    return None if drop <= 0 else delta.abs().view(-1).kthvalue(drop).values.item()
+    if drop <= 0:
+        return None
+    magnitude = delta.abs().view(-1)
+    if magnitude.device.type == "cpu":  # numpy's introselect: 2.5x faster than torch.kthvalue on CPU
+        import numpy as np
+        return float(np.partition(magnitude.numpy(), drop - 1)[drop - 1])
+    return magnitude.kthvalue(drop).values.item()
 
 
 def trim(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return delta if threshold is None else torch.nn.functional.hardshrink(delta, threshold)
 
 
-def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: drop each entry with probability 1 - density, rescale the rest by 1 / density (in place)."""
+def dare_mask(shape, density: float, generator: torch.Generator, device) -> torch.Tensor:
+    """DARE's keep mask: each entry kept with probability `density`."""
+    return torch.rand(shape, generator=generator, device=device) < density
+
+
+def dare_drop(delta: torch.Tensor, density: float, keep: torch.Tensor | torch.Generator) -> torch.Tensor:
+    """DARE: drop each entry with probability 1 - density, rescale the rest by 1 / density (in place).
+    `keep` is the mask, or the seeded generator that makes it."""
     if density >= 1.0:
         return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=delta.dtype) < density
+    if isinstance(keep, torch.Generator):
+        keep = dare_mask(delta.shape, density, keep, delta.device)
     return delta.mul_(keep).mul_(1.0 / density)
 
 
@@ -154,6 +171,8 @@ class WeightedDeltas:
         self.method, self.density, self.seed = method, density, seed
         self._thresholds: dict[tuple[int, int], float | None] = {}  # TIES trim per (module, delta): weight-free
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}  # DARE keep masks: weight-free, seeded
+        self._mask_bytes = 0
         base, self.tokenizer = load_base(base_path)
         names = list(adapters)
         model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
@@ -215,6 +234,8 @@ class WeightedDeltas:
                 raise ValueError(f"merge method {method!r} needs the deltas folded into the base weights")
         self.method, self.density = method, self.density if density is None else density
         self._thresholds.clear()
+        self._masks.clear()
+        self._mask_bytes = 0
 
     def pick_mode(self, evaluate: Callable[[], object], weights: Mapping[str, float]) -> str:
         """`auto`: time one trial (apply + evaluation pass) with `cat` and with `fold`; keep the cheaper."""
@@ -283,8 +304,20 @@ class WeightedDeltas:
                     self._thresholds[(k, i)] = magnitude_threshold(d, self.density)
                 d = trim(d, self._thresholds[(k, i)])
             elif sparsify == "random":
-                d = dare_drop(d, self.density, torch.Generator(device=d.device).manual_seed(dare_seed(self.seed, k, i)))
+                d = dare_drop(d, self.density, self._dare_mask(k, i, d))
             yield d, w[i]
+
+    def _dare_mask(self, k: int, i: int, d: torch.Tensor) -> torch.Tensor | torch.Generator:
+        """The mask of delta i in module k: cached (1 byte per entry) while the cache stays under
+        DARE_CACHE_BYTES, beyond that remade from its seed each trial (the same mask, at the cost of the RNG)."""
+        if (k, i) in self._masks:
+            return self._masks[(k, i)]
+        generator = torch.Generator(device=d.device).manual_seed(dare_seed(self.seed, k, i))
+        if self.density >= 1.0 or self._mask_bytes + d.numel() > DARE_CACHE_BYTES:
+            return generator
+        self._masks[(k, i)] = mask = dare_mask(d.shape, self.density, generator, d.device)
+        self._mask_bytes += d.numel()
+        return mask
 
     def _buffer(self, shape: tuple, device) -> torch.Tensor:
         """One reused fp32 buffer per module shape: no fresh allocation (and page faults) per delta."""
@@ -345,3 +378,4 @@ class WeightedDeltas:
 
 
 APPLY_MODES = ("cat", "fold", "scaling")
+DARE_CACHE_BYTES = 4 * 2**30  # cached DARE masks (1 byte per entry): 0.5B shape x 4 deltas fits, x 16 does not
