@@ -153,6 +153,8 @@ class WeightedDeltas:
     - `fold`: W = W0 + B_cat @ A_cat written into the base weights per trial (R * d_in * d_out per
       module), so the evaluation pass is a plain one; costs a copy of W0 for the target modules.
     `auto` (default) times one trial of `cat` and of `fold` and keeps the cheaper (`pick_mode`).
+    Those are for `linear`. The other merge methods (MERGE_METHODS) are not low rank: their merge is
+    computed module by module from the factors and always folded (W = W0 + merge, in place).
     """
 
     CAT = "autollm_cat"
