@@ -106,7 +106,9 @@ class TeacherForced(Evaluator):
     def row_scores(self) -> list[float]:
         result = [0.0] * len(self.rows)
         for b in self.batches:
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, logits_to_keep=b.keep).logits
+            # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
+            # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
+            logits = self.model(input_ids=b.input_ids, logits_to_keep=b.keep).logits
             for i, s in zip(b.index, self.per_row(logits, b)):
                 result[i] = s
         return result
