@@ -4,7 +4,9 @@
   trial (weighted state-dict sum, save_pretrained, reload), on a random model of a ~0.5B Llama/Qwen
   shape built locally, with four rank-16 deltas;
 - trial_vs_plain: one whole trial (apply weights + evaluation pass) / the same pass on a plain model
-  whose weights already hold the merge, at 4 and 16 deltas, per apply mode;
+  whose weights already hold the merge, at 4 and 16 deltas, for linear (`cat` and `fold`; `linear` is
+  the one `search.apply: auto` keeps) and ties / dare_ties / dare_linear, with merge_fraction (apply
+  time / evaluation pass);
 - exact_match_speedup: teacher-forced vs generate-based exact match on the same rows (scores equal);
 - bo_vs_random: on the toy, best validation after 30 trials of bayes_opt vs random search;
 - peak RSS of a search process vs the size of base + adapters.
@@ -96,20 +98,29 @@ def forward_pass(model, ids):
         model(input_ids=ids)
 
 
-def trial_costs(base: Path, adapters: dict[str, Path], ids, plain_pass: float, repeats: int) -> dict:
-    from .merge import APPLY_MODES, WeightedDeltas
+MERGE_BENCH = ("ties", "dare_ties", "dare_linear")  # linear is measured as `cat` and `fold`
 
+
+def trial_costs(base: Path, adapters: dict[str, Path], ids, plain_pass: float, repeats: int,
+                density: float = 0.5) -> dict:
+    """One loaded model per delta count; each way of applying weights is timed on it in turn."""
+    from .merge import WeightedDeltas
+
+    w = WeightedDeltas(base, adapters, mode="cat")
+    rng = random.Random(0)
+    weights = lambda: {n: rng.uniform(0, 1) for n in w.names}
+    ways = [("cat", w._use_cat, 5), ("fold", w._use_fold, 3)]
+    ways += [(m, lambda m=m: w.use_method(m, density), 1) for m in MERGE_BENCH]
     result = {}
-    for mode in APPLY_MODES:
-        w = WeightedDeltas(base, adapters, mode=mode)
-        rng = random.Random(0)
-        weights = lambda: {n: rng.uniform(0, 1) for n in w.names}
-        apply = timed(lambda: w.set_weights(weights()), repeats=5)
-        w.set_weights(weights())
+    for name, use, apply_repeats in ways:
+        use()
+        first = timed(lambda: w.set_weights(weights()), repeats=1)  # ties: includes trimming each delta once
+        apply = timed(lambda: w.set_weights(weights()), repeats=apply_repeats)
         eval_pass = timed(lambda: forward_pass(w.model, ids), repeats)
-        result[mode] = {"apply_seconds": apply, "pass_seconds": eval_pass,
+        result[name] = {"apply_seconds": apply, "first_apply_seconds": first, "pass_seconds": eval_pass,
                         "trial_vs_plain": (apply + eval_pass) / plain_pass, "merge_fraction": apply / eval_pass}
-        w = None  # free this model before loading the next
+    best = min(("cat", "fold"), key=lambda m: result[m]["trial_vs_plain"])  # what search.apply: auto keeps
+    result["linear"] = {**result[best], "picked": best}
     return result
 
 
@@ -147,8 +158,10 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
         "plain_pass_seconds": plain_pass, "max_logit_diff_in_place_vs_reload": max_diff,
         "trial_vs_plain": {f"{n}_deltas": {mode: round(c["trial_vs_plain"], 3) for mode, c in modes.items()}
                            for n, modes in costs.items()},
-        "merge_fraction": {f"{n}_deltas": {mode: c["merge_fraction"] for mode, c in modes.items()}
+        "merge_fraction": {f"{n}_deltas": {mode: round(c["merge_fraction"], 3) for mode, c in modes.items()}
                            for n, modes in costs.items()},
+        "linear_picked": {f"{n}_deltas": modes["linear"]["picked"] for n, modes in costs.items()},
+        "density": 0.5,
         "detail": costs,
         "search_peak_rss_mb": rss, "base_plus_4_adapters_mb": size / 2**20,
     }
@@ -164,7 +177,12 @@ for i in range(3):
     w.set_weights({n: 0.1 * i for n in adapters})
     with torch.no_grad():
         w.model(input_ids=ids)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM is this process's own peak; ru_maxrss of a child also counts the parent's RSS at fork (the bench's
+# parent holds 16 deltas by then), so it is only the fallback where /proc is missing.
+try:
+    print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
@@ -178,7 +196,7 @@ def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
 def bench_exact_match(toy_cfg: Path | None) -> dict:
     """Teacher-forced exact match vs generate-based, on the toy's validation rows (or a tiny model)."""
     from .config import EvaluationConfig, load_config
-    from .evaluate import ExactMatch, encode_prompt_response
+    from .evaluate import ExactMatch
     from .merge import load_base
     from .prepare import load_split
 
@@ -188,14 +206,13 @@ def bench_exact_match(toy_cfg: Path | None) -> dict:
     model, tok = load_base(cfg.base_model.path)
     rows = load_split(cfg, "validation")
     ev = ExactMatch(model, tok, cfg.base_model.template, rows, EvaluationConfig(batch_size=cfg.evaluation.batch_size))
-    tf_score = {}
-    tf = timed(lambda: tf_score.setdefault("s", ev.score()), repeats=1)
+    tf_score = {"s": ev.score()}  # each side runs once untimed (warm-up), then the median of 3 runs
+    tf = timed(ev.score, repeats=3)
 
-    def generate_based():
+    def generate_based():  # greedy generate on the same batches (same rows, same length-sorted grouping)
         hits = 0
-        for s in range(0, len(rows), cfg.evaluation.batch_size):
-            chunk = [encode_prompt_response(tok, cfg.base_model.template, r["prompt"], r["response"])
-                     for r in rows[s:s + cfg.evaluation.batch_size]]
+        for b in ev.batches:
+            chunk = [ev.encoded[i] for i in b.index]
             length = max(len(p) for p, _ in chunk)
             ids = torch.tensor([[tok.pad_token_id] * (length - len(p)) + p for p, _ in chunk])
             attn = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p, _ in chunk])
@@ -206,8 +223,8 @@ def bench_exact_match(toy_cfg: Path | None) -> dict:
             hits += sum(g[: len(t)] == t for g, (_, t) in zip(gen, chunk))
         return hits / len(rows)
 
-    gen_score = {}
-    gen = timed(lambda: gen_score.setdefault("s", generate_based()), repeats=1)
+    gen_score = {"s": generate_based()}
+    gen = timed(generate_based, repeats=3)
     return {"rows": len(rows), "teacher_forced_seconds": tf, "generate_seconds": gen, "speedup": gen / tf,
             "teacher_forced_score": tf_score["s"], "generate_score": gen_score["s"],
             "scores_equal": tf_score["s"] == gen_score["s"]}
@@ -283,8 +300,11 @@ def print_table(r: dict) -> None:
              f"= {m['overhead_ratio']:.0f}x",
              f"whole trial:    in place {m['trial_seconds_ours']:.2f}s vs reload {m['trial_seconds_reload']:.2f}s "
              f"(plain pass {m['plain_pass_seconds']:.2f}s)"]
+    lines.append(f"trial / plain pass (merge fraction = apply / pass), ties and dare at density {m['density']}:")
     for n, modes in m["trial_vs_plain"].items():
-        lines.append(f"trial / plain pass, {n}: " + ", ".join(f"{k} {v:.3f}x" for k, v in modes.items()))
+        lines.append(f"  {n:<10} " + ", ".join(f"{k} {v:.3f}x ({m['merge_fraction'][n][k]:.2f})"
+                                               for k, v in modes.items() if k != "linear")
+                     + f"; linear = {m['linear_picked'][n]}")
     lines.append(f"search process peak RSS {m['search_peak_rss_mb']:.0f} MB vs base + 4 adapters "
                  f"{m['base_plus_4_adapters_mb']:.0f} MB on disk")
     em = r["exact_match_speedup"]

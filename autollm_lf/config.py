@@ -169,6 +169,17 @@ class SearchConfig(Strict):
     human_weights: dict[str, float] = Field(default_factory=dict)
     apply: Literal["auto", "cat", "fold", "scaling"] = Field(
         "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once")
+    merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
+                                             "ties, dare_ties, dare_linear")
+    density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
+
+    @field_validator("merge")
+    @classmethod
+    def _known_merge(cls, v):
+        from .merge import MERGE_METHODS
+        if v not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {v!r}; choose one of {', '.join(MERGE_METHODS)}")
+        return v
 
     @field_validator("bounds")
     @classmethod

@@ -43,7 +43,9 @@ def encode_prompt_response(tokenizer, template_name: str, prompt: str, response:
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    target_mask: torch.Tensor  # True where position t+1 holds a reference token to predict at t
+    target_mask: torch.Tensor  # over `keep`: True where the next position holds a reference token
+    labels: torch.Tensor       # over `keep`: the token each kept position must predict
+    keep: torch.Tensor         # the positions whose logits are computed (the answer span of the batch)
     index: list[int]           # row index of each sequence in the original order
 
 
@@ -90,16 +92,23 @@ class TeacherForced(Evaluator):
             ids[row, : len(p) + len(r)] = torch.tensor(p + r)
             attn[row, : len(p) + len(r)] = 1
             target[row, len(p) - 1: len(p) + len(r) - 1] = True
-        return Batch(ids.to(device), attn.to(device), target.to(device), index)
+        # Only answer positions are scored: the LM head (vocab-wide, a large share of a small model's
+        # flops) runs on that span of the batch, not on the prompts (`logits_to_keep`).
+        lo, hi = min(len(p) for p, _ in items) - 1, max(len(p) + len(r) for p, r in items) - 1
+        keep = torch.arange(lo, hi)
+        return Batch(ids.to(device), attn.to(device), target[:, lo:hi].to(device), ids[:, lo + 1: hi + 1].to(device),
+                     keep.to(device), index)
 
     def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
         raise NotImplementedError
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def row_scores(self) -> list[float]:
         result = [0.0] * len(self.rows)
         for b in self.batches:
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+            # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
+            # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
+            logits = self.model(input_ids=b.input_ids, logits_to_keep=b.keep).logits
             for i, s in zip(b.index, self.per_row(logits, b)):
                 result[i] = s
         return result
@@ -109,7 +118,7 @@ class ExactMatch(TeacherForced):
     """1 when the greedy answer equals the reference exactly, else 0."""
 
     def per_row(self, logits, b):
-        hit = (logits.argmax(-1) == b.input_ids[:, 1:]) | ~b.target_mask
+        hit = (logits.argmax(-1) == b.labels) | ~b.target_mask
         return hit.all(-1).float().tolist()
 
     def correct(self) -> list[bool]:
@@ -120,7 +129,7 @@ class NegativeLoss(TeacherForced):
     """Minus the mean token NLL of the reference (higher is better)."""
 
     def per_row(self, logits, b):
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b.input_ids[:, 1:], reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b.labels, reduction="none")
         mask = b.target_mask.float()
         return (-(nll * mask).sum(-1) / mask.sum(-1)).tolist()
 

@@ -71,7 +71,9 @@ class Session:
     def weighted(self):
         if self._weighted is None:
             from .merge import WeightedDeltas
-            self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, self.cfg.search.apply)
+            search = self.cfg.search
+            self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
+                                            density=search.density, seed=self.cfg.seed)
         return self._weighted
 
     def scorer(self, split: str):
@@ -84,7 +86,9 @@ class Session:
 
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-        if self.cfg.search.apply == "auto":
+        if self.cfg.search.merge != "linear":
+            print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), folded into the base weights")
+        elif self.cfg.search.apply == "auto":
             w = self.weighted
             mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
             print(f"search: applying weights with `{mode}` (search.apply: auto)")
@@ -93,10 +97,11 @@ class Session:
         self.weighted.set_weights(weights)
         return self.scorer(split).score()
 
-    def score_by_chunk(self, weights: dict[str, float], split: str) -> tuple[float, dict[str, float]]:
-        """Overall score and the score on each chunk's rows."""
+    def score_by_chunk(self, weights: dict[str, float], split: str,
+                       method: str | None = None) -> tuple[float, dict[str, float]]:
+        """Overall score and the score on each chunk's rows (merged with `method`, default search.merge)."""
         scorer = self.scorer(split)
-        self.weighted.set_weights(weights)
+        self.weighted.set_weights(weights, method)
         from .report import split_by_chunk
         return split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])  # rows it holds, no re-read
 

@@ -25,8 +25,9 @@ def report_rows(session) -> list[dict]:
     rows.append(("auto_merge", best["weights"], True))
     result = []
     for name, w, show in rows:
-        validation, _ = session.score_by_chunk(w, "validation")
-        test, test_by_chunk = session.score_by_chunk(w, "test")
+        method = None if show else "linear"  # raw and train@ rows are the models as trained; merges use search.merge
+        validation, _ = session.score_by_chunk(w, "validation", method)
+        test, test_by_chunk = session.score_by_chunk(w, "test", method)
         result.append({"model": name, "validation": validation, "test": test, "test_by_chunk": test_by_chunk,
                        **({"weights": w} if show else {})})
     mix = _mix_dir(cfg)
@@ -61,7 +62,9 @@ def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[
 
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
-             f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.", "",
+             f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
+             f"Merges (average, human, auto) use `{cfg.search.merge}`"
+             + (f" (density {cfg.search.density})." if cfg.search.merge != "linear" else "."), "",
              "model | validation | test |", "---|---|---|"]
     lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} |" for r in rows]
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
@@ -157,6 +160,7 @@ def write_report(session) -> dict:
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
     report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
+              "merge": {"method": cfg.search.merge, "density": cfg.search.density},
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
               "evaluation_stats": stats, "fingerprint": fp}
     write_json(out / "report.json", report)

@@ -14,5 +14,6 @@ def test_bench_quick_json(tmp_path):
     assert merge["overhead_seconds_reload"] > merge["overhead_seconds_ours"] > 0
     assert merge["max_logit_diff_in_place_vs_reload"] < 1e-4  # the reloaded merge is the same model
     for n in ("4_deltas", "16_deltas"):
-        assert set(merge["trial_vs_plain"][n]) == {"cat", "fold", "scaling"}
+        assert set(merge["trial_vs_plain"][n]) == {"cat", "fold", "linear", "ties", "dare_ties", "dare_linear"}
+        assert set(merge["merge_fraction"][n]) == set(merge["trial_vs_plain"][n])
     assert "skipped" in result["exact_match_speedup"] and "skipped" in result["bo_vs_random"]

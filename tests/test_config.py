@@ -83,3 +83,11 @@ def test_cli_validate_exit_codes(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(tmp_path / "none.yaml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_unknown_merge_method_and_bad_density(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, {**GOOD, "search": {"merge": "tie", "density": 0}}))
+    msg = str(e.value)
+    assert "search.merge: unknown merge method 'tie'; choose one of linear, ties" in msg
+    assert "search.density:" in msg

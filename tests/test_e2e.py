@@ -194,3 +194,22 @@ def test_round_without_the_previous_round_is_refused(tiny_model, tmp_path):
     assert "round 2 starts from round 1's best merge, but round 1 is not finished" in res.stderr
     assert f"run `autollm run {cfg}` first" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_ties_merge_searches_reports_and_exports_with_its_error(first_run):
+    """search.merge: ties on the same deltas: a new search (nothing retrained), the merge rows use ties, and the
+    export is an SVD whose error is recorded and printed instead of refused."""
+    tmp, cfg, _ = first_run
+    run = tmp / "runs" / "e2e"
+    raw = yaml.safe_load(cfg.read_text())
+    raw["search"].update(merge="ties", density=0.6)
+    ties_cfg = tmp / "e2e-ties.yaml"
+    ties_cfg.write_text(yaml.safe_dump(raw))
+    res = autollm("run", str(ties_cfg), cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "search: merge ties (density 0.6)" in res.stdout and "relative error per module" in res.stdout
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["merge"] == {"method": "ties", "density": 0.6}
+    export = json.loads((run / "merged" / "autollm_export.json").read_text())
+    assert export["merge"]["method"] == "ties" and 0 <= export["merge"]["relative_frobenius_error_max"] < 1
+    assert "exported_validation" in export and "search_validation" in export
