@@ -161,9 +161,14 @@ def _browser(profile: Path):
 
 
 def _wait_for(predicate, timeout: float, what: str):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None  # Gradio re-rendered the element between finding and reading it: look again
         if value:
             return value
         time.sleep(0.5)
@@ -203,12 +208,11 @@ def test_webui_lists_the_exported_adapters_and_loads_the_best(exported, tmp_path
         checkpoint = driver.find_element(By.XPATH, "//label[contains(., 'Checkpoint path')]//input")
         checkpoint.click()
         want = {f"eco-{n}" for n in ("best", "math-sft", "code-sft", "all", "auto_mix")}
-        listed = _wait_for(lambda: {o.text.strip() for o in driver.find_elements(By.CSS_SELECTOR, "ul.options li")}
-                           >= want and {o.text.strip() for o in driver.find_elements(By.CSS_SELECTOR, "ul.options li")},
-                           30, f"checkpoints {sorted(want)} in the list")
+        options = lambda: {o.text.strip(): o for o in driver.find_elements(By.CSS_SELECTOR, "ul.options li")}
+        listed = _wait_for(lambda: (found := set(options())) >= want and found, 30, f"checkpoints {sorted(want)} in the list")
         driver.save_screenshot(str(ARTIFACTS / "webui_checkpoints.png"))
         assert want <= listed
-        next(o for o in driver.find_elements(By.CSS_SELECTOR, "ul.options li") if o.text.strip() == "eco-best").click()
+        _wait_for(lambda: (o := options().get("eco-best")) is not None and (o.click() or True), 20, "a click on eco-best")
         checkpoint.send_keys(Keys.ESCAPE)
         click = lambda xpath: driver.execute_script("arguments[0].click()", driver.find_element(By.XPATH, xpath))
         click("//button[@role='tab' and normalize-space()='Chat']")
