@@ -41,12 +41,12 @@ def encode_prompt_response(tokenizer, template_name: str, prompt: str, response:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    target_mask: torch.Tensor  # over `keep`: True where the next position holds a reference token
-    labels: torch.Tensor       # over `keep`: the token each kept position must predict
-    keep: torch.Tensor         # the positions whose logits are computed (the answer span of the batch)
-    index: list[int]           # row index of each sequence in the original order
+    input_ids: torch.Tensor     # the rows after their shared prefix, right-padded
+    target_mask: torch.Tensor   # over `keep`: True where the next position holds a reference token
+    labels: torch.Tensor        # over `keep`: the token each kept position must predict
+    keep: torch.Tensor          # the positions of input_ids whose logits are computed (the answer span)
+    index: list[int]            # row index of each sequence in the original order
+    prefix: torch.Tensor | None = None  # [1, P]: prompt tokens every row of the batch starts with
 
 
 class Evaluator:
@@ -72,32 +72,114 @@ class Evaluator:
         return [order[s:s + size] for s in range(0, len(order), size)]
 
 
-class TeacherForced(Evaluator):
-    """One forward pass over prompt + reference per batch; subclasses read the logits."""
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a forward call of their own
+CALL_COST = 256        # a forward call's fixed cost, in positions: keeps batches from getting needlessly small
 
-    def __init__(self, *args):
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prefix all prompts share, leaving each prompt's last token out (its logits are scored)."""
+    limit = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for n in range(limit):
+        if any(p[n] != first[n] for p in prompts):
+            return n
+    return limit
+
+
+def prefix_worth_sharing(rows: int, shared: int) -> int:
+    """`shared` when running it once (one more forward call) saves positions, else 0."""
+    return shared if shared >= MIN_SHARED_PREFIX and (rows - 1) * shared > CALL_COST else 0
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], batch_size: int) -> tuple[float, list[list[int]]]:
+    """Cut `order` into consecutive batches of at most batch_size rows so that one teacher-forced pass per batch
+    computes the fewest positions: each batch costs its shared prompt prefix once (where prefix_worth_sharing)
+    plus rows x (longest row - prefix), plus CALL_COST per forward call. Dynamic programming over the cut
+    points; the shared prefix of consecutive rows is the minimum of their adjacent common prefixes."""
+    n = len(order)
+    adjacent = [_common(encoded[order[i]][0], encoded[order[i + 1]][0]) for i in range(n - 1)]
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        shared, longest, shortest_prompt = 1 << 30, 0, 1 << 30
+        for i in range(j - 1, max(j - batch_size, 0) - 1, -1):
+            p, r = encoded[order[i]]
+            longest, shortest_prompt = max(longest, len(p) + len(r) - 1), min(shortest_prompt, len(p))
+            if i < j - 1:
+                shared = min(shared, adjacent[i])
+            prefix = prefix_worth_sharing(j - i, min(shared, shortest_prompt - 1))
+            cost = best[i] + (j - i) * (longest - prefix) + CALL_COST + (prefix + CALL_COST if prefix else 0)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches, j = [], n
+    while j:
+        batches.append(order[cut[j]:j])
+        j = cut[j]
+    return best[n], batches[::-1]
+
+
+class TeacherForced(Evaluator):
+    """One forward pass over prompt + reference per batch; subclasses read the logits.
+
+    Rows are grouped so the pass computes as few positions as possible: either by length (least padding)
+    or by prompt (rows that start alike together: chat template, system prompt, instruction), whichever
+    is cheaper for these rows. A prefix every row of a batch shares is run once and its key/value cache
+    reused by every row (as prefix caching in inference servers does), so a long system prompt costs
+    one row, not a batch."""
+
+    def __init__(self, *args, share_prefix: bool = True):
         super().__init__(*args)
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        self.batches = [self._collate(idx, pad, device)
-                        for idx in self._batches(lambda i: len(self.encoded[i][0]) + len(self.encoded[i][1]))]
+        self.share_prefix = share_prefix  # False: batches by length, no prefix cache (the bench's comparison)
+        self.batches = [self._collate(idx, pad, device) for idx in self._grouping()]
+
+    def _grouping(self) -> list[list[int]]:
+        """The cheapest of a few row orders (by length; by prompt; by the first k prompt tokens, then length),
+        each cut into batches by plan_batches."""
+        enc = self.encoded
+        total = lambda i: len(enc[i][0]) + len(enc[i][1])
+        if not self.share_prefix:
+            return self._batches(total)
+        keys = [total, lambda i: enc[i][0]] + [lambda i, k=k: (enc[i][0][:k], total(i)) for k in (8, 16, 32)]
+        plans = [plan_batches(enc, sorted(range(len(enc)), key=key), self.cfg.batch_size) for key in keys]
+        return min(plans, key=lambda plan: plan[0])[1]
 
     def _collate(self, index: list[int], pad_id: int, device) -> Batch:
         items = [self.encoded[i] for i in index]
         length = max(len(p) + len(r) for p, r in items)
         ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
         target = torch.zeros((len(items), length - 1), dtype=torch.bool)
         for row, (p, r) in enumerate(items):
             ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-            attn[row, : len(p) + len(r)] = 1
             target[row, len(p) - 1: len(p) + len(r) - 1] = True
+        shared = prefix_worth_sharing(len(items), shared_prefix([p for p, _ in items])) if self.share_prefix else 0
         # Only answer positions are scored: the LM head (vocab-wide, a large share of a small model's
-        # flops) runs on that span of the batch, not on the prompts (`logits_to_keep`).
-        lo, hi = min(len(p) for p, _ in items) - 1, max(len(p) + len(r) for p, r in items) - 1
-        keep = torch.arange(lo, hi)
-        return Batch(ids.to(device), attn.to(device), target[:, lo:hi].to(device), ids[:, lo + 1: hi + 1].to(device),
-                     keep.to(device), index)
+        # flops) runs on that span of the batch, not on the prompts (`logits_to_keep`). The last token of
+        # the longest row is only a label: no input position for it.
+        lo, hi = min(len(p) for p, _ in items) - 1, length - 1
+        keep = torch.arange(lo, hi) - shared
+        return Batch(ids[:, shared:hi].to(device), target[:, lo:hi].to(device), ids[:, lo + 1: hi + 1].to(device),
+                     keep.to(device), index, ids[:1, :shared].to(device) if shared else None)
+
+    def _logits(self, b: Batch) -> torch.Tensor:
+        # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
+        # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
+        if b.prefix is None:
+            return self.model(input_ids=b.input_ids, logits_to_keep=b.keep).logits
+        cache = self.model(input_ids=b.prefix, use_cache=True, logits_to_keep=1).past_key_values
+        rows = b.input_ids.shape[0]
+        for layer in cache.layers:  # the prefix's keys and values, the same for every row: a view, no copy
+            layer.keys, layer.values = (t.expand(rows, *t.shape[1:]) for t in (layer.keys, layer.values))
+        return self.model(input_ids=b.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=b.keep).logits
 
     def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
         raise NotImplementedError
@@ -106,10 +188,7 @@ class TeacherForced(Evaluator):
     def row_scores(self) -> list[float]:
         result = [0.0] * len(self.rows)
         for b in self.batches:
-            # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
-            # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
-            logits = self.model(input_ids=b.input_ids, logits_to_keep=b.keep).logits
-            for i, s in zip(b.index, self.per_row(logits, b)):
+            for i, s in zip(b.index, self.per_row(self._logits(b), b)):
                 result[i] = s
         return result
 

@@ -5,16 +5,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig
-from autollm_lf.evaluate import METRICS, ExactMatch, encode_prompt_response
+from autollm_lf.evaluate import METRICS, ExactMatch, NegativeLoss, encode_prompt_response, plan_batches
 
 
-def half_trained(tiny_model, rows, tok):
+def half_trained(tiny_model, rows, tok, steps: int = 120):
     """A few optimiser steps on the rows, so greedy decoding gets some right (with EOS) and some wrong."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    pairs = [encode_prompt_response(tok, "default", r["prompt"], r["response"]) for r in rows]
-    for step in range(120):
+    pairs = [encode_prompt_response(tok, "default", r["prompt"], r["response"], system=r.get("system")) for r in rows]
+    for step in range(steps):
         p, a = pairs[step % len(pairs)]
         ids = torch.tensor([p + a])
         labels = torch.tensor([[-100] * len(p) + a])
@@ -82,3 +82,39 @@ def test_numeric_and_python_and_loss(tiny_model, tmp_path, monkeypatch):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids + target]), labels=torch.tensor([[-100] * len(ids) + target])).loss
     assert abs(loss.row_scores()[1] + ref.item()) < 1e-5
+
+
+SYSTEM = "You answer with the first two letters of the word, nothing else. " * 4  # ~270 shared tokens
+
+
+def test_shared_prefix_cache_gives_the_same_scores(tiny_model):
+    """Rows sharing a long system prompt: its key/value cache is computed once per batch and reused; per-row
+    exact match is identical and the loss equal to 1e-5, compared with a full pass per row."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random(1)
+    words = ["".join(rng.choice("abcd") for _ in range(rng.randint(2, 6))) for _ in range(30)]
+    rows = [{"prompt": w, "response": w[:2], "system": SYSTEM if i % 3 else None} for i, w in enumerate(words)]
+    model = half_trained(tiny_model, rows[:20], tok, steps=400)
+    cfg = EvaluationConfig(batch_size=8)
+    shared, plain = ExactMatch(model, tok, "default", rows, cfg), ExactMatch(model, tok, "default", rows, cfg, share_prefix=False)
+    assert any(b.prefix is not None and b.prefix.shape[1] > 250 for b in shared.batches)
+    assert all(b.prefix is None for b in plain.batches)
+    assert shared.row_scores() == plain.row_scores()
+    assert 0 < sum(shared.row_scores()) < len(rows)
+    loss_shared = NegativeLoss(model, tok, "default", rows, cfg).row_scores()
+    loss_plain = NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False).row_scores()
+    assert torch.allclose(torch.tensor(loss_shared), torch.tensor(loss_plain), atol=1e-5)
+
+
+def test_plan_batches_covers_every_row_once_and_prefers_shared_prefixes():
+    rng = random.Random(0)
+    system = list(range(50, 90))
+    encoded = [((system if i % 2 else []) + [rng.randint(1, 9) for _ in range(rng.randint(2, 9))], [1, 2])
+               for i in range(60)]
+    by_prompt = sorted(range(60), key=lambda i: encoded[i][0])
+    cost, batches = plan_batches(encoded, by_prompt, 16)
+    assert sorted(i for b in batches for i in b) == list(range(60))
+    assert all(0 < len(b) <= 16 for b in batches)
+    assert not any(encoded[b[0]][0][:40] == system and encoded[b[-1]][0][:40] != system for b in batches)
+    padded = sum(len(b) * max(len(encoded[i][0]) + 1 for i in b) for b in (by_prompt[s:s + 16] for s in range(0, 60, 16)))
+    assert cost < padded
