@@ -101,24 +101,31 @@ def forward_pass(model, ids):
 MERGE_BENCH = ("ties", "dare_ties", "dare_linear")  # linear is measured as `cat` and `fold`
 
 
-def trial_costs(base: Path, adapters: dict[str, Path], ids, plain_pass: float, repeats: int,
-                density: float = 0.5) -> dict:
-    """One loaded model per delta count; each way of applying weights is timed on it in turn."""
+def trial_costs(base: Path, adapters: dict[str, Path], ids, plain, repeats: int, density: float = 0.5) -> dict:
+    """One loaded model per delta count; each way of applying weights is timed on it in turn. Each evaluation
+    pass is paired with a pass of the plain model right after it, and the ratio is the median over the pairs:
+    pass times on a shared 2-core machine drift by 15-30% over minutes, and a pair drifts together."""
     from .merge import WeightedDeltas
 
     w = WeightedDeltas(base, adapters, mode="cat")
     rng = random.Random(0)
     weights = lambda: {n: rng.uniform(0, 1) for n in w.names}
-    ways = [("cat", w._use_cat, 5), ("fold", w._use_fold, 3)]
-    ways += [(m, lambda m=m: w.use_method(m, density), 1) for m in MERGE_BENCH]
+    ways = [("cat", w._use_cat, 5, repeats), ("fold", w._use_fold, 3, repeats)]  # linear: the goals are on these
+    ways += [(m, lambda m=m: w.use_method(m, density), 1, 1) for m in MERGE_BENCH]
     result = {}
-    for name, use, apply_repeats in ways:
+    for name, use, apply_repeats, pairs in ways:
         use()
         first = timed(lambda: w.set_weights(weights()), repeats=1)  # ties: includes trimming each delta once
         apply = timed(lambda: w.set_weights(weights()), repeats=apply_repeats)
-        eval_pass = timed(lambda: forward_pass(w.model, ids), repeats)
+        passes, plains = [], []
+        for _ in range(pairs):
+            passes.append(timed(lambda: forward_pass(w.model, ids), 1))
+            plains.append(timed(lambda: forward_pass(plain, ids), 1))
+        ratio = statistics.median((apply + a) / b for a, b in zip(passes, plains))
+        eval_pass = statistics.median(passes)
         result[name] = {"apply_seconds": apply, "first_apply_seconds": first, "pass_seconds": eval_pass,
-                        "trial_vs_plain": (apply + eval_pass) / plain_pass, "merge_fraction": apply / eval_pass}
+                        "plain_pass_seconds": statistics.median(plains), "trial_vs_plain": ratio,
+                        "merge_fraction": apply / eval_pass}
     best = min(("cat", "fold"), key=lambda m: result[m]["trial_vs_plain"])  # what search.apply: auto keeps
     result["linear"] = {**result[best], "picked": best}
     return result
@@ -145,8 +152,9 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
         weighted.set_weights(weights)
         with torch.no_grad():  # the in-place model and the reloaded merged model agree
             max_diff = (weighted.model(input_ids=ids[:2]).logits - plain(input_ids=ids[:2]).logits).abs().max().item()
-        weighted = plain = reloaded = None  # free ~3 models' memory before the next part
-        costs = {n: trial_costs(base, a, ids, plain_pass, repeats) for n, a in (("4", adapters4), ("16", adapters16))}
+        weighted = reloaded = None  # free the in-place model before the next part; the plain one stays, for the ratios
+        costs = {n: trial_costs(base, a, ids, plain, repeats) for n, a in (("4", adapters4), ("16", adapters16))}
+        plain = None
         size = sum(p.stat().st_size for p in tmp.rglob("*.safetensors") if "d" not in p.parent.name or
                    p.parent.name in adapters4)
         rss = search_process_rss(base, adapters4)
