@@ -102,34 +102,32 @@ MERGE_BENCH = ("ties", "dare_ties", "dare_linear")  # linear is measured as `cat
 
 
 def trial_costs(base: Path, adapters: dict[str, Path], ids, plain, repeats: int, density: float = 0.5) -> dict:
-    """One loaded model per delta count; each way of applying weights is timed on it in turn. Each evaluation
-    pass is paired with a pass of the plain model right after it, and the ratio is the median over the pairs:
-    pass times on a shared 2-core machine drift by 15-30% over minutes, and a pair drifts together."""
+    """One loaded model per delta count; each way of applying weights is timed on it in turn. The evaluation
+    pass is timed in quarters, each followed by the same quarter on the plain model, and the ratio is the sum
+    over the quarters: pass times on a shared 2-core machine drift by 15-30% over minutes, and a quarter and
+    its plain twin, a second or two apart, drift together."""
     from .merge import WeightedDeltas
 
     w = WeightedDeltas(base, adapters, mode="cat")
     rng = random.Random(0)
     weights = lambda: {n: rng.uniform(0, 1) for n in w.names}
-    # linear (cat, fold): the goals are on these, so a warm-up pass first (a search runs many trials in one
-    # mode: steady state is what counts) and `repeats` pairs
-    ways = [("cat", w._use_cat, 5, repeats, True), ("fold", w._use_fold, 3, repeats, True)]
-    ways += [(m, lambda m=m: w.use_method(m, density), 1, 1, False) for m in MERGE_BENCH]
+    ways = [("cat", w._use_cat, 5, repeats), ("fold", w._use_fold, 3, repeats)]  # linear: the goals are on these
+    ways += [(m, lambda m=m: w.use_method(m, density), 1, 1) for m in MERGE_BENCH]
+    quarters = ids.split(max(1, ids.shape[0] // 4))
     result = {}
-    for name, use, apply_repeats, pairs, warm_up in ways:
+    for name, use, apply_repeats, rounds in ways:
         use()
         first = timed(lambda: w.set_weights(weights()), repeats=1)  # ties: includes trimming each delta once
         apply = timed(lambda: w.set_weights(weights()), repeats=apply_repeats)
-        if warm_up:
-            forward_pass(w.model, ids)
-        passes, plains = [], []
-        for _ in range(pairs):
-            passes.append(timed(lambda: forward_pass(w.model, ids), 1))
-            plains.append(timed(lambda: forward_pass(plain, ids), 1))
-        ratio = statistics.median((apply + a) / b for a, b in zip(passes, plains))
-        eval_pass = statistics.median(passes)
-        result[name] = {"apply_seconds": apply, "first_apply_seconds": first, "pass_seconds": eval_pass,
-                        "plain_pass_seconds": statistics.median(plains), "trial_vs_plain": ratio,
-                        "merge_fraction": apply / eval_pass}
+        forward_pass(w.model, quarters[0])  # warm-up: a search runs many trials in one mode
+        trial_pass = plain_pass = 0.0
+        for _ in range(rounds):
+            for part in quarters:
+                trial_pass += timed(lambda: forward_pass(w.model, part), 1) / rounds
+                plain_pass += timed(lambda: forward_pass(plain, part), 1) / rounds
+        result[name] = {"apply_seconds": apply, "first_apply_seconds": first, "pass_seconds": trial_pass,
+                        "plain_pass_seconds": plain_pass, "trial_vs_plain": (apply + trial_pass) / plain_pass,
+                        "merge_fraction": apply / trial_pass}
     best = min(("cat", "fold"), key=lambda m: result[m]["trial_vs_plain"])  # what search.apply: auto keeps
     result["linear"] = {**result[best], "picked": best}
     return result
@@ -168,6 +166,8 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
         "overhead_ratio": reload / max(ours, 1e-9),
         "trial_seconds_ours": ours + costs["4"]["cat"]["pass_seconds"], "trial_seconds_reload": reload + plain_pass,
         "plain_pass_seconds": plain_pass, "max_logit_diff_in_place_vs_reload": max_diff,
+        "plain_pass_seconds_range": [min(c["plain_pass_seconds"] for m in costs.values() for c in m.values()),
+                                     max(c["plain_pass_seconds"] for m in costs.values() for c in m.values())],
         "trial_vs_plain": {f"{n}_deltas": {mode: round(c["trial_vs_plain"], 3) for mode, c in modes.items()}
                            for n, modes in costs.items()},
         "merge_fraction": {f"{n}_deltas": {mode: round(c["merge_fraction"], 3) for mode, c in modes.items()}
@@ -319,7 +319,8 @@ def print_table(r: dict) -> None:
              f"trial overhead: in place {m['overhead_seconds_ours']:.4f}s vs reload {m['overhead_seconds_reload']:.2f}s "
              f"= {m['overhead_ratio']:.0f}x",
              f"whole trial:    in place {m['trial_seconds_ours']:.2f}s vs reload {m['trial_seconds_reload']:.2f}s "
-             f"(plain pass {m['plain_pass_seconds']:.2f}s)"]
+             f"(plain pass {m['plain_pass_seconds']:.2f}s; the same plain pass took "
+             f"{m['plain_pass_seconds_range'][0]:.2f}-{m['plain_pass_seconds_range'][1]:.2f}s over this run)"]
     lines.append(f"trial / plain pass (merge fraction = apply / pass), ties and dare at density {m['density']}:")
     for n, modes in m["trial_vs_plain"].items():
         lines.append(f"  {n:<10} " + ", ".join(f"{k} {v:.3f}x ({m['merge_fraction'][n][k]:.2f})"
