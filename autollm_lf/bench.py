@@ -243,11 +243,10 @@ def bench_exact_match(toy_cfg: Path | None) -> dict:
         for key, fn in (("tf", ev.score), ("plain", plain.score), ("gen", generate_based)):
             times[key].append(timed(fn, repeats=1))
     tf, tf_plain, gen = (statistics.median(times[k]) for k in ("tf", "plain", "gen"))
-    tf_score, gen_score = {"s": scores["tf"]}, {"s": scores["gen"]}
     return {"rows": len(rows), "teacher_forced_seconds": tf, "generate_seconds": gen, "speedup": gen / tf,
             "teacher_forced_no_prefix_cache_seconds": tf_plain, "speedup_no_prefix_cache": gen / tf_plain,
-            "teacher_forced_score": tf_score["s"], "generate_score": gen_score["s"],
-            "scores_equal": tf_score["s"] == gen_score["s"] == scores["plain"]}
+            "teacher_forced_score": scores["tf"], "generate_score": scores["gen"],
+            "scores_equal": scores["tf"] == scores["gen"] == scores["plain"]}
 
 
 def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, reference: int = 200,

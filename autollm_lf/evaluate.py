@@ -76,28 +76,25 @@ MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a forward call of
 CALL_COST = 256        # a forward call's fixed cost, in positions: keeps batches from getting needlessly small
 
 
-def shared_prefix(prompts: list[list[int]]) -> int:
-    """Length of the prefix all prompts share, leaving each prompt's last token out (its logits are scored)."""
-    limit = min(map(len, prompts)) - 1
-    first = prompts[0]
-    for n in range(limit):
-        if any(p[n] != first[n] for p in prompts):
-            return n
-    return limit
-
-
-def prefix_worth_sharing(rows: int, shared: int) -> int:
-    """`shared` when running it once (one more forward call) saves positions, else 0."""
-    return shared if shared >= MIN_SHARED_PREFIX and (rows - 1) * shared > CALL_COST else 0
-
-
 def _common(a: list[int], b: list[int]) -> int:
+    """Length of the prefix a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
             break
         n += 1
     return n
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prefix all prompts share, leaving each prompt's last token out (its logits are scored)."""
+    first = prompts[0]
+    return min([_common(first, p) for p in prompts[1:]] + [len(p) - 1 for p in prompts])
+
+
+def prefix_worth_sharing(rows: int, shared: int) -> int:
+    """`shared` when running it once (one more forward call) saves positions, else 0."""
+    return shared if shared >= MIN_SHARED_PREFIX and (rows - 1) * shared > CALL_COST else 0
 
 
 def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], batch_size: int) -> tuple[float, list[list[int]]]:
