@@ -7,6 +7,7 @@ included, is the reference token, so one forward pass per batch scores a trial. 
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Batch:
     labels: torch.Tensor        # over `keep`: the token each kept position must predict
     keep: torch.Tensor          # the positions of input_ids whose logits are computed (the answer span)
     index: list[int]            # row index of each sequence in the original order
-    prefix: torch.Tensor | None = None  # [1, P]: prompt tokens every row of the batch starts with
+    prefix: tuple[int, ...] = ()  # prompt tokens every row of the batch starts with (run once, cached)
 
 
 class Evaluator:
@@ -72,7 +73,7 @@ class Evaluator:
         return [order[s:s + size] for s in range(0, len(order), size)]
 
 
-MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth a forward call of their own
+MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the cache's copy per row
 CALL_COST = 256        # a forward call's fixed cost, in positions: keeps batches from getting needlessly small
 
 
@@ -93,14 +94,16 @@ def shared_prefix(prompts: list[list[int]]) -> int:
 
 
 def prefix_worth_sharing(rows: int, shared: int) -> int:
-    """`shared` when running it once (one more forward call) saves positions, else 0."""
-    return shared if shared >= MIN_SHARED_PREFIX and (rows - 1) * shared > CALL_COST else 0
+    """`shared` when running it once saves positions, else 0. All the prefixes of a pass run in one forward
+    call, so a prefix costs its own positions and no call of its own."""
+    return shared if shared >= MIN_SHARED_PREFIX and rows > 1 else 0
 
 
 def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], batch_size: int) -> tuple[float, list[list[int]]]:
     """Cut `order` into consecutive batches of at most batch_size rows so that one teacher-forced pass per batch
-    computes the fewest positions: each batch costs its shared prompt prefix once (where prefix_worth_sharing)
-    plus rows x (longest row - prefix), plus CALL_COST per forward call. Dynamic programming over the cut
+    computes the fewest positions: each batch costs its shared prompt prefix once (where prefix_worth_sharing;
+    an upper bound, as batches with the same prefix share one copy) plus rows x (longest row - prefix), plus
+    CALL_COST per forward call. Dynamic programming over the cut
     points; the shared prefix of consecutive rows is the minimum of their adjacent common prefixes."""
     n = len(order)
     adjacent = [_common(encoded[order[i]][0], encoded[order[i + 1]][0]) for i in range(n - 1)]
@@ -113,7 +116,7 @@ def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], b
             if i < j - 1:
                 shared = min(shared, adjacent[i])
             prefix = prefix_worth_sharing(j - i, min(shared, shortest_prompt - 1))
-            cost = best[i] + (j - i) * (longest - prefix) + CALL_COST + (prefix + CALL_COST if prefix else 0)
+            cost = best[i] + (j - i) * (longest - prefix) + CALL_COST + prefix
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     batches, j = [], n
@@ -123,6 +126,15 @@ def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], b
     return best[n], batches[::-1]
 
 
+def has_sliding_window(config) -> bool:
+    """Whether any attention layer is not full attention (then its cache layer is not a plain DynamicLayer)."""
+    text = config.get_text_config(decoder=True)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:  # e.g. Qwen2 keeps a sliding_window value while every layer is full attention
+        return any(t != "full_attention" for t in layer_types)
+    return bool(getattr(text, "sliding_window", None))
+
+
 class TeacherForced(Evaluator):
     """One forward pass over prompt + reference per batch; subclasses read the logits.
 
@@ -130,14 +142,20 @@ class TeacherForced(Evaluator):
     or by prompt (rows that start alike together: chat template, system prompt, instruction), whichever
     is cheaper for these rows. A prefix every row of a batch shares is run once and its key/value cache
     reused by every row (as prefix caching in inference servers does), so a long system prompt costs
-    one row, not a batch."""
+    one row, not a batch. The distinct prefixes of all batches run together in one forward call, first."""
 
     def __init__(self, *args, share_prefix: bool = True):
         super().__init__(*args)
-        device = next(self.model.parameters()).device
+        self.device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        self.share_prefix = share_prefix  # False: batches by length, no prefix cache (the bench's comparison)
-        self.batches = [self._collate(idx, pad, device) for idx in self._grouping()]
+        # False: batches by length, no prefix cache (the bench's comparison). Sliding-window layers keep a
+        # cache whose length is not the prefix's, so no sharing there.
+        self.share_prefix = share_prefix and not has_sliding_window(self.model.config)
+        self.batches = [self._collate(idx, pad) for idx in self._grouping()]
+        prefixes = sorted({b.prefix for b in self.batches if b.prefix})
+        self.prefix_row = {prefix: row for row, prefix in enumerate(prefixes)}
+        longest = max(map(len, prefixes), default=0)  # right padding: no prefix position ever sees a pad
+        self.prefixes = torch.tensor([list(p) + [pad] * (longest - len(p)) for p in prefixes], device=self.device)
 
     def _grouping(self) -> list[list[int]]:
         """The cheapest of a few row orders (by length; by prompt; by the first k prompt tokens, then length),
@@ -150,7 +168,7 @@ class TeacherForced(Evaluator):
         plans = [plan_batches(enc, sorted(range(len(enc)), key=key), self.cfg.batch_size) for key in keys]
         return min(plans, key=lambda plan: plan[0])[1]
 
-    def _collate(self, index: list[int], pad_id: int, device) -> Batch:
+    def _collate(self, index: list[int], pad_id: int) -> Batch:
         items = [self.encoded[i] for i in index]
         length = max(len(p) + len(r) for p, r in items)
         ids = torch.full((len(items), length), pad_id, dtype=torch.long)
@@ -164,18 +182,27 @@ class TeacherForced(Evaluator):
         # the longest row is only a label: no input position for it.
         lo, hi = min(len(p) for p, _ in items) - 1, length - 1
         keep = torch.arange(lo, hi) - shared
+        device = self.device
         return Batch(ids[:, shared:hi].to(device), target[:, lo:hi].to(device), ids[:, lo + 1: hi + 1].to(device),
-                     keep.to(device), index, ids[:1, :shared].to(device) if shared else None)
+                     keep.to(device), index, tuple(ids[0, :shared].tolist()))
 
-    def _logits(self, b: Batch) -> torch.Tensor:
+    def _prefix_cache(self):
+        """Keys and values of every distinct shared prefix, from one forward call (they depend on the weights)."""
+        if not len(self.prefixes):
+            return None
+        return self.model(input_ids=self.prefixes, use_cache=True, logits_to_keep=1).past_key_values
+
+    def _logits(self, b: Batch, prefixes) -> torch.Tensor:
         # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
         # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
-        if b.prefix is None:
+        if not b.prefix:
             return self.model(input_ids=b.input_ids, logits_to_keep=b.keep).logits
-        cache = self.model(input_ids=b.prefix, use_cache=True, logits_to_keep=1).past_key_values
-        rows = b.input_ids.shape[0]
-        for layer in cache.layers:  # the prefix's keys and values, the same for every row: a view, no copy
-            layer.keys, layer.values = (t.expand(rows, *t.shape[1:]) for t in (layer.keys, layer.values))
+        row, length, rows = self.prefix_row[b.prefix], len(b.prefix), b.input_ids.shape[0]
+        cache = copy.copy(prefixes)  # the forward appends to its layers: give it its own
+        cache.layers = [copy.copy(layer) for layer in prefixes.layers]
+        for layer in cache.layers:  # this batch's prefix, the same for every row: a view, no copy
+            layer.keys, layer.values = (t[row:row + 1, :, :length].expand(rows, -1, -1, -1)
+                                        for t in (layer.keys, layer.values))
         return self.model(input_ids=b.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=b.keep).logits
 
     def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
@@ -184,8 +211,9 @@ class TeacherForced(Evaluator):
     @torch.inference_mode()
     def row_scores(self) -> list[float]:
         result = [0.0] * len(self.rows)
+        prefixes = self._prefix_cache()
         for b in self.batches:
-            for i, s in zip(b.index, self.per_row(self._logits(b), b)):
+            for i, s in zip(b.index, self.per_row(self._logits(b, prefixes), b)):
                 result[i] = s
         return result
 

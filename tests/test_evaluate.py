@@ -88,7 +88,7 @@ SYSTEM = "You answer with the first two letters of the word, nothing else. " * 4
 
 
 def test_shared_prefix_cache_gives_the_same_scores(tiny_model):
-    """Rows sharing a long system prompt: its key/value cache is computed once per batch and reused; per-row
+    """Rows sharing a long system prompt: its key/value cache is computed once per pass and reused; per-row
     exact match is identical and the loss equal to 1e-5, compared with a full pass per row."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rng = random.Random(1)
@@ -97,13 +97,33 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny_model):
     model = half_trained(tiny_model, rows[:20], tok, steps=400)
     cfg = EvaluationConfig(batch_size=8)
     shared, plain = ExactMatch(model, tok, "default", rows, cfg), ExactMatch(model, tok, "default", rows, cfg, share_prefix=False)
-    assert any(b.prefix is not None and b.prefix.shape[1] > 250 for b in shared.batches)
-    assert all(b.prefix is None for b in plain.batches)
+    assert any(len(b.prefix) > 250 for b in shared.batches)
+    assert len(shared.prefixes) < sum(bool(b.prefix) for b in shared.batches)  # batches share one copy of it
+    assert not any(b.prefix for b in plain.batches)
     assert shared.row_scores() == plain.row_scores()
     assert 0 < sum(shared.row_scores()) < len(rows)
     loss_shared = NegativeLoss(model, tok, "default", rows, cfg).row_scores()
     loss_plain = NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False).row_scores()
     assert torch.allclose(torch.tensor(loss_shared), torch.tensor(loss_plain), atol=1e-5)
+
+
+def test_sliding_window_model_scores_as_a_plain_pass(tiny_model):
+    """A sliding-window cache (Mistral, Gemma 2) keeps only the window: its prefix cannot be shared as a view.
+    The loss with the default settings equals the plain pass on a model whose window is shorter than the
+    shared system prompt."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, sliding_window=32, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    systems = [SYSTEM, "Be brief. " + SYSTEM]  # two shared prefixes of different lengths, both past the window
+    rows = [{"prompt": w, "response": w[::-1], "system": systems[i % 2]}
+            for i, w in enumerate(("abc", "bcd", "cab", "dcba", "ab", "ba", "cc", "dab"))]
+    cfg = EvaluationConfig(metric="loss", batch_size=4)
+    default, plain = NegativeLoss(model, tok, "default", rows, cfg), NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False)
+    assert torch.allclose(torch.tensor(default.row_scores()), torch.tensor(plain.row_scores()), atol=1e-5)
 
 
 def test_plan_batches_covers_every_row_once_and_prefers_shared_prefixes():
