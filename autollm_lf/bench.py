@@ -208,7 +208,7 @@ def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
 def bench_exact_match(toy_cfg: Path | None) -> dict:
     """Teacher-forced exact match vs generate-based, on the toy's validation rows (or a tiny model)."""
     from .config import EvaluationConfig, load_config
-    from .evaluate import ExactMatch
+    from .evaluate import ExactMatch, greedy_generate
     from .merge import load_base
     from .prepare import load_split
 
@@ -221,18 +221,12 @@ def bench_exact_match(toy_cfg: Path | None) -> dict:
     ev = ExactMatch(model, tok, cfg.base_model.template, rows, eval_cfg)
     plain = ExactMatch(model, tok, cfg.base_model.template, rows, eval_cfg, share_prefix=False)  # length batches only
 
-    def generate_based():  # greedy generate on the same rows, batched as the generate-based evaluators do
+    def generate_based():  # greedy generate on the same rows, as the generate-based evaluators run it
         hits = 0
-        for index in ev._batches(lambda i: len(ev.encoded[i][0])):  # by prompt length: least left padding
-            chunk = [ev.encoded[i] for i in index]
-            length = max(len(p) for p, _ in chunk)
-            ids = torch.tensor([[tok.pad_token_id] * (length - len(p)) + p for p, _ in chunk])
-            attn = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p, _ in chunk])
-            with torch.no_grad():
-                gen = model.generate(input_ids=ids, attention_mask=attn, do_sample=False,
-                                     max_new_tokens=max(len(t) for _, t in chunk), eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)[:, length:].tolist()
-            hits += sum(g[: len(t)] == t for g, (_, t) in zip(gen, chunk))
+        for index in ev.prompt_length_batches():  # as Generated batches
+            chunk = [ev.encoded[i] for i in index]  # stop at the longest reference: greedy can't match past it
+            new = greedy_generate(model, tok, [p for p, _ in chunk], max(len(t) for _, t in chunk))
+            hits += sum(g[: len(t)] == t for g, (_, t) in zip(new, chunk))
         return hits / len(rows)
 
     # each side runs once untimed (warm-up); then 5 rounds, the three sides in turn (drift on a shared machine

@@ -72,6 +72,10 @@ class Evaluator:
         size = self.cfg.batch_size
         return [order[s:s + size] for s in range(0, len(order), size)]
 
+    def prompt_length_batches(self) -> list[list[int]]:
+        """Batches for `generate`: by prompt length, the least left padding."""
+        return self._batches(lambda i: len(self.encoded[i][0]))
+
 
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the cache's copy per row
 CALL_COST = 256        # a forward call's fixed cost, in positions: keeps batches from getting needlessly small
@@ -103,8 +107,8 @@ def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], b
     """Cut `order` into consecutive batches of at most batch_size rows so that one teacher-forced pass per batch
     computes the fewest positions: each batch costs its shared prompt prefix once (where prefix_worth_sharing;
     an upper bound, as batches with the same prefix share one copy) plus rows x (longest row - prefix), plus
-    CALL_COST per forward call. Dynamic programming over the cut
-    points; the shared prefix of consecutive rows is the minimum of their adjacent common prefixes."""
+    CALL_COST per forward call. Dynamic programming over the cut points; the shared prefix of consecutive rows
+    is the minimum of their adjacent common prefixes."""
     n = len(order)
     adjacent = [_common(encoded[order[i]][0], encoded[order[i + 1]][0]) for i in range(n - 1)]
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
@@ -238,22 +242,27 @@ class NegativeLoss(TeacherForced):
         return (-(nll * mask).sum(-1) / mask.sum(-1)).tolist()
 
 
+def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The new tokens of batched greedy `generate` for these prompt ids (left-padded, so all continue at once)."""
+    device, pad = next(model.parameters()).device, tokenizer.pad_token_id
+    length = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    return gen[:, length:].tolist()
+
+
 class Generated(Evaluator):
     """Greedy answers from batched `generate` (left padding), compared to the reference by `compare`."""
 
     def predictions(self) -> list[str]:
-        tok, device = self.tokenizer, next(self.model.parameters()).device
         out = [""] * len(self.rows)
-        for index in self._batches(lambda i: len(self.encoded[i][0])):
-            prompts = [self.encoded[i][0] for i in index]
-            length = max(map(len, prompts))
-            ids = torch.tensor([[tok.pad_token_id] * (length - len(p)) + p for p in prompts], device=device)
-            attn = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
-            with torch.no_grad():
-                gen = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=self.cfg.max_new_tokens,
-                                          do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            for i, seq in zip(index, gen[:, length:]):
-                out[i] = tok.decode(seq, skip_special_tokens=True).strip()
+        for index in self.prompt_length_batches():
+            new = greedy_generate(self.model, self.tokenizer, [self.encoded[i][0] for i in index], self.cfg.max_new_tokens)
+            for i, seq in zip(index, new):
+                out[i] = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
         return out
 
     def row_scores(self) -> list[float]:
