@@ -45,7 +45,7 @@ class Batch:
     input_ids: torch.Tensor     # the rows after their shared prefix, right-padded
     target_mask: torch.Tensor   # over `keep`: True where the next position holds a reference token
     labels: torch.Tensor        # over `keep`: the token each kept position must predict
-    keep: torch.Tensor          # the positions of input_ids whose logits are computed (the answer span)
+    scored: int                 # the last positions of input_ids, whose logits are computed (the answer span)
     index: list[int]            # row index of each sequence in the original order
     prefix: tuple[int, ...] = ()  # prompt tokens every row of the batch starts with (run once, cached)
 
@@ -139,6 +139,93 @@ def has_sliding_window(config) -> bool:
     return bool(getattr(text, "sliding_window", None))
 
 
+# what the last decoder layer is called with in a plain forward; any other argument (one more tensor over the
+# sequence, say) leaves the layer whole
+_LAYER_KWARGS = {"attention_mask", "position_ids", "past_key_values", "use_cache", "position_embeddings"}
+
+
+def _sliced(kwargs: dict, start: int, stop: int, keys: int | None) -> dict:
+    """The last decoder layer's arguments for query positions start:stop of its input, attending to the first
+    `keys` cache positions (None: all, as the layer's own update leaves them)."""
+    out = dict(kwargs)
+    if kwargs.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(t[:, start:stop] for t in kwargs["position_embeddings"])
+    if kwargs.get("position_ids") is not None:
+        out["position_ids"] = kwargs["position_ids"][..., start:stop]
+    if kwargs.get("attention_mask") is not None:
+        out["attention_mask"] = kwargs["attention_mask"][:, :, start:stop, :keys]
+    return out
+
+
+def _causal_mask(queries: int, offset: int, like: torch.Tensor, implementation: str) -> torch.Tensor:
+    """Causal mask of `queries` positions that come after `offset` others (the layer gets None when queries and
+    keys line up; cut apart, they no longer do): bool for sdpa, additive for eager."""
+    allowed = torch.ones(queries, offset + queries, dtype=torch.bool, device=like.device).tril(offset)[None, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _last_decoder_layer(model):
+    """The last decoder layer, if it starts as Llama's does (input_layernorm, then self_attn): Llama, Qwen,
+    Mistral, Gemma, Phi-3. Only then can PromptKeysOnly cut it; None otherwise (the layer stays whole)."""
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    last = layers[-1] if layers else None
+    return last if hasattr(last, "input_layernorm") and hasattr(getattr(last, "self_attn", None), "layer_idx") else None
+
+
+class _KeysStored(Exception):
+    """Raised once the attention has stored its keys and values: the rest of its forward is not needed."""
+
+
+class _StoreThenStop:
+    """Stands in for the cache in one attention call: stores that call's keys and values in the real cache,
+    then stops the call (as GPTQ's layer-input catcher stops a forward). Everything else goes to the cache."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, *args, **kwargs):
+        self.cache.update(*args, **kwargs)
+        raise _KeysStored
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+class PromptKeysOnly:
+    """Forward pre-hook on the last decoder layer. No logit is read at a prompt position, so there the last
+    layer's output is never used: all the answer positions need from it are its keys and values. The prompt
+    positions (the first `split`) run the input norm and the key/value projections, stored in the cache, and
+    skip attention, output projection and MLP; the layer itself then runs on the answer positions only,
+    attending to the prompt through the cache. Exact: the same operations on the positions that are read."""
+
+    def __init__(self, implementation: str):
+        self.implementation, self.split = implementation, 0
+
+    def __call__(self, layer, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        s, length = self.split, hidden.shape[1]
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        past = cache.get_seq_length(layer.self_attn.layer_idx) if cache is not None else 0
+        # whole layer: nothing to cut, no cache to hold the prompt's keys, an argument this hook does not know, or
+        # a None mask after a cache (not a plain causal mask then)
+        if not 0 < s < length or cache is None or set(kwargs) - _LAYER_KWARGS or (mask is None and past):
+            return (hidden, *args[1:]), kwargs
+        prompt = _sliced(kwargs, 0, s, past + s)
+        prompt["past_key_values"] = _StoreThenStop(cache)
+        try:  # the attention stops once its keys and values are in the cache: no scores, no output projection
+            layer.self_attn(hidden_states=layer.input_layernorm(hidden[:, :s]), **prompt)
+        except _KeysStored:
+            pass
+        if cache.get_seq_length(layer.self_attn.layer_idx) != past + s:
+            raise RuntimeError(f"{type(layer.self_attn).__name__} did not store its keys and values in the cache")
+        rest = _sliced(kwargs, s, length, None)
+        if mask is None:  # queries and keys lined up (no prefix): the answer positions now come after s others
+            rest["attention_mask"] = _causal_mask(length - s, past + s, hidden, self.implementation)
+        return (hidden[:, s:],), rest
+
+
 class TeacherForced(Evaluator):
     """One forward pass over prompt + reference per batch; subclasses read the logits.
 
@@ -146,15 +233,22 @@ class TeacherForced(Evaluator):
     or by prompt (rows that start alike together: chat template, system prompt, instruction), whichever
     is cheaper for these rows. A prefix every row of a batch shares is run once and its key/value cache
     reused by every row (as prefix caching in inference servers does), so a long system prompt costs
-    one row, not a batch. The distinct prefixes of all batches run together in one forward call, first."""
+    one row, not a batch. The distinct prefixes of all batches run together in one forward call, first.
+    The last layer computes only keys and values at prompt positions (PromptKeysOnly)."""
 
-    def __init__(self, *args, share_prefix: bool = True):
+    def __init__(self, *args, share_prefix: bool = True, keys_only_prompts: bool = True):
         super().__init__(*args)
         self.device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        # False: batches by length, no prefix cache (the bench's comparison). Sliding-window layers keep a
-        # cache whose length is not the prefix's, so no sharing there.
-        self.share_prefix = share_prefix and not has_sliding_window(self.model.config)
+        # The bench's comparisons: share_prefix=False batches by length with no prefix cache; keys_only_prompts=False
+        # runs the whole last layer everywhere. Sliding-window layers keep a cache whose length is not the
+        # prefix's, so neither there.
+        sliding = has_sliding_window(self.model.config)
+        self.share_prefix = share_prefix and not sliding
+        implementation = getattr(self.model.config, "_attn_implementation", None)
+        self.last_layer = _last_decoder_layer(self.model) if keys_only_prompts and not sliding and \
+            implementation in ("sdpa", "eager") else None
+        self.trim = PromptKeysOnly(implementation)
         self.batches = [self._collate(idx, pad) for idx in self._grouping()]
         prefixes = sorted({b.prefix for b in self.batches if b.prefix})
         self.prefix_row = {prefix: row for row, prefix in enumerate(prefixes)}
@@ -185,10 +279,9 @@ class TeacherForced(Evaluator):
         # flops) runs on that span of the batch, not on the prompts (`logits_to_keep`). The last token of
         # the longest row is only a label: no input position for it.
         lo, hi = min(len(p) for p, _ in items) - 1, length - 1
-        keep = torch.arange(lo, hi) - shared
         device = self.device
         return Batch(ids[:, shared:hi].to(device), target[:, lo:hi].to(device), ids[:, lo + 1: hi + 1].to(device),
-                     keep.to(device), index, tuple(ids[0, :shared].tolist()))
+                     hi - lo, index, tuple(ids[0, :shared].tolist()))
 
     def _prefix_cache(self):
         """Keys and values of every distinct shared prefix, from one forward call (they depend on the weights)."""
@@ -199,15 +292,18 @@ class TeacherForced(Evaluator):
     def _logits(self, b: Batch, prefixes) -> torch.Tensor:
         # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
         # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
-        if not b.prefix:
-            return self.model(input_ids=b.input_ids, logits_to_keep=b.keep).logits
+        # the last layer's output has only the scored positions if PromptKeysOnly cut it, all otherwise: an int
+        # `logits_to_keep` (the last positions) is right either way
+        self.trim.split, keep = b.input_ids.shape[1] - b.scored, b.scored
+        if not b.prefix:  # the cache holds the keys and values of a cut last layer's prompt positions
+            return self.model(input_ids=b.input_ids, use_cache=True, logits_to_keep=keep).logits
         row, length, rows = self.prefix_row[b.prefix], len(b.prefix), b.input_ids.shape[0]
         cache = copy.copy(prefixes)  # the forward appends to its layers: give it its own
         cache.layers = [copy.copy(layer) for layer in prefixes.layers]
         for layer in cache.layers:  # this batch's prefix, the same for every row: a view, no copy
             layer.keys, layer.values = (t[row:row + 1, :, :length].expand(rows, -1, -1, -1)
                                         for t in (layer.keys, layer.values))
-        return self.model(input_ids=b.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=b.keep).logits
+        return self.model(input_ids=b.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
 
     def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
         raise NotImplementedError
@@ -215,10 +311,16 @@ class TeacherForced(Evaluator):
     @torch.inference_mode()
     def row_scores(self) -> list[float]:
         result = [0.0] * len(self.rows)
-        prefixes = self._prefix_cache()
-        for b in self.batches:
-            for i, s in zip(b.index, self.per_row(self._logits(b, prefixes), b)):
-                result[i] = s
+        self.trim.split = 0  # the prefix call: every layer whole
+        hook = self.last_layer.register_forward_pre_hook(self.trim, with_kwargs=True) if self.last_layer else None
+        try:
+            prefixes = self._prefix_cache()
+            for b in self.batches:
+                for i, s in zip(b.index, self.per_row(self._logits(b, prefixes), b)):
+                    result[i] = s
+        finally:
+            if hook:
+                hook.remove()
         return result
 
 

@@ -138,3 +138,45 @@ def test_plan_batches_covers_every_row_once_and_prefers_shared_prefixes():
     assert not any(encoded[b[0]][0][:40] == system and encoded[b[-1]][0][:40] != system for b in batches)
     padded = sum(len(b) * max(len(encoded[i][0]) + 1 for i in b) for b in (by_prompt[s:s + 16] for s in range(0, 60, 16)))
     assert cost < padded
+
+
+def _tiny(kind: str, tok):
+    """A 2-layer model of the given family, random weights, sized for the char tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    families = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                "qwen3": (Qwen3Config, Qwen3ForCausalLM)}  # qwen3: a norm on the keys before RoPE
+    config_cls, model_cls = families[kind]
+    torch.manual_seed(0)
+    return model_cls(config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+
+
+def test_last_layer_runs_only_the_answer_positions(tiny_model):
+    """The last layer's MLP sees only the scored (answer) positions, and the scores equal the whole-layer pass:
+    exact match row for row, loss to 1e-5, for Llama, Qwen2 and Qwen3 (key norm), with sdpa and eager
+    attention, with a shared-prefix cache and without one (where the cut layer builds its own causal mask)."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random(2)
+    rows = [{"prompt": "".join(rng.choice("abcd") for _ in range(rng.randint(2, 9))), "response": "ab" * rng.randint(1, 3),
+             "system": SYSTEM[: 40 + 10 * (i % 2)]} for i in range(24)]
+    for kind, implementation, share in [("llama", "sdpa", True), ("llama", "sdpa", False), ("llama", "eager", True),
+                                         ("llama", "eager", False), ("qwen2", "sdpa", True), ("qwen3", "sdpa", False)]:
+        model = _tiny(kind, tok)
+        model.set_attn_implementation(implementation)
+        cfg = EvaluationConfig(metric="loss", batch_size=5)
+        cut, whole = (NegativeLoss(model, tok, "default", rows, cfg, share_prefix=share, keys_only_prompts=k)
+                      for k in (True, False))
+        seen = []
+        hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2].numel()))
+        cut_scores = cut.row_scores()
+        hook.remove()
+        assert any(b.prefix for b in cut.batches) == share
+        scored = sum(b.input_ids.shape[0] * b.scored for b in cut.batches)
+        assert sum(seen) == cut.prefixes.numel() + scored, (kind, implementation, share)  # prefix call: whole layer
+        assert scored < sum(b.input_ids.numel() for b in cut.batches)
+        assert torch.allclose(torch.tensor(cut_scores), torch.tensor(whole.row_scores()), atol=1e-5), (kind, implementation)
+        em_cut, em_whole = (ExactMatch(model, tok, "default", rows, cfg, share_prefix=share, keys_only_prompts=k)
+                            for k in (True, False))
+        assert em_cut.row_scores() == em_whole.row_scores()
