@@ -154,9 +154,10 @@ def _tiny(kind: str, tok):
 
 
 def test_last_layer_runs_only_the_answer_positions(tiny_model):
-    """The last layer's MLP sees only the scored (answer) positions, and the scores equal the whole-layer pass:
-    exact match row for row, loss to 1e-5, for Llama, Qwen2 and Qwen3 (key norm), with sdpa and eager
-    attention, with a shared-prefix cache and without one (where the cut layer builds its own causal mask)."""
+    """The last layer's MLP sees only the scored (answer) positions, and the scores equal a plain pass (no
+    prefix cache, whole last layer, transformers' own masks): exact match row for row, loss to 1e-5, for Llama,
+    Qwen2 and Qwen3 (key norm), with sdpa and eager attention, with a shared-prefix cache and without one
+    (where the cut layer builds its own causal mask)."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rng = random.Random(2)
     rows = [{"prompt": "".join(rng.choice("abcd") for _ in range(rng.randint(2, 9))), "response": "ab" * rng.randint(1, 3),
@@ -166,8 +167,8 @@ def test_last_layer_runs_only_the_answer_positions(tiny_model):
         model = _tiny(kind, tok)
         model.set_attn_implementation(implementation)
         cfg = EvaluationConfig(metric="loss", batch_size=5)
-        cut, whole = (NegativeLoss(model, tok, "default", rows, cfg, share_prefix=share, keys_only_prompts=k)
-                      for k in (True, False))
+        cut = NegativeLoss(model, tok, "default", rows, cfg, share_prefix=share)
+        whole = NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False, keys_only_prompts=False)
         seen = []
         hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2].numel()))
         cut_scores = cut.row_scores()
@@ -177,6 +178,6 @@ def test_last_layer_runs_only_the_answer_positions(tiny_model):
         assert sum(seen) == cut.prefixes.numel() + scored, (kind, implementation, share)  # prefix call: whole layer
         assert scored < sum(b.input_ids.numel() for b in cut.batches)
         assert torch.allclose(torch.tensor(cut_scores), torch.tensor(whole.row_scores()), atol=1e-5), (kind, implementation)
-        em_cut, em_whole = (ExactMatch(model, tok, "default", rows, cfg, share_prefix=share, keys_only_prompts=k)
-                            for k in (True, False))
+        em_cut = ExactMatch(model, tok, "default", rows, cfg, share_prefix=share)
+        em_whole = ExactMatch(model, tok, "default", rows, cfg, share_prefix=False, keys_only_prompts=False)
         assert em_cut.row_scores() == em_whole.row_scores()
