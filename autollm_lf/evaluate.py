@@ -43,8 +43,8 @@ def encode_prompt_response(tokenizer, template_name: str, prompt: str, response:
 @dataclass
 class Batch:
     input_ids: torch.Tensor     # the rows after their shared prefix, right-padded
-    target_mask: torch.Tensor   # over `keep`: True where the next position holds a reference token
-    labels: torch.Tensor        # over `keep`: the token each kept position must predict
+    target_mask: torch.Tensor   # over the scored positions: True where the next position holds a reference token
+    labels: torch.Tensor        # over the scored positions: the token each must predict
     scored: int                 # the last positions of input_ids, whose logits are computed (the answer span)
     index: list[int]            # row index of each sequence in the original order
     prefix: tuple[int, ...] = ()  # prompt tokens every row of the batch starts with (run once, cached)
@@ -292,8 +292,8 @@ class TeacherForced(Evaluator):
     def _logits(self, b: Batch, prefixes) -> torch.Tensor:
         # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
         # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
-        # the last layer's output has only the scored positions if PromptKeysOnly cut it, all otherwise: an int
-        # `logits_to_keep` (the last positions) is right either way
+        # The last layer's output has only the scored positions if PromptKeysOnly cut it, all otherwise: an int
+        # `logits_to_keep` (the last positions) is right either way.
         self.trim.split, keep = b.input_ids.shape[1] - b.scored, b.scored
         if not b.prefix:  # the cache holds the keys and values of a cut last layer's prompt positions
             return self.model(input_ids=b.input_ids, use_cache=True, logits_to_keep=keep).logits
