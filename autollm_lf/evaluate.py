@@ -290,13 +290,13 @@ class TeacherForced(Evaluator):
         return self.model(input_ids=self.prefixes, use_cache=True, logits_to_keep=1).past_key_values
 
     def _logits(self, b: Batch, prefixes) -> torch.Tensor:
-        # No attention mask: padding is on the right, so under the causal mask no real position ever sees a
-        # pad; the scored logits are the same and attention takes its plain causal path (no padded 4-D mask).
+        # No padding mask: padding is on the right, so under the causal mask no real position ever sees a pad;
+        # the scored logits are the same and, without a prefix, attention takes its plain causal path.
         # The last layer's output has only the scored positions if PromptKeysOnly cut it, all otherwise: an int
         # `logits_to_keep` (the last positions) is right either way.
         self.trim.split, keep = b.input_ids.shape[1] - b.scored, b.scored
-        if not b.prefix:  # the cache holds the keys and values of a cut last layer's prompt positions
-            return self.model(input_ids=b.input_ids, use_cache=True, logits_to_keep=keep).logits
+        if not b.prefix:  # a cache only to hold the cut last layer's prompt keys and values
+            return self.model(input_ids=b.input_ids, use_cache=self.last_layer is not None, logits_to_keep=keep).logits
         row, length, rows = self.prefix_row[b.prefix], len(b.prefix), b.input_ids.shape[0]
         cache = copy.copy(prefixes)  # the forward appends to its layers: give it its own
         cache.layers = [copy.copy(layer) for layer in prefixes.layers]
