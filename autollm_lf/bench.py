@@ -10,6 +10,8 @@
 - exact_match_speedup: teacher-forced vs generate-based exact match on the same rows (scores equal);
 - bo_vs_random: on the toy, best validation after 30 trials of bayes_opt vs random search;
 - peak RSS of a search process vs the size of base + adapters.
+
+`--only merge|exact_match|bo` runs one part (repeatable); `--rounds N` times each exact-match side N times.
 """
 from __future__ import annotations
 
@@ -205,8 +207,8 @@ def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench_exact_match(toy_cfg: Path | None) -> dict:
-    """Teacher-forced exact match vs generate-based, on the toy's validation rows (or a tiny model)."""
+def bench_exact_match(toy_cfg: Path | None, rounds: int = 5) -> dict:
+    """Teacher-forced exact match vs generate-based, on the toy's validation rows, `rounds` times each."""
     from .config import EvaluationConfig, load_config
     from .evaluate import ExactMatch, greedy_generate
     from .merge import load_base
@@ -230,16 +232,18 @@ def bench_exact_match(toy_cfg: Path | None) -> dict:
             hits += sum(g[: len(t)] == t for g, (_, t) in zip(new, chunk))
         return hits / len(rows)
 
-    # each side runs once untimed (warm-up); then 5 rounds, the sides in turn (drift on a shared machine hits
-    # them all alike), and the median of each
+    # each side runs once untimed (warm-up); then `rounds` rounds, the sides in turn (drift on a shared machine
+    # hits them all alike), and the median of each; the per-round ratios show the spread
     sides = {"tf": ev.score, "plain": plain.score, "whole": whole.score, "gen": generate_based}
     scores = {key: fn() for key, fn in sides.items()}
     times = {k: [] for k in sides}
-    for _ in range(5):
+    for _ in range(rounds):
         for key, fn in sides.items():
             times[key].append(timed(fn, repeats=1))
     tf, tf_plain, tf_whole, gen = (statistics.median(times[k]) for k in sides)
+    per_round = [g / t for g, t in zip(times["gen"], times["tf"])]
     return {"rows": len(rows), "teacher_forced_seconds": tf, "generate_seconds": gen, "speedup": gen / tf,
+            "rounds": rounds, "speedup_per_round": per_round,
             "teacher_forced_no_prefix_cache_seconds": tf_plain, "speedup_no_prefix_cache": gen / tf_plain,
             "teacher_forced_whole_last_layer_seconds": tf_whole, "speedup_whole_last_layer": gen / tf_whole,
             "teacher_forced_score": scores["tf"], "generate_score": scores["gen"],
@@ -294,14 +298,21 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
             "random_mean_vs_reference": statistics.mean(rnd_best) / ref}
 
 
-def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None) -> dict:
+PARTS = ("merge", "exact_match", "bo")  # `autollm bench --only PART` runs just those
+
+
+def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, only: list[str] | None = None,
+              rounds: int = 5) -> dict:
     torch.manual_seed(0)
-    started = time.time()
-    result = {"merge": bench_merge("quick" if quick else "0.5B", repeats=1 if quick else 2),
-              "exact_match_speedup": bench_exact_match(toy_cfg),
-              "bo_vs_random": bench_bo_vs_random(toy_cfg, trials=8 if quick else 30, seeds=1 if quick else 3,
-                                                 reference=10 if quick else 200, rows=40 if quick else 240),
-              "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    started, parts = time.time(), set(only or PARTS)
+    result = {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if "merge" in parts:
+        result["merge"] = bench_merge("quick" if quick else "0.5B", repeats=1 if quick else 2)
+    if "exact_match" in parts:
+        result["exact_match_speedup"] = bench_exact_match(toy_cfg, rounds)
+    if "bo" in parts:
+        result["bo_vs_random"] = bench_bo_vs_random(toy_cfg, trials=8 if quick else 30, seeds=1 if quick else 3,
+                                                    reference=10 if quick else 200, rows=40 if quick else 240)
     result["seconds"] = time.time() - started
     print_table(result)
     if as_json:
@@ -310,31 +321,48 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None) -> dict:
 
 
 def print_table(r: dict) -> None:
-    m = r["merge"]
-    lines = [f"== autollm bench ({m['shape']} shape, {r['device']}, {r['threads']} threads, eval {m['eval_batch']})",
-             f"trial overhead: in place {m['overhead_seconds_ours']:.4f}s vs reload {m['overhead_seconds_reload']:.2f}s "
+    m = r.get("merge")
+    shape = f"{m['shape']} shape, " if m else ""
+    tail = f", eval {m['eval_batch']}" if m else ""
+    lines = [f"== autollm bench ({shape}{r['device']}, {r['threads']} threads{tail})"]
+    if m:
+        lines += merge_lines(m)
+    if "exact_match_speedup" in r:
+        lines.append("exact match: " + exact_match_line(r["exact_match_speedup"]))
+    if "bo_vs_random" in r:
+        bo = r["bo_vs_random"]
+        lines.append("bo vs random: " + (bo["skipped"] if "skipped" in bo else
+                     f"{bo['trials']} trials, BO {bo['bo_mean_vs_reference']:.1%} and random "
+                     f"{bo['random_mean_vs_reference']:.1%} of the best of {bo['reference_best_of_random']:.4f} "
+                     "random trials"))
+    lines.append(f"took {r['seconds']:.0f}s")
+    print("\n".join(lines))
+
+
+def merge_lines(m: dict) -> list[str]:
+    lines = [f"trial overhead: in place {m['overhead_seconds_ours']:.4f}s vs reload {m['overhead_seconds_reload']:.2f}s "
              f"= {m['overhead_ratio']:.0f}x",
              f"whole trial:    in place {m['trial_seconds_ours']:.2f}s vs reload {m['trial_seconds_reload']:.2f}s "
              f"(plain pass {m['plain_pass_seconds']:.2f}s; the same plain pass took "
-             f"{m['plain_pass_seconds_range'][0]:.2f}-{m['plain_pass_seconds_range'][1]:.2f}s over this run)"]
-    lines.append(f"trial / plain pass (merge fraction = apply / pass), ties and dare at density {m['density']}:")
+             f"{m['plain_pass_seconds_range'][0]:.2f}-{m['plain_pass_seconds_range'][1]:.2f}s over this run)",
+             f"trial / plain pass (merge fraction = apply / pass), ties and dare at density {m['density']}:"]
     for n, modes in m["trial_vs_plain"].items():
         lines.append(f"  {n:<10} " + ", ".join(f"{k} {v:.3f}x ({m['merge_fraction'][n][k]:.2f})"
                                                for k, v in modes.items() if k != "linear")
                      + f"; linear = {m['linear_picked'][n]}")
     lines.append(f"search process peak RSS {m['search_peak_rss_mb']:.0f} MB vs base + 4 adapters "
                  f"{m['base_plus_4_adapters_mb']:.0f} MB on disk")
-    em = r["exact_match_speedup"]
-    lines.append("exact match: " + (em["skipped"] if "skipped" in em else
-                 f"teacher-forced {em['teacher_forced_seconds']:.2f}s vs generate {em['generate_seconds']:.2f}s = "
-                 f"{em['speedup']:.1f}x (without the shared-prefix cache {em['teacher_forced_no_prefix_cache_seconds']:.2f}s "
-                 f"= {em['speedup_no_prefix_cache']:.1f}x; last layer whole at prompt positions "
-                 f"{em['teacher_forced_whole_last_layer_seconds']:.2f}s = {em['speedup_whole_last_layer']:.1f}x), "
-                 f"scores {em['teacher_forced_score']:.4f} / {em['generate_score']:.4f}"
-                 + ("" if em["scores_equal"] else " NOT EQUAL")))
-    bo = r["bo_vs_random"]
-    lines.append("bo vs random: " + (bo["skipped"] if "skipped" in bo else
-                 f"{bo['trials']} trials, BO {bo['bo_mean_vs_reference']:.1%} and random {bo['random_mean_vs_reference']:.1%} "
-                 f"of the best of {bo['reference_best_of_random']:.4f} random trials"))
-    lines.append(f"took {r['seconds']:.0f}s")
-    print("\n".join(lines))
+    return lines
+
+
+def exact_match_line(em: dict) -> str:
+    if "skipped" in em:
+        return em["skipped"]
+    per_round = sorted(em["speedup_per_round"])
+    return (f"teacher-forced {em['teacher_forced_seconds']:.2f}s vs generate {em['generate_seconds']:.2f}s = "
+            f"{em['speedup']:.1f}x (medians of {em['rounds']} rounds; per round {per_round[0]:.2f}-{per_round[-1]:.2f}x; "
+            f"without the shared-prefix cache {em['teacher_forced_no_prefix_cache_seconds']:.2f}s "
+            f"= {em['speedup_no_prefix_cache']:.1f}x; last layer whole at prompt positions "
+            f"{em['teacher_forced_whole_last_layer_seconds']:.2f}s = {em['speedup_whole_last_layer']:.1f}x), "
+            f"scores {em['teacher_forced_score']:.4f} / {em['generate_score']:.4f}"
+            + ("" if em["scores_equal"] else " NOT EQUAL"))

@@ -17,3 +17,20 @@ def test_bench_quick_json(tmp_path):
         assert set(merge["trial_vs_plain"][n]) == {"cat", "fold", "linear", "ties", "dare_ties", "dare_linear"}
         assert set(merge["merge_fraction"][n]) == set(merge["trial_vs_plain"][n])
     assert "skipped" in result["exact_match_speedup"] and "skipped" in result["bo_vs_random"]
+
+
+def test_bench_only_one_part(tmp_path):
+    """`--only exact_match` runs that part alone (here: skipped, no toy run), no 0.5B merge part."""
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--only", "exact_match", "--json",
+                          "--toy", str(tmp_path / "no-toy.yaml")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "skipped" in result["exact_match_speedup"]
+    assert "merge" not in result and "bo_vs_random" not in result
+    assert "trial overhead" not in res.stdout and "exact match: run `sh autollm.sh` first" in res.stdout
+
+
+def test_bench_rounds_must_be_positive():
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--rounds", "0"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["error: bench --rounds: 0 is not a positive number of rounds; give 1 or more"]
