@@ -267,7 +267,8 @@ class WeightedDeltas:
             self._set_merged([float(weights.get(n, 0.0)) for n in self.names], MERGE_METHODS[method])
             return
         if self.mode in ("cat", "fold"):
-            w = torch.tensor([float(weights.get(n, 0.0)) for n in self.names] + [0.0])
+            # float64 here: a float32 tensor would round the weights before the cast to the model's dtype
+            w = torch.tensor([float(weights.get(n, 0.0)) for n in self.names] + [0.0], dtype=torch.float64)
             for A, unit, owner in self.cat_rows:
                 torch.mul(unit, w.to(A.device, A.dtype)[owner].unsqueeze(1), out=A)
             if self.mode == "fold":
