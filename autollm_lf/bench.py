@@ -298,13 +298,10 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
             "random_mean_vs_reference": statistics.mean(rnd_best) / ref}
 
 
-PARTS = ("merge", "exact_match", "bo")  # `autollm bench --only PART` runs just those
-
-
-def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, only: list[str] | None = None,
-              rounds: int = 5) -> dict:
+def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5) -> dict:
+    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo)."""
     torch.manual_seed(0)
-    started, parts = time.time(), set(only or PARTS)
+    started = time.time()
     result = {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if "merge" in parts:
         result["merge"] = bench_merge("quick" if quick else "0.5B", repeats=1 if quick else 2)

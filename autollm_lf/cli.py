@@ -19,6 +19,7 @@ STAGE_HELP = {
 
 
 FORCEABLE = ["train", "search", "mix", "report", "export"]
+BENCH_PARTS = ["merge", "exact_match", "bo"]  # what `autollm bench` measures; --only picks some
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object last")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (figures mean little)")
     bench.add_argument("--toy", default="examples/toy.yaml", help="toy config whose run the exact-match and BO parts use")
-    bench.add_argument("--only", action="append", choices=["merge", "exact_match", "bo"], metavar="PART",
-                       help="run only this part (merge, exact_match, bo); repeatable; default: all")
+    bench.add_argument("--only", action="append", choices=BENCH_PARTS, metavar="PART",
+                       help=f"run only this part ({', '.join(BENCH_PARTS)}); repeatable; default: all")
     bench.add_argument("--rounds", type=int, default=5, metavar="N",
                        help="exact_match: time each side N times, in turn (default 5); the medians and the per-round "
                             "speedups are reported")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
             if args.rounds < 1:
                 raise UserError(f"bench --rounds: {args.rounds} is not a positive number of rounds; give 1 or more")
-            run_bench(args.json, args.quick, Path(args.toy), args.only, args.rounds)
+            run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_PARTS, args.rounds)
             return 0
         from .config import load_config
 
