@@ -19,19 +19,23 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; th
   echo "$WANT" > "$STAMP"
 fi
 
-# The WebUI test drives LLaMA-Factory's real WebUI in headless Chromium (Debian's chromium + chromium-driver).
-need_chromium() {
-  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && return 0
+# System packages the tests drive for real: Debian's chromium + chromium-driver (the WebUI test, headless) and
+# postgresql (the read-only PostgreSQL source test starts its own server on 127.0.0.1).
+need_test_packages() {
+  missing=""
+  { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing="chromium chromium-driver"
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+  [ -n "$missing" ] || return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing chromium and chromium-driver (apt-get) for the WebUI test"
-    apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+    echo "== installing $missing (apt-get) for the tests"
+    apt-get install -y -q $missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null; }
   else
-    echo "warning: the WebUI test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver" >&2
+    echo "warning: the WebUI and PostgreSQL tests need Debian's packages: sudo apt-get install $missing" >&2
   fi
 }
 
 case "${1:-toy}" in
   toy) exec .venv/bin/autollm run examples/toy.yaml ;;
-  test) shift; need_chromium; exec .venv/bin/python -m pytest "$@" ;;
+  test) shift; need_test_packages; exec .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: sh autollm.sh [test [pytest args]]" >&2; exit 2 ;;
 esac

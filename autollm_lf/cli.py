@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from .errors import UserError, mask_secrets
 
 STAGE_HELP = {
     "prepare": "read the sources, chunk, hold out validation/test, write LLaMA-Factory data files",
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                    args.keep_going, getattr(args, "full", False))
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, re-run to continue", file=sys.stderr)

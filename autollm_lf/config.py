@@ -1,15 +1,18 @@
 """The run config: one YAML file, validated with pydantic. Every error is reported at once, with its key path."""
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, mask_secrets
+from .yamlsafe import load_yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 BAD_CASES_FILE = "report/bad_cases.jsonl"
@@ -17,15 +20,18 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/NaN weights or bounds are typos
 
 
 class SqlSource(Strict):
-    """Rows from a SQL query against any SQLAlchemy URL (SQLite files are opened read-only)."""
+    """Rows from a SQL query against any SQLAlchemy URL, on a read-only connection (sqlite, postgresql, mysql)."""
     type: Literal["sql"]
     name: Optional[str] = Field(None, description="provenance label of its rows (default <type>:<index>)")
     url: str
     query: str
+    read_only: Literal["enforce", "trusted"] = Field(
+        "enforce", description="enforce: autollm makes the connection read-only (sqlite, postgresql, mysql, mariadb); "
+                               "trusted: another dialect, whose account you vouch cannot write")
     columns: dict[str, str] = Field(default_factory=dict, description="tool field -> source column")
 
 
@@ -145,14 +151,16 @@ class TrainConfig(Strict):
     @model_validator(mode="after")
     def _known_methods(self):
         from .methods import METHODS
-        from .train import find_template
+        from .train import template_problem
 
         named = [("train.methods", m) for m in (self.methods if isinstance(self.methods, list) else [])]
         named += [(f"train.chunk_methods.{c}", m) for c, ms in self.chunk_methods.items() if isinstance(ms, list) for m in ms]
         named += [(f"train.templates.{m}", m) for m in self.templates] + [(f"train.method_args.{m}", m) for m in self.method_args]
         bad = [f"{key}: unknown method {m!r}" for key, m in named if m not in METHODS]
-        bad += [f"train.templates.{m}: no template {t!r} in templates/; name a file there or give a path"
-                for m, t in self.templates.items() if find_template(t) is None]
+        if bad:
+            raise ValueError("; ".join(bad) + f" (methods: {', '.join(METHODS)})")
+        bad += [f"train.templates.{m}: {problem}" for m in METHODS
+                if (problem := template_problem(self.template_for(m), m)) is not None]
         if bad:
             raise ValueError("; ".join(bad) + f" (methods: {', '.join(METHODS)})")
         return self
@@ -259,9 +267,18 @@ class RunConfig(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v):
-        if not SAFE_NAME.match(v):
+        if not SAFE_NAME.fullmatch(v):
             raise ValueError("use letters, digits, '.', '_' or '-' (it becomes a folder name)")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_source_names(self):
+        names = Counter(s.name for s in self.data.sources + self.rounds.sources if s.name is not None)
+        twice = sorted(n for n, k in names.items() if k > 1)
+        if twice:
+            raise ValueError(f"data.sources: name {', '.join(map(repr, twice))} given to more than one source; "
+                             f"give each source its own name (it labels where each row came from)")
+        return self
 
     @model_validator(mode="after")
     def _known_names(self):
@@ -322,12 +339,39 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _model_folder_problems(path: Path) -> list[str]:
+    config = path / "config.json"
+    if not config.is_file():
+        return [f"base_model.path: {path} is not a Hugging Face model folder (no config.json); "
+                f"give the folder that holds the model's config.json and weights"]
+    try:
+        ok = isinstance(json.loads(config.read_text(encoding="utf-8")), dict)
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    return [] if ok else [f"base_model.path: {config} is not a valid JSON object (cut off?); copy the model again"]
+
+
+def _sql_url_problems(src: SqlSource, where: str) -> list[str]:
+    """A URL that does not parse, or an SQLite file (any driver spelling) that is not there."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(src.url)
+    except ArgumentError:
+        return [f"{where}.url: {mask_secrets(src.url)!r} is not a database URL; write e.g. sqlite:///file.sqlite"]
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
+        return [f"{where}.url: SQLite file {url.database} not found"]
+    return []
+
+
 def _check_paths(cfg: RunConfig, file: Path) -> None:
     """Problems pydantic cannot see: files that must exist before anything runs (all reported at once)."""
     problems = []
-    if cfg.toy is None and cfg.round == 1 and not (cfg.base_model.path / "config.json").is_file():
-        problems.append(f"base_model.path: {cfg.base_model.path} is not a Hugging Face model folder (no config.json); "
-                        f"give the folder that holds the model's config.json and weights")
+    if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
+        problems.append(f"run_dir: {cfg.run_dir} is a file, not a folder; name a folder for the runs")
+    if cfg.toy is None and cfg.round == 1:
+        problems += _model_folder_problems(cfg.base_model.path)
     named = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
     named += [(f"data.sources.{i}.documents", src.documents) for i, src in enumerate(cfg.data.sources)
               if isinstance(src, GenerateSource)]
@@ -348,10 +392,8 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
             problems.append(f"{i}.path: {src.path} not found")
         if isinstance(src, LlamaFactorySource) and not (src.dataset_dir / "dataset_info.json").is_file():
             problems.append(f"{i}.dataset_dir: {src.dataset_dir} has no dataset_info.json")
-        if isinstance(src, SqlSource) and src.url.startswith("sqlite:///") and cfg.toy is None:
-            db = Path(src.url.split(":///", 1)[1])
-            if not db.is_file():
-                problems.append(f"{i}.url: SQLite file {db} not found")
+        if isinstance(src, SqlSource) and cfg.toy is None:
+            problems += _sql_url_problems(src, i)
     if cfg.evaluation.metric == "python":
         from .evaluate import load_function
         try:
@@ -367,12 +409,7 @@ def load_config(path: str | Path, round: int | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path of a run YAML (e.g. examples/toy.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
     try:
@@ -392,4 +429,5 @@ def load_config(path: str | Path, round: int | None = None) -> RunConfig:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, with every URL's password masked (it is written beside the outputs)."""
+    return mask_secrets(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

@@ -409,6 +409,9 @@ def load_function(spec: str) -> Callable:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise UserError(f"evaluation.function: cannot import {spec!r} ({e}); give module:function on the Python path")
+    except Exception as e:  # the user's module itself failed while importing (a syntax error, a raise at import)
+        raise UserError(f"evaluation.function: importing {module_name!r} failed ({type(e).__name__}: {e}); "
+                        f"fix that module") from None
     if not callable(fn):
         raise UserError(f"evaluation.function: {spec!r} is not callable")
     return fn

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jinja2
 
-from .errors import UserError
+from .errors import UserError, mask_secrets
 from .io import append_jsonl, read_json, write_json
 
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -89,7 +89,7 @@ def read_generate(src, index: int, cfg) -> list[dict]:
     keys = [_key(src, p) for p in prompts]
     answers = {k: read_json(cache / f"{k}.json", {}).get("answer") for k in set(keys)}
     todo = {k: p for k, p in zip(keys, prompts) if answers[k] is None}
-    client, errors = None, 0
+    client, errors, last_error = None, 0, None
     if todo:
         client = ChatClient(src, where)  # a server that does not answer stops here, with one line
 
@@ -97,17 +97,21 @@ def read_generate(src, index: int, cfg) -> list[dict]:
             k, p = item
             try:
                 return k, client.complete(p), None
-            except Exception as e:  # after retries: counted and skipped, not cached
-                return k, None, f"{type(e).__name__}: {str(e)[:200]}"
+            except Exception as e:  # after its retries: the prepare stops (below), nothing is half-written
+                return k, None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
         with ThreadPoolExecutor(max_workers=src.concurrency) as pool:
             for k, answer, err in pool.map(ask, todo.items()):
-                if err:
-                    errors += 1
-                    append_jsonl(cache / "malformed.jsonl", {"key": k, "error": err})
+                if err:  # every answer that did arrive is cached: a re-run asks only for the rest
+                    errors, last_error = errors + 1, err
                     continue
                 answers[k] = answer
                 write_json(cache / f"{k}.json", {"prompt": todo[k], "answer": answer})
+        if errors:
+            raise UserError(mask_secrets(
+                f"{where}.base_url: {errors} of {len(todo)} requests to {src.base_url} failed after {src.retries} "
+                f"retries (last: {last_error}); the {len(todo) - errors} answers that arrived are cached in {cache}; "
+                f"re-run when the endpoint answers to continue"))
     rows, malformed, bad_items = [], 0, 0
     for n, (doc, k) in enumerate(zip(docs, keys)):
         if answers[k] is None:

@@ -2,17 +2,21 @@
 
 Requests run concurrently (bounded), are retried on transient errors and cached by prompt hash, so a
 trial that produces the same answer as an earlier one costs no request. An answer that holds no JSON
-score counts as 0 and is counted in `stats["unparsable"]`; it never stops the search.
+score counts as 0 and is counted in `stats["unparsable"]`; it never stops the search. A request that still
+fails after its retries does: a score made of failures would mislead the optimiser, so the trial is not
+logged and a re-run continues from the last logged trial (answers so far stay cached).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import jinja2
 
+from .errors import UserError, mask_secrets
 from .evaluate import Generated
 from .llm import TRANSIENT, ChatClient  # noqa: F401  (TRANSIENT re-exported)
 
@@ -46,16 +50,24 @@ class Judge(Generated):
         self.client = JudgeClient(jcfg)
         self.cache: dict[str, str] = {}
         self.stats = {"unparsable": 0, "requests": 0, "errors": 0}
+        self._failure = threading.Event()  # set, with its .message, by the first request that fails
 
     def _ask(self, prompt: str) -> str:
         key = hashlib.sha256(f"{self.cfg.judge.model}\0{prompt}".encode()).hexdigest()
+        if key not in self.cache and self._failure.is_set():  # one failure stops every further request
+            raise UserError(self._failure.message)
         if key not in self.cache:
             self.stats["requests"] += 1
             try:
                 self.cache[key] = self.client.complete(prompt)
-            except Exception as e:  # a failed request scores 0 and is counted; the search goes on
+            except Exception as e:
                 self.stats["errors"] += 1
-                return f"request failed: {e}"
+                self._failure.message = mask_secrets(
+                    f"evaluation.judge: {self.cfg.judge.base_url} failed after {self.cfg.judge.retries} retries "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); this trial is not logged; "
+                    f"re-run when the endpoint answers to continue where it stopped")
+                self._failure.set()
+                raise UserError(self._failure.message) from None
         return self.cache[key]
 
     def row_scores(self) -> list[float]:

@@ -8,6 +8,7 @@ from typing import Callable
 from .config import RunConfig, dump_config
 from .errors import UserError
 from .io import atomic_write_text, file_digest, read_json, write_json
+from .prepare import MANIFEST
 from .train import ALL_DELTA, ADAPTER_FILE, DONE_MARKER
 
 
@@ -25,7 +26,7 @@ class Session:
 
     @property
     def shapes(self) -> dict[str, str]:
-        manifest = read_json(self.cfg.out / "data" / "manifest.json")
+        manifest = read_json(self.cfg.out / "data" / MANIFEST)
         if manifest is None:
             raise UserError(f"{self.cfg.out / 'data'} has no prepared data; run `autollm prepare` first")
         return manifest["shapes"]
@@ -120,8 +121,7 @@ def stage_prepare(s: Session) -> None:
     if s.cfg.toy:
         from .toy import ensure_toy
         ensure_toy(s.cfg)
-    shapes = prepare(s.cfg)
-    write_json(s.cfg.out / "data" / "manifest.json", {"chunks": list(shapes), "shapes": shapes})
+    prepare(s.cfg)
 
 
 def check_chunk_keys(s: Session) -> None:

@@ -2,49 +2,23 @@
 chunk), and write LLaMA-Factory data files plus dataset_info.json."""
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
+import tempfile
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Callable
 
 from .config import FileSource, RunConfig, SqlSource
 from .errors import UserError
 from .io import write_json
 from .lfdata import read_llamafactory
+from .sqlsource import read_sql
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
-
-
-def sqlite_read_only(url: str) -> str:
-    """sqlite:///path -> a URI that opens the file read-only (and fails if it does not exist)."""
-    path = url.split(":///", 1)[1]
-    return f"sqlite:///file:{path}?mode=ro&uri=true"
-
-
-READ_ONLY_SQL = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
-
-
-def read_sql(src: SqlSource, index: int) -> list[dict]:
-    """Run the query in a transaction that is always rolled back; only SELECT/WITH queries are accepted."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import SQLAlchemyError
-
-    if not READ_ONLY_SQL.match(src.query) or ";" in src.query.strip().rstrip(";"):
-        raise UserError(f"data.sources.{index}.query: sources are read-only; give one SELECT (or WITH ... SELECT) query")
-
-    url = sqlite_read_only(src.url) if src.url.startswith("sqlite:///") else src.url
-    try:
-        engine = create_engine(url)
-        with engine.connect() as conn, conn.begin() as tx:
-            rows = [dict(r._mapping) for r in conn.execute(text(src.query))]
-            tx.rollback()
-        engine.dispose()
-    except (SQLAlchemyError, ImportError) as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"data.sources.{index}: cannot read {src.url!r} with the query ({first}); "
-                        f"check the URL, that the file exists, and the SQL") from None
-    return rows
 
 
 def read_file(src: FileSource, index: int) -> list[dict]:
@@ -56,12 +30,21 @@ def read_file(src: FileSource, index: int) -> list[dict]:
         raise UserError(f"data.sources.{index}.path: {src.path} is not one of {sorted(builders)}")
     if not src.path.is_file():
         raise UserError(f"data.sources.{index}.path: {src.path} not found")
+    # datasets' own error log and progress bars would add lines to a one-line error
+    verbosity, bars = datasets.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 1)
+    datasets.disable_progress_bars()
     try:
         return list(datasets.load_dataset(builder, data_files=str(src.path), split="train"))
     except Exception as e:  # datasets wraps parser errors; the cause says which row and column
         cause = e.__cause__ or e
-        raise UserError(f"data.sources.{index}.path: cannot load {src.path} ({str(cause).splitlines()[0]}); "
-                        f"fix the file or convert it") from None
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise UserError(f"data.sources.{index}.path: cannot load {src.path} ({first}); "
+                        f"fix the file (UTF-8, one format) or convert it") from None
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _read_generate(src, index: int, cfg: RunConfig) -> list[dict]:
@@ -102,6 +85,10 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, i
             raise UserError(f"data.sources.{index}: row {n} of {label} has no {chunk_by} (column {mapping[chunk_by]!r}); "
                             f"fill it, drop the row, or map the field with data.sources.{index}.columns")
         row = {f: (None if r.get(col) in (None, "") else r.get(col)) for f, col in mapping.items()}
+        nested = [f for f, v in row.items() if f != "label" and isinstance(v, (dict, list))]
+        if nested:
+            raise UserError(f"data.sources.{index}: row {n} of {label}: {nested[0]} (column {mapping[nested[0]]!r}) is "
+                            f"a {type(row[nested[0]]).__name__}, not text; map a text column to it or fix the row")
         row = {k: (v if k == "label" or v is None else str(v)) for k, v in row.items()}
         row.update({k: r[k] for k in KEEP if r.get(k) is not None})
         if r.get(mapping.get("messages", "messages")):
@@ -169,6 +156,17 @@ def chunk_name(value: str) -> str:
     return f"{name}_chunk" if name in RESERVED_CHUNK_NAMES else name
 
 
+def _refuse_colliding_chunks(rows: list[dict], column: str) -> None:
+    """Two different values that become one file name ('a b', 'a/b', 'a_b') would silently merge chunks."""
+    values: dict[str, set] = defaultdict(set)
+    for r in rows:
+        values[r["chunk"]].add(str(r[column]))
+    for name, originals in sorted(values.items()):
+        if len(originals) > 1:
+            raise UserError(f"data: {column} values {', '.join(map(repr, sorted(originals)))} all become chunk "
+                            f"{name!r} (chunk names keep letters, digits, '.', '_' and '-'); make them differ in those")
+
+
 def assign_chunks(rows: list[dict], cfg: RunConfig) -> None:
     """Set each row's `chunk`: from a column (sanitised), or at random (seeded) into {count: N} chunks or
     chunks of {size: N} rows, named part-01, part-02, ... Rows whose source fixed a chunk value (bad cases,
@@ -177,6 +175,7 @@ def assign_chunks(rows: list[dict], cfg: RunConfig) -> None:
     if d.chunk_column:
         for r in rows:
             r["chunk"] = chunk_name(str(r[d.chunk_column]))
+        _refuse_colliding_chunks(rows, d.chunk_column)
         return
     fixed = [r for r in rows if r.get("chunk_fixed")]
     free = [r for r in rows if not r.get("chunk_fixed")]
@@ -191,8 +190,13 @@ def assign_chunks(rows: list[dict], cfg: RunConfig) -> None:
         free[i]["chunk"] = f"part-{part + 1:0{width}d}"
 
 
-def prompt_key(r: dict):
-    return r["prompt"] if r.get("prompt") is not None else r.get("text")
+def prompt_key(r: dict) -> tuple:
+    """What makes two rows "the same question": the whole context (system prompt, earlier turns, prompt),
+    so conversations that only end alike are not duplicates; plain text rows by their text."""
+    if r.get("prompt") is None:
+        return ("text", r.get("text"))
+    history = tuple((t["role"], t["content"]) for t in r.get("history") or [])
+    return (r.get("system") or "", history, r["prompt"])
 
 
 def split_chunks(rows: list[dict], cfg: RunConfig):
@@ -233,6 +237,11 @@ def split_chunks(rows: list[dict], cfg: RunConfig):
         chunk_test += spare[short: short + T - len(chunk_test)]
         need = V + T + d.min_train_per_chunk
         if len(items) < need or len(chunk_val) < V or len(chunk_test) < T:
+            distinct = len({prompt_key(r) for r in scorable if prompt_key(r) not in train_only})
+            if len(items) >= need and distinct < V + T:
+                raise UserError(f"data: chunk {name!r} has {len(items)} rows but only {distinct} distinct prompts "
+                                f"(a prompt is held out once); validation_per_chunk + test_per_chunk = {V + T} "
+                                f"needs that many distinct prompts: add varied rows or lower them")
             usable = sum(prompt_key(r) not in train_only for r in scorable)
             raise UserError(f"data: chunk {name!r} has {len(items)} rows ({usable} usable as references), "
                             f"needs at least {need} (validation_per_chunk + test_per_chunk + min_train_per_chunk); "
@@ -298,8 +307,13 @@ def _eval_records(rows: list[dict]) -> list[dict]:
     return out
 
 
+# Bookkeeping files start with "_": chunk_name() never makes a name that does, so no chunk can overwrite them.
+MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
+
+
 def prepare(cfg: RunConfig) -> dict[str, str]:
-    """Write runs/<name>/data/ and return {chunk: shape}."""
+    """Write runs/<name>/data/ and return {chunk: shape}. Everything is computed first and written to a new
+    folder that replaces the old one only when complete: a failed prepare leaves the last good one intact."""
     rows = []
     for i, src in enumerate(cfg.data.sources):
         label = src.name or f"{src.type}:{i}"
@@ -308,21 +322,39 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     if not rows:
         raise UserError("data.sources: no rows; check the query or file")
     train, shapes, val, test, dropped = split_chunks(rows, cfg)
-    data_dir = cfg.out / "data"
-    info = {}
+    files, info = {}, {}
     for name, items in train.items():
-        records, entry = _records(items, shapes[name])
-        write_json(data_dir / f"{name}.json", records)
+        files[f"{name}.json"], entry = _records(items, shapes[name])
         info[name] = {"file_name": f"{name}.json", **entry}
     for split, items in (("validation", val), ("test", test)):
-        write_json(data_dir / f"{split}.json", _eval_records(items))
+        files[f"{split}.json"] = _eval_records(items)
         info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
-    write_json(data_dir / "dataset_info.json", info)
     table = chunk_table(cfg, train, shapes, val, test)
-    write_json(data_dir / "summary.json", {"chunks": table, "duplicates_removed": dropped,
-                                           "sources": dict(Counter(r["source"] for r in rows))})
+    files["dataset_info.json"] = info
+    files[SUMMARY] = {"chunks": table, "duplicates_removed": dropped, "sources": dict(Counter(r["source"] for r in rows))}
+    files[MANIFEST] = {"chunks": list(shapes), "shapes": shapes}
+    replace_folder(cfg.out / "data", files)
     _print_table(table, dropped)
     return shapes
+
+
+def replace_folder(folder: Path, files: dict[str, object]) -> None:
+    """Write JSON files into a fresh sibling folder, then swap it in for `folder` (the old one is removed
+    only after the new one is in place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
+    try:
+        for name, data in files.items():
+            write_json(fresh / name, data)
+        fresh.chmod(0o755)
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            folder.rename(old)
+        fresh.rename(folder)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def chunk_table(cfg: RunConfig, train, shapes, val, test) -> list[dict]:

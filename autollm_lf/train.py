@@ -79,6 +79,30 @@ def hardware_defaults() -> dict[str, Any]:
     return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "cpu": not gpu}
 
 
+# What config_for_delta hands every template (besides the method's own args), with sample values.
+TEMPLATE_SAMPLE = {"delta": "chunk-sft", "model_name_or_path": "model", "template": "default", "dataset_dir": "data",
+                   "dataset": "chunk", "output_dir": "deltas/chunk-sft", "seed": 0, "bf16": False, "cpu": True}
+
+
+def template_problem(template_file: str, method: str) -> str | None:
+    """Why a training template would fail when rendered (syntax, or a variable nobody sets), else None:
+    found at `validate`, not when the first training starts. Rendered once with sample values."""
+    path = find_template(template_file)
+    if path is None:
+        return f"no template {template_file!r} in templates/; name a file there or give a path"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        env.from_string(path.read_text(encoding="utf-8")).render(**TEMPLATE_SAMPLE, **METHODS[method].args)
+    except jinja2.TemplateSyntaxError as e:
+        return f"{path} line {e.lineno}: {e.message}; fix the template"
+    except jinja2.UndefinedError as e:
+        return (f"{path}: {e.message}; autollm sets only "
+                f"{', '.join(sorted(set(TEMPLATE_SAMPLE) | set(METHODS[method].args)))}")
+    except UnicodeDecodeError:
+        return f"{path}: not UTF-8 text"
+    return None
+
+
 def render_template(template_file: str, overrides: dict[str, Any], **variables: Any) -> str:
     path = find_template(template_file)
     if path is None:

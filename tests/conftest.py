@@ -2,11 +2,15 @@
 non-zero B (init_lora_weights=False) so merges are really tested."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -98,3 +102,41 @@ def llamafactory_api(tiny_model, tmp_path_factory):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@contextlib.contextmanager
+def chat_stub(answer, fail_after: int | None = None):
+    """An OpenAI-compatible chat endpoint on 127.0.0.1: `answer(prompt) -> text`; after `fail_after` answered
+    requests every POST gets a 503 (an endpoint that stops answering mid-way). Yields (base_url, state)."""
+    state = {"posts": 0, "answered": 0, "fail_after": fail_after}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["posts"] += 1
+            if state["fail_after"] is not None and state["answered"] >= state["fail_after"]:
+                return self._send(503, {"error": "down"})
+            state["answered"] += 1
+            text = answer(body["messages"][0]["content"])
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+    finally:
+        server.shutdown()

@@ -172,7 +172,7 @@ def test_second_round_starts_from_the_first_rounds_best_merge(first_run):
     assert not {r["instruction"] for r in held2} & {b["prompt"] for b in bad}  # bad cases never held out
     test1, test2 = (json.loads((d / "data" / "test.json").read_text()) for d in (run, r2))
     assert [r["instruction"] for r in test2] == [r["instruction"] for r in test1]  # the same test rows
-    manifest = json.loads((r2 / "data" / "manifest.json").read_text())
+    manifest = json.loads((r2 / "data" / "_manifest.json").read_text())
     if any((b["prediction"] or "").strip() for b in bad):
         assert manifest["shapes"]["bad_cases"] == "preference"
         assert (r2 / "deltas" / "bad_cases-dpo" / "adapter_model.safetensors").exists()

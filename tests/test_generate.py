@@ -114,7 +114,7 @@ def test_generate_feeds_prepare_with_provenance(tmp_path, server):
     assert shapes == {"news": "sft"}
     rows = [r for s in ("news", "validation", "test") for r in json.loads((cfg.out / "data" / f"{s}.json").read_text())]
     # six examples, three distinct prompts (both documents give q0..q2): two held out, their copies dropped
-    assert len(rows) == 4 and json.loads((cfg.out / "data" / "summary.json").read_text())["duplicates_removed"] == 2
+    assert len(rows) == 4 and json.loads((cfg.out / "data" / "_summary.json").read_text())["duplicates_removed"] == 2
     assert all(r["source"] == "news-qa" and r["row_id"].startswith("d") for r in rows)
 
 

@@ -109,3 +109,16 @@ def test_judge_against_real_llamafactory_api(tiny_model, llamafactory_api):
     assert len(scores) == len(ROWS) and all(0.0 <= s <= 1.0 for s in scores)
     assert judge.stats["errors"] == 0 and judge.stats["requests"] == len(ROWS)
     assert judge.stats["unparsable"] == sum(s == 0.0 for s in scores)
+
+
+def test_judge_that_stops_answering_stops_instead_of_scoring_zero(tiny_model):
+    """After its retries a failed request is an error, not a 0 fed to the optimiser."""
+    from conftest import chat_stub
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with chat_stub(lambda prompt: '{"score": 1}', fail_after=2) as (url, state):
+        judge = METRICS["judge"](model, tok, "default", ROWS, judge_cfg(url, retries=1, timeout=5.0, concurrency=1))
+        with pytest.raises(UserError, match=r"evaluation.judge: .* failed after 1 retries .*this trial is not logged"):
+            judge.row_scores()
+        assert state["answered"] == 2 and state["posts"] == 4  # the third request and its one retry

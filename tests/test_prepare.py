@@ -81,7 +81,7 @@ def test_chunk_by_count_and_size_are_seeded_and_balanced(tmp_path):
     cfg = make_cfg(tmp_path, f"sqlite:///{db}", chunk_by={"count": 3}, validation_per_chunk=2, test_per_chunk=2)
     shapes = prepare(cfg)
     assert list(shapes) == ["part-1", "part-2", "part-3"]
-    summary = json.loads((cfg.out / "data" / "summary.json").read_text())
+    summary = json.loads((cfg.out / "data" / "_summary.json").read_text())
     assert [t["rows"] for t in summary["chunks"]] == [27, 27, 26]
     assert summary["chunks"][0]["methods"] == ["sft"]
     first = (cfg.out / "data" / "part-1.json").read_text()
@@ -90,7 +90,7 @@ def test_chunk_by_count_and_size_are_seeded_and_balanced(tmp_path):
     cfg = make_cfg(tmp_path, f"sqlite:///{db}", chunk_by={"size": 30}, validation_per_chunk=2, test_per_chunk=2)
     summary_rows = None
     shapes = prepare(cfg)
-    summary_rows = [t["rows"] for t in json.loads((cfg.out / "data" / "summary.json").read_text())["chunks"]]
+    summary_rows = [t["rows"] for t in json.loads((cfg.out / "data" / "_summary.json").read_text())["chunks"]]
     assert list(shapes) == ["part-1", "part-2", "part-3"] and summary_rows == [30, 30, 20]
 
 
@@ -116,7 +116,7 @@ def test_duplicates_across_splits_removed_and_counted(tmp_path, capsys):
     assert len(held) == len(set(held)) == 12  # no prompt held out twice (within or across chunks, splits)
     train = [r for c in "ab" for r in json.loads((data / f"{c}.json").read_text())]
     assert not {r["instruction"] for r in train} & set(held)
-    summary = json.loads((data / "summary.json").read_text())
+    summary = json.loads((data / "_summary.json").read_text())
     assert summary["duplicates_removed"] == 45 - 12 - len(train) > 0
     out = capsys.readouterr().out
     assert f"duplicates across splits removed: {summary['duplicates_removed']}" in out

@@ -68,3 +68,26 @@ def test_finished_search_is_not_rerun_and_changed_search_starts_over(tmp_path):
     session = FakeSession()
     run_search(make_cfg(tmp_path, n_iter=2), session, DELTAS, fp="y")
     assert session.calls == 2 + 3 + 1 + 3 + 2
+
+
+def test_a_failing_objective_logs_nothing_for_its_trial_and_a_rerun_continues(tmp_path):
+    """A judge endpoint down mid-search raises UserError: that trial is not logged, the re-run continues."""
+    import pytest
+
+    from autollm_lf.errors import UserError
+
+    class Flaky(FakeSession):
+        def score(self, weights, split):
+            if self.calls == 7:
+                raise UserError("evaluation.judge: endpoint down")
+            return super().score(weights, split)
+
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    run_search(make_cfg(full_dir), FakeSession(), DELTAS, fp="x")
+    with pytest.raises(UserError):
+        run_search(make_cfg(cut_dir), Flaky(), DELTAS, fp="x")
+    assert len((cut_dir / "search" / "trials.jsonl").read_text().splitlines()) == 7
+    run_search(make_cfg(cut_dir), FakeSession(), DELTAS, fp="x")
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "eval_seconds"}
+                       for l in (d / "search" / "trials.jsonl").read_text().splitlines()]
+    assert strip(cut_dir) == strip(full_dir)
