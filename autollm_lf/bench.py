@@ -257,7 +257,7 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     from bayes_opt import BayesianOptimization
 
     from .config import load_config
-    from .evaluate import make_evaluator
+    from .metrics import make_evaluator
     from .pipeline import Session
     from .prepare import load_split
 

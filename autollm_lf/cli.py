@@ -5,7 +5,9 @@ import argparse
 import os
 import sys
 
+from .config import load_config
 from .errors import UserError, mask_secrets
+from .rounds import apply_round
 
 STAGE_HELP = {
     "prepare": "read the sources, chunk, hold out validation/test, write LLaMA-Factory data files",
@@ -72,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"bench --rounds: {args.rounds} is not a positive number of rounds; give 1 or more")
             run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_PARTS, args.rounds)
             return 0
-        from .config import load_config
-
         cfg = load_config(args.config, args.round)
+        if cfg.round > 1:
+            cfg = apply_round(cfg, args.config)
         if args.command == "validate":
             print(f"{args.config}: ok")
             return 0

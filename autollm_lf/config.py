@@ -12,10 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError, mask_secrets
+from .paths import RunDir
 from .yamlsafe import load_yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-BAD_CASES_FILE = "report/bad_cases.jsonl"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -282,7 +282,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _known_names(self):
-        from .evaluate import METRICS
+        from .metrics import METRICS
         from .train import find_template
 
         if self.evaluation.metric not in METRICS:
@@ -296,6 +296,11 @@ class RunConfig(Strict):
     def out(self) -> Path:
         """runs/<name>/ for round 1 (as ever), runs/<name>/round-<K>/ for round K >= 2."""
         return round_dir(self, self.round)
+
+    @property
+    def run(self) -> RunDir:
+        """Every path this run (round) reads or writes."""
+        return RunDir(self.out)
 
     @property
     def run_label(self) -> str:
@@ -335,7 +340,7 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
         if isinstance(src, BadCasesSource):
             src.run = src.run.resolve()
         if isinstance(src, GenerateSource):
-            src.cache_dir = (src.cache_dir or cfg.out / "cache" / "generate").resolve()
+            src.cache_dir = (src.cache_dir or cfg.run.generate_cache).resolve()
     return cfg
 
 
@@ -365,7 +370,7 @@ def _sql_url_problems(src: SqlSource, where: str) -> list[str]:
     return []
 
 
-def _check_paths(cfg: RunConfig, file: Path) -> None:
+def check_paths(cfg: RunConfig, file: Path) -> None:
     """Problems pydantic cannot see: files that must exist before anything runs (all reported at once)."""
     problems = []
     if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
@@ -384,8 +389,8 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
             if src.api_key_env and not os.environ.get(src.api_key_env):
                 problems.append(f"data.sources.{i}.api_key_env: environment variable {src.api_key_env} is not set; "
                                 f"export it with the endpoint's API key")
-        if isinstance(src, BadCasesSource) and not (src.run / BAD_CASES_FILE).is_file():
-            problems.append(f"data.sources.{i}.run: {src.run / BAD_CASES_FILE} not found; run `autollm run` on "
+        if isinstance(src, BadCasesSource) and not RunDir(src.run).bad_cases.is_file():
+            problems.append(f"data.sources.{i}.run: {RunDir(src.run).bad_cases} not found; run `autollm run` on "
                             f"that run first (its report stage writes it)")
     for i, src in named:
         if isinstance(src, FileSource) and not src.path.is_file():
@@ -405,7 +410,8 @@ def _check_paths(cfg: RunConfig, file: Path) -> None:
 
 
 def load_config(path: str | Path, round: int | None = None) -> RunConfig:
-    """Load and validate a config (as round `round`, over its `round:` key); raise UserError listing every problem."""
+    """Load and validate a config (as round `round`, over its `round:` key); raise UserError listing every problem.
+    A round K >= 2 is then made from it by rounds.apply_round (its base and data depend on round K-1)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path of a run YAML (e.g. examples/toy.yaml)")
@@ -421,10 +427,7 @@ def load_config(path: str | Path, round: int | None = None) -> RunConfig:
             raise UserError(f"--round: {round} is not a round; rounds count from 1")
         cfg.round = round
     cfg = _resolve_paths(cfg)
-    if cfg.round > 1:
-        from .rounds import apply_round
-        cfg = apply_round(cfg, path)
-    _check_paths(cfg, path)
+    check_paths(cfg, path)
     return cfg
 
 

@@ -426,24 +426,3 @@ class Python(Generated):
         if len(scores) != len(self.rows):
             raise UserError(f"evaluation.function: {self.cfg.function} returned {len(scores)} scores for {len(self.rows)} rows")
         return [float(s) for s in scores]
-
-
-def make_judge(*args):
-    from .judge import Judge
-    return Judge(*args)
-
-
-def make_evaluator(cfg, model, tokenizer, rows: list[dict]) -> Evaluator:
-    """The run's evaluator (cfg.evaluation.metric) over these rows, with the run's chat template."""
-    return METRICS[cfg.evaluation.metric](model, tokenizer, cfg.base_model.template, rows, cfg.evaluation)
-
-
-METRICS: dict[str, Callable[..., Evaluator]] = {
-    "exact_match": ExactMatch,
-    "loss": NegativeLoss,
-    "contains": Contains,
-    "regex": Regex,
-    "numeric": Numeric,
-    "python": Python,
-    "judge": make_judge,
-}

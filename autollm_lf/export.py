@@ -20,7 +20,7 @@ WEBUI_CONFIG = Path("llamaboard_cache") / "user_config.yaml"  # LLaMA-Factory we
 def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", model_dir: Path | None = None):
     """Score an adapter the way a user would load it (fresh base + PeftModel.from_pretrained), or a full
     model folder; returns the evaluator, whose row_scores()/rows give per-chunk scores."""
-    from .evaluate import make_evaluator
+    from .metrics import make_evaluator
     from .merge import load_base
     from .prepare import load_split
 
@@ -33,10 +33,8 @@ def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", mode
 
 def export_best(session) -> dict:
     cfg = session.cfg
-    best = read_json(cfg.out / "search" / "best.json")
-    if best is None:
-        raise UserError(f"{cfg.out / 'search' / 'best.json'} missing; run `autollm search` first")
-    merged = cfg.out / "merged"
+    best = cfg.run.read_best()
+    merged = cfg.run.merged
     fp = fingerprint(best["weights"], session.search_fingerprint())
     done = read_json(merged / EXPORT_MARKER, {})
     if "export" not in session.force and done.get("fingerprint") == fp and (merged / "adapter_model.safetensors").exists():
@@ -77,7 +75,7 @@ def _baseline_adapters(session) -> dict[str, Path]:
     if not session.cfg.export.deltas:
         return {}
     from .mix import MIX_DELTA
-    mix = session.cfg.out / "deltas" / MIX_DELTA
+    mix = session.cfg.run.delta(MIX_DELTA)
     return {**session.adapters, **({MIX_DELTA: mix} if (mix / ADAPTER_FILES[1]).is_file() else {})}
 
 
@@ -94,9 +92,8 @@ def write_lf_yamls(cfg, adapter_dir: Path) -> dict[str, Path]:
     """runs/<name>/export.yaml and chat.yaml: `llamafactory-cli export|chat FILE` runs them as they are."""
     common = dict(run=cfg.name, model_name_or_path=cfg.base_model.path, adapter_name_or_path=adapter_dir,
                   template=cfg.base_model.template)
-    return {"export": render_lf_yaml("export.yaml.j2", cfg.out / "export.yaml", export_dir=cfg.out / "merged_full",
-                                     **common),
-            "chat": render_lf_yaml("chat.yaml.j2", cfg.out / "chat.yaml", **common)}
+    return {"export": render_lf_yaml("export.yaml.j2", cfg.run.export_yaml, export_dir=cfg.run.merged_full, **common),
+            "chat": render_lf_yaml("chat.yaml.j2", cfg.run.chat_yaml, **common)}
 
 
 def full_export(yaml_path: Path, export_dir: Path) -> Path:

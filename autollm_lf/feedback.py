@@ -10,27 +10,28 @@ merge's greedy answer), score, chunk, source, row_id, history, system.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from .errors import UserError
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
-from .config import BAD_CASES_FILE
+from .paths import RunDir
 
 MARKER = "report/bad_cases.json"
 SECTION = "\n## Bad cases (validation)\n"
 
 
-def write_bad_cases(session) -> dict:
+def write_bad_cases(session) -> str:
     """Score the best merge per validation row, generate greedy answers for the wrong ones, write
-    report/bad_cases.jsonl and a bad-case section in report.md. Skipped when already up to date."""
-    import json
-
+    report/bad_cases.jsonl (skipped when up to date); returns report.md's bad-case section."""
     cfg = session.cfg
-    best = read_json(cfg.out / "search" / "best.json")
-    report = read_json(cfg.out / "report" / "report.json")
-    if best is None or report is None:
-        raise UserError(f"{cfg.out / 'report' / 'report.json'} missing; run `autollm report` first")
+    best = cfg.run.read_best()
+    report = read_json(cfg.run.report_json)
+    if report is None:
+        raise UserError(f"{cfg.run.report_json} missing; run `autollm report` first")
     fp = fingerprint(report.get("fingerprint"), best["weights"], cfg.evaluation.model_dump(mode="json"))
-    done = read_json(cfg.out / MARKER, {})
-    path = cfg.out / BAD_CASES_FILE
+    done = read_json(cfg.run.root / MARKER, {})
+    path = cfg.run.bad_cases
     if "report" not in session.force and done.get("fingerprint") == fp and path.exists():
         cases = read_jsonl(path)
     else:
@@ -50,11 +51,10 @@ def write_bad_cases(session) -> dict:
                   "row_id": scorer.rows[i].get("row_id"), "history": scorer.rows[i].get("history") or [],
                   "system": scorer.rows[i].get("system")} for i, p in zip(wrong, predictions)]
         atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases))
-        write_json(cfg.out / MARKER, {"fingerprint": fp, "bad_cases": len(cases), "validation_rows": len(scores),
+        write_json(cfg.run.root / MARKER, {"fingerprint": fp, "bad_cases": len(cases), "validation_rows": len(scores),
                                       "split": "validation", "weights": best["weights"]})
-    _append_section(cfg, cases)
     print(f"bad cases: {len(cases)} validation rows the best merge got wrong -> {path}")
-    return {"bad_cases": len(cases)}
+    return bad_cases_section(cases, path.relative_to(cfg.run.root))
 
 
 def _greedy(session, rows: list[dict]) -> list[str]:
@@ -68,46 +68,16 @@ def _greedy(session, rows: list[dict]) -> list[str]:
     return gen.predictions()
 
 
-def _append_section(cfg, cases: list[dict], shown: int = 10) -> None:
-    """A bad-case listing with provenance at the end of report.md (replacing an earlier one)."""
-    md_path = cfg.out / "report" / "report.md"
-    if not md_path.exists():
-        return
-    md = md_path.read_text(encoding="utf-8").split(SECTION)[0].rstrip("\n") + "\n"
+def bad_cases_section(cases: list[dict], listed_in: Path, shown: int = 10) -> str:
+    """The bad-case listing with provenance, a section of report.md."""
     by_chunk: dict[str, int] = {}
     for c in cases:
         by_chunk[c["chunk"]] = by_chunk.get(c["chunk"], 0) + 1
-    lines = [SECTION, f"The best merge got {len(cases)} validation rows wrong (all in `{BAD_CASES_FILE}`, with its "
+    lines = [SECTION, f"The best merge got {len(cases)} validation rows wrong (all in `{listed_in}`, with its "
              f"greedy answers; test rows are never listed). A next round trains on them with a `bad_cases` source.", "",
              "chunk | wrong |", "---|---|"] + [f"{c} | {n} |" for c, n in sorted(by_chunk.items())]
     lines += ["", "source | row_id | chunk | prompt | reference | prediction |", "---|---|---|---|---|---|"]
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:60]
     lines += [f"{esc(c['source'])} | {esc(c['row_id'])} | {c['chunk']} | {esc(c['prompt'])} | {esc(c['reference'])} | "
               f"{esc(c['prediction'])} |" for c in cases[:shown]]
-    text = md + "\n".join(lines) + "\n"
-    if text != md_path.read_text(encoding="utf-8"):
-        atomic_write_text(md_path, text)
-
-
-def read_bad_cases(src, index: int) -> list[dict]:
-    """Rows of a previous run's report/bad_cases.jsonl: prompt/response (SFT), or with `rejected: true`
-    prompt/chosen (the reference)/rejected (the model's wrong answer) for a DPO/ORPO chunk. Training rows only."""
-    path = src.run / BAD_CASES_FILE
-    if not path.is_file():
-        raise UserError(f"data.sources.{index}.run: {path} not found; run `autollm run` on that run first")
-    rows, skipped = [], 0
-    for n, c in enumerate(read_jsonl(path)):
-        row = {"prompt": c["prompt"], "history": c.get("history") or None, "system": c.get("system"),
-               "chunk_value": src.chunk, "chunk_fixed": src.chunk, "train_only": True,
-               "id": f"{c.get('source')}/{c.get('row_id', n)}"}
-        if src.rejected:
-            if not (c.get("prediction") or "").strip() or c["prediction"].strip() == c["reference"].strip():
-                skipped += 1  # no usable wrong answer to penalise
-                continue
-            row.update(chosen=c["reference"], rejected=c["prediction"])
-        else:
-            row["response"] = c["reference"]
-        rows.append(row)
-    print(f"bad_cases (data.sources.{index}): {len(rows)} rows from {path}"
-          + (f"; {skipped} without a usable wrong answer skipped" if skipped else ""))
-    return rows
+    return "\n".join(lines) + "\n"

@@ -18,6 +18,8 @@ import jinja2
 
 from .errors import UserError, mask_secrets
 from .io import append_jsonl, read_json, write_json
+from .llm import ChatClient
+from .train import find_template
 
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 ALIASES = {"prompt": ("prompt", "question", "instruction"), "response": ("response", "answer", "output")}
@@ -59,14 +61,10 @@ def _key(src, prompt: str) -> str:
     return hashlib.sha256(json.dumps([src.model, src.temperature, src.max_tokens, prompt]).encode()).hexdigest()
 
 
-def read_generate(src, index: int, cfg) -> list[dict]:
-    """Rows {prompt, response, chunk_value, id} written by the LLM; prints what it cost and what it skipped."""
-    from .prepare import READERS
-    from .train import find_template
-    from .llm import ChatClient
-
+def read_generate(src, index: int, cfg, docs: list[dict]) -> list[dict]:
+    """Rows {prompt, response, chunk_value, id} written by the LLM from `docs` (the rows of src.documents);
+    prints what it cost and what it skipped."""
     where = f"data.sources.{index}"
-    docs = READERS[src.documents.type](src.documents, index, cfg)
     path = find_template(src.prompt_template)
     if path is None:
         raise UserError(f"{where}.prompt_template: no template {src.prompt_template!r} in templates/")

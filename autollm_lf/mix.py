@@ -7,8 +7,6 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 """
 from __future__ import annotations
 
-from .errors import UserError
-from .io import read_json
 
 MIX_DELTA = "auto_mix"
 
@@ -48,9 +46,7 @@ def train_auto_mix(session) -> None:
     cfg = session.cfg
     if not cfg.train.auto_mix:
         return
-    best = read_json(cfg.out / "search" / "best.json")
-    if best is None:
-        raise UserError(f"{cfg.out / 'search' / 'best.json'} missing; run `autollm search` first")
+    best = cfg.run.read_best()
     planned = mix_spec(cfg, session.shapes, best["weights"])
     if planned is None:
         print("mix: fewer than two SFT chunks with a delta; no train@auto_mix")

@@ -7,9 +7,9 @@ from typing import Callable
 
 from .config import RunConfig, dump_config
 from .errors import UserError
-from .io import atomic_write_text, file_digest, read_json, write_json
-from .prepare import MANIFEST
-from .train import ALL_DELTA, ADAPTER_FILE, DONE_MARKER
+from .io import atomic_write_text, file_digest, read_json, write_if_changed
+from .paths import ADAPTER_FILE
+from .train import ALL_DELTA, DONE_MARKER
 
 
 class Session:
@@ -26,9 +26,9 @@ class Session:
 
     @property
     def shapes(self) -> dict[str, str]:
-        manifest = read_json(self.cfg.out / "data" / MANIFEST)
+        manifest = read_json(self.cfg.run.manifest)
         if manifest is None:
-            raise UserError(f"{self.cfg.out / 'data'} has no prepared data; run `autollm prepare` first")
+            raise UserError(f"{self.cfg.run.data} has no prepared data; run `autollm prepare` first")
         return manifest["shapes"]
 
     @property
@@ -49,7 +49,7 @@ class Session:
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        found = {n: self.cfg.out / "deltas" / n for n in self.delta_names}
+        found = {n: self.cfg.run.delta(n) for n in self.delta_names}
         missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
         if missing and not self.keep_going:
             raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
@@ -79,7 +79,7 @@ class Session:
 
     def scorer(self, split: str):
         if split not in self._scorers:
-            from .evaluate import make_evaluator
+            from .metrics import make_evaluator
             from .prepare import load_split
             self._scorers[split] = make_evaluator(self.cfg, self.weighted.model, self.weighted.tokenizer,
                                                   load_split(self.cfg, split))
@@ -110,7 +110,7 @@ class Session:
         from .search import search_fingerprint
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
         return search_fingerprint(self.cfg, self.deltas, delta_fps,
-                                  file_digest([self.cfg.out / "data" / "validation.json"]))
+                                  file_digest([self.cfg.run.split("validation")]))
 
 
 def stage_prepare(s: Session) -> None:
@@ -158,13 +158,15 @@ def stage_mix(s: Session) -> None:
 
 
 def stage_report(s: Session) -> None:
+    """report.md is written once, from its sections: the tables, the score across rounds, the bad cases."""
     from .feedback import write_bad_cases
     from .report import write_report
-    write_report(s)
+    sections = [write_report(s)]
     if s.cfg.round > 1:
-        from .rounds import write_rounds_section
-        write_rounds_section(s.cfg)
-    write_bad_cases(s)  # report/bad_cases.jsonl: the next round's `bad_cases` source
+        from .rounds import rounds_section
+        sections.append(rounds_section(s.cfg))
+    sections.append(write_bad_cases(s))  # report/bad_cases.jsonl: the next round's `bad_cases` source
+    write_if_changed(s.cfg.run.report_md, "".join(sections))
 
 
 def stage_export(s: Session) -> None:
@@ -203,5 +205,5 @@ def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozen
         print(f"== {name}")
         STAGES[name](session)
         # Saved next to the outputs once a stage has produced some, never by a run that failed at once.
-        atomic_write_text(cfg.out / "config.resolved.yaml", dump_config(cfg))
+        atomic_write_text(cfg.run.resolved_config, dump_config(cfg))
     return session

@@ -11,60 +11,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
 
-from .config import FileSource, RunConfig, SqlSource
+from .config import FileSource, RunConfig
 from .errors import UserError
 from .io import write_json
-from .lfdata import read_llamafactory
-from .sqlsource import read_sql
+from .sources import READERS
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
 
 
-def read_file(src: FileSource, index: int) -> list[dict]:
-    import datasets
-
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    builder = builders.get(src.path.suffix.lower())
-    if builder is None:
-        raise UserError(f"data.sources.{index}.path: {src.path} is not one of {sorted(builders)}")
-    if not src.path.is_file():
-        raise UserError(f"data.sources.{index}.path: {src.path} not found")
-    # datasets' own error log and progress bars would add lines to a one-line error
-    verbosity, bars = datasets.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled()
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 1)
-    datasets.disable_progress_bars()
-    try:
-        return list(datasets.load_dataset(builder, data_files=str(src.path), split="train"))
-    except Exception as e:  # datasets wraps parser errors; the cause says which row and column
-        cause = e.__cause__ or e
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise UserError(f"data.sources.{index}.path: cannot load {src.path} ({first}); "
-                        f"fix the file (UTF-8, one format) or convert it") from None
-    finally:
-        datasets.utils.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
-
-
-def _read_generate(src, index: int, cfg: RunConfig) -> list[dict]:
-    from .generate import read_generate
-    return read_generate(src, index, cfg)
-
-
-def _read_bad_cases(src, index: int, cfg: RunConfig) -> list[dict]:
-    from .feedback import read_bad_cases
-    return read_bad_cases(src, index)
-
-
-# Every source type, in one place: type -> reader(src, index, cfg) -> raw rows (dicts).
-READERS: dict[str, Callable] = {
-    "sql": lambda src, i, cfg: read_sql(src, i),
-    "file": lambda src, i, cfg: read_file(src, i),
-    "llamafactory": lambda src, i, cfg: read_llamafactory(src, i),
-    "generate": _read_generate,
-    "bad_cases": _read_bad_cases,
-}
 KEEP = ("history", "system", "raw", "lf_entry", "train_only", "chunk_fixed")  # carried as they are (lists, dicts, flags)
 
 
@@ -307,10 +262,6 @@ def _eval_records(rows: list[dict]) -> list[dict]:
     return out
 
 
-# Bookkeeping files start with "_": chunk_name() never makes a name that does, so no chunk can overwrite them.
-MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
-
-
 def prepare(cfg: RunConfig) -> dict[str, str]:
     """Write runs/<name>/data/ and return {chunk: shape}. Everything is computed first and written to a new
     folder that replaces the old one only when complete: a failed prepare leaves the last good one intact."""
@@ -331,9 +282,9 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
         info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
     table = chunk_table(cfg, train, shapes, val, test)
     files["dataset_info.json"] = info
-    files[SUMMARY] = {"chunks": table, "duplicates_removed": dropped, "sources": dict(Counter(r["source"] for r in rows))}
-    files[MANIFEST] = {"chunks": list(shapes), "shapes": shapes}
-    replace_folder(cfg.out / "data", files)
+    files[cfg.run.summary.name] = {"chunks": table, "duplicates_removed": dropped, "sources": dict(Counter(r["source"] for r in rows))}
+    files[cfg.run.manifest.name] = {"chunks": list(shapes), "shapes": shapes}
+    replace_folder(cfg.run.data, files)
     _print_table(table, dropped)
     return shapes
 
@@ -378,9 +329,9 @@ def _print_table(table: list[dict], dropped: int) -> None:
 def load_split(cfg: RunConfig, split: str) -> list[dict]:
     from .io import read_json
 
-    rows = read_json(cfg.out / "data" / f"{split}.json")
+    rows = read_json(cfg.run.split(split))
     if rows is None:
-        raise UserError(f"{cfg.out / 'data' / (split + '.json')} missing; run `autollm prepare` first")
+        raise UserError(f"{cfg.run.split(split)} missing; run `autollm prepare` first")
     return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"],
              "source": r.get("source"), "row_id": r.get("row_id"),
              "history": [{"role": role, "content": c} for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],

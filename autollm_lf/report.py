@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
 from .train import ALL_DELTA, DONE_MARKER
@@ -12,9 +11,7 @@ from .train import ALL_DELTA, DONE_MARKER
 def report_rows(session) -> list[dict]:
     """Every row is a weight vector over the loaded deltas, scored in place on the same model."""
     cfg, chunks = session.cfg, session.deltas
-    best = read_json(cfg.out / "search" / "best.json")
-    if best is None:
-        raise UserError(f"{cfg.out / 'search' / 'best.json'} missing; run `autollm search` first")
+    best = cfg.run.read_best()
     rows = [("raw", {c: 0.0 for c in chunks}, False)]
     if ALL_DELTA in session.adapters:
         rows.append((f"train@{ALL_DELTA}", {ALL_DELTA: 1.0}, False))
@@ -38,7 +35,7 @@ def report_rows(session) -> list[dict]:
 
 def _mix_dir(cfg):
     """train@auto_mix's adapter if the mix stage trained it (it is not one of the search's loaded deltas)."""
-    mix = cfg.out / "deltas" / MIX_DELTA
+    mix = cfg.run.delta(MIX_DELTA)
     return mix if cfg.train.auto_mix and (mix / DONE_MARKER).is_file() else None
 
 
@@ -142,20 +139,30 @@ def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | 
 def report_fingerprint(session) -> str:
     cfg = session.cfg
     mix = _mix_dir(cfg)
-    return fingerprint(session.search_fingerprint(), read_json(cfg.out / "search" / "best.json"),
-                       file_digest([cfg.out / "data" / "test.json"]), cfg.search.human_weights,
+    return fingerprint(session.search_fingerprint(), read_json(cfg.run.best),
+                       file_digest([cfg.run.split("test")]), cfg.search.human_weights,
                        read_json(mix / DONE_MARKER) if mix else None)
 
 
-def write_report(session) -> dict:
-    cfg, chunks = session.cfg, session.chunks
-    out = cfg.out / "report"
+def write_report(session) -> str:
+    """report.json, report.html and the plots (unless up to date); returns report.md's main section, which the
+    report stage writes together with the sections of rounds and bad cases."""
+    cfg, chunks, run = session.cfg, session.chunks, session.cfg.run
     fp = report_fingerprint(session)
-    done = read_json(out / "report.json", {})
-    if "report" not in session.force and done.get("fingerprint") == fp and (out / "report.html").exists():
-        print((out / "report.md").read_text(encoding="utf-8").split("\n\n![")[0])
-        print(f"report: {out} up to date")
-        return done
+    report = read_json(run.report_json, {})
+    if "report" not in session.force and report.get("fingerprint") == fp and run.report_html.exists():
+        print(f"report: {run.report} up to date")
+    else:
+        report = _write_report_files(session, fp)
+    md = _markdown(report["rows"], chunks, session.deltas, cfg)
+    print(md.split("\n\n![")[0])
+    if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
+        md += "\nEvaluator counts (over every row scored for this report): " + json.dumps(report["evaluation_stats"]) + "\n"
+    return md
+
+
+def _write_report_files(session, fp: str) -> dict:
+    cfg, run = session.cfg, session.cfg.run
     rows = report_rows(session)
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
@@ -163,15 +170,10 @@ def write_report(session) -> dict:
               "merge": {"method": cfg.search.merge, "density": cfg.search.density},
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
               "evaluation_stats": stats, "fingerprint": fp}
-    write_json(out / "report.json", report)
-    images = {"Search convergence": out / "convergence.png", "Merge weights": out / "weights.png"}
-    _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, images["Search convergence"])
+    write_json(run.report_json, report)
+    images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}
+    _plot(read_jsonl(run.trials), rows, images["Search convergence"])
     _plot_weights(rows, session.deltas, images["Merge weights"])
     mix = mix_spec(cfg, session.shapes, auto["weights"]) if _mix_dir(cfg) else None
-    atomic_write_text(out / "report.html", _html(report, chunks, session.deltas, mix and mix[1], images))
-    md = _markdown(rows, chunks, session.deltas, cfg)
-    if any(stats.values()):  # e.g. how many judge answers held no score
-        md += "\nEvaluator counts (over every row scored for this report): " + json.dumps(stats) + "\n"
-    atomic_write_text(out / "report.md", md)
-    print(_markdown(rows, chunks, session.deltas, cfg).split("\n\n![")[0])
+    atomic_write_text(run.report_html, _html(report, session.chunks, session.deltas, mix and mix[1], images))
     return report

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import BAD_CASES_FILE, BadCasesSource, RunConfig, round_dir
+from .config import BadCasesSource, RunConfig, check_paths, round_dir
 from .errors import UserError
-from .io import atomic_write_text, read_json, write_json
+from .io import read_json, write_json
+from .paths import ADAPTER_FILE, RunDir
 
 FULL_DIR = "merged_full"
 SECTION = "\n## Score across rounds\n"
@@ -24,8 +25,8 @@ def apply_round(cfg: RunConfig, file) -> RunConfig:
     k = cfg.round
     cfg._first_base = cfg.base_model.path
     prev_dir = round_dir(cfg, k - 1)
-    needed = [prev_dir / "merged" / "adapter_model.safetensors", prev_dir / "merged" / "autollm_export.json",
-              prev_dir / BAD_CASES_FILE]
+    prev_run = RunDir(prev_dir)
+    needed = [prev_run.merged / ADAPTER_FILE, prev_run.merged / "autollm_export.json", prev_run.bad_cases]
     missing = [p for p in needed if not p.exists()]
     if missing:
         raise UserError(f"{file}: round {k} starts from round {k - 1}'s best merge, but round {k - 1} is not finished "
@@ -37,6 +38,7 @@ def apply_round(cfg: RunConfig, file) -> RunConfig:
         added.append(BadCasesSource(type="bad_cases", name=f"bad_cases:round-{k - 1}", run=prev_dir,
                                     rejected=cfg.rounds.rejected, chunk=cfg.rounds.chunk))
     cfg.data.sources = cfg.data.sources + added + [s.model_copy(deep=True) for s in cfg.rounds.sources]
+    check_paths(cfg, file)  # the sources this round added
     return cfg
 
 
@@ -53,7 +55,7 @@ def ensure_round_base(cfg: RunConfig) -> Path:
     from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
 
     prev = previous(cfg)
-    merged = prev.out / "merged"
+    merged = prev.run.merged
     info = read_json(merged / EXPORT_MARKER)
     yamls = write_lf_yamls(prev, merged)
     full_export_checked(prev, merged, yamls["export"], info["exported_validation"])
@@ -67,7 +69,7 @@ def check_round_base(cfg: RunConfig) -> None:
 
 
 def _prompts(out: Path, split: str) -> set:
-    return {r["instruction"] for r in read_json(out / "data" / f"{split}.json", [])}
+    return {r["instruction"] for r in read_json(RunDir(out).split(split), [])}
 
 
 def rounds_table(cfg: RunConfig) -> list[dict]:
@@ -76,7 +78,7 @@ def rounds_table(cfg: RunConfig) -> list[dict]:
     table = []
     for k in range(1, cfg.round + 1):
         out = round_dir(cfg, k)
-        report = read_json(out / "report" / "report.json")
+        report = read_json(RunDir(out).report_json)
         if report is None:
             continue
         rows = {r["model"]: r for r in report["rows"]}
@@ -90,15 +92,12 @@ def rounds_table(cfg: RunConfig) -> list[dict]:
     return table
 
 
-def write_rounds_section(cfg: RunConfig) -> list[dict]:
-    """'Score across rounds' at the end of report.md and under `rounds` in report.json."""
+def rounds_section(cfg: RunConfig) -> str:
+    """'Score across rounds': a section of report.md, and `rounds` in report.json."""
     table = rounds_table(cfg)
-    md_path, json_path = cfg.out / "report" / "report.md", cfg.out / "report" / "report.json"
-    report = read_json(json_path)
-    if report is None or not md_path.exists():
-        return table
-    if report.get("rounds") != table:
-        write_json(json_path, {**report, "rounds": table})
+    report = read_json(cfg.run.report_json)
+    if report is not None and report.get("rounds") != table:
+        write_json(cfg.run.report_json, {**report, "rounds": table})
     f = lambda r, key: f"{r[key]:.4f}" if key in r else "-"
     lines = [SECTION, "Each round's numbers are on that round's own splits: `validation` is what its search tuned on, "
              "`test` was never tuned on. Validation differs by round: round K's bad cases from round K-1's validation "
@@ -111,12 +110,5 @@ def write_rounds_section(cfg: RunConfig) -> list[dict]:
     lines += [f"{r['round']} | {r['base']} | {r['validation_rows']} | {r['test_rows']} | "
               f"{r['test_rows_shared_with_round_1']} | {f(r, 'raw_validation')} | {f(r, 'raw_test')} | "
               f"{f(r, 'train@all_test')} | {f(r, 'auto_merge_validation')} | {f(r, 'auto_merge_test')} |" for r in table]
-    head, _, tail = md_path.read_text(encoding="utf-8").partition(SECTION)
-    rest = ""
-    if tail and "\n## " in tail:  # keep sections written after this one (e.g. the bad cases)
-        rest = "\n## " + tail.split("\n## ", 1)[1]
-    text = head.rstrip("\n") + "\n" + "\n".join(lines) + "\n" + rest
-    if text != md_path.read_text(encoding="utf-8"):
-        atomic_write_text(md_path, text)
     print("\n".join(lines[3:]))
-    return table
+    return "\n".join(lines) + "\n"

@@ -19,9 +19,10 @@ import yaml
 from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
+from .paths import ADAPTER_FILE
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-ADAPTER_FILE = "adapter_model.safetensors"
+
 DONE_MARKER = "autollm_delta.json"
 ALL_DELTA = "all"
 TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
@@ -181,20 +182,19 @@ def _sha(text: str) -> str:
 
 def config_for_delta(cfg, spec: DeltaSpec) -> tuple[Path, str]:
     """Render configs/<delta>.yaml unless the user edited it since we last rendered it (then keep theirs)."""
-    out = cfg.out
-    path = out / "configs" / f"{spec.name}.yaml"
-    state_path = out / "configs" / ".rendered.json"
+    run = cfg.run
+    path, state_path = run.config(spec.name), run.rendered
     state = read_json(state_path, {})
     rendered = render_template(
         cfg.train.template_for(spec.method), {**cfg.train.args, **spec.args}, **METHODS[spec.method].args,
         delta=spec.name, model_name_or_path=str(cfg.base_model.path), template=cfg.base_model.template,
-        dataset_dir=str(out / "data"), dataset=",".join(spec.datasets), output_dir=str(out / "deltas" / spec.name),
+        dataset_dir=str(run.data), dataset=",".join(spec.datasets), output_dir=str(run.delta(spec.name)),
         seed=cfg.seed, **hardware_defaults(),
     )
     if path.exists() and _sha(path.read_text(encoding="utf-8")) != state.get(spec.name):
         print(f"keeping hand-edited {path} (delete it to go back to the template)")
         text = path.read_text(encoding="utf-8")
-        _check_user_yaml(path, text, out / "deltas" / spec.name)
+        _check_user_yaml(path, text, run.delta(spec.name))
         return path, text
     atomic_write_text(path, rendered)
     state[spec.name] = _sha(rendered)
@@ -239,11 +239,10 @@ def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
 
 def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
     """Train one delta unless it is already trained with the same config text, data and base model."""
-    out = cfg.out
     cfg_path, text = config_for_delta(cfg, spec)
-    data_files = [out / "data" / f"{d}.json" for d in spec.datasets] + [out / "data" / "dataset_info.json"]
+    data_files = [cfg.run.split(d) for d in spec.datasets] + [cfg.run.dataset_info]
     fp = fingerprint(text, file_digest(data_files), base_fp)
-    delta_dir = out / "deltas" / spec.name
+    delta_dir = cfg.run.delta(spec.name)
     done = read_json(delta_dir / DONE_MARKER, {})
     if not force and done.get("fingerprint") == fp and (delta_dir / ADAPTER_FILE).exists():
         print(f"delta {spec.name}: up to date, not retrained")

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig
-from autollm_lf.evaluate import METRICS, ExactMatch, NegativeLoss, encode_prompt_response, plan_batches
+from autollm_lf.metrics import METRICS
+from autollm_lf.evaluate import ExactMatch, NegativeLoss, encode_prompt_response, plan_batches
 
 
 def half_trained(tiny_model, rows, tok, steps: int = 120):

@@ -9,7 +9,8 @@ import pytest
 
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
-from autollm_lf.generate import parse_examples, read_generate
+from autollm_lf.generate import parse_examples
+from autollm_lf.sources import read_rows
 from autollm_lf.prepare import prepare
 
 GOOD = json.dumps([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(3)])
@@ -88,7 +89,7 @@ def test_generate_parses_skips_retries_and_caches(tmp_path, server, monkeypatch,
     monkeypatch.setenv("GEN_KEY", "sk-gen")
     docs = write_docs(tmp_path, ["GOOD", "FENCED", "PARTIAL", "BAD", "OBJECT", "GOOD"])
     cfg = make_cfg(tmp_path, server, docs, api_key_env="GEN_KEY", concurrency=3, retries=2)
-    rows = read_generate(cfg.data.sources[0], 0, cfg)
+    rows = read_rows(cfg.data.sources[0], 0, cfg)
     assert len(rows) == 3 + 1 + 1 + 3
     assert rows[0] == {"prompt": "q0", "response": "a0", "chunk_value": "t0", "id": "d0:0"}
     stats = json.loads((tmp_path / "cache" / "last_stats.json").read_text())
@@ -101,7 +102,7 @@ def test_generate_parses_skips_retries_and_caches(tmp_path, server, monkeypatch,
     assert "skipped 2 malformed answers" in capsys.readouterr().out
 
     Scripted.calls.clear()
-    again = read_generate(cfg.data.sources[0], 0, cfg)  # a re-run pays nothing: not even the /models check
+    again = read_rows(cfg.data.sources[0], 0, cfg)  # a re-run pays nothing: not even the /models check
     assert again == rows and Scripted.calls == []
     assert json.loads((tmp_path / "cache" / "last_stats.json").read_text())["cached"] == 5
 
@@ -142,9 +143,9 @@ def test_generate_against_real_llamafactory_api(tmp_path, llamafactory_api):
     and a re-run is served from the cache."""
     docs = write_docs(tmp_path, ["GOOD", "BAD"])
     cfg = make_cfg(tmp_path, llamafactory_api, docs, max_tokens=8, timeout=120.0, concurrency=2)
-    rows = read_generate(cfg.data.sources[0], 0, cfg)
+    rows = read_rows(cfg.data.sources[0], 0, cfg)
     stats = json.loads((tmp_path / "cache" / "last_stats.json").read_text())
     assert stats["requests"] == 2 and stats["failed"] == 0
     assert stats["malformed_answers"] + (1 if rows else 0) * 0 <= 2 and len(rows) == stats["examples"]
-    read_generate(cfg.data.sources[0], 0, cfg)
+    read_rows(cfg.data.sources[0], 0, cfg)
     assert json.loads((tmp_path / "cache" / "last_stats.json").read_text())["requests"] == 0

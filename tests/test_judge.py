@@ -1,23 +1,16 @@
 """The LLM judge: a real OpenAI-compatible server (`llamafactory-cli api` with the tiny model), plus a
 small local server with scripted answers for parsing, caching, retries and the API key."""
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import httpx
 import pytest
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig, JudgeConfig
 from autollm_lf.errors import UserError
-from autollm_lf.evaluate import METRICS
+from autollm_lf.metrics import METRICS
 from autollm_lf.judge import parse_score
 
 ROWS = [{"prompt": p, "response": p[::-1]} for p in ["ab", "abc", "ba", "cab"]]

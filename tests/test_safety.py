@@ -18,8 +18,7 @@ import yaml
 
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
-from autollm_lf.errors import UserError, mask_secrets
-from autollm_lf.prepare import prepare
+from autollm_lf.errors import mask_secrets
 from autollm_lf.sqlsource import read_only_engine
 from conftest import chat_stub
 

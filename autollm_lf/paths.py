@@ -1,0 +1,132 @@
+"""Every file a run writes, named in one place: `RunDir(root)` (root = runs/<name>/, or round-K/ below it).
+
+Stages read and write through it, never through hand-built `out / "..."` paths, so the layout the design
+promises (data/ configs/ deltas/ search/ report/ merged/) is this file and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .io import read_json
+
+# Bookkeeping files in data/ start with "_": prepare.chunk_name() never makes a name that does, so no chunk
+# can overwrite them (validation/test/dataset_info are reserved chunk names instead).
+MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    # ---- prepare: LLaMA-Factory's dataset_dir ----
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split(self, name: str) -> Path:
+        """data/<name>.json: a chunk's training rows, or validation / test."""
+        return self.data / f"{name}.json"
+
+    @property
+    def dataset_info(self) -> Path:
+        return self.data / "dataset_info.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.data / MANIFEST
+
+    @property
+    def summary(self) -> Path:
+        return self.data / SUMMARY
+
+    # ---- train ----
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    def config(self, delta: str) -> Path:
+        return self.configs / f"{delta}.yaml"
+
+    @property
+    def rendered(self) -> Path:
+        """The hash of each config as we rendered it: a differing file was edited by hand (and is kept)."""
+        return self.configs / ".rendered.json"
+
+    def delta(self, name: str) -> Path:
+        return self.root / "deltas" / name
+
+    # ---- search ----
+    @property
+    def search(self) -> Path:
+        return self.root / "search"
+
+    @property
+    def trials(self) -> Path:
+        return self.search / "trials.jsonl"
+
+    @property
+    def best(self) -> Path:
+        return self.search / "best.json"
+
+    # ---- report ----
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_md(self) -> Path:
+        return self.report / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.report / "report.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.report / "report.html"
+
+    @property
+    def bad_cases(self) -> Path:
+        return self.report / "bad_cases.jsonl"
+
+    # ---- export ----
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def merged_full(self) -> Path:
+        return self.root / "merged_full"
+
+    @property
+    def export_yaml(self) -> Path:
+        return self.root / "export.yaml"
+
+    @property
+    def chat_yaml(self) -> Path:
+        return self.root / "chat.yaml"
+
+    # ---- the run itself ----
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / "config.resolved.yaml"
+
+    @property
+    def generate_cache(self) -> Path:
+        return self.root / "cache" / "generate"
+
+    def read_best(self) -> dict[str, Any]:
+        """search/best.json, or the one-line error every later stage gives when the search has not run."""
+        best = read_json(self.best)
+        if best is None:
+            raise UserError(f"{self.best} missing; run `autollm search` first")
+        return best
+
+
+def is_fresh(marker: dict, fingerprint: str, *outputs: Path) -> bool:
+    """A stage's outputs are up to date: its marker holds this fingerprint and every output exists."""
+    return marker.get("fingerprint") == fingerprint and all(Path(p).exists() for p in outputs)
