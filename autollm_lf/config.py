@@ -23,10 +23,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # inf/NaN weights or bounds are typos
 
 
-class SqlSource(Strict):
+class SourceBase(Strict):
+    name: Optional[str] = Field(None, description="provenance label of its rows (default <type>:<index>)")
+    train_only: bool = Field(False, description="its rows only train, never held out for validation or test "
+                                                "(data you do not want to be scored on, e.g. scraped or noisy)")
+
+
+class SqlSource(SourceBase):
     """Rows from a SQL query against any SQLAlchemy URL, on a read-only connection (sqlite, postgresql, mysql)."""
     type: Literal["sql"]
-    name: Optional[str] = Field(None, description="provenance label of its rows (default <type>:<index>)")
     url: str
     query: str
     read_only: Literal["enforce", "trusted"] = Field(
@@ -35,18 +40,16 @@ class SqlSource(Strict):
     columns: dict[str, str] = Field(default_factory=dict, description="tool field -> source column")
 
 
-class FileSource(Strict):
+class FileSource(SourceBase):
     """Rows from a json/jsonl/csv/parquet file, loaded with `datasets`."""
     type: Literal["file"]
-    name: Optional[str] = None
     path: Path
     columns: dict[str, str] = Field(default_factory=dict)
 
 
-class LlamaFactorySource(Strict):
+class LlamaFactorySource(SourceBase):
     """Datasets of an existing LLaMA-Factory data directory, each one chunk, used in their own format."""
     type: Literal["llamafactory"]
-    name: Optional[str] = None
     dataset_dir: Path
     datasets: list[str] = Field(min_length=1, description="names in its dataset_info.json")
 
@@ -54,10 +57,9 @@ class LlamaFactorySource(Strict):
 DocumentSource = Annotated[Union[SqlSource, FileSource], Field(discriminator="type")]
 
 
-class GenerateSource(Strict):
+class GenerateSource(SourceBase):
     """An LLM writes examples from documents (rows of another source) through an OpenAI-compatible chat endpoint."""
     type: Literal["generate"]
-    name: Optional[str] = None
     documents: DocumentSource
     text_column: str = Field("text", description="the documents' column holding the text")
     id_column: str = Field("id", description="the documents' column naming a document (else its row number)")
@@ -76,10 +78,9 @@ class GenerateSource(Strict):
     cache_dir: Optional[Path] = Field(None, description="answers cached by prompt hash (default runs/<name>/cache/generate)")
 
 
-class BadCasesSource(Strict):
+class BadCasesSource(SourceBase):
     """The validation rows a previous run's best merge got wrong (its report/bad_cases.jsonl)."""
     type: Literal["bad_cases"]
-    name: Optional[str] = None
     run: Path = Field(description="the previous run's folder, e.g. runs/toy")
     rejected: bool = Field(False, description="keep the model's wrong answer as `rejected` (a preference chunk: DPO/ORPO)")
     chunk: str = Field("bad_cases", description="chunk value of these rows")
@@ -130,6 +131,8 @@ class ToyConfig(Strict):
     database: Path = Path("data/toy/source.sqlite")
     rows_per_task: int = Field(300, ge=10)
     preference_rows: int = Field(0, ge=0, description="rows of the `preferences` table (the preference chunk)")
+    scraped_rows: int = Field(0, ge=0, description="rows of the `scraped` table: the code family answered in a "
+                                                   "conflicting style (data that hurts when trained with the rest)")
     base_train_rows: int = Field(4000, ge=10)
     base_args: dict[str, Any] = Field(default_factory=dict)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
-from .paths import RunDir
 
 MARKER = "report/bad_cases.json"
 SECTION = "\n## Bad cases (validation)\n"

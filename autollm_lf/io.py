@@ -35,8 +35,13 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
+def json_text(data: Any) -> str:
+    """How every JSON file of a run is written: indented, UTF-8 as it is."""
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
 def write_json(path: Path, data: Any) -> bool:
-    return write_if_changed(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    return write_if_changed(path, json_text(data))
 
 
 def read_json(path: Path, default: Any = None) -> Any:

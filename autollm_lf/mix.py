@@ -7,6 +7,8 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 """
 from __future__ import annotations
 
+from .train import DeltaSpec, delta_specs, model_fingerprint, train_one
+
 
 MIX_DELTA = "auto_mix"
 
@@ -23,15 +25,13 @@ def mix_probs(weights: dict[str, float], floor: float) -> dict[str, float]:
     return {k: p / norm for k, p in floored.items()}
 
 
-def chunk_weights(best_weights: dict[str, float], shapes: dict[str, str]) -> dict[str, float]:
-    """The best weight of each SFT chunk's `<chunk>-sft` delta (chunks without one are left out)."""
-    return {c: best_weights[f"{c}-sft"] for c, shape in shapes.items() if shape == "sft" and f"{c}-sft" in best_weights}
+def chunk_weights(best_weights: dict[str, float], specs: list[DeltaSpec]) -> dict[str, float]:
+    """The best weight of each chunk's SFT delta (chunks without one are left out)."""
+    return {s.chunk: best_weights[s.name] for s in specs if s.method == "sft" and s.chunk and s.name in best_weights}
 
 
 def mix_spec(cfg, shapes: dict[str, str], best_weights: dict[str, float]):
-    from .train import DeltaSpec
-
-    weights = chunk_weights(best_weights, shapes)
+    weights = chunk_weights(best_weights, delta_specs(cfg, shapes))
     if len(weights) < 2:
         return None
     probs = mix_probs(weights, cfg.train.auto_mix_floor)
@@ -41,8 +41,6 @@ def mix_spec(cfg, shapes: dict[str, str], best_weights: dict[str, float]):
 
 
 def train_auto_mix(session) -> None:
-    from .train import model_fingerprint, train_one
-
     cfg = session.cfg
     if not cfg.train.auto_mix:
         return

@@ -72,6 +72,11 @@ class RunDir:
     def best(self) -> Path:
         return self.search / "best.json"
 
+    @property
+    def search_cost(self) -> Path:
+        """The shared set-up's wall seconds (base model and every delta loaded once); trials log their own."""
+        return self.search / "cost.json"
+
     # ---- report ----
     @property
     def report(self) -> Path:

@@ -1,15 +1,16 @@
 """The stages in order, sharing one loaded model within a process (a trial never reloads it)."""
 from __future__ import annotations
 
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig, dump_config
 from .errors import UserError
-from .io import atomic_write_text, file_digest, read_json, write_if_changed
+from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
 from .paths import ADAPTER_FILE
-from .train import ALL_DELTA, DONE_MARKER
+from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs
 
 
 class Session:
@@ -22,6 +23,7 @@ class Session:
         self.keep_going = keep_going
         self.full = full  # export also merges into full weights with `llamafactory-cli export` and checks them
         self._weighted = None
+        self.setup_seconds: float | None = None
         self._scorers: dict[str, object] = {}
 
     @property
@@ -36,15 +38,18 @@ class Session:
         return list(self.shapes)
 
     @cached_property
+    def specs(self) -> dict[str, DeltaSpec]:
+        """Every delta the config asks for, by name: <chunk>-<method>, then train@all's."""
+        return {spec.name: spec for spec in delta_specs(self.cfg, self.shapes)}
+
+    @property
     def delta_names(self) -> list[str]:
-        """Every delta the config asks for: <chunk>-<method>, then train@all's."""
-        from .train import delta_specs
-        return [spec.name for spec in delta_specs(self.cfg, self.shapes)]
+        return list(self.specs)
 
     def human_weights(self) -> dict[str, float]:
         """search.human_weights keyed by delta, or by chunk for all of its deltas."""
         human = self.cfg.search.human_weights
-        return {d: float(human.get(d, human.get(d.rsplit("-", 1)[0], 0.0))) for d in self.deltas}
+        return {d: float(human.get(d, human.get(self.specs[d].chunk, 0.0))) for d in self.deltas}
 
     @cached_property
     def adapters(self) -> dict[str, Path]:
@@ -73,8 +78,10 @@ class Session:
         if self._weighted is None:
             from .merge import WeightedDeltas
             search = self.cfg.search
+            started = time.perf_counter()
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
                                             density=search.density, seed=self.cfg.seed)
+            self.setup_seconds = time.perf_counter() - started
         return self._weighted
 
     def scorer(self, split: str):
@@ -149,6 +156,8 @@ def stage_search(s: Session) -> None:
     s.pick_apply_mode()
     best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force,
                       human=s.human_weights() if s.cfg.search.human_weights else {})
+    if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
+        write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 
 

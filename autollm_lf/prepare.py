@@ -9,11 +9,10 @@ import shutil
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable
 
-from .config import FileSource, RunConfig
+from .config import RunConfig
 from .errors import UserError
-from .io import write_json
+from .io import atomic_write_text, json_text
 from .sources import READERS
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 
@@ -268,8 +267,11 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     rows = []
     for i, src in enumerate(cfg.data.sources):
         label = src.name or f"{src.type}:{i}"
-        rows += _normalise(READERS[src.type](src, i, cfg), getattr(src, "columns", {}), cfg.data.chunk_column, i, label,
-                           src.type)
+        normalised = _normalise(READERS[src.type](src, i, cfg), getattr(src, "columns", {}), cfg.data.chunk_column, i,
+                                label, src.type)
+        for row in normalised if src.train_only else []:
+            row["train_only"] = True
+        rows += normalised
     if not rows:
         raise UserError("data.sources: no rows; check the query or file")
     train, shapes, val, test, dropped = split_chunks(rows, cfg)
@@ -290,15 +292,20 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
 
 
 def replace_folder(folder: Path, files: dict[str, object]) -> None:
-    """Write JSON files into a fresh sibling folder, then swap it in for `folder` (the old one is removed
-    only after the new one is in place)."""
+    """Make `folder` hold exactly these JSON files: written into a fresh sibling folder that is then swapped in
+    (the old one is removed only after the new one is in place). A folder that already holds them is left
+    untouched, so a re-run rewrites nothing."""
+    texts = {name: json_text(data) for name, data in files.items()}
+    if folder.is_dir() and {p.name for p in folder.iterdir()} == set(texts) and \
+            all((folder / name).read_text(encoding="utf-8") == text for name, text in texts.items()):
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new-"))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     try:
-        for name, data in files.items():
-            write_json(fresh / name, data)
+        for name, text in texts.items():
+            atomic_write_text(fresh / name, text)
         fresh.chmod(0o755)
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
         if folder.exists():
             folder.rename(old)
         fresh.rename(folder)

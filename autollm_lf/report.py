@@ -30,7 +30,37 @@ def report_rows(session) -> list[dict]:
     mix = _mix_dir(cfg)
     if mix is not None:
         result.append(_adapter_row(cfg, f"train@{MIX_DELTA}", mix))
-    return result
+    seconds = row_seconds(session)
+    return [{**r, "seconds": seconds.get(r["model"])} for r in result]
+
+
+def row_seconds(session) -> dict[str, float | None]:
+    """Wall seconds behind each row: its training for train@ rows; for merges every delta's training, the
+    search's shared set-up (model and deltas loaded once) and, for auto_merge, its trials; train@auto_mix
+    adds its own training to auto_merge's."""
+    run = session.cfg.run
+    trained = {n: read_json(run.delta(n) / DONE_MARKER, {}).get("seconds") for n in [*session.adapters, MIX_DELTA]}
+    deltas = [trained[d] for d in session.deltas]
+    merge = None if None in deltas else sum(deltas) + read_json(run.search_cost, {}).get("setup_seconds", 0.0)
+    search = sum(t.get("eval_seconds", 0.0) for t in read_jsonl(run.trials))
+    auto = None if merge is None else merge + search
+    mix = None if auto is None or trained[MIX_DELTA] is None else auto + trained[MIX_DELTA]
+    rows = {"raw": 0.0, "average_merge": merge, "human_merge": merge, "auto_merge": auto, f"train@{MIX_DELTA}": mix}
+    return {**{f"train@{n}": s for n, s in trained.items()}, **rows}
+
+
+def cost_line(rows: list[dict], trials: int) -> str:
+    """The search's cost against one more retraining on a candidate mix (train@auto_mix's, else train@all's)."""
+    seconds = {r["model"]: r.get("seconds") for r in rows}
+    merge, auto = seconds.get("average_merge"), seconds.get("auto_merge")
+    retrain_row = next((m for m in (f"train@{MIX_DELTA}", f"train@{ALL_DELTA}") if seconds.get(m) is not None), None)
+    if merge is None or auto is None or retrain_row is None:
+        return ""
+    search = auto - merge
+    retrain = seconds[retrain_row] - (auto if retrain_row == f"train@{MIX_DELTA}" else 0.0)
+    return (f"Cost: the search scored {trials} weightings in {search:.0f} s (after {merge:.0f} s of delta training and "
+            f"set-up shared by every merge); one more retraining on a candidate mix ({retrain_row}) took "
+            f"{retrain:.0f} s, so each weighting cost {search / max(trials, 1) / max(retrain, 1e-9):.1%} of a retraining.")
 
 
 def _mix_dir(cfg):
@@ -57,13 +87,19 @@ def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[
     return sum(scores) / max(len(scores), 1), by_chunk
 
 
+def _seconds(row: dict) -> str:
+    return "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
+
+
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
              f"Merges (average, human, auto) use `{cfg.search.merge}`"
              + (f" (density {cfg.search.density})." if cfg.search.merge != "linear" else "."), "",
-             "model | validation | test |", "---|---|---|"]
-    lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} |" for r in rows]
+             "model | validation | test | seconds |", "---|---|---|---|"]
+    lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} | {_seconds(r)} |" for r in rows]
+    trials = len(read_jsonl(cfg.run.trials))
+    lines += ["", cost_line(rows, trials)] if cost_line(rows, trials) else []
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
                                               for c in chunks) + " |"  # "-": a training-only chunk (bad cases)
@@ -133,7 +169,7 @@ def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | 
     stats = report["evaluation_stats"] if any(report["evaluation_stats"].values()) else None
     return env.from_string(find_template("report.html.j2").read_text(encoding="utf-8")).render(
         name=report["name"], metric=report["metric"], rows=report["rows"], chunks=chunks, deltas=deltas,
-        mix_probs=mix_probs, images=uris, evaluation_stats=stats)
+        mix_probs=mix_probs, images=uris, evaluation_stats=stats, cost=report.get("cost", ""))
 
 
 def report_fingerprint(session) -> str:
@@ -169,7 +205,7 @@ def _write_report_files(session, fp: str) -> dict:
     report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
               "merge": {"method": cfg.search.merge, "density": cfg.search.density},
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
-              "evaluation_stats": stats, "fingerprint": fp}
+              "evaluation_stats": stats, "cost": cost_line(rows, len(read_jsonl(run.trials))), "fingerprint": fp}
     write_json(run.report_json, report)
     images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}
     _plot(read_jsonl(run.trials), rows, images["Search convergence"])

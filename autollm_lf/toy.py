@@ -66,9 +66,24 @@ def preference_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple
     return rows
 
 
-def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_count: int = 0) -> Path:
-    """A real SQLite database: `examples(id, task, prompt, response)`, prompts unique per task, and
-    `preferences(id, prompt, chosen, rejected)` for the preference chunk."""
+def scraped_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str]]:
+    """Data that hurts when trained with the rest: the code family answered in a conflicting style (the
+    string copied, not reversed), as a careless scrape of "what the program prints" would give."""
+    rows = []
+    while len(rows) < n:
+        prompt, answer = code_task(rng)
+        copied = prompt.split('"')[1]
+        if prompt not in exclude and copied != answer:
+            exclude.add(prompt)
+            rows.append((prompt, copied))
+    return rows
+
+
+def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_count: int = 0,
+                    scraped_rows_count: int = 0) -> Path:
+    """A real SQLite database: `examples(id, task, prompt, response)`, prompts unique per task,
+    `preferences(id, prompt, chosen, rejected)` for the preference chunk and `scraped(id, prompt, response)`
+    for the conflicting chunk."""
     rng = random.Random(seed)
     rows, seen = [], set()
     for task, make in TASKS.items():
@@ -89,7 +104,10 @@ def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_c
         db.executemany("INSERT INTO examples (task, prompt, response) VALUES (?, ?, ?)", rows)
         db.execute("CREATE TABLE preferences (id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, chosen TEXT NOT NULL, rejected TEXT NOT NULL)")
         db.executemany("INSERT INTO preferences (prompt, chosen, rejected) VALUES (?, ?, ?)",
-                       preference_rows(random.Random(seed + 2), preference_rows_count, set(seen)))
+                       preference_rows(random.Random(seed + 2), preference_rows_count, seen))
+        db.execute("CREATE TABLE scraped (id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, response TEXT NOT NULL)")
+        db.executemany("INSERT INTO scraped (prompt, response) VALUES (?, ?)",
+                       scraped_rows(random.Random(seed + 3), scraped_rows_count, seen))
     tmp.replace(path)
     return path
 
@@ -112,12 +130,12 @@ def ensure_toy(cfg) -> None:
 
     toy = cfg.toy
     # The generators' own source is part of the recipe: editing a task family rebuilds the database.
-    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, toy.preference_rows, ALPHABET,
-                        [inspect.getsource(f) for f in (*TASKS.values(), preference_rows, build_source_db)])
+    db_fp = fingerprint("db", toy.seed, toy.rows_per_task, toy.preference_rows, toy.scraped_rows, ALPHABET,
+                        [inspect.getsource(f) for f in (*TASKS.values(), preference_rows, scraped_rows, build_source_db)])
     db_marker = toy.database.with_suffix(".json")
     if not toy.database.exists() or read_json(db_marker, {}).get("fingerprint") != db_fp:
         print(f"toy: building source database {toy.database}")
-        build_source_db(toy.database, toy.seed, toy.rows_per_task, toy.preference_rows)
+        build_source_db(toy.database, toy.seed, toy.rows_per_task, toy.preference_rows, toy.scraped_rows)
         write_json(db_marker, {"fingerprint": db_fp})
 
     base = cfg.base_model.path

@@ -36,6 +36,11 @@ class DeltaSpec:
     method: str = "sft"
     args: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def chunk(self) -> str | None:
+        """The one chunk a per-chunk delta trains on (None for train@all and train@auto_mix)."""
+        return self.datasets[0] if len(self.datasets) == 1 and self.name != ALL_DELTA else None
+
 
 def find_template(name: str) -> Path | None:
     for candidate in (Path(name), TEMPLATES_DIR / name):
@@ -130,10 +135,9 @@ def _tail(path: Path, n: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train") -> None:
-    """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log.
-
-    Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise (CI logs, pipes)."""
+def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train") -> float:
+    """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log; returns its
+    wall seconds. Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise."""
     from tqdm import tqdm
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +155,10 @@ def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: st
         _update_progress(bar, progress_path)
     if proc.returncode != 0:
         raise UserError(f"{desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
+    seconds = time.perf_counter() - started
     if bar.disable:
-        print(f"{desc}: done in {time.perf_counter() - started:.0f} s{_last_loss(progress_path)}")
+        print(f"{desc}: done in {seconds:.0f} s{_last_loss(progress_path)}")
+    return seconds
 
 
 def _last_loss(progress_path: Path) -> str:
@@ -249,11 +255,11 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
         return delta_dir
     # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
     shutil.rmtree(delta_dir, ignore_errors=True)
-    run_llamafactory(cfg_path, delta_dir, desc=f"training delta {spec.name}")
+    seconds = run_llamafactory(cfg_path, delta_dir, desc=f"training delta {spec.name}")
     if not (delta_dir / ADAPTER_FILE).exists():
         raise UserError(f"training delta {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
                         f"is finetuning_type lora in {cfg_path}?")
-    write_json(delta_dir / DONE_MARKER, {"fingerprint": fp, "config": str(cfg_path)})
+    write_json(delta_dir / DONE_MARKER, {"fingerprint": fp, "config": str(cfg_path), "seconds": round(seconds, 1)})
     return delta_dir
 
 

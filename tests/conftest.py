@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from autollm_lf.toy import build_source_db
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
@@ -140,3 +142,29 @@ def chat_stub(answer, fail_after: int | None = None):
         yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
     finally:
         server.shutdown()
+
+
+# ---- the e2e runs' shared pieces (the real CLI on a tiny model) ------------------------------------------
+
+def autollm(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "autollm_lf", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+def write_config(tmp_path, tiny_model, name="e2e", search=None, **train_args):
+    db = tmp_path / "src.sqlite"
+    if not db.exists():
+        build_source_db(db, seed=1, rows_per_task=24)
+    cfg = {
+        "name": name, "seed": 0, "base_model": {"path": str(tiny_model), "template": "default"},
+        "data": {"sources": [{"type": "sql", "url": f"sqlite:///{db}",
+                              "query": "SELECT id, task, prompt, response FROM examples WHERE task IN ('math', 'code')"}],
+                 "chunk_by": "task", "validation_per_chunk": 6, "test_per_chunk": 6},
+        "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1,
+                           "learning_rate": 0.01, **train_args}},
+        "search": {"init_points": 2, "n_iter": 3, "human_weights": {"math": 0.5}, **(search or {})},
+        "evaluation": {"batch_size": 8},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_bench_quick_json(tmp_path):
     res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--quick", "--json",
                           "--toy", str(tmp_path / "no-toy.yaml")], capture_output=True, text=True, timeout=600)
@@ -19,6 +22,7 @@ def test_bench_quick_json(tmp_path):
     assert "skipped" in result["exact_match_speedup"] and "skipped" in result["bo_vs_random"]
 
 
+@pytest.mark.slow
 def test_bench_only_one_part(tmp_path):
     """`--only exact_match` runs that part alone (here: skipped, no toy run), no 0.5B merge part."""
     res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--only", "exact_match", "--json",

@@ -1,12 +1,15 @@
 """Config validation: every error at once, with key paths; the CLI prints them and exits 2 without a traceback."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from autollm_lf.config import load_config
 from autollm_lf.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
 
 GOOD = {
     "name": "t",
@@ -91,3 +94,11 @@ def test_unknown_merge_method_and_bad_density(tmp_path):
     msg = str(e.value)
     assert "search.merge: unknown merge method 'tie'; choose one of linear, ties" in msg
     assert "search.density:" in msg
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_example_validates(example, monkeypatch):
+    """Every examples/*.yaml loads as written (from the repository root, as the README runs them)."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config(example)
+    assert cfg.name and cfg.data.sources

@@ -17,7 +17,9 @@ import yaml
 
 from autollm_lf.mix import mix_probs
 
-from test_e2e import autollm, write_config
+from conftest import autollm, write_config
+
+pytestmark = pytest.mark.slow  # real llamafactory-cli runs
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -138,6 +138,7 @@ def test_generate_errors(tmp_path, server, monkeypatch, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_against_real_llamafactory_api(tmp_path, llamafactory_api):
     """The tiny model writes no usable JSON: every answer is counted as malformed and skipped, nothing crashes,
     and a re-run is served from the cache."""

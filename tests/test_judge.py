@@ -93,6 +93,7 @@ def test_judge_errors_are_clear(tiny_model, scripted_server, monkeypatch):
         METRICS["judge"](model, tok, "default", ROWS, judge_cfg(dead, timeout=2.0))
 
 
+@pytest.mark.slow
 def test_judge_against_real_llamafactory_api(tiny_model, llamafactory_api):
     """The tiny model is a poor judge: its answers hold no score. The evaluation must cope, not crash."""
     tok = AutoTokenizer.from_pretrained(tiny_model)

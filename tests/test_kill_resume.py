@@ -7,7 +7,11 @@ import subprocess
 import sys
 import time
 
-from test_e2e import write_config
+import pytest
+
+from conftest import write_config
+
+pytestmark = pytest.mark.slow  # real llamafactory-cli runs
 
 
 def start(cfg, cwd):

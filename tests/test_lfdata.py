@@ -1,5 +1,6 @@
 """An existing LLaMA-Factory data directory used as chunks unchanged: alpaca and sharegpt/openai entries,
 multi-turn conversations, ranking and kto entries; trained for real with the right method each."""
+import pytest
 import json
 import random
 
@@ -82,6 +83,7 @@ def test_history_is_encoded_like_llamafactory(tiny_model):
     assert tok.decode(target, skip_special_tokens=True) == "e1"
 
 
+@pytest.mark.slow
 def test_llamafactory_directory_trains_for_real(tiny_model, tmp_path, run_autollm):
     root, _, _ = make_dataset_dir(tmp_path / "lf")
     cfg = {"name": "lfrun", "base_model": {"path": str(tiny_model)},

@@ -106,6 +106,7 @@ def test_templates_per_stage(method, stage, extra):
         assert cfg["pref_beta"] == 0.25  # overrides replace the method's default in place
 
 
+@pytest.mark.slow
 def test_every_method_trains_for_real_and_the_search_loads_it(tiny_model, tmp_path, run_autollm):
     path = write_source(tmp_path, mixed_rows())
     cfg = {"name": "methods", "base_model": {"path": str(tiny_model)},
