@@ -12,7 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError, mask_secrets
+from .methods import METHODS
 from .paths import RunDir
+from .train import find_template, template_problem
 from .yamlsafe import load_yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -101,8 +103,8 @@ class ChunkSize(Strict):
 class DataConfig(Strict):
     sources: list[Source] = Field(min_length=1)
     chunk_by: Union[str, ChunkCount, ChunkSize] = Field("task", description="a column, {count: N} or {size: N}")
-    validation_per_chunk: int = Field(40, ge=1)
-    test_per_chunk: int = Field(40, ge=1)
+    validation_per_chunk: int = Field(40, ge=0, description="0 only with a fixed evaluation.validation set")
+    test_per_chunk: int = Field(40, ge=0, description="0 only with a fixed evaluation.test set")
     min_train_per_chunk: int = Field(1, ge=1)
 
     @field_validator("chunk_by", mode="before")
@@ -153,9 +155,6 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _known_methods(self):
-        from .methods import METHODS
-        from .train import template_problem
-
         named = [("train.methods", m) for m in (self.methods if isinstance(self.methods, list) else [])]
         named += [(f"train.chunk_methods.{c}", m) for c, ms in self.chunk_methods.items() if isinstance(ms, list) for m in ms]
         named += [(f"train.templates.{m}", m) for m in self.templates] + [(f"train.method_args.{m}", m) for m in self.method_args]
@@ -169,7 +168,6 @@ class TrainConfig(Strict):
         return self
 
     def template_for(self, method: str) -> str:
-        from .methods import METHODS
         return self.templates.get(method, METHODS[method].template)
 
 
@@ -213,6 +211,9 @@ class JudgeConfig(Strict):
 
 
 class EvaluationConfig(Strict):
+    validation: list[Source] = Field(default_factory=list, description="a fixed validation set (any source type); "
+                                     "then chunks give no validation rows unless data.validation_per_chunk is set")
+    test: list[Source] = Field(default_factory=list, description="a fixed test set (any source type), as validation")
     metric: str = "exact_match"
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(64, ge=1, description="for metrics on generated answers")
@@ -275,8 +276,16 @@ class RunConfig(Strict):
         return v
 
     @model_validator(mode="after")
+    def _held_out_somewhere(self):
+        for split in ("validation", "test"):
+            if getattr(self.data, f"{split}_per_chunk") == 0 and not getattr(self.evaluation, split):
+                raise ValueError(f"data.{split}_per_chunk: 0 leaves no {split} rows; give evaluation.{split} "
+                                 f"(a fixed set) or hold out at least 1 row per chunk")
+        return self
+
+    @model_validator(mode="after")
     def _distinct_source_names(self):
-        names = Counter(s.name for s in self.data.sources + self.rounds.sources if s.name is not None)
+        names = Counter(s.name for s in self.all_sources if s.name is not None)
         twice = sorted(n for n, k in names.items() if k > 1)
         if twice:
             raise ValueError(f"data.sources: name {', '.join(map(repr, twice))} given to more than one source; "
@@ -286,7 +295,6 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _known_names(self):
         from .metrics import METRICS
-        from .train import find_template
 
         if self.evaluation.metric not in METRICS:
             raise ValueError(f"evaluation.metric: unknown metric {self.evaluation.metric!r}; choose one of {sorted(METRICS)}")
@@ -299,6 +307,11 @@ class RunConfig(Strict):
     def out(self) -> Path:
         """runs/<name>/ for round 1 (as ever), runs/<name>/round-<K>/ for round K >= 2."""
         return round_dir(self, self.round)
+
+    @property
+    def all_sources(self) -> list:
+        """Training sources (this round's and later rounds') and the fixed evaluation sets."""
+        return self.data.sources + self.rounds.sources + self.evaluation.validation + self.evaluation.test
 
     @property
     def run(self) -> RunDir:
@@ -334,7 +347,7 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.toy:
         cfg.toy.database = cfg.toy.database.resolve()
-    sources = cfg.data.sources + cfg.rounds.sources
+    sources = cfg.all_sources
     for src in sources + [s.documents for s in sources if isinstance(s, GenerateSource)]:
         if isinstance(src, FileSource):
             src.path = src.path.resolve()
@@ -380,20 +393,20 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
         problems.append(f"run_dir: {cfg.run_dir} is a file, not a folder; name a folder for the runs")
     if cfg.toy is None and cfg.round == 1:
         problems += _model_folder_problems(cfg.base_model.path)
-    named = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
-    named += [(f"data.sources.{i}.documents", src.documents) for i, src in enumerate(cfg.data.sources)
-              if isinstance(src, GenerateSource)]
-    for i, src in enumerate(cfg.data.sources):
+    keyed = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
+    keyed += [(f"evaluation.{split}.{i}", src) for split in ("validation", "test")
+              for i, src in enumerate(getattr(cfg.evaluation, split))]
+    named = keyed + [(f"{key}.documents", src.documents) for key, src in keyed if isinstance(src, GenerateSource)]
+    for key, src in keyed:
         if isinstance(src, GenerateSource):
-            from .train import find_template
             if find_template(src.prompt_template) is None:
-                problems.append(f"data.sources.{i}.prompt_template: no template {src.prompt_template!r} in templates/; "
+                problems.append(f"{key}.prompt_template: no template {src.prompt_template!r} in templates/; "
                                 f"name a file there or give a path")
             if src.api_key_env and not os.environ.get(src.api_key_env):
-                problems.append(f"data.sources.{i}.api_key_env: environment variable {src.api_key_env} is not set; "
+                problems.append(f"{key}.api_key_env: environment variable {src.api_key_env} is not set; "
                                 f"export it with the endpoint's API key")
         if isinstance(src, BadCasesSource) and not RunDir(src.run).bad_cases.is_file():
-            problems.append(f"data.sources.{i}.run: {RunDir(src.run).bad_cases} not found; run `autollm run` on "
+            problems.append(f"{key}.run: {RunDir(src.run).bad_cases} not found; run `autollm run` on "
                             f"that run first (its report stage writes it)")
     for i, src in named:
         if isinstance(src, FileSource) and not src.path.is_file():

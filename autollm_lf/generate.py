@@ -61,10 +61,9 @@ def _key(src, prompt: str) -> str:
     return hashlib.sha256(json.dumps([src.model, src.temperature, src.max_tokens, prompt]).encode()).hexdigest()
 
 
-def read_generate(src, index: int, cfg, docs: list[dict]) -> list[dict]:
+def read_generate(src, where: str, cfg, docs: list[dict]) -> list[dict]:
     """Rows {prompt, response, chunk_value, id} written by the LLM from `docs` (the rows of src.documents);
     prints what it cost and what it skipped."""
-    where = f"data.sources.{index}"
     path = find_template(src.prompt_template)
     if path is None:
         raise UserError(f"{where}.prompt_template: no template {src.prompt_template!r} in templates/")

@@ -20,61 +20,61 @@ TOOL_TAGS = ("function_tag", "observation_tag")  # LLaMA-Factory's tool-call tur
 TOOL_DEFAULTS = {"function_tag": "function_call", "observation_tag": "observation"}
 
 
-def load_entries(dataset_dir: Path, names: list[str], index: int) -> dict[str, dict]:
+def load_entries(dataset_dir: Path, names: list[str], where: str) -> dict[str, dict]:
     info_path = dataset_dir / "dataset_info.json"
     if not info_path.is_file():
-        raise UserError(f"data.sources.{index}.dataset_dir: {info_path} not found")
-    info = _load_json(info_path, index)
+        raise UserError(f"{where}.dataset_dir: {info_path} not found")
+    info = _load_json(info_path, where)
     if not isinstance(info, dict) or not all(isinstance(e, dict) for e in info.values()):
-        raise UserError(f"data.sources.{index}: {info_path} must be a JSON object of dataset name -> entry "
+        raise UserError(f"{where}: {info_path} must be a JSON object of dataset name -> entry "
                         f"(as LLaMA-Factory's data/dataset_info.json)")
     missing = [n for n in names if n not in info]
     if missing:
-        raise UserError(f"data.sources.{index}.datasets: {', '.join(missing)} not in {info_path} "
+        raise UserError(f"{where}.datasets: {', '.join(missing)} not in {info_path} "
                         f"(it has {', '.join(info)})")
     unsupported = [n for n in names if not isinstance(info[n].get("file_name"), str)]
     if unsupported:
-        raise UserError(f"data.sources.{index}.datasets: {', '.join(unsupported)} are not local files (no file_name)")
+        raise UserError(f"{where}.datasets: {', '.join(unsupported)} are not local files (no file_name)")
     unknown = [n for n in names if info[n].get("formatting", "alpaca") not in FORMATTINGS]
     if unknown:
-        raise UserError(f"data.sources.{index}.datasets: {unknown[0]} has formatting "
+        raise UserError(f"{where}.datasets: {unknown[0]} has formatting "
                         f"{info[unknown[0]]['formatting']!r}; LLaMA-Factory knows {', '.join(FORMATTINGS)}")
     return {n: info[n] for n in names}
 
 
-def dataset_file(dataset_dir: Path, file_name: str, index: int) -> Path:
+def dataset_file(dataset_dir: Path, file_name: str, where: str) -> Path:
     """The dataset's file, which must lie inside dataset_dir (after resolving '..' and symlinks)."""
     root = dataset_dir.resolve()
     path = (root / file_name).resolve()
     if not path.is_relative_to(root):
-        raise UserError(f"data.sources.{index}: file_name {file_name!r} points outside {root}; "
+        raise UserError(f"{where}: file_name {file_name!r} points outside {root}; "
                         f"datasets must be files inside dataset_dir")
     return path
 
 
-def _load_json(path: Path, index: int, records: bool = False):
+def _load_json(path: Path, where: str, records: bool = False):
     """The file's JSON; with `records`, a JSON list or JSON lines (as LLaMA-Factory accepts both)."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"data.sources.{index}: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise UserError(f"{where}: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     try:
         if records and not text.lstrip().startswith("["):
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"data.sources.{index}: {path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{where}: {path} line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def read_records(path: Path, index: int) -> list[dict]:
+def read_records(path: Path, where: str) -> list[dict]:
     if not path.is_file():
-        raise UserError(f"data.sources.{index}: {path} not found")
-    records = _load_json(path, index, records=True)
+        raise UserError(f"{where}: {path} not found")
+    records = _load_json(path, where, records=True)
     if isinstance(records, dict):
         records = [records]
     bad = next((n for n, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise UserError(f"data.sources.{index}: {path} record {bad} is a {type(records[bad]).__name__}, not an object; "
+        raise UserError(f"{where}: {path} record {bad} is a {type(records[bad]).__name__}, not an object; "
                         f"each record must be a JSON object")
     return records
 
@@ -130,18 +130,18 @@ def _message(value, key: str, content_tag: str):
     return value.get(content_tag)
 
 
-def read_llamafactory(src, index: int) -> list[dict]:
+def read_llamafactory(src, where: str) -> list[dict]:
     """Rows of the named datasets; each keeps its raw record and entry so training data stays in its own format."""
-    entries = load_entries(src.dataset_dir, src.datasets, index)
+    entries = load_entries(src.dataset_dir, src.datasets, where)
     rows = []
     for name, entry in entries.items():
-        path = dataset_file(src.dataset_dir, entry["file_name"], index)
-        for n, rec in enumerate(read_records(path, index)):
+        path = dataset_file(src.dataset_dir, entry["file_name"], where)
+        for n, rec in enumerate(read_records(path, where)):
             try:
                 row = parse_record(rec, entry)
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 why = str(e) if isinstance(e, ValueError) else f"unexpected structure ({type(e).__name__}: {e})"
-                raise UserError(f"data.sources.{index}: {path} record {n} of dataset {name!r}: {why}; "
+                raise UserError(f"{where}: {path} record {n} of dataset {name!r}: {why}; "
                                 f"check it against the dataset's formatting and columns in dataset_info.json") from None
             rows.append({**row, "chunk_value": name, "raw": rec, "lf_entry": entry, "id": f"{name}:{n}"})
     return rows

@@ -26,7 +26,7 @@ FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")
 TRUE, FALSE = {"true", "1", "yes", "desirable"}, {"false", "0", "no", "undesirable"}
 
 
-def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, index: int, label: str,
+def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, where: str, label: str,
                kind: str = "") -> list[dict]:
     """Map source columns to the tool's fields (missing ones are None); keep provenance (source, row id).
     chunk_by None: chunks are drawn at random later ({count: N} / {size: N})."""
@@ -36,12 +36,12 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, i
     rows = []
     for n, r in enumerate(raw):
         if chunk_by and r.get(mapping[chunk_by]) in (None, ""):
-            raise UserError(f"data.sources.{index}: row {n} of {label} has no {chunk_by} (column {mapping[chunk_by]!r}); "
-                            f"fill it, drop the row, or map the field with data.sources.{index}.columns")
+            raise UserError(f"{where}: row {n} of {label} has no {chunk_by} (column {mapping[chunk_by]!r}); "
+                            f"fill it, drop the row, or map the field with {where}.columns")
         row = {f: (None if r.get(col) in (None, "") else r.get(col)) for f, col in mapping.items()}
         nested = [f for f, v in row.items() if f != "label" and isinstance(v, (dict, list))]
         if nested:
-            raise UserError(f"data.sources.{index}: row {n} of {label}: {nested[0]} (column {mapping[nested[0]]!r}) is "
+            raise UserError(f"{where}: row {n} of {label}: {nested[0]} (column {mapping[nested[0]]!r}) is "
                             f"a {type(row[nested[0]]).__name__}, not text; map a text column to it or fix the row")
         row = {k: (v if k == "label" or v is None else str(v)) for k, v in row.items()}
         row.update({k: r[k] for k in KEEP if r.get(k) is not None})
@@ -49,6 +49,36 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, i
             row.update(split_messages(r[mapping.get("messages", "messages")], f"row {n} of {label}"))
         row["source"], row["row_id"], row["n"] = label, str(r.get(columns.get("id", "id"), n)), n
         rows.append(row)
+    return rows
+
+
+def source_rows(src, where: str, cfg: RunConfig, chunk_by: str | None) -> list[dict]:
+    """One source's rows, normalised, with provenance (and marked train-only if the source says so)."""
+    label = src.name or f"{src.type}:{where.rsplit('.', 1)[-1]}"
+    rows = _normalise(READERS[src.type](src, where, cfg), getattr(src, "columns", {}), chunk_by, where, label, src.type)
+    for row in rows if src.train_only else []:
+        row["train_only"] = True
+    return rows
+
+
+def fixed_eval_rows(cfg: RunConfig, split: str) -> list[dict]:
+    """evaluation.validation / evaluation.test: fixed held-out rows from any source. Their chunk (for the
+    per-chunk tables) is the data.chunk_by column where a row has it, else the source's name (or `eval`)."""
+    column = cfg.data.chunk_column
+    rows = []
+    for i, src in enumerate(getattr(cfg.evaluation, split)):
+        where = f"evaluation.{split}.{i}"
+        raw = READERS[src.type](src, where, cfg)
+        label = src.name or f"{split}:{i}"
+        for r in _normalise(raw, getattr(src, "columns", {}), None, where, label, src.type):
+            original = raw[r["n"]]
+            value = original.get("chunk_value") or (original.get(getattr(src, "columns", {}).get(column, column))
+                                                    if column else None)
+            r["chunk"] = chunk_name(str(value)) if value not in (None, "") else chunk_name(src.name or "eval")
+            if reference(r) is None or not (r.get("prompt") or r.get("text")):
+                raise UserError(f"{where}: row {r['n']} of {r['source']} has no reference answer; held-out rows "
+                                f"need prompt and response (or chosen)")
+            rows.append(r)
     return rows
 
 
@@ -153,18 +183,34 @@ def prompt_key(r: dict) -> tuple:
     return (r.get("system") or "", history, r["prompt"])
 
 
-def split_chunks(rows: list[dict], cfg: RunConfig):
+def held_out_per_chunk(cfg: RunConfig, fixed: dict[str, list[dict]]) -> tuple[int, int]:
+    """Rows each chunk gives to validation and test: none for a split with a fixed evaluation set, unless
+    data.validation_per_chunk / data.test_per_chunk are set explicitly too."""
+    d = cfg.data
+    per_chunk = lambda split, n: n if not fixed[split] or f"{split}_per_chunk" in d.model_fields_set else 0
+    return per_chunk("validation", d.validation_per_chunk), per_chunk("test", d.test_per_chunk)
+
+
+def split_chunks(rows: list[dict], cfg: RunConfig, fixed: dict[str, list[dict]] | None = None):
     """Per chunk: detect and check the shape, shuffle (seeded), take validation and test rows among the
     scorable ones, keep the rest for training. A prompt is held out once (validation or test, never both);
-    rows marked train_only (bad cases) and every row sharing their prompt are never held out.
-    Returns (train, shapes, validation, test, dropped)."""
+    rows marked train_only (bad cases) and every row sharing their prompt are never held out. Fixed
+    evaluation sets (`fixed`: validation/test rows from evaluation.validation/test) come first; training
+    rows whose prompt is in one are removed and counted.
+    Returns (train, shapes, validation, test, removed) with removed = {duplicates, in_fixed_eval}."""
     d = cfg.data
+    fixed = fixed or {"validation": [], "test": []}
+    fixed_keys = {split: {prompt_key(r) for r in split_rows} for split, split_rows in fixed.items()}
+    shared = fixed_keys["validation"] & fixed_keys["test"]
+    if shared:
+        raise UserError(f"evaluation: {len(shared)} prompts are in both the validation and the test set (e.g. "
+                        f"{next(iter(shared))[-1]!r}); validation and test never share a prompt: remove them from one")
     assign_chunks(rows, cfg)
     by_chunk: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_chunk[r["chunk"]].append(r)
     train_only = {prompt_key(r) for r in rows if r.get("train_only")}
-    taken: set = set()  # prompts already held out, across chunks and splits
+    taken: set = fixed_keys["validation"] | fixed_keys["test"]  # prompts already held out, across chunks and splits
     train, shapes, val, test = {}, {}, [], []
     for name in sorted(by_chunk):
         items = by_chunk[name]
@@ -175,7 +221,7 @@ def split_chunks(rows: list[dict], cfg: RunConfig):
             train[name] = items
             continue
         scorable = [r for r in items if reference(r) is not None]
-        V, T = d.validation_per_chunk, d.test_per_chunk
+        V, T = held_out_per_chunk(cfg, fixed)
         unique, seen = [], set()
         for r in scorable:  # a prompt already held out (another chunk, or a duplicate row) stays out
             if prompt_key(r) not in taken and prompt_key(r) not in seen:
@@ -206,14 +252,16 @@ def split_chunks(rows: list[dict], cfg: RunConfig):
         test += chunk_test
         held_ids = {id(r) for r in held}
         train[name] = [r for r in items if id(r) not in held_ids]
-    key = prompt_key
-    held_out = {key(r) for r in val + test}
-    dropped = 0
+    val, test = fixed["validation"] + val, fixed["test"] + test
+    held_out = {prompt_key(r) for r in val + test}
+    in_fixed = fixed_keys["validation"] | fixed_keys["test"]
+    removed = {"duplicates": 0, "in_fixed_eval": 0}
     for name, items in train.items():
-        kept = [r for r in items if key(r) not in held_out]
-        dropped += len(items) - len(kept)
+        kept = [r for r in items if prompt_key(r) not in held_out]
+        removed["in_fixed_eval"] += sum(prompt_key(r) in in_fixed for r in items)
+        removed["duplicates"] += sum(prompt_key(r) in held_out and prompt_key(r) not in in_fixed for r in items)
         train[name] = kept
-    return train, shapes, val, test, dropped
+    return train, shapes, val, test, removed
 
 
 PROVENANCE = ("chunk", "source", "row_id")
@@ -264,17 +312,12 @@ def _eval_records(rows: list[dict]) -> list[dict]:
 def prepare(cfg: RunConfig) -> dict[str, str]:
     """Write runs/<name>/data/ and return {chunk: shape}. Everything is computed first and written to a new
     folder that replaces the old one only when complete: a failed prepare leaves the last good one intact."""
-    rows = []
-    for i, src in enumerate(cfg.data.sources):
-        label = src.name or f"{src.type}:{i}"
-        normalised = _normalise(READERS[src.type](src, i, cfg), getattr(src, "columns", {}), cfg.data.chunk_column, i,
-                                label, src.type)
-        for row in normalised if src.train_only else []:
-            row["train_only"] = True
-        rows += normalised
+    rows = [r for i, src in enumerate(cfg.data.sources)
+            for r in source_rows(src, f"data.sources.{i}", cfg, cfg.data.chunk_column)]
     if not rows:
         raise UserError("data.sources: no rows; check the query or file")
-    train, shapes, val, test, dropped = split_chunks(rows, cfg)
+    fixed = {split: fixed_eval_rows(cfg, split) for split in ("validation", "test")}
+    train, shapes, val, test, removed = split_chunks(rows, cfg, fixed)
     files, info = {}, {}
     for name, items in train.items():
         files[f"{name}.json"], entry = _records(items, shapes[name])
@@ -284,10 +327,13 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
         info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
     table = chunk_table(cfg, train, shapes, val, test)
     files["dataset_info.json"] = info
-    files[cfg.run.summary.name] = {"chunks": table, "duplicates_removed": dropped, "sources": dict(Counter(r["source"] for r in rows))}
+    files[cfg.run.summary.name] = {
+        "chunks": table, "duplicates_removed": removed["duplicates"], "removed_in_fixed_eval": removed["in_fixed_eval"],
+        "sources": dict(Counter(r["source"] for r in rows)), "validation_from": eval_origin(cfg, "validation", fixed),
+        "test_from": eval_origin(cfg, "test", fixed)}
     files[cfg.run.manifest.name] = {"chunks": list(shapes), "shapes": shapes}
     replace_folder(cfg.run.data, files)
-    _print_table(table, dropped)
+    _print_table(table, removed)
     return shapes
 
 
@@ -325,12 +371,23 @@ def chunk_table(cfg: RunConfig, train, shapes, val, test) -> list[dict]:
              "test": count(test, c)} for c, items in train.items()]
 
 
-def _print_table(table: list[dict], dropped: int) -> None:
+def eval_origin(cfg: RunConfig, split: str, fixed: dict[str, list[dict]]) -> str:
+    """Where a split's rows come from, in words (the report says it above its tables)."""
+    per_chunk = held_out_per_chunk(cfg, fixed)[split == "test"]
+    parts = [f"{len(fixed[split])} rows of evaluation.{split} "
+             f"({', '.join(sorted({r['source'] for r in fixed[split]}))})"] if fixed[split] else []
+    parts += [f"{per_chunk} rows held out per chunk"] if per_chunk else []
+    return " + ".join(parts)
+
+
+def _print_table(table: list[dict], removed: dict[str, int]) -> None:
     print(f"{'chunk':<20} {'rows':>6} {'shape':<11} {'methods':<14} {'train':>6} {'validation':>10} {'test':>6}")
     for t in table:
         print(f"{t['chunk']:<20} {t['rows']:>6} {t['shape']:<11} {','.join(t['methods']):<14} {t['train']:>6} "
               f"{t['validation']:>10} {t['test']:>6}")
-    print(f"duplicates across splits removed: {dropped} training rows whose prompt is also in validation or test")
+    print(f"duplicates across splits removed: {removed['duplicates']} training rows whose prompt is also in validation "
+          f"or test" + (f"; {removed['in_fixed_eval']} whose prompt is in a fixed evaluation set"
+                        if removed["in_fixed_eval"] else ""))
 
 
 def load_split(cfg: RunConfig, split: str) -> list[dict]:

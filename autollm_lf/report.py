@@ -87,6 +87,12 @@ def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[
     return sum(scores) / max(len(scores), 1), by_chunk
 
 
+def eval_sets_line(cfg) -> str:
+    """Which rows each number is computed on: held out per chunk, and/or the fixed evaluation sets."""
+    summary = read_json(cfg.run.summary, {})
+    return f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
+
+
 def _seconds(row: dict) -> str:
     return "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
 
@@ -94,6 +100,7 @@ def _seconds(row: dict) -> str:
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
+             eval_sets_line(cfg),
              f"Merges (average, human, auto) use `{cfg.search.merge}`"
              + (f" (density {cfg.search.density})." if cfg.search.merge != "linear" else "."), "",
              "model | validation | test | seconds |", "---|---|---|---|"]

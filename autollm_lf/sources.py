@@ -1,4 +1,4 @@
-"""Every source type in one registry: type -> reader(src, index, cfg) -> raw rows (dicts). The readers of
+"""Every source type in one registry: type -> reader(src, where, cfg) -> raw rows (dicts). The readers of
 databases (sqlsource), LLaMA-Factory data dirs (lfdata) and LLM-written rows (generate) live in their own
 modules; files and last round's bad cases are read here."""
 from __future__ import annotations
@@ -16,14 +16,14 @@ from .sqlsource import read_sql
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_file(src: FileSource, index: int) -> list[dict]:
+def read_file(src: FileSource, where: str) -> list[dict]:
     import datasets
 
     builder = FILE_BUILDERS.get(src.path.suffix.lower())
     if builder is None:
-        raise UserError(f"data.sources.{index}.path: {src.path} is not one of {sorted(FILE_BUILDERS)}")
+        raise UserError(f"{where}.path: {src.path} is not one of {sorted(FILE_BUILDERS)}")
     if not src.path.is_file():
-        raise UserError(f"data.sources.{index}.path: {src.path} not found")
+        raise UserError(f"{where}.path: {src.path} not found")
     # datasets' own error log and progress bars would add lines to a one-line error
     verbosity, bars = datasets.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 1)
@@ -33,7 +33,7 @@ def read_file(src: FileSource, index: int) -> list[dict]:
     except Exception as e:  # datasets wraps parser errors; the cause says which row and column
         cause = e.__cause__ or e
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise UserError(f"data.sources.{index}.path: cannot load {src.path} ({first}); "
+        raise UserError(f"{where}.path: cannot load {src.path} ({first}); "
                         f"fix the file (UTF-8, one format) or convert it") from None
     finally:
         datasets.utils.logging.set_verbosity(verbosity)
@@ -41,12 +41,12 @@ def read_file(src: FileSource, index: int) -> list[dict]:
             datasets.enable_progress_bars()
 
 
-def read_bad_cases(src: BadCasesSource, index: int) -> list[dict]:
+def read_bad_cases(src: BadCasesSource, where: str) -> list[dict]:
     """Rows of a previous run's report/bad_cases.jsonl: prompt/response (SFT), or with `rejected: true`
     prompt/chosen (the reference)/rejected (the model's wrong answer) for a DPO/ORPO chunk. Training rows only."""
     path = RunDir(src.run).bad_cases
     if not path.is_file():
-        raise UserError(f"data.sources.{index}.run: {path} not found; run `autollm run` on that run first")
+        raise UserError(f"{where}.run: {path} not found; run `autollm run` on that run first")
     rows, skipped = [], 0
     for n, c in enumerate(read_jsonl(path)):
         row = {"prompt": c["prompt"], "history": c.get("history") or None, "system": c.get("system"),
@@ -60,13 +60,13 @@ def read_bad_cases(src: BadCasesSource, index: int) -> list[dict]:
         else:
             row["response"] = c["reference"]
         rows.append(row)
-    print(f"bad_cases (data.sources.{index}): {len(rows)} rows from {path}"
+    print(f"bad_cases ({where}): {len(rows)} rows from {path}"
           + (f"; {skipped} without a usable wrong answer skipped" if skipped else ""))
     return rows
 
 
-def read_rows(src, index: int, cfg: RunConfig) -> list[dict]:
-    return READERS[src.type](src, index, cfg)
+def read_rows(src, where: str, cfg: RunConfig) -> list[dict]:
+    return READERS[src.type](src, where, cfg)
 
 
 READERS: dict[str, Callable] = {

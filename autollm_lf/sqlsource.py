@@ -83,12 +83,11 @@ def read_only_engine(src, where: str):
     return make(url)
 
 
-def read_sql(src, index: int) -> list[dict]:
+def read_sql(src, where: str) -> list[dict]:
     """Rows of one SELECT (or WITH ... SELECT) query, run in a read-only transaction that is rolled back."""
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
 
-    where = f"data.sources.{index}"
     if not SELECT_ONLY.match(src.query) or ";" in src.query.strip().rstrip(";"):
         raise UserError(f"{where}.query: sources are read-only; give one SELECT (or WITH ... SELECT) query")
     try:
