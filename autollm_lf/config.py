@@ -219,6 +219,8 @@ class EvaluationConfig(Strict):
     max_new_tokens: int = Field(64, ge=1, description="for metrics on generated answers")
     pattern: Optional[str] = Field(None, description="regex: extracts the answer (group 1 if any)")
     tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")
+    length_normalize: bool = Field(False, description="choice: pick the choice with the highest log-likelihood per "
+                                                      "character (lm-eval's acc_norm) instead of in total (acc)")
     function: Optional[str] = Field(None, description="python: module:function(predictions, references, rows)")
     judge: Optional[JudgeConfig] = None
 

@@ -55,9 +55,13 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg):
         self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
-        self.encoded = [encode_prompt_response(tokenizer, template_name, r["prompt"], r["response"], r.get("history"),
-                                               r.get("system")) for r in rows]
+        self.encoded = [self.encode(template_name, r) for r in rows]
         self.stats: dict[str, int] = {}
+
+    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of one row, as LLaMA-Factory encodes it for training."""
+        return encode_prompt_response(self.tokenizer, template_name, row["prompt"], row["response"], row.get("history"),
+                                      row.get("system"))
 
     def row_scores(self) -> list[float]:
         raise NotImplementedError
@@ -68,7 +72,7 @@ class Evaluator:
 
     def _batches(self, key) -> list[list[int]]:
         """Row indices grouped in batches of similar length (less padding)."""
-        order = sorted(range(len(self.rows)), key=key)
+        order = sorted(range(len(self.encoded)), key=key)
         size = self.cfg.batch_size
         return [order[s:s + size] for s in range(0, len(order), size)]
 
@@ -310,7 +314,7 @@ class TeacherForced(Evaluator):
 
     @torch.inference_mode()
     def row_scores(self) -> list[float]:
-        result = [0.0] * len(self.rows)
+        result = [0.0] * len(self.encoded)
         self.trim.split = 0  # the prefix call: every layer whole
         hook = self.last_layer.register_forward_pre_hook(self.trim, with_kwargs=True) if self.last_layer else None
         try:

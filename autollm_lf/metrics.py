@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .choice import Choice
 from .evaluate import Contains, Evaluator, ExactMatch, NegativeLoss, Numeric, Python, Regex
 from .judge import Judge
 
 METRICS: dict[str, Callable[..., Evaluator]] = {
     "exact_match": ExactMatch,
     "loss": NegativeLoss,
+    "choice": Choice,
     "contains": Contains,
     "regex": Regex,
     "numeric": Numeric,

@@ -2,6 +2,7 @@
 chunk), and write LLaMA-Factory data files plus dataset_info.json."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .io import atomic_write_text, json_text
+from .io import atomic_write_text, json_text, read_json
+from .choice import choice_problem
 from .sources import READERS
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 
@@ -45,6 +47,8 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, w
                             f"a {type(row[nested[0]]).__name__}, not text; map a text column to it or fix the row")
         row = {k: (v if k == "label" or v is None else str(v)) for k, v in row.items()}
         row.update({k: r[k] for k in KEEP if r.get(k) is not None})
+        if r.get(columns.get("choices", "choices")) is not None:
+            row["choices"] = _choices(r[columns.get("choices", "choices")], f"{where}: row {n} of {label}")
         if r.get(mapping.get("messages", "messages")):
             row.update(split_messages(r[mapping.get("messages", "messages")], f"row {n} of {label}"))
         row["source"], row["row_id"], row["n"] = label, str(r.get(columns.get("id", "id"), n)), n
@@ -80,6 +84,18 @@ def fixed_eval_rows(cfg: RunConfig, split: str) -> list[dict]:
                                 f"need prompt and response (or chosen)")
             rows.append(r)
     return rows
+
+
+def _choices(value, where: str) -> list[str]:
+    """A multiple-choice row's options: a list, or its JSON text (as a SQL or CSV column holds it)."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, list) or not all(isinstance(c, (str, int, float)) for c in value):
+        raise UserError(f"{where}: choices must be a list of strings (or its JSON text)")
+    return [str(c) for c in value]
 
 
 def split_messages(messages, where: str) -> dict:
@@ -305,7 +321,8 @@ def _eval_records(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         prompt, answer = reference(r)
-        out.append({"instruction": prompt, "output": answer, **_context(r), **{k: r[k] for k in PROVENANCE}})
+        out.append({"instruction": prompt, "output": answer, **_context(r), **{k: r[k] for k in PROVENANCE},
+                    **({"choices": r["choices"]} if r.get("choices") is not None else {})})
     return out
 
 
@@ -318,6 +335,8 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
         raise UserError("data.sources: no rows; check the query or file")
     fixed = {split: fixed_eval_rows(cfg, split) for split in ("validation", "test")}
     train, shapes, val, test, removed = split_chunks(rows, cfg, fixed)
+    if cfg.evaluation.metric == "choice":
+        _check_choices(val + test)
     files, info = {}, {}
     for name, items in train.items():
         files[f"{name}.json"], entry = _records(items, shapes[name])
@@ -335,6 +354,14 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     replace_folder(cfg.run.data, files)
     _print_table(table, removed)
     return shapes
+
+
+def _check_choices(held_out: list[dict]) -> None:
+    for r in held_out:
+        prompt, answer = reference(r)
+        if (problem := choice_problem({"choices": r.get("choices"), "response": answer})) is not None:
+            raise UserError(f"data: row {r['n']} of {r['source']} {problem}; evaluation.metric choice scores "
+                            f"held-out rows with a `choices` column and their answer among them")
 
 
 def replace_folder(folder: Path, files: dict[str, object]) -> None:
@@ -391,12 +418,10 @@ def _print_table(table: list[dict], removed: dict[str, int]) -> None:
 
 
 def load_split(cfg: RunConfig, split: str) -> list[dict]:
-    from .io import read_json
-
     rows = read_json(cfg.run.split(split))
     if rows is None:
         raise UserError(f"{cfg.run.split(split)} missing; run `autollm prepare` first")
     return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"],
              "source": r.get("source"), "row_id": r.get("row_id"),
              "history": [{"role": role, "content": c} for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],
-             "system": r.get("system") or None} for r in rows]
+             "system": r.get("system") or None, **({"choices": r["choices"]} if "choices" in r else {})} for r in rows]
