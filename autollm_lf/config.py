@@ -210,11 +210,22 @@ class JudgeConfig(Strict):
     max_tokens: int = Field(64, ge=1)
 
 
+class ObjectivePart(Strict):
+    """One part of evaluation.objective: a metric on some chunks' rows, weighted, or a constraint."""
+    metric: Optional[str] = Field(None, description="default: evaluation.metric")
+    chunks: list[str] = Field(default_factory=list, description="the chunks whose rows it scores (default: all)")
+    weight: float = Field(1.0, description="its weight in the sum the search maximises")
+    max_drop: Optional[float] = Field(None, ge=0, description="a constraint: may fall at most this much below the "
+                                                               "raw model's score on these rows")
+
+
 class EvaluationConfig(Strict):
     validation: list[Source] = Field(default_factory=list, description="a fixed validation set (any source type); "
                                      "then chunks give no validation rows unless data.validation_per_chunk is set")
     test: list[Source] = Field(default_factory=list, description="a fixed test set (any source type), as validation")
     metric: str = "exact_match"
+    objective: list[ObjectivePart] = Field(default_factory=list, description="what the search maximises instead of "
+                                           "`metric` on all rows: a weighted sum of parts and constraints")
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(64, ge=1, description="for metrics on generated answers")
     pattern: Optional[str] = Field(None, description="regex: extracts the answer (group 1 if any)")
@@ -298,8 +309,11 @@ class RunConfig(Strict):
     def _known_names(self):
         from .metrics import METRICS
 
-        if self.evaluation.metric not in METRICS:
-            raise ValueError(f"evaluation.metric: unknown metric {self.evaluation.metric!r}; choose one of {sorted(METRICS)}")
+        named = [("evaluation.metric", self.evaluation.metric)]
+        named += [(f"evaluation.objective.{i}.metric", p.metric) for i, p in enumerate(self.evaluation.objective) if p.metric]
+        for key, metric in named:
+            if metric not in METRICS:
+                raise ValueError(f"{key}: unknown metric {metric!r}; choose one of {sorted(METRICS)}")
         if self.evaluation.judge and find_template(self.evaluation.judge.prompt_template) is None:
             raise ValueError(f"evaluation.judge.prompt_template: no template {self.evaluation.judge.prompt_template!r} "
                              f"in templates/; name a file there or give a path")

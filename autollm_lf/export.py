@@ -21,6 +21,7 @@ def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", mode
     """Score an adapter the way a user would load it (fresh base + PeftModel.from_pretrained), or a full
     model folder; returns the evaluator, whose row_scores()/rows give per-chunk scores."""
     from .metrics import make_evaluator
+    from .objective import Objective
     from .merge import load_base
     from .prepare import load_split
 
@@ -28,7 +29,18 @@ def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", mode
     if adapter_dir is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return make_evaluator(cfg, model.eval(), tokenizer, load_split(cfg, split))
+    rows = load_split(cfg, split)
+    if cfg.evaluation.objective:  # the constraints' raw scores, as the search measured them
+        return Objective(cfg, model.eval(), tokenizer, rows, lambda _: read_raw_constraints(cfg, split))
+    return make_evaluator(cfg, model.eval(), tokenizer, rows)
+
+
+def read_raw_constraints(cfg, split: str) -> dict[str, float]:
+    path = cfg.run.raw_constraints(split)
+    if not path.is_file():
+        raise UserError(f"{path} missing: the raw model's scores for evaluation.objective's constraints; run "
+                        f"`autollm search` (or `report`) first")
+    return read_json(path)
 
 
 def export_best(session) -> dict:

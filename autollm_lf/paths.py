@@ -72,6 +72,10 @@ class RunDir:
     def best(self) -> Path:
         return self.search / "best.json"
 
+    def raw_constraints(self, split: str) -> Path:
+        """The raw model's score on each constraint of evaluation.objective, on one split."""
+        return self.search / f"raw_constraints.{split}.json"
+
     @property
     def search_cost(self) -> Path:
         """The shared set-up's wall seconds (base model and every delta loaded once); trials log their own."""

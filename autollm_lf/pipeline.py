@@ -85,12 +85,23 @@ class Session:
         return self._weighted
 
     def scorer(self, split: str):
+        """The split's evaluator: evaluation.metric on every row, or the evaluation.objective over its parts."""
         if split not in self._scorers:
             from .metrics import make_evaluator
+            from .objective import Objective
             from .prepare import load_split
-            self._scorers[split] = make_evaluator(self.cfg, self.weighted.model, self.weighted.tokenizer,
-                                                  load_split(self.cfg, split))
+            w, rows = self.weighted, load_split(self.cfg, split)
+            raw = lambda objective: self._raw_constraints(objective, split)
+            self._scorers[split] = Objective(self.cfg, w.model, w.tokenizer, rows, raw) \
+                if self.cfg.evaluation.objective else make_evaluator(self.cfg, w.model, w.tokenizer, rows)
         return self._scorers[split]
+
+    def _raw_constraints(self, objective, split: str) -> dict[str, float]:
+        """The raw model's score on each constraint part (every weight 0), recorded for reloaded adapters."""
+        self.weighted.set_weights({d: 0.0 for d in self.deltas})
+        scores = objective.constraint_scores()
+        write_json(self.cfg.run.raw_constraints(split), scores)
+        return scores
 
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
@@ -102,16 +113,24 @@ class Session:
             print(f"search: applying weights with `{mode}` (search.apply: auto)")
 
     def score(self, weights: dict[str, float], split: str) -> float:
+        scorer = self.scorer(split)  # built first: an objective's constraints measure the raw model once
         self.weighted.set_weights(weights)
-        return self.scorer(split).score()
+        return scorer.score()
 
     def score_by_chunk(self, weights: dict[str, float], split: str,
                        method: str | None = None) -> tuple[float, dict[str, float]]:
-        """Overall score and the score on each chunk's rows (merged with `method`, default search.merge)."""
+        """Overall score and the score on each chunk's rows (merged with `method`, default search.merge). With an
+        evaluation.objective the overall score is the objective's; the chunks are scored by evaluation.metric."""
         scorer = self.scorer(split)
         self.weighted.set_weights(weights, method)
         from .report import split_by_chunk
-        return split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])  # rows it holds, no re-read
+        overall, by_chunk = split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])
+        return (scorer.score() if self.cfg.evaluation.objective else overall), by_chunk
+
+    def part_scores(self, split: str) -> dict[str, float]:
+        """Each objective part's score at the weights last set (empty without an objective)."""
+        scorer = self.scorer(split)
+        return scorer.part_scores() if self.cfg.evaluation.objective else {}
 
     def search_fingerprint(self) -> str:
         from .search import search_fingerprint

@@ -24,9 +24,11 @@ def report_rows(session) -> list[dict]:
     for name, w, show in rows:
         method = None if show else "linear"  # raw and train@ rows are the models as trained; merges use search.merge
         validation, _ = session.score_by_chunk(w, "validation", method)
+        parts = {"validation": session.part_scores("validation")}
         test, test_by_chunk = session.score_by_chunk(w, "test", method)
+        parts["test"] = session.part_scores("test")
         result.append({"model": name, "validation": validation, "test": test, "test_by_chunk": test_by_chunk,
-                       **({"weights": w} if show else {})})
+                       **({"weights": w} if show else {}), **({"parts": parts} if parts["test"] else {})})
     mix = _mix_dir(cfg)
     if mix is not None:
         result.append(_adapter_row(cfg, f"train@{MIX_DELTA}", mix))
@@ -93,6 +95,20 @@ def eval_sets_line(cfg) -> str:
     return f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
 
 
+def _parts_table(rows: list[dict], cfg) -> list[str]:
+    """With evaluation.objective: each part's score per row, on validation | test (the objective is their
+    weighted sum minus any constraint's penalty)."""
+    named = [r for r in rows if "parts" in r]
+    if not named:
+        return []
+    names = list(named[0]["parts"]["test"])
+    lines = ["", "Objective parts, validation | test:", "", "model | " + " | ".join(names) + " |",
+             "---|" + "---|" * len(names)]
+    lines += [f"{r['model']} | " + " | ".join(f"{r['parts']['validation'][n]:.4f} \\| {r['parts']['test'][n]:.4f}"
+                                              for n in names) + " |" for r in named]
+    return lines
+
+
 def _seconds(row: dict) -> str:
     return "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
 
@@ -111,6 +127,7 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> st
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
                                               for c in chunks) + " |"  # "-": a training-only chunk (bad cases)
               for r in rows]
+    lines += _parts_table(rows, cfg)
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(d, 0.0):.4g}" for d in deltas) + " |"
               for r in rows if "weights" in r]
