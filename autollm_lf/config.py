@@ -210,6 +210,14 @@ class JudgeConfig(Strict):
     max_tokens: int = Field(64, ge=1)
 
 
+class LmEvalConfig(Strict):
+    """`metric: lm_eval`: lm-evaluation-harness tasks (names or local task YAML files) for each split."""
+    validation: list[str] = Field(min_length=1, description="tasks the search tunes on")
+    test: list[str] = Field(min_length=1, description="tasks only reported (never tuned on)")
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    limit: Optional[int] = Field(None, ge=1, description="at most this many samples per task")
+
+
 class ObjectivePart(Strict):
     """One part of evaluation.objective: a metric on some chunks' rows, weighted, or a constraint."""
     metric: Optional[str] = Field(None, description="default: evaluation.metric")
@@ -234,10 +242,11 @@ class EvaluationConfig(Strict):
                                                       "character (lm-eval's acc_norm) instead of in total (acc)")
     function: Optional[str] = Field(None, description="python: module:function(predictions, references, rows)")
     judge: Optional[JudgeConfig] = None
+    lm_eval: Optional[LmEvalConfig] = None
 
     @model_validator(mode="after")
     def _metric_needs(self):
-        needs = {"regex": "pattern", "python": "function", "judge": "judge"}.get(self.metric)
+        needs = {"regex": "pattern", "python": "function", "judge": "judge", "lm_eval": "lm_eval"}.get(self.metric)
         if needs and getattr(self, needs) is None:
             raise ValueError(f"metric {self.metric!r} needs evaluation.{needs}")
         if self.pattern is not None:

@@ -10,6 +10,7 @@ from typing import Callable
 from .choice import Choice
 from .evaluate import Contains, Evaluator, ExactMatch, NegativeLoss, Numeric, Python, Regex
 from .judge import Judge
+from .lmeval import LmEval
 
 METRICS: dict[str, Callable[..., Evaluator]] = {
     "exact_match": ExactMatch,
@@ -20,6 +21,7 @@ METRICS: dict[str, Callable[..., Evaluator]] = {
     "numeric": Numeric,
     "python": Python,
     "judge": Judge,
+    "lm_eval": LmEval,
 }
 
 

@@ -421,7 +421,7 @@ def load_split(cfg: RunConfig, split: str) -> list[dict]:
     rows = read_json(cfg.run.split(split))
     if rows is None:
         raise UserError(f"{cfg.run.split(split)} missing; run `autollm prepare` first")
-    return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"],
+    return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"], "split": split,
              "source": r.get("source"), "row_id": r.get("row_id"),
              "history": [{"role": role, "content": c} for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],
              "system": r.get("system") or None, **({"choices": r["choices"]} if "choices" in r else {})} for r in rows]
