@@ -150,6 +150,8 @@ class TrainConfig(Strict):
     method_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method LLaMA-Factory keys")
     chunk_args: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per chunk or delta name")
     train_all: bool = True
+    gpus_per_delta: int = Field(1, ge=1, description="GPUs each training gets (LLaMA-Factory's torchrun for > 1); "
+                                                      "the visible GPUs train that many deltas at once")
     auto_mix: bool = Field(True, description="baseline train@auto_mix: retrain on the SFT chunks mixed by the best weights")
     auto_mix_floor: float = Field(0.05, ge=0, lt=1, description="smallest interleave probability a chunk keeps")
 

@@ -20,6 +20,7 @@ from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 from .paths import ADAPTER_FILE
+from .scheduler import device_groups, run_on_devices, visible_gpus
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -135,7 +136,8 @@ def _tail(path: Path, n: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train") -> float:
+def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train",
+                     devices: dict[str, str] | None = None) -> float:
     """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log; returns its
     wall seconds. Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise."""
     from tqdm import tqdm
@@ -144,9 +146,11 @@ def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: st
     log_path = output_dir / f"{command}.log"
     progress_path = output_dir / "trainer_log.jsonl"
     env = dict(os.environ, WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DISABLE_VERSION_CHECK="1")
+               DISABLE_VERSION_CHECK="1", **(devices or {}))
+    parallel = bool(devices)  # trainings side by side: one line each at the end, no bars drawn over each other
     started = time.perf_counter()
-    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True, disable=None) as bar:
+    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True,
+                                          disable=True if parallel else None) as bar:
         proc = subprocess.Popen([llamafactory_cli(), command, str(config_path)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
@@ -243,7 +247,7 @@ def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
     return specs
 
 
-def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
+def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool, devices: dict[str, str] | None = None) -> Path:
     """Train one delta unless it is already trained with the same config text, data and base model."""
     cfg_path, text = config_for_delta(cfg, spec)
     data_files = [cfg.run.split(d) for d in spec.datasets] + [cfg.run.dataset_info]
@@ -255,7 +259,7 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
         return delta_dir
     # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
     shutil.rmtree(delta_dir, ignore_errors=True)
-    seconds = run_llamafactory(cfg_path, delta_dir, desc=f"training delta {spec.name}")
+    seconds = run_llamafactory(cfg_path, delta_dir, desc=f"training delta {spec.name}", devices=devices)
     if not (delta_dir / ADAPTER_FILE).exists():
         raise UserError(f"training delta {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
                         f"is finetuning_type lora in {cfg_path}?")
@@ -264,17 +268,15 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
 
 
 def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
-    """Train the deltas one at a time. With keep_going a failed delta is reported and left out."""
+    """Train the deltas, one per free device group (one at a time on a CPU). With keep_going a failed delta is
+    reported and left out; the others train."""
     base_fp = model_fingerprint(cfg.base_model.path)
-    adapters, failed = {}, []
-    for spec in delta_specs(cfg, shapes):
-        try:
-            adapters[spec.name] = train_one(cfg, spec, base_fp, force)
-        except UserError as e:
-            if not keep_going:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            failed.append(spec.name)
+    groups = device_groups(visible_gpus(), cfg.train.gpus_per_delta)
+    jobs = {spec.name: (lambda devices, spec=spec: train_one(cfg, spec, base_fp, force, devices or None))
+            for spec in delta_specs(cfg, shapes)}
+    if len(groups) > 1:
+        print(f"train: {len(jobs)} deltas on {len(groups)} device groups ({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in groups)})")
+    adapters, failed = run_on_devices(jobs, groups, keep_going)
     if failed:
         print(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas", file=sys.stderr)
     return adapters
