@@ -1,6 +1,7 @@
 """Stage 2: render one LLaMA-Factory YAML per delta and run `llamafactory-cli train` on each, one at a time."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -234,8 +235,44 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool) -> Path:
     return delta_dir
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def _layout(template) -> tuple:
+    """What a chat template writes around a conversation (two templates with the same layout train alike)."""
+    slots = tuple(repr(getattr(template, f).slots) for f in ("format_user", "format_assistant", "format_system",
+                                                              "format_prefix", "format_observation"))
+    return slots, tuple(template.stop_words), template.replace_eos, template.efficient_eos, type(template)
+
+
+def _is_multimodal(template) -> bool:
+    return any(getattr(template.mm_plugin, t, None) for t in ("image_token", "video_token", "audio_token"))
+
+
+def check_template(name: str, model_dir: Path) -> None:
+    """base_model.template must be one of LLaMA-Factory's and fit the model. A multimodal template (its mm_plugin
+    has image, video or audio tokens) needs the model's processor: on a text-only model LLaMA-Factory stops every
+    training with "Processor was not found". Say so before any training, naming the text-only template that
+    writes the same conversation (gemma3 -> gemma)."""
+    from llamafactory.data.template import TEMPLATES
+
+    template = TEMPLATES.get(name)
+    if template is None:
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=3)
+        raise UserError(f"base_model.template: LLaMA-Factory has no template {name!r}"
+                        + (f"; did you mean {' or '.join(close)}?" if close else "; see LLaMA-Factory's data/template.py"))
+    if not _is_multimodal(template) or any((Path(model_dir) / f).is_file() for f in PROCESSOR_FILES):
+        return
+    twins = [n for n, t in TEMPLATES.items() if not _is_multimodal(t) and _layout(t) == _layout(template)]
+    instead = f"use template {twins[0]!r} instead (the same conversation format, text only)" if twins else \
+        "use a text-only template with the same format"
+    raise UserError(f"base_model.template: {name!r} is a multimodal template and {model_dir} has no processor "
+                    f"(a text-only model; LLaMA-Factory would stop with 'Processor was not found'); {instead}")
+
+
 def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
     """Train the deltas one at a time. With keep_going a failed delta is reported and left out."""
+    check_template(cfg.base_model.template, cfg.base_model.path)
     base_fp = model_fingerprint(cfg.base_model.path)
     adapters, failed = {}, []
     for spec in delta_specs(cfg, shapes):
