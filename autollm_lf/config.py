@@ -220,6 +220,10 @@ class EvaluationConfig(Strict):
     tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")
     function: Optional[str] = Field(None, description="python: module:function(predictions, references, rows)")
     judge: Optional[JudgeConfig] = None
+    cutoff_len: Optional[int] = Field(None, ge=1, description="held-out rows are truncated to this many tokens as "
+                                      "LLaMA-Factory truncates training rows (never past the model's positions); "
+                                      "default: the SFT deltas' cutoff_len (train.method_args.sft, train.args, else "
+                                      "the SFT template's)")
 
     @model_validator(mode="after")
     def _metric_needs(self):
@@ -403,6 +407,9 @@ def load_config(path: str | Path, round: int | None = None) -> RunConfig:
         cfg = _resolve_paths(cfg)
     except UserError as e:  # base_model.gguf: a file that is not there or not a GGUF
         raise UserError(f"{path}: {e}") from None
+    if cfg.evaluation.cutoff_len is None:  # evaluate rows as the deltas were trained on them
+        from .train import training_cutoff_len
+        cfg.evaluation.cutoff_len = training_cutoff_len(cfg)
     if cfg.round > 1:
         from .rounds import apply_round
         cfg = apply_round(cfg, path)

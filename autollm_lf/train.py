@@ -37,6 +37,20 @@ class DeltaSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+LF_DEFAULT_CUTOFF = 2048  # LLaMA-Factory's DataArguments.cutoff_len
+CUTOFF_LINE = re.compile(r"^cutoff_len:\s*(\d+)", re.M)
+
+
+def training_cutoff_len(cfg) -> int:
+    """The cutoff_len the SFT deltas train with: train.method_args.sft, else train.args, else their template's."""
+    for args in (cfg.train.method_args.get("sft", {}), cfg.train.args):
+        if "cutoff_len" in args:
+            return int(args["cutoff_len"])
+    path = find_template(cfg.train.template_for("sft"))
+    found = CUTOFF_LINE.search(path.read_text(encoding="utf-8")) if path else None
+    return int(found.group(1)) if found else LF_DEFAULT_CUTOFF
+
+
 def find_template(name: str) -> Path | None:
     for candidate in (Path(name), TEMPLATES_DIR / name):
         if candidate.is_file():
