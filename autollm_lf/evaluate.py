@@ -20,24 +20,72 @@ from .errors import UserError
 _templates: dict = {}
 
 
-def encode_prompt_response(tokenizer, template_name: str, prompt: str, response: str,
-                           history: list[dict] | None = None, system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids exactly as LLaMA-Factory builds them for training with this chat template (earlier turns
-    of a conversation in `history`).
-
-    The target is the response up to and including end-of-sequence: what greedy decoding must emit.
-    """
+def _template(tokenizer, template_name: str):
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
 
-    template = _templates.get(template_name)
-    if template is None:
-        template = _templates[template_name] = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template_name))
+    # per tokenizer object: the fix sets its end-of-sequence token (gemma: <end_of_turn>), each tokenizer needs it
+    key = (template_name, id(tokenizer))
+    if key not in _templates:  # the tokenizer is kept with it, so that its id is never reused by another
+        _templates[key] = (tokenizer, get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template_name)))
+    return _templates[key][1]
+
+
+def truncate_turns(pairs: list[tuple[list[int], list[int]]], cutoff_len: int,
+                   efficient_eos: bool = False) -> list[tuple[list[int], list[int]]]:
+    """LLaMA-Factory's truncation of a supervised training row (data/processor/supervised.py, mask_history off):
+    turns in order, each (prompt, answer) pair cut by `infer_seqlen` to what the turns before it left of cutoff_len
+    (both keep their beginnings; a long answer takes its share first), turns past the cutoff dropped."""
+    from llamafactory.data.processor.processor_utils import infer_seqlen
+
+    total, kept = (1 if efficient_eos else 0), []
+    for source, target in pairs:
+        if total >= cutoff_len:
+            break
+        source_len, target_len = infer_seqlen(len(source), len(target), cutoff_len - total)
+        kept.append((source[:source_len], target[:target_len]))
+        total += source_len + target_len
+    return kept
+
+
+def encode_turns(tokenizer, template_name: str, prompt: str, response: str, history: list[dict] | None = None,
+                 system: str | None = None, cutoff_len: int | None = None) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, target ids, truncated): token ids exactly as LLaMA-Factory builds them for training with this
+    chat template (earlier turns of a conversation in `history`), truncated as it truncates them to cutoff_len.
+
+    The target is the response up to and including end-of-sequence: what greedy decoding must emit. Empty when
+    the row cannot fit at all (earlier turns take the whole cutoff_len)."""
+    template = _template(tokenizer, template_name)
     messages = list(history or []) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    prompt_ids, response_ids = template.encode_oneturn(tokenizer, messages, system)
+    pairs = template.encode_multiturn(tokenizer, messages, system)
+    kept = truncate_turns(pairs, cutoff_len, template.efficient_eos) if cutoff_len else pairs
+    truncated = kept != pairs
+    if len(kept) < len(pairs):  # the last answer's turn did not fit
+        return [t for pair in kept for part in pair for t in part], [], truncated
+    prompt_ids = [t for pair in kept[:-1] for part in pair for t in part] + kept[-1][0]
+    response_ids = kept[-1][1]
     if tokenizer.eos_token_id in response_ids:
         response_ids = response_ids[: response_ids.index(tokenizer.eos_token_id) + 1]
-    return prompt_ids, response_ids
+    return prompt_ids, response_ids, truncated
+
+
+def encode_prompt_response(tokenizer, template_name: str, prompt: str, response: str,
+                           history: list[dict] | None = None, system: str | None = None,
+                           cutoff_len: int | None = None) -> tuple[list[int], list[int]]:
+    """encode_turns without the truncation flag."""
+    return encode_turns(tokenizer, template_name, prompt, response, history, system, cutoff_len)[:2]
+
+
+def model_positions(model) -> int | None:
+    """How many positions the model has (its max_position_embeddings), if it says."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def row_name(row: dict, index: int) -> str:
+    where = row.get("source") or row.get("chunk")
+    return f"{where} row {row['row_id']}" if where and row.get("row_id") is not None else f"row {index}"
 
 
 @dataclass
@@ -55,13 +103,25 @@ class Evaluator:
 
     def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg):
         self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
-        self.encoded = [self.encode(template_name, r) for r in rows]
+        # held-out rows as training saw them: cut to cutoff_len, never past the model's positions
+        limits = [n for n in (getattr(cfg, "cutoff_len", None), model_positions(model)) if n]
+        self.cutoff_len = min(limits) if limits else None
+        encoded = [self.encode(template_name, r) for r in rows]
+        unfit = [row_name(r, i) for i, (r, (p, t, _)) in enumerate(zip(rows, encoded)) if not p or not t]
+        if unfit:
+            raise UserError(f"evaluation: {len(unfit)} held-out row(s) cannot fit in cutoff_len {self.cutoff_len} even "
+                            f"truncated (their earlier turns take all of it): {', '.join(unfit[:5])}"
+                            f"{' ...' if len(unfit) > 5 else ''}; shorten their history or raise evaluation.cutoff_len")
+        self.encoded = [(p, t) for p, t, _ in encoded]
         self.stats: dict[str, int] = {}
+        truncated = sum(cut for *_, cut in encoded)
+        if truncated:  # reported in report.json's evaluation_stats
+            self.stats["truncated"] = truncated
 
-    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int]]:
-        """(prompt ids, answer ids) of one row, as LLaMA-Factory encodes it for training."""
-        return encode_prompt_response(self.tokenizer, template_name, row["prompt"], row["response"], row.get("history"),
-                                      row.get("system"))
+    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int], bool]:
+        """(prompt ids, answer ids, truncated) of one row, as LLaMA-Factory encodes and truncates it for training."""
+        return encode_turns(self.tokenizer, template_name, row["prompt"], row["response"], row.get("history"),
+                            row.get("system"), self.cutoff_len)
 
     def row_scores(self) -> list[float]:
         raise NotImplementedError

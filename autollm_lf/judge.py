@@ -49,7 +49,7 @@ class Judge(Generated):
         self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(path.read_text())
         self.client = JudgeClient(jcfg)
         self.cache: dict[str, str] = {}
-        self.stats = {"unparsable": 0, "requests": 0, "errors": 0}
+        self.stats.update({"unparsable": 0, "requests": 0, "errors": 0})  # beside the evaluator's own (truncated)
         self._failure = threading.Event()  # set, with its .message, by the first request that fails
 
     def _ask(self, prompt: str) -> str:

@@ -225,6 +225,9 @@ def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozen
     if cfg.evaluation.judge and {"search", "report", "export"} & set(stages):
         from .judge import JudgeClient
         JudgeClient(cfg.evaluation.judge)  # an endpoint that does not answer stops the run before any work
+    if cfg.base_model.gguf:  # converted once into the cache (cfg.base_model.path); later runs reuse it
+        from .gguf import ensure_converted
+        ensure_converted(cfg.base_model.gguf)
     if "prepare" not in stages:
         from .rounds import check_round_base
         check_round_base(cfg)

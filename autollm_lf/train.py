@@ -1,6 +1,7 @@
 """Stage 2: render one LLaMA-Factory YAML per delta and run `llamafactory-cli train` on each, one at a time."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -41,6 +42,20 @@ class DeltaSpec:
     def chunk(self) -> str | None:
         """The one chunk a per-chunk delta trains on (None for train@all and train@auto_mix)."""
         return self.datasets[0] if len(self.datasets) == 1 and self.name != ALL_DELTA else None
+
+
+LF_DEFAULT_CUTOFF = 2048  # LLaMA-Factory's DataArguments.cutoff_len
+CUTOFF_LINE = re.compile(r"^cutoff_len:\s*(\d+)", re.M)
+
+
+def training_cutoff_len(cfg) -> int:
+    """The cutoff_len the SFT deltas train with: train.method_args.sft, else train.args, else their template's."""
+    for args in (cfg.train.method_args.get("sft", {}), cfg.train.args):
+        if "cutoff_len" in args:
+            return int(args["cutoff_len"])
+    path = find_template(cfg.train.template_for("sft"))
+    found = CUTOFF_LINE.search(path.read_text(encoding="utf-8")) if path else None
+    return int(found.group(1)) if found else LF_DEFAULT_CUTOFF
 
 
 def find_template(name: str) -> Path | None:
@@ -267,9 +282,45 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool, devices: dict[str
     return delta_dir
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+def _layout(template) -> tuple:
+    """What a chat template writes around a conversation (two templates with the same layout train alike)."""
+    slots = tuple(repr(getattr(template, f).slots) for f in ("format_user", "format_assistant", "format_system",
+                                                              "format_prefix", "format_observation"))
+    return slots, tuple(template.stop_words), template.replace_eos, template.efficient_eos, type(template)
+
+
+def _is_multimodal(template) -> bool:
+    return any(getattr(template.mm_plugin, t, None) for t in ("image_token", "video_token", "audio_token"))
+
+
+def check_template(name: str, model_dir: Path) -> None:
+    """base_model.template must be one of LLaMA-Factory's and fit the model. A multimodal template (its mm_plugin
+    has image, video or audio tokens) needs the model's processor: on a text-only model LLaMA-Factory stops every
+    training with "Processor was not found". Say so before any training, naming the text-only template that
+    writes the same conversation (gemma3 -> gemma)."""
+    from llamafactory.data.template import TEMPLATES
+
+    template = TEMPLATES.get(name)
+    if template is None:
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=3)
+        raise UserError(f"base_model.template: LLaMA-Factory has no template {name!r}"
+                        + (f"; did you mean {' or '.join(close)}?" if close else "; see LLaMA-Factory's data/template.py"))
+    if not _is_multimodal(template) or any((Path(model_dir) / f).is_file() for f in PROCESSOR_FILES):
+        return
+    twins = [n for n, t in TEMPLATES.items() if not _is_multimodal(t) and _layout(t) == _layout(template)]
+    instead = f"use template {twins[0]!r} instead (the same conversation format, text only)" if twins else \
+        "use a text-only template with the same format"
+    raise UserError(f"base_model.template: {name!r} is a multimodal template and {model_dir} has no processor "
+                    f"(a text-only model; LLaMA-Factory would stop with 'Processor was not found'); {instead}")
+
+
 def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
     """Train the deltas, one per free device group (one at a time on a CPU). With keep_going a failed delta is
     reported and left out; the others train."""
+    check_template(cfg.base_model.template, cfg.base_model.path)
     base_fp = model_fingerprint(cfg.base_model.path)
     groups = device_groups(visible_gpus(), cfg.train.gpus_per_delta)
     jobs = {spec.name: (lambda devices, spec=spec: train_one(cfg, spec, base_fp, force, devices or None))

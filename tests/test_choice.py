@@ -33,7 +33,7 @@ def per_choice_loop(model, evaluator, rows):
     for row in rows:
         lls = []
         for c in row["choices"]:
-            p, a = evaluator.encode("default", {**row, "response": c})
+            p, a, _ = evaluator.encode("default", {**row, "response": c})
             ids = torch.tensor([p + a])
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)

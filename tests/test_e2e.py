@@ -1,7 +1,5 @@
 """The whole pipeline through the real CLI and the real `llamafactory-cli train`, on a tiny model."""
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml

@@ -8,6 +8,7 @@ import yaml
 
 from autollm_lf import train
 from autollm_lf.errors import UserError
+from autollm_lf.paths import RunDir
 from autollm_lf.train import DeltaSpec, apply_overrides, config_for_delta, render_template
 
 
@@ -30,7 +31,7 @@ def test_rendered_template_is_valid_llamafactory_yaml(tmp_path):
 
 
 def fake_cfg(tmp_path, **args):
-    return SimpleNamespace(out=tmp_path / "run", seed=0,
+    return SimpleNamespace(out=tmp_path / "run", run=RunDir(tmp_path / "run"), seed=0,
                            base_model=SimpleNamespace(path=tmp_path / "m", template="default"),
                            train=SimpleNamespace(template_for=lambda method: "sft_lora.yaml.j2", args=args, chunk_args={}))
 
