@@ -73,8 +73,14 @@ class Session:
             from .merge import WeightedDeltas
             search = self.cfg.search
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
-                                            density=search.density, seed=self.cfg.seed)
+                                            density=search.density, seed=self.cfg.seed, granularity=search.granularity)
         return self._weighted
+
+    @property
+    def search_params(self) -> list[str]:
+        """The weights the search sets: one per chunk delta, or per delta and module group (search.granularity)."""
+        from .merge import param_delta
+        return [p for p in self.weighted.params if param_delta(p) in self.deltas]
 
     def scorer(self, split: str):
         if split not in self._scorers:
@@ -86,7 +92,8 @@ class Session:
 
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-        if self.cfg.search.merge != "linear":
+        from .merge import MERGE_METHODS
+        if not MERGE_METHODS[self.cfg.search.merge].low_rank:
             print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), folded into the base weights")
         elif self.cfg.search.apply == "auto":
             w = self.weighted
@@ -147,7 +154,7 @@ def stage_search(s: Session) -> None:
     from .search import run_search
     check_chunk_keys(s)
     s.pick_apply_mode()
-    best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force,
+    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
                       human=s.human_weights() if s.cfg.search.human_weights else {})
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 
