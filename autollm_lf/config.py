@@ -173,11 +173,12 @@ class SearchConfig(Strict):
                                              "ties, dare_ties, dare_linear")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
     granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
-                                                  "(`module_kind`), or per delta and block of layers (`blocks:N`, "
-                                                  "N contiguous blocks)")
-    optimizer: Literal["auto", "bayes", "cmaes", "random"] = Field(
+                                                  "(`module_kind`), per delta and block of layers (`blocks:N`, "
+                                                  "N contiguous blocks), or per delta and module (`module`)")
+    optimizer: Literal["auto", "bayes", "cmaes", "gradient", "random"] = Field(
         "auto", description="what proposes the trials after the seeds (search.OPTIMIZERS); auto: bayes up to "
-                            "12 weights, cmaes beyond")
+                            "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
+                            "validation (linear and linear_norm merges)")
     patience: Optional[int] = Field(None, ge=1, description="stop after this many optimiser trials without a new best")
 
     @field_validator("granularity")

@@ -211,10 +211,17 @@ def layer_block(name: str, n_layers: int, n_blocks: int) -> str:
     return "other" if index is None else f"b{index * n_blocks // max(n_layers, 1)}"
 
 
+def each_module(name: str, n_layers: int, n_blocks: int) -> str:
+    """`<layer>.<module>` (3.q_proj): every LoRA module its own weight (the finest; AdaMerging's layer-wise)."""
+    index = layer_index(name)
+    return name.rsplit(".", 1)[-1] if index is None else f"{index}.{name.rsplit('.', 1)[-1]}"
+
+
 GRANULARITIES: dict[str, Callable[[str, int, int], str]] = {
     "delta": lambda name, n_layers, n_blocks: "",
     "module_kind": module_kind,
     "blocks": layer_block,
+    "module": each_module,
 }
 
 
@@ -222,7 +229,8 @@ def parse_granularity(text: str) -> tuple[str, int]:
     """'delta' | 'module_kind' | 'blocks:N' -> (kind, N); ValueError naming the choices otherwise."""
     kind, _, n = text.partition(":")
     if kind not in GRANULARITIES or (kind == "blocks") != bool(n) or (n and not (n.isdigit() and int(n) >= 1)):
-        raise ValueError(f"unknown granularity {text!r}; choose delta, module_kind or blocks:N (N >= 1 blocks of layers)")
+        raise ValueError(f"unknown granularity {text!r}; choose delta, module_kind, blocks:N (N >= 1 blocks of layers) "
+                         f"or module")
     return kind, int(n or 1)
 
 

@@ -27,6 +27,8 @@ def mix_probs(weights: dict[str, float], floor: float) -> dict[str, float]:
 
 def chunk_weights(best_weights: dict[str, float], shapes: dict[str, str]) -> dict[str, float]:
     """The best weight of each SFT chunk's `<chunk>-sft` delta (chunks without one are left out)."""
+    from .search import per_delta
+    best_weights = per_delta(best_weights)  # finer granularity: each delta's mean weight
     return {c: best_weights[f"{c}-sft"] for c, shape in shapes.items() if shape == "sft" and f"{c}-sft" in best_weights}
 
 

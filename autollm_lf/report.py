@@ -6,6 +6,7 @@ import json
 from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
+from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER
 
 
@@ -72,8 +73,11 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> st
                                               for c in chunks) + " |"  # "-": a training-only chunk (bad cases)
               for r in rows]
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
-    lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(d, 0.0):.4g}" for d in deltas) + " |"
+    lines += [f"{r['model']} | " + " | ".join(f"{per_delta(r['weights']).get(d, 0.0):.4g}" for d in deltas) + " |"
               for r in rows if "weights" in r]
+    if cfg.search.granularity != "delta":
+        lines += ["", f"Weights per delta are means over its module groups (search.granularity: "
+                      f"{cfg.search.granularity}); search/best.json holds each."]
     lines += ["", "![convergence](convergence.png)", "", "![weights](weights.png)", ""]
     return "\n".join(lines)
 
@@ -111,7 +115,7 @@ def _plot_weights(rows: list[dict], deltas: list[str], path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(deltas) + 2), 4))
     width = 0.8 / max(len(merges), 1)
     for i, r in enumerate(merges):
-        ax.bar([j + i * width for j in range(len(deltas))], [r["weights"].get(d, 0.0) for d in deltas], width,
+        ax.bar([j + i * width for j in range(len(deltas))], [per_delta(r["weights"]).get(d, 0.0) for d in deltas], width,
                label=r["model"])
     ax.set_xticks([j + width * (len(merges) - 1) / 2 for j in range(len(deltas))], deltas, rotation=20, ha="right")
     ax.set_ylabel("weight")

@@ -28,6 +28,15 @@ def param_delta(param: str) -> str:
     return param.split("@", 1)[0]
 
 
+def per_delta(weights: dict[str, float]) -> dict[str, float]:
+    """Weights by delta: as they are, or each delta's mean over its module groups (`delta@group` names), for what
+    reads one number per delta (the report's weights table, train@auto_mix's data mix)."""
+    groups: dict[str, list[float]] = {}
+    for name, w in weights.items():
+        groups.setdefault(param_delta(name), []).append(float(w))
+    return {d: sum(ws) / len(ws) for d, ws in groups.items()}
+
+
 def seed_points(params: list[str], bounds: tuple[float, float], human: dict[str, float]) -> list[tuple[str, dict]]:
     """The baselines the search starts from: raw (all 0), uniform (all 1), each delta alone, human weights
     (keyed by delta: every weight of that delta). A point equal to an earlier one is left out (no trial twice)."""
@@ -88,7 +97,7 @@ def quiet():
 class BayesOptimizer:
     """bayes_opt's Gaussian process with expected improvement, fed every trial (seeds included)."""
 
-    def __init__(self, params: list[str], bounds, seed: int):
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
         from bayes_opt import BayesianOptimization
         self.seed = seed
         self.opt = BayesianOptimization(f=None, pbounds={p: tuple(bounds) for p in params}, random_state=seed,
@@ -112,7 +121,7 @@ class CmaesOptimizer:
     suggestion, step 0.3 of the bounds' width, bounded. Generation g is asked under numpy seed (seed, g), so a
     replay asks the same populations; a replayed own trial is told its logged score."""
 
-    def __init__(self, params: list[str], bounds, seed: int):
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
         self.params, self.bounds, self.seed = params, tuple(bounds), seed
         self.es, self.best, self.generation = None, None, 0
         self.queue, self.asked, self.told_x, self.told_y = [], [], [], []
@@ -155,7 +164,7 @@ class CmaesOptimizer:
 class RandomOptimizer:
     """Uniform random points (the baseline every optimiser must beat)."""
 
-    def __init__(self, params: list[str], bounds, seed: int):
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
         self.params, self.bounds, self.seed = params, bounds, seed
 
     def suggest(self, number: int) -> dict:
@@ -168,7 +177,12 @@ class RandomOptimizer:
         pass
 
 
-OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer}
+def gradient_optimizer(params: list[str], bounds, seed: int, session=None):
+    from .gradient import GradientOptimizer  # torch: imported only when picked
+    return GradientOptimizer(params, bounds, seed, session)
+
+
+OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": gradient_optimizer}
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
     trials = _resume(trials_path, fp, discard=force)
     plan = plan_trials(cfg, params, human)
     name = optimizer_name(cfg, len(params))
-    opt = OPTIMIZERS[name](params, bounds, cfg.seed)
+    opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
     seen = {}
     for t in trials:
         opt.replay(t, own=t["kind"] == name)
@@ -213,9 +227,12 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
                     weights = random_point(params, bounds, [cfg.seed, number, attempt])
                 replaced += "replaces" in trial
             started = time.perf_counter()
-            score = session.score(weights, "validation")
+            if kind == name and hasattr(opt, "evaluate"):  # gradient: also the metric on the half it did not fit
+                score, extra = opt.evaluate(weights)
+            else:
+                score, extra = session.score(weights, "validation"), {}
             trial.update(weights=weights, validation=score, eval_seconds=round(time.perf_counter() - started, 4),
-                         fingerprint=fp)
+                         **extra, fingerprint=fp)
             opt.register(weights, score, own=kind == name)
             seen[point_key(weights)] = number
             append_jsonl(trials_path, trial)
@@ -242,7 +259,8 @@ def warn_on_bounds(best: dict, bounds) -> list[str]:
     at = [f"{p}={w:g} ({'upper' if abs(w - hi) < 1e-9 else 'lower'})" for p, w in best["weights"].items()
           if abs(w - hi) < 1e-9 or abs(w - lo) < 1e-9]
     if at:
-        print(f"search: warning: the best weights sit on a bound: {', '.join(at)}; widen search.bounds "
+        shown = ", ".join(at[:6]) + (f" and {len(at) - 6} more" if len(at) > 6 else "")
+        print(f"search: warning: {len(at)} of the best weights sit on a bound: {shown}; widen search.bounds "
               f"(now [{lo:g}, {hi:g}]) if a weight beyond it may be better")
     return at
 
