@@ -79,6 +79,8 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> st
         lines += ["", f"Weights per delta are means over its module groups (search.granularity: "
                       f"{cfg.search.granularity}); search/best.json holds each."]
     lines += ["", "![convergence](convergence.png)", "", "![weights](weights.png)", ""]
+    if cfg.search.granularity != "delta":
+        lines += ["![weights per module group](weights_heatmap.png)", ""]
     return "\n".join(lines)
 
 
@@ -128,6 +130,25 @@ def _plot_weights(rows: list[dict], deltas: list[str], path) -> None:
     plt.close(fig)
 
 
+def _plot_heatmap(weights: dict[str, float], deltas: list[str], path) -> None:
+    """auto_merge's weights at a finer granularity: one row per delta, one column per module group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(k.split("@", 1)[1] for k in weights if "@" in k))
+    grid = [[weights.get(f"{d}@{g}", float("nan")) for g in groups] for d in deltas]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(groups) + 3), 0.5 * len(deltas) + 2))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(groups)), groups, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(deltas)), deltas, fontsize=8)
+    ax.set_title("auto_merge weight per delta and module group")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | None, images: dict) -> str:
     """report.html: self-contained (plots inlined as data: URIs), readable offline."""
     import base64
@@ -171,6 +192,9 @@ def write_report(session) -> dict:
     images = {"Search convergence": out / "convergence.png", "Merge weights": out / "weights.png"}
     _plot(read_jsonl(cfg.out / "search" / "trials.jsonl"), rows, images["Search convergence"])
     _plot_weights(rows, session.deltas, images["Merge weights"])
+    if cfg.search.granularity != "delta":
+        images["Weights per module group"] = out / "weights_heatmap.png"
+        _plot_heatmap(auto["weights"], session.deltas, images["Weights per module group"])
     mix = mix_spec(cfg, session.shapes, auto["weights"]) if _mix_dir(cfg) else None
     atomic_write_text(out / "report.html", _html(report, chunks, session.deltas, mix and mix[1], images))
     md = _markdown(rows, chunks, session.deltas, cfg)
