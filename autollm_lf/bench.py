@@ -11,10 +11,15 @@
 - bo_vs_random: on the toy, best validation after 30 trials of bayes_opt vs random search;
 - peak RSS of a search process vs the size of base + adapters.
 
-`--only merge|exact_match|bo` runs one part (repeatable); `--rounds N` times each exact-match side N times.
+- search: on the toy, merge methods x granularities x optimisers (bench_search), 3 seeds, one budget: the
+  validation and test scores of the weights each picks, vs train@all and the best single delta.
+
+`--only merge|exact_match|bo|search` runs one part (repeatable); `--rounds N` times each exact-match side N times.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 import statistics
@@ -266,7 +271,8 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
     session = Session(cfg)
     validation = load_split(cfg, "validation")
-    subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), min(rows, len(validation))))]
+    rows = min(rows or len(validation), len(validation))
+    subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), rows))]
     scorer = make_evaluator(cfg, session.weighted.model, session.weighted.tokenizer, subset)
     deltas, (lo, hi) = session.deltas, cfg.search.bounds
 
@@ -298,8 +304,102 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
             "random_mean_vs_reference": statistics.mean(rnd_best) / ref}
 
 
+SEARCH_BENCH = [  # (merge method, granularity, optimizer): what `--only search` compares, at one budget
+    ("linear", "delta", "bayes"),        # the search before the merge-quality work
+    ("linear", "delta", "cmaes"),
+    ("linear_norm", "delta", "bayes"),   # shared output directions counted once
+    ("linear", "module", "gradient"),    # one weight per delta per module, Adam on half of validation
+]
+
+
+def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: int | None = None,
+                 combos: list[tuple[str, str, str]] | None = None) -> dict:
+    """On the toy's trained deltas: each (merge, granularity, optimizer) runs the real search loop (seeds, random
+    points, optimiser; `trials` in all) with `seeds` seeds on the validation split (or a fixed subset of `rows` rows);
+    the weights it picks are then scored on the whole validation and test splits. train@all and the best single delta are the
+    yardsticks. One loaded model: methods and granularities are switched in place."""
+    from types import SimpleNamespace
+
+    from .config import SearchConfig, load_config
+    from .evaluate import make_evaluator
+    from .merge import param_delta
+    from .pipeline import Session
+    from .prepare import load_split
+    from .search import run_search
+    from .train import ALL_DELTA
+
+    cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
+    if cfg is None or not (cfg.out / "search" / "best.json").exists():
+        return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
+    session = Session(cfg)
+    w = session.weighted
+    if w.mode == "scaling":
+        return {"skipped": "search.apply: scaling cannot switch to normalised merges; use auto, cat or fold"}
+    validation = load_split(cfg, "validation")
+    rows = min(rows or len(validation), len(validation))
+    subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), rows))]
+    sub_scorer = make_evaluator(cfg, w.model, w.tokenizer, subset)
+    full = {split: session.scorer(split) for split in ("validation", "test")}
+
+    def scores(weights, method="linear"):
+        w.set_weights(weights, method)
+        return {split: scorer.score() for split, scorer in full.items()}
+
+    deltas = session.deltas
+    yardsticks = {"train@all": scores({ALL_DELTA: 1.0}) if ALL_DELTA in w.names else None}
+    singles = {d: scores({d: 1.0}) for d in deltas}
+    best_single = max(singles, key=lambda d: singles[d]["validation"])
+    yardsticks["best_single"] = {"delta": best_single, **singles[best_single]}
+    results = []
+    for method, granularity, optimizer in combos or SEARCH_BENCH:
+        w.use_method(method, cfg.search.density)
+        w.use_granularity(granularity)
+        params = [p for p in w.params if param_delta(p) in deltas]
+        runs = []
+        for seed in range(seeds):
+            n_seeds = 2 + len(deltas)
+            search = SearchConfig(bounds=cfg.search.bounds, init_points=min(5, max(trials - n_seeds, 0)),
+                                  n_iter=max(trials - n_seeds - 5, 0), optimizer=optimizer, granularity=granularity,
+                                  merge=method, density=cfg.search.density)
+            session_like = SimpleNamespace(score=lambda weights, split: (w.set_weights(weights), sub_scorer.score())[1],
+                                           weighted=w, scorer=lambda split: sub_scorer, cfg=SimpleNamespace(search=search))
+            with tempfile.TemporaryDirectory() as tmp:
+                started = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    best = run_search(SimpleNamespace(out=Path(tmp), seed=seed, search=search), session_like, params,
+                                      fp="bench")
+                seconds = time.perf_counter() - started
+            runs.append({"seed": seed, "subset_validation": best["validation"], **scores(best["weights"], method),
+                         "seconds": seconds, "weights": best["weights"]})
+        results.append({"merge": method, "granularity": granularity, "optimizer": optimizer, "weights": len(params),
+                        "runs": runs, **{f"{k}_mean": statistics.mean(r[k] for r in runs)
+                                         for k in ("subset_validation", "validation", "test", "seconds")}})
+    w.use_method(cfg.search.merge, cfg.search.density)
+    w.use_granularity(cfg.search.granularity)
+    return {"trials": trials, "seeds": seeds, "validation_subset_rows": len(subset), "yardsticks": yardsticks,
+            "results": results}
+
+
+def search_lines(r: dict) -> list[str]:
+    if "skipped" in r:
+        return ["search: " + r["skipped"]]
+    y = r["yardsticks"]
+    lines = [f"search ({r['trials']} trials, {r['seeds']} seeds, picked on {r['validation_subset_rows']} validation rows; "
+             f"means over seeds):"]
+    if y.get("train@all"):
+        lines.append(f"  train@all                       validation {y['train@all']['validation']:.4f}  "
+                     f"test {y['train@all']['test']:.4f}")
+    b = y["best_single"]
+    lines.append(f"  best single ({b['delta']})".ljust(34) + f"validation {b['validation']:.4f}  test {b['test']:.4f}")
+    for x in r["results"]:
+        name = f"{x['merge']}/{x['granularity']}/{x['optimizer']} ({x['weights']}w)"
+        lines.append(f"  {name:<31} validation {x['validation_mean']:.4f}  test {x['test_mean']:.4f}  "
+                     f"(subset {x['subset_validation_mean']:.4f}, {x['seconds_mean']:.0f}s)")
+    return lines
+
+
 def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5) -> dict:
-    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo)."""
+    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search)."""
     torch.manual_seed(0)
     started = time.time()
     result = {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -310,6 +410,9 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str]
     if "bo" in parts:
         result["bo_vs_random"] = bench_bo_vs_random(toy_cfg, trials=8 if quick else 30, seeds=1 if quick else 3,
                                                     reference=10 if quick else 200, rows=40 if quick else 240)
+    if "search" in parts:
+        result["search"] = bench_search(toy_cfg, trials=12 if quick else 40, seeds=1 if quick else 3,
+                                        rows=40 if quick else None)
     result["seconds"] = time.time() - started
     print_table(result)
     if as_json:
@@ -332,6 +435,8 @@ def print_table(r: dict) -> None:
                      f"{bo['trials']} trials, BO {bo['bo_mean_vs_reference']:.1%} and random "
                      f"{bo['random_mean_vs_reference']:.1%} of the best of {bo['reference_best_of_random']:.4f} "
                      "random trials"))
+    if "search" in r:
+        lines += search_lines(r["search"])
     lines.append(f"took {r['seconds']:.0f}s")
     print("\n".join(lines))
 

@@ -21,7 +21,7 @@ STAGE_HELP = {
 
 
 FORCEABLE = ["train", "search", "mix", "report", "export"]
-BENCH_PARTS = ["merge", "exact_match", "bo"]  # what `autollm bench` measures; --only picks some
+BENCH_PARTS = ["merge", "exact_match", "bo", "search"]  # what `autollm bench` measures; --only picks some
 
 
 def build_parser() -> argparse.ArgumentParser:

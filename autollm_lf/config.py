@@ -194,6 +194,21 @@ class SearchConfig(Strict):
     merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
                                              "ties, dare_ties, dare_linear")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
+    granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
+                                                  "(`module_kind`), per delta and block of layers (`blocks:N`, "
+                                                  "N contiguous blocks), or per delta and module (`module`)")
+    optimizer: Literal["auto", "bayes", "cmaes", "gradient", "random"] = Field(
+        "auto", description="what proposes the trials after the seeds (search.OPTIMIZERS); auto: bayes up to "
+                            "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
+                            "validation (linear and linear_norm merges)")
+    patience: Optional[int] = Field(None, ge=1, description="stop after this many optimiser trials without a new best")
+
+    @field_validator("granularity")
+    @classmethod
+    def _known_granularity(cls, v):
+        from .merge import parse_granularity
+        parse_granularity(v)
+        return v
 
     @field_validator("merge")
     @classmethod

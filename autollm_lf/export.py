@@ -69,7 +69,8 @@ def _export_adapter(session, best: dict, merged: Path, fp: str) -> dict:
             "exported_validation": score, "base_model": str(cfg.base_model.path),
             "merge": session.weighted.export_info}
     write_json(merged / EXPORT_MARKER, info)
-    if cfg.search.merge != "linear":  # a truncated SVD of a full-rank merge: report the loss, do not refuse it
+    from .merge import MERGE_METHODS
+    if not MERGE_METHODS[cfg.search.merge].low_rank:  # a truncated SVD of a full-rank merge: report the loss
         m = info["merge"]
         print(f"export: {merged} ({cfg.search.merge} as rank <= {m['rank_max']} SVD: relative error per module "
               f"max {m['relative_frobenius_error_max']:.3g}, mean {m['relative_frobenius_error_mean']:.3g}; "

@@ -70,6 +70,77 @@ def ties_sum(pairs: Pairs) -> torch.Tensor | None:
     return None if total is None else torch.where(total >= 0, pos, total.sub_(pos))
 
 
+def ties_norm_sum(pairs: Pairs) -> torch.Tensor | None:
+    """TIES with each entry divided by max(1, total |weight| of the deltas kept there) (mergekit's
+    `normalize: true`, capped so that weights up to 1 keep their meaning: one delta alone is never scaled up).
+    An entry the deltas share (same sign) is averaged, counted once; an entry only one delta kept after
+    trimming keeps that delta in full. Streams like ties_sum, with two more accumulators (kept weight)."""
+    total = pos = part = kept_pos = kept_all = None
+    for d, w in pairs:
+        part = torch.empty_like(d) if part is None else part
+        torch.clamp(d, min=0, out=part) if w > 0 else torch.clamp(d, max=0, out=part)  # where w*d > 0, over w
+        positive, nonzero = (part != 0).to(d.dtype), (d != 0).to(d.dtype)
+        if total is None:
+            total, pos, kept_pos, kept_all = d * w, part * w, positive * abs(w), nonzero * abs(w)
+        else:
+            total.add_(d, alpha=w)
+            pos.add_(part, alpha=w)
+            kept_pos.add_(positive, alpha=abs(w))
+            kept_all.add_(nonzero, alpha=abs(w))
+    if total is None:
+        return None
+    elected = total >= 0
+    merged = torch.where(elected, pos, total.sub_(pos))
+    divisor = torch.where(elected, kept_pos, kept_all.sub_(kept_pos)).clamp_(min=1.0)
+    return merged.div_(divisor)
+
+
+def output_basis(B: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis [out, k] of the column space of B (the directions a LoRA delta writes to)."""
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    keep = S > S.max() * 1e-6 if S.numel() and S.max() > 0 else S > 0
+    return U[:, keep]
+
+
+class OutputNorm:
+    """`linear_norm`: M = f(sum_i |w_i| P_i) @ sum_i w_i dW_i, with P_i the projector onto delta i's output
+    directions and f(x) = 1 / max(1, x) applied to the eigenvalues. An output direction written by several
+    deltas is divided by the total weight on it (shared once, as mergekit's normalize does per entry); one
+    written by a single delta keeps it fully; total weights up to 1 change nothing (a delta alone at weight w is
+    w * dW). M = B' @ A with B' = f(...) @ B: rank <= sum of the ranks, so an exact LoRA adapter.
+    Built once per module from the unit factors (B_cat [out, R], each column's delta `owner`); `apply` is the
+    per-trial work: one eigh of a k x k matrix (k <= R) and an out x R x k product."""
+
+    def __init__(self, B: torch.Tensor, owner: torch.Tensor, n_deltas: int):
+        B64 = B.double()
+        bases = [output_basis(B64[:, owner == i]) for i in range(n_deltas)]
+        self.basis_owner = torch.cat([torch.full((b.shape[1],), i) for i, b in enumerate(bases)])
+        U_cat = torch.cat(bases, dim=1)  # [out, sum k_i]
+        P, S, Vh = torch.linalg.svd(U_cat, full_matrices=False)
+        keep = S > (S.max() * 1e-9 if S.numel() else 0)
+        self.Q = P[:, keep]  # orthonormal basis of the span of every delta's output directions
+        self.R = S[keep, None] * Vh[keep]  # U_cat = Q @ R
+        self.QtB = self.Q.T @ B64
+        self.B = B64
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """B' for the per-delta weights w (float64, one per delta): B + Q (f(H) - I) Q^T B."""
+        w = w.to(self.R.device)
+        H = (self.R * w.abs()[self.basis_owner.to(w.device)]) @ self.R.T
+        lam, E = torch.linalg.eigh(H)
+        shrink = 1.0 / lam.clamp(min=1.0) - 1.0  # f - 1: zero where the total weight is <= 1
+        return self.B + self.Q @ ((E * shrink) @ (E.T @ self.QtB))
+
+
+def normalized_delta(factors: Sequence[Factors], weights: Sequence[float]) -> torch.Tensor:
+    """linear_norm's merged delta for one module (the pure form of OutputNorm, for tests)."""
+    A = torch.cat([A for A, _, _ in factors], dim=0)
+    B = torch.cat([s * B for _, B, s in factors], dim=1)
+    owner = torch.cat([torch.full((A_.shape[0],), i) for i, (A_, _, _) in enumerate(factors)])
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    return OutputNorm(B, owner, len(factors)).apply(w).to(A.dtype) @ (A * w[owner, None].to(A.dtype))
+
+
 def magnitude_threshold(delta: torch.Tensor, density: float) -> float | None:
     """The largest |entry| TIES drops: keeping |d| > it keeps the int(density * numel) largest (mergekit's
     `magnitude`); None when everything is kept."""
@@ -106,14 +177,80 @@ def dare_drop(delta: torch.Tensor, density: float, keep: torch.Tensor | torch.Ge
 class MergeMethod:
     combine: Callable[[Pairs], torch.Tensor | None]
     sparsify: str | None  # None, "magnitude" (TIES trim, threshold cached) or "random" (DARE, seeded mask)
+    low_rank: bool = False  # applied on the `cat` factors in place, exported exactly; else folded, exported by SVD
+    normalize: bool = False  # shared parts counted once (divided by the total weight of the deltas sharing them)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {
-    "linear": MergeMethod(linear_sum, None),
+    "linear": MergeMethod(linear_sum, None, low_rank=True),
+    "linear_norm": MergeMethod(linear_sum, None, low_rank=True, normalize=True),  # OutputNorm
     "ties": MergeMethod(ties_sum, "magnitude"),
+    "ties_norm": MergeMethod(ties_norm_sum, "magnitude", normalize=True),
     "dare_linear": MergeMethod(linear_sum, "random"),
     "dare_ties": MergeMethod(ties_sum, "random"),
+    "dare_ties_norm": MergeMethod(ties_norm_sum, "random", normalize=True),
 }
+
+
+# ---- granularity: which weight a LoRA module takes (search.granularity) ---------------------------------
+# A weight is named `<delta>` (granularity `delta`: every module) or `<delta>@<group>`; a module of group g takes
+# `<delta>@<g>` if given, else `<delta>`, else 0, so per-delta weights (baselines, human weights) work at every
+# granularity.
+
+ATTENTION_PARTS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")
+
+
+def module_kind(name: str, n_layers: int, n_blocks: int) -> str:
+    """`attn` for attention projections, `mlp` for the rest."""
+    return "attn" if any(part in ATTENTION_PARTS for part in name.split(".")) else "mlp"
+
+
+def layer_block(name: str, n_layers: int, n_blocks: int) -> str:
+    """`b<j>`: the j-th of n_blocks contiguous blocks of layers (`blocks:N`); modules outside layers: `other`."""
+    index = layer_index(name)
+    return "other" if index is None else f"b{index * n_blocks // max(n_layers, 1)}"
+
+
+def each_module(name: str, n_layers: int, n_blocks: int) -> str:
+    """`<layer>.<module>` (3.q_proj): every LoRA module its own weight (the finest; AdaMerging's layer-wise)."""
+    index = layer_index(name)
+    return name.rsplit(".", 1)[-1] if index is None else f"{index}.{name.rsplit('.', 1)[-1]}"
+
+
+GRANULARITIES: dict[str, Callable[[str, int, int], str]] = {
+    "delta": lambda name, n_layers, n_blocks: "",
+    "module_kind": module_kind,
+    "blocks": layer_block,
+    "module": each_module,
+}
+
+
+def parse_granularity(text: str) -> tuple[str, int]:
+    """'delta' | 'module_kind' | 'blocks:N' -> (kind, N); ValueError naming the choices otherwise."""
+    kind, _, n = text.partition(":")
+    if kind not in GRANULARITIES or (kind == "blocks") != bool(n) or (n and not (n.isdigit() and int(n) >= 1)):
+        raise ValueError(f"unknown granularity {text!r}; choose delta, module_kind, blocks:N (N >= 1 blocks of layers) "
+                         f"or module")
+    return kind, int(n or 1)
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer component of a module name (model.layers.3.mlp.up_proj -> 3)."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), None)
+
+
+def module_groups(names: Sequence[str], granularity: str) -> list[str]:
+    kind, n_blocks = parse_granularity(granularity)
+    n_layers = 1 + max((i for i in map(layer_index, names) if i is not None), default=0)
+    return [GRANULARITIES[kind](name, n_layers, n_blocks) for name in names]
+
+
+def param_name(delta: str, group: str) -> str:
+    return f"{delta}@{group}" if group else delta
+
+
+def param_delta(param: str) -> str:
+    return param.split("@", 1)[0]
 
 
 def dare_seed(seed: int, module: int, delta: int) -> int:
@@ -153,14 +290,17 @@ class WeightedDeltas:
     - `fold`: W = W0 + B_cat @ A_cat written into the base weights per trial (R * d_in * d_out per
       module), so the evaluation pass is a plain one; costs a copy of W0 for the target modules.
     `auto` (default) times one trial of `cat` and of `fold` and keeps the cheaper (`pick_mode`).
-    Those are for `linear`. The other merge methods (MERGE_METHODS) are not low rank: their merge is
-    computed module by module from the factors and always folded (W = W0 + merge, in place).
+    Weights may differ per module group (`granularity`, see GRANULARITIES): each module reads its own.
+    Low-rank methods (`linear`, `linear_norm`: B_cat is replaced by OutputNorm's B' per trial) work on the
+    `cat` factors and are exported exactly; `linear_norm` needs `cat` or `fold`. The other merge methods
+    (MERGE_METHODS) are not low rank: their merge is computed module by module from the factors and always
+    folded (W = W0 + merge, in place).
     """
 
     CAT = "autollm_cat"
 
     def __init__(self, base_path: Path, adapters: Mapping[str, Path], mode: str = "cat", method: str = "linear",
-                 density: float = 1.0, seed: int = 0):
+                 density: float = 1.0, seed: int = 0, granularity: str = "delta"):
         from peft import PeftModel
         from peft.tuners.lora import LoraLayer
 
@@ -168,21 +308,29 @@ class WeightedDeltas:
             raise ValueError(f"unknown apply mode {mode!r}; choose one of {APPLY_MODES}")
         if method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
-        # ties/dare merges are not low rank: they are always folded into the base weights
-        mode = mode if method == "linear" else "fold"
+        spec = MERGE_METHODS[method]
+        # ties/dare merges are not low rank: they are always folded into the base weights; linear_norm changes
+        # B_cat per trial, so it needs the `cat` factors
+        mode = "fold" if not spec.low_rank else ("cat" if spec.normalize and mode == "scaling" else mode)
         self.method, self.density, self.seed = method, density, seed
         self._thresholds: dict[tuple[int, int], float | None] = {}  # TIES trim per (module, delta): weight-free
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._masks: dict[tuple[int, int], torch.Tensor] = {}  # DARE keep masks: weight-free, seeded
+        self._norms: dict[int, OutputNorm] = {}  # linear_norm per cat module: weight-free
         self._mask_bytes = 0
+        self._b_changed = False  # B_cat holds linear_norm's B', not the unit factors
         base, self.tokenizer = load_base(base_path)
         names = list(adapters)
         model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
         for name in names[1:]:
             model.load_adapter(str(adapters[name]), adapter_name=name)
         self.model, self.names, self.mode = model.eval(), names, mode
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+        self.layers = [m for _, m in named]
+        self.layer_names = [n for n, _ in named]
         self.unit_scaling = [dict(layer.scaling) for layer in self.layers]  # s_i = alpha_i / r_i per layer
+        self.cat_rows = None
+        self.use_granularity(granularity)
         if mode == "scaling":
             model.base_model.set_adapter(names)
         else:
@@ -190,16 +338,44 @@ class WeightedDeltas:
             self.mode = "cat"
             if mode == "fold":
                 self._use_fold()
-            if self.method != "linear" and self.mode != "fold":
+            if not spec.low_rank and self.mode != "fold":
                 raise ValueError(f"merge method {method!r} needs the deltas folded into the base weights; "
                                  f"these adapters use transposed (fan_in_fan_out) weights")
+
+    # ---- weights per module group -------------------------------------------------------------------
+
+    def use_granularity(self, granularity: str) -> None:
+        """Group the modules (search.granularity); the weights' names follow (`params`)."""
+        self.granularity = granularity
+        self.groups = module_groups(self.layer_names, granularity)
+        self.group_names = list(dict.fromkeys(self.groups))
+        self.params = [param_name(d, g) for d in self.names for g in self.group_names
+                       if any(gk == g and d in layer.lora_A for gk, layer in zip(self.groups, self.layers))]
+        if self.cat_rows is not None:
+            self._index_cat_rows()
+
+    def _weight_table(self, weights: Mapping[str, float]) -> list[list[float]]:
+        """[group][delta] -> weight, with a zero column for cat padding rows."""
+        unknown = sorted(k for k in weights if k not in self.names and k not in self.params)
+        if unknown:
+            raise KeyError(f"unknown deltas {unknown}; loaded: {self.names} (weights at this granularity: {self.params})")
+        return [[float(weights.get(param_name(d, g), weights.get(d, 0.0))) for d in self.names] + [0.0]
+                for g in self.group_names]
+
+    def module_weights(self, weights: Mapping[str, float]) -> list[list[float]]:
+        """Per LoRA layer (self.layers order): its weight for each delta."""
+        table = self._weight_table(weights)
+        index = {g: i for i, g in enumerate(self.group_names)}
+        return [table[index[g]][:-1] for g in self.groups]
+
+    # ---- apply modes ----------------------------------------------------------------------------------
 
     def _build_cat(self) -> None:
         self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), self.CAT, combination_type="cat")
         self.model.base_model.set_adapter(self.CAT)
         self.cat_rows = []  # (A_cat weight, its unit copy, index of the delta owning each row)
-        self.cat_layers, self.cat_scaling = [], []
-        for layer, unit in zip(self.layers, self.unit_scaling):
+        self.cat_layers, self.cat_scaling, self.cat_index = [], [], []
+        for k, (layer, unit) in enumerate(zip(self.layers, self.unit_scaling)):
             if self.CAT not in layer.lora_A:
                 continue
             self.cat_scaling.append(unit)
@@ -208,7 +384,15 @@ class WeightedDeltas:
             owner += [len(self.names)] * (A.shape[0] - len(owner))  # zero padding rows: weight 0
             self.cat_rows.append((A, A.detach().clone(), torch.tensor(owner, device=A.device)))
             self.cat_layers.append(layer)
+            self.cat_index.append(k)  # its position in self.layers (and its group)
         self.base_copies = None
+        self._index_cat_rows()
+
+    def _index_cat_rows(self) -> None:
+        """Each cat row's entry in the flattened [group][delta] weight table (its module's group, its delta)."""
+        width = len(self.names) + 1
+        index = {g: i for i, g in enumerate(self.group_names)}
+        self.cat_flat = [owner + width * index[self.groups[k]] for (_, _, owner), k in zip(self.cat_rows, self.cat_index)]
 
     def _use_fold(self) -> None:
         if any(getattr(layer, "fan_in_fan_out", False) for layer in self.cat_layers):
@@ -230,7 +414,10 @@ class WeightedDeltas:
         """Switch the merge method on the loaded model (the bench compares them without reloading)."""
         if method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
-        if method != "linear":
+        spec = MERGE_METHODS[method]
+        if self.mode == "scaling" and spec.low_rank and spec.normalize:
+            raise ValueError(f"merge method {method!r} needs search.apply cat or fold")
+        if not spec.low_rank:
             self._use_fold()
             if self.mode != "fold":
                 raise ValueError(f"merge method {method!r} needs the deltas folded into the base weights")
@@ -238,6 +425,14 @@ class WeightedDeltas:
         self._thresholds.clear()
         self._masks.clear()
         self._mask_bytes = 0
+
+    @torch.no_grad()
+    def _restore_unit_B(self) -> None:
+        """B_cat back to the unit factors after a normalised method wrote B' there."""
+        for k, layer in enumerate(self.cat_layers):
+            weight = layer.lora_B[self.CAT].weight
+            weight.copy_(self._norms[k].B.to(weight.dtype))
+        self._b_changed = False
 
     def pick_mode(self, evaluate: Callable[[], object], weights: Mapping[str, float]) -> str:
         """`auto`: time one trial (apply + evaluation pass) with `cat` and with `fold`; keep the cheaper."""
@@ -257,37 +452,61 @@ class WeightedDeltas:
 
     @torch.no_grad()
     def set_weights(self, weights: Mapping[str, float], method: str | None = None) -> None:
-        """Adapters not named get weight 0. `method` overrides the merge method for this call (the report
-        scores each delta alone with `linear`, i.e. as trained, not trimmed)."""
-        unknown = set(weights) - set(self.names)
-        if unknown:
-            raise KeyError(f"unknown deltas {sorted(unknown)}; loaded: {self.names}")
+        """Weights are named by delta or `delta@group` (see GRANULARITIES); adapters not named get weight 0.
+        `method` overrides the merge method for this call (the report scores each delta alone with `linear`,
+        i.e. as trained, not trimmed)."""
         method = method or self.method
-        if method != "linear":
-            self._set_merged([float(weights.get(n, 0.0)) for n in self.names], MERGE_METHODS[method])
+        spec = MERGE_METHODS[method]
+        if not spec.low_rank:
+            self._set_merged(self._cat_module_weights(weights), spec)
             return
-        if self.mode in ("cat", "fold"):
-            # float64 here: a float32 tensor would round the weights before the cast to the model's dtype; cast
-            # once per (device, dtype), not once per module (a real cast costs ~7 us, times every module)
-            w = torch.tensor([float(weights.get(n, 0.0)) for n in self.names] + [0.0], dtype=torch.float64)
-            cast: dict[tuple, torch.Tensor] = {}
-            for A, unit, owner in self.cat_rows:
-                key = (A.device, A.dtype)
-                if key not in cast:
-                    cast[key] = w.to(*key)
-                torch.mul(unit, cast[key][owner].unsqueeze(1), out=A)
-            if self.mode == "fold":
-                for layer, w0, (A, _, _) in zip(self.cat_layers, self.base_copies, self.cat_rows):
-                    torch.addmm(w0, layer.lora_B[self.CAT].weight, A, out=layer.get_base_layer().weight)
+        if self.mode == "scaling":
+            for layer, unit, w in zip(self.layers, self.unit_scaling, self.module_weights(weights)):
+                for i, name in enumerate(self.names):
+                    if name in unit:
+                        layer.scaling[name] = w[i] * unit[name]
             return
-        for layer, unit in zip(self.layers, self.unit_scaling):
-            for name, s in unit.items():
-                layer.scaling[name] = float(weights.get(name, 0.0)) * s
+        self._write_cat(weights, spec)
+        if self.mode == "fold":
+            for layer, w0, (A, _, _) in zip(self.cat_layers, self.base_copies, self.cat_rows):
+                torch.addmm(w0, layer.lora_B[self.CAT].weight, A, out=layer.get_base_layer().weight)
 
-    def _set_merged(self, w: list[float], method: MergeMethod) -> None:
+    def _write_cat(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
+        """The merge as the cat adapter's factors: A rows scaled by their delta's weight in their module (and,
+        for a normalised method, B_cat replaced by B')."""
+        # float64 here: a float32 tensor would round the weights before the cast to the model's dtype; cast
+        # once per (device, dtype), not once per module (a real cast costs ~7 us, times every module)
+        w = torch.tensor([x for row in self._weight_table(weights) for x in row], dtype=torch.float64)
+        cast: dict[tuple, torch.Tensor] = {}
+        for (A, unit, _), flat in zip(self.cat_rows, self.cat_flat):
+            key = (A.device, A.dtype)
+            if key not in cast:
+                cast[key] = w.to(*key)
+            torch.mul(unit, cast[key][flat].unsqueeze(1), out=A)
+        if spec.normalize:
+            self._write_norm_B(w)
+        elif self._b_changed:
+            self._restore_unit_B()
+
+    def _write_norm_B(self, w: torch.Tensor) -> None:
+        width = len(self.names) + 1
+        index = {g: i for i, g in enumerate(self.group_names)}
+        for k, (layer, (_, _, owner), kk) in enumerate(zip(self.cat_layers, self.cat_rows, self.cat_index)):
+            B = layer.lora_B[self.CAT].weight
+            if k not in self._norms:  # built once per module, from the unit B_cat (still in place at first use)
+                self._norms[k] = OutputNorm(B.detach().clone(), owner.cpu(), len(self.names))
+            start = width * index[self.groups[kk]]
+            B.copy_(self._norms[k].apply(w[start:start + width - 1]).to(B.dtype))
+        self._b_changed = True
+
+    def _cat_module_weights(self, weights: Mapping[str, float]) -> list[list[float]]:
+        per_layer = self.module_weights(weights)
+        return [per_layer[k] for k in self.cat_index]
+
+    def _set_merged(self, w_modules: list[list[float]], method: MergeMethod) -> None:
         """W = W0 + merge of the true deltas, module by module, written in place into the base weights."""
         for k, (layer, w0) in enumerate(zip(self.cat_layers, self.base_copies)):
-            merged = self._merged_delta(k, w, method)
+            merged = self._merged_delta(k, w_modules[k], method)
             weight = layer.get_base_layer().weight
             if merged is None:
                 weight.copy_(w0)
@@ -334,21 +553,31 @@ class WeightedDeltas:
             self._buffers[key] = torch.empty(shape, device=device)
         return self._buffers[key]
 
+    # ---- export ---------------------------------------------------------------------------------------
+
     def export(self, weights: Mapping[str, float], out_dir: Path) -> Path:
-        """Save the merge as one ordinary PEFT adapter. linear: PEFT's exact `cat` combination. ties/dare: the
-        merged dW of each module is not low rank, so its truncated SVD at the rank `cat` would have (the sum of
-        the deltas' ranks, capped by min(d_in, d_out)); `self.export_info` says the relative error."""
-        names = [n for n, w in weights.items() if w != 0.0] or self.names[:1]
+        """Save the merge as one ordinary PEFT adapter. Low-rank methods (linear, linear_norm; any granularity):
+        the in-place `cat` factors as they stand for these weights, copied into an adapter PEFT's `cat` builds
+        (same shapes, same scaling): exact. ties/dare: the merged dW of each module is not low rank, so its
+        truncated SVD at the rank `cat` would have (the sum of the deltas' ranks, capped by min(d_in, d_out));
+        `self.export_info` says the relative error."""
         for layer, unit in zip(self.layers, self.unit_scaling):  # add_weighted_adapter reads the unit scalings
             layer.scaling.update(unit)
-        merged = "autollm_merged"
-        if self.method == "linear":
-            self.model.add_weighted_adapter(names, [float(weights.get(n, 0.0)) for n in names], merged,
-                                            combination_type="cat")
-            self.export_info = {"method": "linear", "how": "PEFT cat of the weighted deltas (exact)"}
+        merged, spec = "autollm_merged", MERGE_METHODS[self.method]
+        if self.cat_rows is None:  # `scaling` mode has no cat factors yet
+            self._build_cat()
+            self.model.base_model.set_adapter(self.names)
+        self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), merged, combination_type="cat")
+        if spec.low_rank:
+            self._write_cat(weights, spec)
+            with torch.no_grad():
+                for layer in self.cat_layers:
+                    layer.lora_A[merged].weight.copy_(layer.lora_A[self.CAT].weight)
+                    layer.lora_B[merged].weight.copy_(layer.lora_B[self.CAT].weight)
+            self.export_info = {"method": self.method, "granularity": self.granularity,
+                                "how": "the in-place cat factors of the merge (PEFT cat layout), exact"}
         else:
-            self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), merged, combination_type="cat")
-            self._write_svd(merged, [float(weights.get(n, 0.0)) for n in self.names])
+            self._write_svd(merged, self._cat_module_weights(weights))
         out_dir = Path(out_dir)
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
             self.model.save_pretrained(tmp, selected_adapters=[merged])
@@ -362,13 +591,13 @@ class WeightedDeltas:
         return out_dir
 
     @torch.no_grad()
-    def _write_svd(self, adapter: str, w: list[float]) -> None:
+    def _write_svd(self, adapter: str, w_modules: list[list[float]]) -> None:
         """Overwrite `adapter`'s factors with the truncated SVD of each module's merged delta."""
         errors, ranks = [], []
         for k, layer in enumerate(self.cat_layers):
             A_out, B_out = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             A_out.zero_(), B_out.zero_()
-            delta = self._merged_delta(k, w, MERGE_METHODS[self.method])
+            delta = self._merged_delta(k, w_modules[k], MERGE_METHODS[self.method])
             if delta is None:
                 continue
             A, B, error = svd_factors(delta, A_out.shape[0])
@@ -377,7 +606,7 @@ class WeightedDeltas:
             errors.append(error)
             ranks.append(A.shape[0])
         self.export_info = {
-            "method": self.method, "density": self.density,
+            "method": self.method, "density": self.density, "granularity": self.granularity,
             "how": "truncated SVD of each module's merged true delta at the sum of the deltas' ranks "
                    "(capped by min(d_in, d_out)), saved as one LoRA adapter",
             "rank_max": max(ranks, default=0),

@@ -7,6 +7,7 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 """
 from __future__ import annotations
 
+from .search import per_delta
 from .train import DeltaSpec, delta_specs, model_fingerprint, train_one
 
 
@@ -26,7 +27,9 @@ def mix_probs(weights: dict[str, float], floor: float) -> dict[str, float]:
 
 
 def chunk_weights(best_weights: dict[str, float], specs: list[DeltaSpec]) -> dict[str, float]:
-    """The best weight of each chunk's SFT delta (chunks without one are left out)."""
+    """The best weight of each chunk's SFT delta (chunks without one are left out); with a finer granularity,
+    each delta's mean weight."""
+    best_weights = per_delta(best_weights)
     return {s.chunk: best_weights[s.name] for s in specs if s.method == "sft" and s.chunk and s.name in best_weights}
 
 

@@ -80,9 +80,15 @@ class Session:
             search = self.cfg.search
             started = time.perf_counter()
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
-                                            density=search.density, seed=self.cfg.seed)
+                                            density=search.density, seed=self.cfg.seed, granularity=search.granularity)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
+
+    @property
+    def search_params(self) -> list[str]:
+        """The weights the search sets: one per chunk delta, or per delta and module group (search.granularity)."""
+        from .merge import param_delta
+        return [p for p in self.weighted.params if param_delta(p) in self.deltas]
 
     def scorer(self, split: str):
         """The split's evaluator: evaluation.metric on every row, or the evaluation.objective over its parts."""
@@ -105,7 +111,8 @@ class Session:
 
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-        if self.cfg.search.merge != "linear":
+        from .merge import MERGE_METHODS
+        if not MERGE_METHODS[self.cfg.search.merge].low_rank:
             print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), folded into the base weights")
         elif self.cfg.search.apply == "auto":
             w = self.weighted
@@ -173,7 +180,7 @@ def stage_search(s: Session) -> None:
     from .search import run_search
     check_chunk_keys(s)
     s.pick_apply_mode()
-    best = run_search(s.cfg, s, s.deltas, s.search_fingerprint(), force="search" in s.force,
+    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
                       human=s.human_weights() if s.cfg.search.human_weights else {})
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})

@@ -5,6 +5,7 @@ import json
 
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
+from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER
 
 
@@ -44,7 +45,7 @@ def row_seconds(session) -> dict[str, float | None]:
     trained = {n: read_json(run.delta(n) / DONE_MARKER, {}).get("seconds") for n in [*session.adapters, MIX_DELTA]}
     deltas = [trained[d] for d in session.deltas]
     merge = None if None in deltas else sum(deltas) + read_json(run.search_cost, {}).get("setup_seconds", 0.0)
-    search = sum(t.get("eval_seconds", 0.0) for t in read_jsonl(run.trials))
+    search = sum(t.get("seconds", t.get("eval_seconds", 0.0)) for t in read_jsonl(run.trials))
     auto = None if merge is None else merge + search
     mix = None if auto is None or trained[MIX_DELTA] is None else auto + trained[MIX_DELTA]
     rows = {"raw": 0.0, "average_merge": merge, "human_merge": merge, "auto_merge": auto, f"train@{MIX_DELTA}": mix}
@@ -129,9 +130,14 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> st
               for r in rows]
     lines += _parts_table(rows, cfg)
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
-    lines += [f"{r['model']} | " + " | ".join(f"{r['weights'].get(d, 0.0):.4g}" for d in deltas) + " |"
+    lines += [f"{r['model']} | " + " | ".join(f"{per_delta(r['weights']).get(d, 0.0):.4g}" for d in deltas) + " |"
               for r in rows if "weights" in r]
+    if cfg.search.granularity != "delta":
+        lines += ["", f"Weights per delta are means over its module groups (search.granularity: "
+                      f"{cfg.search.granularity}); search/best.json holds each."]
     lines += ["", "![convergence](convergence.png)", "", "![weights](weights.png)", ""]
+    if cfg.search.granularity != "delta":
+        lines += ["![weights per module group](weights_heatmap.png)", ""]
     return "\n".join(lines)
 
 
@@ -168,7 +174,7 @@ def _plot_weights(rows: list[dict], deltas: list[str], path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(deltas) + 2), 4))
     width = 0.8 / max(len(merges), 1)
     for i, r in enumerate(merges):
-        ax.bar([j + i * width for j in range(len(deltas))], [r["weights"].get(d, 0.0) for d in deltas], width,
+        ax.bar([j + i * width for j in range(len(deltas))], [per_delta(r["weights"]).get(d, 0.0) for d in deltas], width,
                label=r["model"])
     ax.set_xticks([j + width * (len(merges) - 1) / 2 for j in range(len(deltas))], deltas, rotation=20, ha="right")
     ax.set_ylabel("weight")
@@ -176,6 +182,25 @@ def _plot_weights(rows: list[dict], deltas: list[str], path) -> None:
     top = max([w for r in merges for w in r["weights"].values()] + [1.0])
     ax.set_ylim(top=top * 1.25)  # room for the legend above the bars
     ax.legend(ncol=len(merges), loc="upper center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_heatmap(weights: dict[str, float], deltas: list[str], path) -> None:
+    """auto_merge's weights at a finer granularity: one row per delta, one column per module group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(k.split("@", 1)[1] for k in weights if "@" in k))
+    grid = [[weights.get(f"{d}@{g}", float("nan")) for g in groups] for d in deltas]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(groups) + 3), 0.5 * len(deltas) + 2))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(groups)), groups, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(deltas)), deltas, fontsize=8)
+    ax.set_title("auto_merge weight per delta and module group")
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -234,6 +259,9 @@ def _write_report_files(session, fp: str) -> dict:
     images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}
     _plot(read_jsonl(run.trials), rows, images["Search convergence"])
     _plot_weights(rows, session.deltas, images["Merge weights"])
+    if cfg.search.granularity != "delta":
+        images["Weights per module group"] = run.report / "weights_heatmap.png"
+        _plot_heatmap(auto["weights"], session.deltas, images["Weights per module group"])
     mix = mix_spec(cfg, session.shapes, auto["weights"]) if _mix_dir(cfg) else None
     atomic_write_text(run.report_html, _html(report, session.chunks, session.deltas, mix and mix[1], images))
     return report

@@ -1,13 +1,19 @@
-"""Stage 3: Bayesian optimisation of the delta weights on validation, one evaluation pass per trial.
+"""Stage 3: the search over merge weights on validation, one evaluation pass per trial.
 
-Every trial is appended to search/trials.jsonl as it finishes; a restarted search replays them into
-the optimiser and continues to the same total. Each suggestion is seeded from (seed, trial number),
-so a resumed search proposes the same points an uninterrupted one would.
+The trials: the baselines (seeds), `init_points` random points, then `n_iter` points from the optimiser
+(OPTIMIZERS, `search.optimizer`). A weight is named `<delta>`, or `<delta>@<group>` at a finer
+`search.granularity` (merge.GRANULARITIES). Every trial is appended to search/trials.jsonl as it finishes; a
+restarted search replays them into the optimiser and continues to the same total. Every random draw is seeded
+from (seed, trial number), so a resumed search proposes the same points an uninterrupted one would.
+No point is evaluated twice: a repeated suggestion is replaced by a seeded random point and counted.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,72 +21,264 @@ from tqdm import tqdm
 
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 
+BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
 
-def seed_points(deltas: list[str], bounds: tuple[float, float], human: dict[str, float]) -> list[tuple[str, dict]]:
-    """The baselines the search starts from: raw (all 0), uniform (all 1), each delta alone, human weights."""
+
+def param_delta(param: str) -> str:
+    return param.split("@", 1)[0]
+
+
+def per_delta(weights: dict[str, float]) -> dict[str, float]:
+    """Weights by delta: as they are, or each delta's mean over its module groups (`delta@group` names), for what
+    reads one number per delta (the report's weights table, train@auto_mix's data mix)."""
+    groups: dict[str, list[float]] = {}
+    for name, w in weights.items():
+        groups.setdefault(param_delta(name), []).append(float(w))
+    return {d: sum(ws) / len(ws) for d, ws in groups.items()}
+
+
+def seed_points(params: list[str], bounds: tuple[float, float], human: dict[str, float]) -> list[tuple[str, dict]]:
+    """The baselines the search starts from: raw (all 0), uniform (all 1), each delta alone, human weights
+    (keyed by delta: every weight of that delta). A point equal to an earlier one is left out (no trial twice)."""
     lo, hi = bounds
     clip = lambda w: float(min(max(w, lo), hi))
-    points = [("raw", {d: clip(0.0) for d in deltas}), ("uniform", {d: clip(1.0) for d in deltas})]
-    points += [(f"only:{d}", {e: clip(float(e == d)) for e in deltas}) for d in deltas]
+    deltas = list(dict.fromkeys(map(param_delta, params)))
+    points = [("raw", {p: clip(0.0) for p in params}), ("uniform", {p: clip(1.0) for p in params})]
+    points += [(f"only:{d}", {p: clip(float(param_delta(p) == d)) for p in params}) for d in deltas]
     if human:
-        points.append(("human", {d: clip(human.get(d, 0.0)) for d in deltas}))
-    return points
+        points.append(("human", {p: clip(human.get(param_delta(p), 0.0)) for p in params}))
+    unique = {}
+    for kind, weights in points:
+        unique.setdefault(point_key(weights), (kind, weights))
+    return list(unique.values())
 
 
-def plan_trials(cfg, deltas: list[str], human: dict[str, float] | None = None) -> list[tuple[str, dict | None]]:
+def point_key(weights: dict) -> tuple:
+    """Two points are the same trial when every weight agrees to 1e-9 (well below any score change)."""
+    return tuple(sorted((k, round(float(v), 9)) for k, v in weights.items()))
+
+
+def random_point(params: list[str], bounds, seed) -> dict:
+    lo, hi = bounds
+    return {p: float(x) for p, x in zip(params, np.random.default_rng(seed).uniform(lo, hi, len(params)))}
+
+
+def optimizer_name(cfg, n_weights: int) -> str:
+    name = cfg.search.optimizer
+    return ("bayes" if n_weights <= BAYES_MAX_WEIGHTS else "cmaes") if name == "auto" else name
+
+
+def plan_trials(cfg, params: list[str], human: dict[str, float] | None = None) -> list[tuple[str, dict | None]]:
     """All trials in order; None weights mean 'ask the optimiser'."""
     rng = np.random.default_rng(cfg.seed)
     lo, hi = cfg.search.bounds
-    plan = seed_points(deltas, cfg.search.bounds, cfg.search.human_weights if human is None else human)
-    plan += [("random", {d: float(x) for d, x in zip(deltas, rng.uniform(lo, hi, len(deltas)))})
+    plan = seed_points(params, cfg.search.bounds, cfg.search.human_weights if human is None else human)
+    plan += [("random", {p: float(x) for p, x in zip(params, rng.uniform(lo, hi, len(params)))})
              for _ in range(cfg.search.init_points)]
-    plan += [("bayes_opt", None)] * cfg.search.n_iter
+    plan += [(optimizer_name(cfg, len(params)), None)] * cfg.search.n_iter
     return plan
 
 
 def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], validation_fp: str) -> str:
-    return fingerprint(cfg.search.model_dump(mode="json"), cfg.evaluation.model_dump(mode="json"),
+    return fingerprint(cfg.search.model_dump(mode="json", exclude={"patience"}), cfg.evaluation.model_dump(mode="json"),
                        cfg.seed, deltas, delta_fps, validation_fp)
 
 
+# ---- optimisers: suggest(trial number) -> weights; register(weights, score, own); replay(logged trial) --------
+
+@contextlib.contextmanager
+def quiet():
+    """bayes_opt and cma print to the console; our log keeps one line per new best."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class BayesOptimizer:
+    """bayes_opt's Gaussian process with expected improvement, fed every trial (seeds included)."""
+
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
+        from bayes_opt import BayesianOptimization
+        self.seed = seed
+        self.opt = BayesianOptimization(f=None, pbounds={p: tuple(bounds) for p in params}, random_state=seed,
+                                        verbose=0, allow_duplicate_points=True)
+
+    def suggest(self, number: int) -> dict:
+        self.opt._random_state.seed(self.seed * 100_003 + number)  # same suggestion after a restart
+        with quiet():
+            return {p: float(v) for p, v in self.opt.suggest().items()}
+
+    def register(self, weights: dict, score: float, own: bool) -> None:
+        with quiet():
+            self.opt.register(params=weights, target=score)
+
+    def replay(self, trial: dict, own: bool) -> None:
+        self.register(trial["weights"], trial["validation"], own)
+
+
+class CmaesOptimizer:
+    """CMA-ES (the `cma` package, as mergekit-evolve), started at the best point registered before its first
+    suggestion, step 0.3 of the bounds' width, bounded. Generation g is asked under numpy seed (seed, g), so a
+    replay asks the same populations; a replayed own trial is told its logged score."""
+
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
+        self.params, self.bounds, self.seed = params, tuple(bounds), seed
+        self.es, self.best, self.generation = None, None, 0
+        self.queue, self.asked, self.told_x, self.told_y = [], [], [], []
+
+    def suggest(self, number: int) -> dict:
+        import cma
+        lo, hi = self.bounds
+        if not self.queue:
+            np.random.seed((self.seed * 7919 + self.generation) % 2**32)
+            if self.es is None:
+                x0 = np.clip(self.best[0] if self.best else np.full(len(self.params), (lo + hi) / 2), lo, hi)
+                with quiet():
+                    self.es = cma.CMAEvolutionStrategy(list(x0), 0.3 * (hi - lo), {
+                        "bounds": [lo, hi], "seed": self.seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0})
+            with quiet():
+                self.asked = self.es.ask()
+            self.queue, self.told_x, self.told_y = list(self.asked), [], []
+            self.generation += 1
+        x = np.clip(self.queue.pop(0), lo, hi)
+        return {p: float(v) for p, v in zip(self.params, x)}
+
+    def register(self, weights: dict, score: float, own: bool) -> None:
+        x = np.array([weights[p] for p in self.params])
+        if self.best is None or score > self.best[1]:
+            self.best = (x, score)
+        if not own or self.es is None:
+            return
+        self.told_x.append(x)
+        self.told_y.append(-score)  # cma minimises
+        if len(self.told_y) == len(self.asked):
+            with quiet():
+                self.es.tell(self.told_x, self.told_y)
+
+    def replay(self, trial: dict, own: bool) -> None:
+        if own:
+            self.suggest(trial["trial"])  # advance the same asks; the logged point (maybe a replacement) is told
+        self.register(trial["weights"], trial["validation"], own)
+
+
+class RandomOptimizer:
+    """Uniform random points (the baseline every optimiser must beat)."""
+
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
+        self.params, self.bounds, self.seed = params, bounds, seed
+
+    def suggest(self, number: int) -> dict:
+        return random_point(self.params, self.bounds, [self.seed, number, 7])
+
+    def register(self, weights: dict, score: float, own: bool) -> None:
+        pass
+
+    def replay(self, trial: dict, own: bool) -> None:
+        pass
+
+
+def gradient_optimizer(params: list[str], bounds, seed: int, session=None):
+    from .gradient import GradientOptimizer  # torch: imported only when picked
+    return GradientOptimizer(params, bounds, seed, session)
+
+
+OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": gradient_optimizer}
+
+
+# ---- the loop --------------------------------------------------------------------------------------------
+
 def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
                human: dict[str, float] | None = None) -> dict:
-    """Run (or finish) the search; returns best = {weights, validation, trial}."""
-    from bayes_opt import BayesianOptimization
-
+    """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
+    best = {weights, validation, trial}."""
     out = cfg.out / "search"
     trials_path, best_path = out / "trials.jsonl", out / "best.json"
+    params, bounds, patience = list(deltas), cfg.search.bounds, cfg.search.patience
     trials = _resume(trials_path, fp, discard=force)
-    plan = plan_trials(cfg, deltas, human)
-    opt = BayesianOptimization(f=None, pbounds={d: cfg.search.bounds for d in deltas}, random_state=cfg.seed,
-                               verbose=0, allow_duplicate_points=True)
+    plan = plan_trials(cfg, params, human)
+    name = optimizer_name(cfg, len(params))
+    opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
+    seen = {}
     for t in trials:
-        opt.register(params=t["weights"], target=t["validation"])
-    best = _best(trials)
-    if len(trials) < len(plan):
-        print(f"search: {len(plan)} trials over {len(deltas)} deltas ({len(trials)} done before)")
+        opt.replay(t, own=t["kind"] == name)
+        seen[point_key(t["weights"])] = t["trial"]
+    best, stale = _best(trials), _stale(trials, name)
+    seeds = sum(1 for _, w in plan if w is not None)
+    if len(trials) < len(plan) and not _patience_hit(stale, patience):
+        print(f"search: budget {len(plan)} trials over {len(params)} weights ({len(set(map(param_delta, params)))} "
+              f"deltas, granularity {cfg.search.granularity}): {seeds} seeds and random points, then "
+              f"{len(plan) - seeds} from {name}" + (f", stopping after {patience} without a new best" if patience else "")
+              + (f"; {len(trials)} done before" if trials else ""))
+    replaced = sum(1 for t in trials if "replaces" in t)
     with tqdm(total=len(plan), initial=len(trials), desc="search", unit="trial", disable=None) as bar:
         for number in range(len(trials), len(plan)):
+            if _patience_hit(stale, patience):
+                bar.write(f"search: stopped after {stale} {name} trials without a new best (search.patience: {patience}), "
+                          f"{number} of {len(plan)} trials run")
+                break
             kind, weights = plan[number]
+            trial, suggested = {"trial": number, "kind": kind}, time.perf_counter()
             if weights is None:
-                opt._random_state.seed(cfg.seed * 100_003 + number)  # same suggestion after a restart
-                weights = {d: float(v) for d, v in opt.suggest().items()}
+                weights = opt.suggest(number)
+                attempt = 0
+                while point_key(weights) in seen:  # a repeat: a seeded random point instead, counted
+                    trial["replaces"] = seen[point_key(weights)]
+                    attempt += 1
+                    weights = random_point(params, bounds, [cfg.seed, number, attempt])
+                replaced += "replaces" in trial
             started = time.perf_counter()
-            score = session.score(weights, "validation")
-            eval_seconds = time.perf_counter() - started
-            opt.register(params=weights, target=score)
-            trial = {"trial": number, "kind": kind, "weights": weights, "validation": score,
-                     "eval_seconds": round(eval_seconds, 4), "fingerprint": fp}
+            if kind == name and hasattr(opt, "evaluate"):  # gradient: also the metric on the half it did not fit
+                score, extra = opt.evaluate(weights)
+            else:
+                score, extra = session.score(weights, "validation"), {}
+            done = time.perf_counter()  # seconds: the whole trial, the optimiser's own work (a gradient fit) included
+            trial.update(weights=weights, validation=score, eval_seconds=round(done - started, 4),
+                         seconds=round(done - suggested, 4), **extra, fingerprint=fp)
+            opt.register(weights, score, own=kind == name)
+            seen[point_key(weights)] = number
             append_jsonl(trials_path, trial)
             if best is None or score > best["validation"]:
                 best = {"weights": weights, "validation": score, "trial": number, "kind": kind}
                 write_json(best_path, best)
                 bar.write(f"  trial {number:>3} {kind:<14} validation {score:.4f}  (new best)")
+                stale = 0
+            elif kind == name:
+                stale += 1
             bar.set_postfix(best=round(best["validation"], 4), refresh=False)
             bar.update()
+    if replaced:
+        print(f"search: {replaced} repeated suggestion(s) replaced by random points (no point is evaluated twice)")
     if read_json(best_path) != best:
         write_json(best_path, best)
+    warn_on_bounds(best, bounds)
     return best
+
+
+def warn_on_bounds(best: dict, bounds) -> list[str]:
+    """The weights of the best point that sit on a bound: the optimum may lie beyond it."""
+    lo, hi = bounds
+    at = [f"{p}={w:g} ({'upper' if abs(w - hi) < 1e-9 else 'lower'})" for p, w in best["weights"].items()
+          if abs(w - hi) < 1e-9 or abs(w - lo) < 1e-9]
+    if at:
+        shown = ", ".join(at[:6]) + (f" and {len(at) - 6} more" if len(at) > 6 else "")
+        print(f"search: warning: {len(at)} of the best weights sit on a bound: {shown}; widen search.bounds "
+              f"(now [{lo:g}, {hi:g}]) if a weight beyond it may be better")
+    return at
+
+
+def _patience_hit(stale: int, patience: int | None) -> bool:
+    return patience is not None and stale >= patience
+
+
+def _stale(trials: list[dict], optimizer: str) -> int:
+    """Optimiser trials since the last new best."""
+    best, stale = None, 0
+    for t in trials:
+        if best is None or t["validation"] > best:
+            best, stale = t["validation"], 0
+        elif t["kind"] == optimizer:
+            stale += 1
+    return stale
 
 
 def _resume(path: Path, fp: str, discard: bool) -> list[dict]:

@@ -6,7 +6,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from autollm_lf.merge import (MERGE_METHODS, WeightedDeltas, dare_drop, dare_seed, linear_sum, magnitude_threshold,
-                              ties_sum, trim)
+                              ties_norm_sum, ties_sum, trim)
 
 INPUT = torch.tensor([[5, 17, 33, 40, 71, 2, 9, 60, 61, 62], [40, 41, 42, 5, 6, 7, 8, 9, 10, 11]])
 METHODS = list(MERGE_METHODS)
@@ -37,10 +37,22 @@ def ref_merge(deltas, weights, method, density=1.0, seeds=None):
         deltas = [ref_magnitude(d, density) for d in deltas]
     elif sparsify == "random":
         deltas = [ref_random(d, density, s) for d, s in zip(deltas, seeds)]
-    weighted = torch.stack(deltas) * torch.tensor(weights, dtype=deltas[0].dtype)[:, None, None]
-    if MERGE_METHODS[method].combine is ties_sum:
+    w = torch.tensor(weights, dtype=deltas[0].dtype)[:, None, None]
+    weighted = torch.stack(deltas) * w
+    if method == "linear_norm":  # f(sum |w_i| P_i) @ sum w_i dW_i, P_i onto each delta's output directions
+        gram = 0
+        for d, wi in zip(deltas, weights):
+            U, S, _ = torch.linalg.svd(d.double(), full_matrices=False)
+            U = U[:, S > S.max() * 1e-6]
+            gram = gram + abs(wi) * U @ U.T
+        lam, E = torch.linalg.eigh(gram)
+        return ((E * (1 / lam.clamp(min=1))) @ E.T @ weighted.sum(0).double()).to(weighted.dtype)
+    if MERGE_METHODS[method].combine in (ties_sum, ties_norm_sum):
         majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-        weighted = weighted * (weighted.sign() == majority)
+        mask = weighted.sign() == majority
+        weighted = weighted * mask
+        if MERGE_METHODS[method].normalize:  # mergekit's normalize, the divisor capped below at 1
+            return weighted.sum(0) / (w.abs() * mask).sum(0).clamp(min=1)
     return weighted.sum(0)
 
 
@@ -156,7 +168,7 @@ def test_export_records_its_error(weighted, tiny_model, tmp_path):
     torch.testing.assert_close(logits(weighted.model), expected, atol=0, rtol=0)  # export left the weights as set
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out)).eval()
     info = weighted.export_info
-    if weighted.method == "linear":
+    if MERGE_METHODS[weighted.method].low_rank:  # linear, linear_norm: the cat factors as they stand, exact
         torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
         return
     # the recorded error is the real one: compare the saved adapter's dW with the in-place merge per module

@@ -1,0 +1,128 @@
+"""`search.optimizer: gradient`: the merge weights as differentiable scalars (AdaMerging / LoRA Soups style).
+
+One Adam trajectory over the weights, started at the best point the seeds and random points found: each
+trial takes STEPS more steps (the optimiser's moments carry over) on the teacher-forced cross-entropy of the
+reference answers of the *fit half* of validation (rows chosen by the run's seed), on minibatches drawn from
+(seed, trial number), projected onto search.bounds after each step. The search loop scores each point with the
+metric like any other trial and logs `holdout`, the metric on the other half of validation, which the fit
+never saw. Resuming replays the trajectory (the steps, not the evaluations), so a killed search continues to
+the same points.
+
+Differentiable in place: in `cat` mode each module's A_cat rows are the unit rows times their weight, so
+A_cat(w) = unit * w[owner] is passed to the model with torch.func.functional_call; nothing is copied per step.
+For `linear_norm`, B' is recomputed from the current weights before each step and held fixed within it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+STEPS = 5          # Adam steps per trial
+BATCH_ROWS = 64    # rows per step
+LEARNING_RATE = 0.05
+FIT_FRACTION = 0.5  # of the validation rows: the fit's; the rest is the holdout it never sees
+
+
+class GradientOptimizer:
+    def __init__(self, params: list[str], bounds, seed: int, session=None):
+        from .errors import UserError
+        from .merge import MERGE_METHODS
+
+        if session is None or not MERGE_METHODS[session.cfg.search.merge].low_rank:
+            raise UserError("search.optimizer: gradient needs search.merge linear or linear_norm (a low-rank merge "
+                            "whose weights act on the cat factors); pick bayes or cmaes for the others")
+        self.params, self.bounds, self.seed, self.session = params, tuple(bounds), seed, session
+        self.best: tuple[dict, float] | None = None
+        self.x = self.adam = None
+        rows = len(session.scorer("validation").rows)
+        order = np.random.default_rng(seed).permutation(rows)
+        cut = int(rows * FIT_FRACTION)
+        self.fit_rows, self.holdout_rows = sorted(order[:cut]), sorted(order[cut:]) or sorted(order[:cut])
+
+    def suggest(self, number: int) -> dict:
+        if self.x is None:  # the trajectory starts at the best point registered so far
+            lo, hi = self.bounds
+            start = self.best[0] if self.best else {p: (lo + hi) / 2 for p in self.params}
+            self.x = torch.tensor([float(start[p]) for p in self.params], requires_grad=True)
+            self.adam = torch.optim.Adam([self.x], lr=LEARNING_RATE)
+        fit_steps(self.session, self.params, self.x, self.adam, self.bounds, self.fit_rows,
+                  np.random.default_rng([self.seed, number, 11]))
+        return {p: float(v) for p, v in zip(self.params, self.x.detach().tolist())}
+
+    def register(self, weights: dict, score: float, own: bool) -> None:
+        if self.best is None or score > self.best[1]:
+            self.best = (weights, score)
+
+    def replay(self, trial: dict, own: bool) -> None:
+        if own:
+            self.suggest(trial["trial"])  # the same steps again: the trajectory goes on from where it was
+        self.register(trial["weights"], trial["validation"], own)
+
+    def evaluate(self, weights: dict) -> tuple[float, dict]:
+        """The trial's validation score (as session.score) and `holdout`, the metric on the half of validation the
+        fit never saw, from one evaluation pass."""
+        self.session.weighted.set_weights(weights)
+        scores = self.session.scorer("validation").row_scores()
+        return float(np.mean(scores)), {"holdout": float(np.mean([scores[i] for i in self.holdout_rows]))}
+
+
+def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_rows: list[int], rng) -> None:
+    """STEPS projected Adam steps of x (the weights, in `params` order) on the teacher-forced loss."""
+    weighted = session.weighted
+    encoded = session.scorer("validation").encoded
+    mode = weighted.mode
+    if mode == "fold":
+        weighted._use_cat()
+    lo, hi = bounds
+    names = {id(p): n for n, p in weighted.model.named_parameters()}
+    a_names = [names[id(A)] for A, _, _ in weighted.cat_rows]
+    try:
+        for _ in range(STEPS):
+            weighted.set_weights(dict(zip(params, x.detach().tolist())))  # B' for linear_norm (A: below)
+            batch = [encoded[i] for i in rng.choice(fit_rows, size=min(BATCH_ROWS, len(fit_rows)), replace=False)]
+            loss = teacher_forced_loss(weighted, a_names, full_table(weighted, params, x), batch)
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+            with torch.no_grad():
+                x.clamp_(lo, hi)
+    finally:
+        if mode == "fold":
+            weighted._use_fold()
+
+
+def full_table(weighted, params: list[str], x: torch.Tensor) -> torch.Tensor:
+    """The flattened [group][delta + padding] weight table as a differentiable function of the searched weights
+    (weights not searched, e.g. train@all's, are 0)."""
+    from .merge import param_name
+
+    index = {p: i for i, p in enumerate(params)}
+    entries = []
+    for g in weighted.group_names:
+        for d in weighted.names + [None]:
+            key = None if d is None else (param_name(d, g) if param_name(d, g) in index else d)
+            entries.append(x[index[key]] if key in index else x.new_zeros(()))
+    return torch.stack(entries)
+
+
+def teacher_forced_loss(weighted, a_names: list[str], flat: torch.Tensor, batch) -> torch.Tensor:
+    """Mean cross-entropy of the reference tokens given their prompts, with A_cat = unit * w[owner]."""
+    from torch.func import functional_call
+
+    model = weighted.model
+    device = next(model.parameters()).device
+    override = {name: unit * flat.to(unit.device, unit.dtype)[owner].unsqueeze(1)
+                for name, (_, unit, _), owner in zip(a_names, weighted.cat_rows, weighted.cat_flat)}
+    length = max(len(p) + len(t) for p, t in batch)
+    pad = weighted.tokenizer.pad_token_id or 0
+    ids = torch.full((len(batch), length), pad, dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (p, t) in enumerate(batch):
+        ids[row, : len(p) + len(t)] = torch.tensor(p + t)
+        labels[row, len(p): len(p) + len(t)] = torch.tensor(t)
+        mask[row, : len(p) + len(t)] = 1
+    out = functional_call(model, override, args=(), kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    logits = out.logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+                                             ignore_index=-100)

@@ -1,0 +1,130 @@
+"""search.optimizer: gradient on a tiny model: resumes after a kill to the same trials, seeded, logs the holdout
+score, really lowers the teacher-forced loss, and leaves the in-place merge exact (fold mode restored)."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from autollm_lf.config import SearchConfig
+from autollm_lf.errors import UserError
+from autollm_lf.merge import WeightedDeltas
+from autollm_lf.search import run_search
+
+
+class TinyScorer:
+    """Fixed random prompt/answer rows; a row's score is the mean probability of its answer tokens."""
+
+    def __init__(self, model, n=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.model = model
+        self.encoded = [(torch.randint(5, 90, (6,), generator=g).tolist(), torch.randint(5, 90, (3,), generator=g).tolist())
+                        for _ in range(n)]
+        self.rows = [{"chunk": "x"}] * n
+
+    def row_scores(self):
+        with torch.no_grad():
+            ids = torch.tensor([p + t for p, t in self.encoded])
+            probs = self.model(input_ids=ids).logits[:, 5:-1].softmax(-1)
+            targets = torch.tensor([t for _, t in self.encoded])
+            return probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).mean(-1).tolist()
+
+    def score(self):
+        return float(np.mean(self.row_scores()))
+
+
+class TinySession:
+    def __init__(self, weighted, merge="linear"):
+        self.weighted, self.cfg = weighted, SimpleNamespace(search=SimpleNamespace(merge=merge))
+        self._scorer = TinyScorer(weighted.model)
+
+    def scorer(self, split):
+        return self._scorer
+
+    def score(self, weights, split):
+        self.weighted.set_weights(weights)
+        return self._scorer.score()
+
+
+@pytest.fixture(scope="module")
+def weighted(tiny_model, tiny_adapters):
+    return WeightedDeltas(tiny_model, tiny_adapters, mode="fold", granularity="module_kind")
+
+
+def cfg(out, seed=3, n_iter=5):
+    return SimpleNamespace(out=out, seed=seed, search=SearchConfig(init_points=1, n_iter=n_iter, optimizer="gradient",
+                                                                   granularity="module_kind"))
+
+
+def trials(out):
+    return [json.loads(l) for l in (out / "search" / "trials.jsonl").read_text().splitlines()]
+
+
+def strip(ts):
+    return [{k: v for k, v in t.items() if k not in ("eval_seconds", "seconds")} for t in ts]
+
+
+def test_gradient_resumes_after_kill_and_is_seeded(weighted, tmp_path):
+    params = weighted.params
+    run_search(cfg(tmp_path / "full"), TinySession(weighted), params, fp="x")
+    full = trials(tmp_path / "full")
+    grad = [t for t in full if t["kind"] == "gradient"]
+    assert len(grad) == 5 and all(0.0 <= t["holdout"] <= 1.0 for t in grad)
+    assert len({json.dumps(t["weights"], sort_keys=True) for t in grad}) == 5  # the trajectory moves
+    lines = (tmp_path / "full" / "search" / "trials.jsonl").read_text().splitlines()
+    cut = len(full) - 3  # killed after two gradient trials, a torn third line
+    (tmp_path / "cut" / "search").mkdir(parents=True)
+    (tmp_path / "cut" / "search" / "trials.jsonl").write_text("\n".join(lines[:cut]) + "\n" + lines[cut][:30])
+    run_search(cfg(tmp_path / "cut"), TinySession(weighted), params, fp="x")
+    resumed = trials(tmp_path / "cut")
+    assert len(resumed) == len(full)
+    for a, b in zip(strip(resumed), strip(full)):
+        assert a.keys() == b.keys() and a["kind"] == b["kind"]
+        assert a["weights"] == pytest.approx(b["weights"], rel=1e-6, abs=1e-7)
+        assert a["validation"] == pytest.approx(b["validation"], rel=1e-6)
+    run_search(cfg(tmp_path / "again"), TinySession(weighted), params, fp="x")  # seeded: the same run twice
+    assert all(a["weights"] == pytest.approx(b["weights"], rel=1e-6, abs=1e-7)
+               for a, b in zip(trials(tmp_path / "again"), full))
+    run_search(cfg(tmp_path / "other", seed=4), TinySession(weighted), params, fp="x")
+    assert trials(tmp_path / "other")[-1]["weights"] != full[-1]["weights"]
+
+
+def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model, tiny_adapters):
+    from autollm_lf import gradient
+
+    session = TinySession(weighted)
+    opt = gradient.GradientOptimizer(weighted.params, (0.0, 1.0), 0, session)
+    opt.register({p: 0.5 for p in weighted.params}, 0.0, own=False)
+    names = {id(p): n for n, p in weighted.model.named_parameters()}
+    a_names = [names[id(A)] for A, _, _ in weighted.cat_rows]
+    batch = [session.scorer("validation").encoded[i] for i in opt.fit_rows]
+
+    def loss(point):
+        weighted._use_cat()
+        weighted.set_weights(point)
+        x = torch.tensor([point[p] for p in weighted.params])
+        with torch.no_grad():
+            value = gradient.teacher_forced_loss(weighted, a_names, gradient.full_table(weighted, weighted.params, x), batch)
+        weighted._use_fold()
+        return value.item()
+
+    start = {p: 0.5 for p in weighted.params}
+    point = start
+    for number in range(6):
+        point = opt.suggest(number)
+    assert loss(point) < loss(start) - 1e-3
+    assert weighted.mode == "fold"  # the fit ran in `cat` and put `fold` back
+    weighted.set_weights(point)
+    reference = WeightedDeltas(tiny_model, tiny_adapters, mode="cat", granularity="module_kind")
+    reference.set_weights(point)
+    ids = torch.tensor([[5, 17, 33, 40, 71, 2, 9, 60]])
+    with torch.no_grad():
+        torch.testing.assert_close(weighted.model(input_ids=ids).logits, reference.model(input_ids=ids).logits,
+                                   atol=5e-5, rtol=0)
+
+
+def test_gradient_needs_a_low_rank_merge(weighted):
+    with pytest.raises(UserError, match="linear or linear_norm"):
+        from autollm_lf.gradient import GradientOptimizer
+        GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge="ties"))
