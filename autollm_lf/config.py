@@ -192,7 +192,8 @@ class SearchConfig(Strict):
     apply: Literal["auto", "cat", "fold", "scaling"] = Field(
         "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once")
     merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
-                                             "ties, dare_ties, dare_linear")
+                                             "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
+                                             "count what the deltas share once")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
     granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
                                                   "(`module_kind`), per delta and block of layers (`blocks:N`, "

@@ -183,11 +183,12 @@ class MergeMethod:
 
 MERGE_METHODS: dict[str, MergeMethod] = {
     "linear": MergeMethod(linear_sum, None, low_rank=True),
-    "linear_norm": MergeMethod(linear_sum, None, low_rank=True, normalize=True),  # OutputNorm
     "ties": MergeMethod(ties_sum, "magnitude"),
-    "ties_norm": MergeMethod(ties_norm_sum, "magnitude", normalize=True),
     "dare_linear": MergeMethod(linear_sum, "random"),
     "dare_ties": MergeMethod(ties_sum, "random"),
+    # normalised: what several deltas share is counted once (see OutputNorm, ties_norm_sum)
+    "linear_norm": MergeMethod(linear_sum, None, low_rank=True, normalize=True),
+    "ties_norm": MergeMethod(ties_norm_sum, "magnitude", normalize=True),
     "dare_ties_norm": MergeMethod(ties_norm_sum, "random", normalize=True),
 }
 
