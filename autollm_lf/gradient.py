@@ -14,8 +14,15 @@ For `linear_norm`, B' is recomputed from the current weights before each step an
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+from .errors import UserError
+from .merge import MERGE_METHODS, param_name
+
+if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
+    import torch
 
 STEPS = 5          # Adam steps per trial
 BATCH_ROWS = 64    # rows per step
@@ -25,8 +32,6 @@ FIT_FRACTION = 0.5  # of the validation rows: the fit's; the rest is the holdout
 
 class GradientOptimizer:
     def __init__(self, params: list[str], bounds, seed: int, session=None):
-        from .errors import UserError
-        from .merge import MERGE_METHODS
 
         if session is None or not MERGE_METHODS[session.cfg.search.merge].low_rank:
             raise UserError("search.optimizer: gradient needs search.merge linear or linear_norm (a low-rank merge "
@@ -40,6 +45,7 @@ class GradientOptimizer:
         self.fit_rows, self.holdout_rows = sorted(order[:cut]), sorted(order[cut:]) or sorted(order[:cut])
 
     def suggest(self, number: int) -> dict:
+        import torch
         if self.x is None:  # the trajectory starts at the best point registered so far
             lo, hi = self.bounds
             start = self.best[0] if self.best else {p: (lo + hi) / 2 for p in self.params}
@@ -68,6 +74,7 @@ class GradientOptimizer:
 
 def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_rows: list[int], rng) -> None:
     """STEPS projected Adam steps of x (the weights, in `params` order) on the teacher-forced loss."""
+    import torch
     weighted = session.weighted
     encoded = session.scorer("validation").encoded
     mode = weighted.mode
@@ -94,7 +101,7 @@ def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_row
 def full_table(weighted, params: list[str], x: torch.Tensor) -> torch.Tensor:
     """The flattened [group][delta + padding] weight table as a differentiable function of the searched weights
     (weights not searched, e.g. train@all's, are 0)."""
-    from .merge import param_name
+    import torch
 
     index = {p: i for i, p in enumerate(params)}
     entries = []
@@ -107,6 +114,7 @@ def full_table(weighted, params: list[str], x: torch.Tensor) -> torch.Tensor:
 
 def teacher_forced_loss(weighted, a_names: list[str], flat: torch.Tensor, batch) -> torch.Tensor:
     """Mean cross-entropy of the reference tokens given their prompts, with A_cat = unit * w[owner]."""
+    import torch
     from torch.func import functional_call
 
     model = weighted.model

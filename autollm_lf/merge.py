@@ -11,11 +11,15 @@ import time
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
-import torch
+from .lazytorch import no_grad
 
-Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r], s)
+if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
+    import torch
+
+    Factors = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r], s)
+    Pairs = Iterable[tuple[torch.Tensor, float]]
 
 
 # ---- pure functions (property-tested in tests/test_merge_math.py) ---------------------------------
@@ -31,6 +35,7 @@ def weighted_delta(factors: Sequence[Factors], weights: Sequence[float]) -> torc
 
 def cat_factors(factors: Sequence[Factors], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """One LoRA pair (A, B), scaling 1, whose product is the weighted sum exactly (PEFT's `cat`)."""
+    import torch
     A = torch.cat([A for A, _, _ in factors], dim=0)
     B = torch.cat([w * s * B for (_, B, s), w in zip(factors, weights)], dim=1)
     return A, B
@@ -43,7 +48,6 @@ def cat_factors(factors: Sequence[Factors], weights: Sequence[float]) -> tuple[t
 # `combine` gets the pairs one at a time (a delta may live in a reused buffer), so a module never holds
 # more than one dense delta plus the accumulators.
 
-Pairs = Iterable[tuple[torch.Tensor, float]]
 
 
 def linear_sum(pairs: Pairs) -> torch.Tensor | None:
@@ -58,6 +62,7 @@ def ties_sum(pairs: Pairs) -> torch.Tensor | None:
     """TIES sign election: per entry keep only the weighted deltas whose sign agrees with the sign of their
     sum (0 counts as +), and add those. With S = sum_i w_i d_i and P = sum_i max(w_i d_i, 0) that is
     where(S >= 0, P, S - P): it streams over the deltas (no stack) in three passes per delta."""
+    import torch
     total = pos = part = None
     for d, w in pairs:
         part = torch.empty_like(d) if part is None else part
@@ -75,6 +80,7 @@ def ties_norm_sum(pairs: Pairs) -> torch.Tensor | None:
     `normalize: true`, capped so that weights up to 1 keep their meaning: one delta alone is never scaled up).
     An entry the deltas share (same sign) is averaged, counted once; an entry only one delta kept after
     trimming keeps that delta in full. Streams like ties_sum, with two more accumulators (kept weight)."""
+    import torch
     total = pos = part = kept_pos = kept_all = None
     for d, w in pairs:
         part = torch.empty_like(d) if part is None else part
@@ -97,6 +103,7 @@ def ties_norm_sum(pairs: Pairs) -> torch.Tensor | None:
 
 def output_basis(B: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis [out, k] of the column space of B (the directions a LoRA delta writes to)."""
+    import torch
     U, S, _ = torch.linalg.svd(B, full_matrices=False)
     keep = S > S.max() * 1e-6 if S.numel() and S.max() > 0 else S > 0
     return U[:, keep]
@@ -112,6 +119,7 @@ class OutputNorm:
     per-trial work: one eigh of a k x k matrix (k <= R) and an out x R x k product."""
 
     def __init__(self, B: torch.Tensor, owner: torch.Tensor, n_deltas: int):
+        import torch
         B64 = B.double()
         bases = [output_basis(B64[:, owner == i]) for i in range(n_deltas)]
         self.basis_owner = torch.cat([torch.full((b.shape[1],), i) for i, b in enumerate(bases)])
@@ -125,6 +133,7 @@ class OutputNorm:
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         """B' for the per-delta weights w (float64, one per delta): B + Q (f(H) - I) Q^T B."""
+        import torch
         w = w.to(self.R.device)
         H = (self.R * w.abs()[self.basis_owner.to(w.device)]) @ self.R.T
         lam, E = torch.linalg.eigh(H)
@@ -134,6 +143,7 @@ class OutputNorm:
 
 def normalized_delta(factors: Sequence[Factors], weights: Sequence[float]) -> torch.Tensor:
     """linear_norm's merged delta for one module (the pure form of OutputNorm, for tests)."""
+    import torch
     A = torch.cat([A for A, _, _ in factors], dim=0)
     B = torch.cat([s * B for _, B, s in factors], dim=1)
     owner = torch.cat([torch.full((A_.shape[0],), i) for i, (A_, _, _) in enumerate(factors)])
@@ -155,17 +165,20 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> float | None:
 
 
 def trim(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    import torch
     return delta if threshold is None else torch.nn.functional.hardshrink(delta, threshold)
 
 
 def dare_mask(shape, density: float, generator: torch.Generator, device) -> torch.Tensor:
     """DARE's keep mask: each entry kept with probability `density`."""
+    import torch
     return torch.rand(shape, generator=generator, device=device) < density
 
 
 def dare_drop(delta: torch.Tensor, density: float, keep: torch.Tensor | torch.Generator) -> torch.Tensor:
     """DARE: drop each entry with probability 1 - density, rescale the rest by 1 / density (in place).
     `keep` is the mask, or the seeded generator that makes it."""
+    import torch
     if density >= 1.0:
         return delta
     if isinstance(keep, torch.Generator):
@@ -261,6 +274,7 @@ def dare_seed(seed: int, module: int, delta: int) -> int:
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` pair (A [rank, in], B [out, rank]) with B @ A ~ delta, and the relative Frobenius error."""
+    import torch
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
     rank = min(rank, S.numel())
     root = S[:rank].sqrt()
@@ -273,6 +287,7 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 # ---- the loaded model ----------------------------------------------------------------------------
 
 def load_base(path: Path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -372,6 +387,7 @@ class WeightedDeltas:
     # ---- apply modes ----------------------------------------------------------------------------------
 
     def _build_cat(self) -> None:
+        import torch
         self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), self.CAT, combination_type="cat")
         self.model.base_model.set_adapter(self.CAT)
         self.cat_rows = []  # (A_cat weight, its unit copy, index of the delta owning each row)
@@ -404,6 +420,7 @@ class WeightedDeltas:
         self.mode = "fold"
 
     def _use_cat(self) -> None:
+        import torch
         if self.mode == "fold":
             with torch.no_grad():
                 for layer, w0 in zip(self.cat_layers, self.base_copies):
@@ -427,7 +444,7 @@ class WeightedDeltas:
         self._masks.clear()
         self._mask_bytes = 0
 
-    @torch.no_grad()
+    @no_grad
     def _restore_unit_B(self) -> None:
         """B_cat back to the unit factors after a normalised method wrote B' there."""
         for k, layer in enumerate(self.cat_layers):
@@ -451,11 +468,12 @@ class WeightedDeltas:
         self.set_weights(weights)
         return self.mode
 
-    @torch.no_grad()
+    @no_grad
     def set_weights(self, weights: Mapping[str, float], method: str | None = None) -> None:
         """Weights are named by delta or `delta@group` (see GRANULARITIES); adapters not named get weight 0.
         `method` overrides the merge method for this call (the report scores each delta alone with `linear`,
         i.e. as trained, not trimmed)."""
+        import torch
         method = method or self.method
         spec = MERGE_METHODS[method]
         if not spec.low_rank:
@@ -475,6 +493,7 @@ class WeightedDeltas:
     def _write_cat(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
         """The merge as the cat adapter's factors: A rows scaled by their delta's weight in their module (and,
         for a normalised method, B_cat replaced by B')."""
+        import torch
         # float64 here: a float32 tensor would round the weights before the cast to the model's dtype; cast
         # once per (device, dtype), not once per module (a real cast costs ~7 us, times every module)
         w = torch.tensor([x for row in self._weight_table(weights) for x in row], dtype=torch.float64)
@@ -506,6 +525,7 @@ class WeightedDeltas:
 
     def _set_merged(self, w_modules: list[list[float]], method: MergeMethod) -> None:
         """W = W0 + merge of the true deltas, module by module, written in place into the base weights."""
+        import torch
         for k, (layer, w0) in enumerate(zip(self.cat_layers, self.base_copies)):
             merged = self._merged_delta(k, w_modules[k], method)
             weight = layer.get_base_layer().weight
@@ -520,6 +540,7 @@ class WeightedDeltas:
     def _module_deltas(self, k: int, w: list[float], sparsify: str | None):
         """(sparsified unit delta s_i B_i A_i, w_i) of module k for every delta with a non-zero weight, made
         one at a time from the factors (dense deltas of every module would not fit in memory at 16 deltas)."""
+        import torch
         layer = self.cat_layers[k]
         for i, name in enumerate(self.names):
             if w[i] == 0.0 or name not in layer.lora_A:
@@ -538,6 +559,7 @@ class WeightedDeltas:
     def _dare_mask(self, k: int, i: int, d: torch.Tensor) -> torch.Tensor | torch.Generator:
         """The mask of delta i in module k: cached (1 byte per entry) while the cache stays under
         DARE_CACHE_BYTES, beyond that remade from its seed each trial (the same mask, at the cost of the RNG)."""
+        import torch
         if (k, i) in self._masks:
             return self._masks[(k, i)]
         generator = torch.Generator(device=d.device).manual_seed(dare_seed(self.seed, k, i))
@@ -549,6 +571,7 @@ class WeightedDeltas:
 
     def _buffer(self, shape: tuple, device) -> torch.Tensor:
         """One reused fp32 buffer per module shape: no fresh allocation (and page faults) per delta."""
+        import torch
         key = (shape, str(device))
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, device=device)
@@ -562,6 +585,7 @@ class WeightedDeltas:
         (same shapes, same scaling): exact. ties/dare: the merged dW of each module is not low rank, so its
         truncated SVD at the rank `cat` would have (the sum of the deltas' ranks, capped by min(d_in, d_out));
         `self.export_info` says the relative error."""
+        import torch
         for layer, unit in zip(self.layers, self.unit_scaling):  # add_weighted_adapter reads the unit scalings
             layer.scaling.update(unit)
         merged, spec = "autollm_merged", MERGE_METHODS[self.method]
@@ -591,7 +615,7 @@ class WeightedDeltas:
         self.set_weights(weights)
         return out_dir
 
-    @torch.no_grad()
+    @no_grad
     def _write_svd(self, adapter: str, w_modules: list[list[float]]) -> None:
         """Overwrite `adapter`'s factors with the truncated SVD of each module's merged delta."""
         errors, ranks = [], []

@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .gradient import GradientOptimizer
+from .merge import param_delta
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
-
-
-def param_delta(param: str) -> str:
-    return param.split("@", 1)[0]
 
 
 def per_delta(weights: dict[str, float]) -> dict[str, float]:
@@ -177,12 +175,7 @@ class RandomOptimizer:
         pass
 
 
-def gradient_optimizer(params: list[str], bounds, seed: int, session=None):
-    from .gradient import GradientOptimizer  # torch: imported only when picked
-    return GradientOptimizer(params, bounds, seed, session)
-
-
-OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": gradient_optimizer}
+OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": GradientOptimizer}
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
