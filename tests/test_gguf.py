@@ -193,7 +193,7 @@ def test_bad_gguf_is_one_line_exit_2(tmp_path, monkeypatch, capsys, base_model, 
 
 
 def test_gguf_config_resolves_to_the_cache_folder(tmp_path, monkeypatch):
-    from autollm_lf.config import load_config
+    from autollm_lf.config import dump_config, load_config
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOLLM_LF_CACHE", str(tmp_path / "cache"))
@@ -202,6 +202,9 @@ def test_gguf_config_resolves_to_the_cache_folder(tmp_path, monkeypatch):
     assert cfg.base_model.gguf == str(tmp_path / "m.gguf")
     assert cfg.base_model.path == gguf.converted_path(str(tmp_path / "m.gguf"))
     assert cfg.base_model.path.parent == tmp_path / "cache" / "gguf"
+    resolved = tmp_path / "resolved.yaml"  # config.resolved.yaml holds both keys: it loads back to the same folder
+    resolved.write_text(dump_config(cfg))
+    assert load_config(resolved).base_model.path == cfg.base_model.path
 
 
 @pytest.mark.slow
@@ -229,3 +232,30 @@ def test_real_model_end_to_end(gemma_folder, run_autollm, tmp_path):
     assert (out / "merged" / "adapter_model.safetensors").is_file()
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert resolved["base_model"]["path"] == str(gemma_folder) and resolved["evaluation"]["cutoff_len"] == 64
+
+
+@pytest.mark.slow
+def test_teacher_forced_pass_equals_plain_forward_on_gemma(gemma_folder):
+    """Gemma 3 has sliding-window layers: the prefix cache and the last-layer cut are off (has_sliding_window), the
+    batches are by length, and only the answer span goes through the 262k-wide LM head (logits_to_keep). The
+    batched, padded pass scores each row as a plain one-row forward does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from autollm_lf.config import EvaluationConfig
+    from autollm_lf.evaluate import ExactMatch, NegativeLoss, has_sliding_window
+
+    model = AutoModelForCausalLM.from_pretrained(gemma_folder).eval()
+    tok = AutoTokenizer.from_pretrained(gemma_folder)
+    rows = [json.loads(line) for line in (REPO / "examples" / "gemma3_270m" / "tasks.jsonl").read_text().splitlines()]
+    rows = rows[::21] + [{"prompt": "The capital of Japan is", "response": "Tokyo"}]
+    cfg = EvaluationConfig(batch_size=5, cutoff_len=128)
+    loss, exact = NegativeLoss(model, tok, "gemma", rows, cfg), ExactMatch(model, tok, "gemma", rows, cfg)
+    assert has_sliding_window(model.config) and not loss.share_prefix and loss.last_layer is None
+    assert len(loss.batches) > 1 and len({len(p) + len(t) for p, t in loss.encoded}) > 1  # padded batches
+    for (p, t), nll, hit in zip(loss.encoded, loss.row_scores(), exact.row_scores()):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + t])).logits[0, len(p) - 1:-1]
+        plain = torch.nn.functional.cross_entropy(logits, torch.tensor(t)).item()
+        # Gemma's logits reach ~100: float32 rounding of other shapes (padding alone) moves them ~1e-4
+        assert nll == pytest.approx(-plain, abs=2e-3)
+        assert hit == float((logits.argmax(-1) == torch.tensor(t)).all())
