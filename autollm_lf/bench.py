@@ -29,7 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from .config import EvaluationConfig, SearchConfig, load_config
+from .evaluate import ExactMatch, greedy_generate
+from .merge import WeightedDeltas, delta_weight, load_base, param_delta
+from .metrics import make_evaluator
+from .pipeline import Session
+from .prepare import load_split
+from .search import run_search
+from .tiny import build_char_tokenizer
+from .train import ALL_DELTA
 
 SHAPES = {  # Qwen2-0.5B's dimensions; `quick` is for the test of this command
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -51,9 +59,9 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def build_model(root: Path, shape: dict) -> Path:
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .tiny import build_char_tokenizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=512, **shape))
@@ -64,6 +72,7 @@ def build_model(root: Path, shape: dict) -> Path:
 
 def build_adapters(base: Path, root: Path, n: int, rank: int = 16) -> dict[str, Path]:
     """n random rank-`rank` LoRA deltas on every linear module (non-zero B)."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +94,6 @@ def reload_trial(weighted, weights: dict, base: Path, tmp: Path):
     """The AutoLLM-style trial: W0 + sum w_i dW_i into a state dict, save_pretrained, reload."""
     from transformers import AutoModelForCausalLM
 
-    from .merge import delta_weight
 
     plain = AutoModelForCausalLM.from_pretrained(base)
     state = plain.state_dict()
@@ -101,6 +109,7 @@ def reload_trial(weighted, weights: dict, base: Path, tmp: Path):
 
 
 def forward_pass(model, ids):
+    import torch
     with torch.no_grad():
         model(input_ids=ids)
 
@@ -113,7 +122,6 @@ def trial_costs(base: Path, adapters: dict[str, Path], ids, plain, repeats: int,
     pass is timed in quarters, each followed by the same quarter on the plain model, and the ratio is the sum
     over the quarters: pass times on a shared 2-core machine drift by 15-30% over minutes, and a quarter and
     its plain twin, a second or two apart, drift together."""
-    from .merge import WeightedDeltas
 
     w = WeightedDeltas(base, adapters, mode="cat")
     rng = random.Random(0)
@@ -141,7 +149,7 @@ def trial_costs(base: Path, adapters: dict[str, Path], ids, plain, repeats: int,
 
 
 def bench_merge(shape_name: str, repeats: int) -> dict:
-    from .merge import WeightedDeltas
+    import torch
 
     shape = SHAPES[shape_name]
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,10 +222,6 @@ def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
 
 def bench_exact_match(toy_cfg: Path | None, rounds: int = 5) -> dict:
     """Teacher-forced exact match vs generate-based, on the toy's validation rows, `rounds` times each."""
-    from .config import EvaluationConfig, load_config
-    from .evaluate import ExactMatch, greedy_generate
-    from .merge import load_base
-    from .prepare import load_split
 
     cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
     if cfg is None or not (cfg.out / "data" / "validation.json").exists():
@@ -261,10 +265,6 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     import numpy as np
     from bayes_opt import BayesianOptimization
 
-    from .config import load_config
-    from .metrics import make_evaluator
-    from .pipeline import Session
-    from .prepare import load_split
 
     cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
     if cfg is None or not (cfg.out / "search" / "best.json").exists():
@@ -320,13 +320,6 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
     yardsticks. One loaded model: methods and granularities are switched in place."""
     from types import SimpleNamespace
 
-    from .config import SearchConfig, load_config
-    from .evaluate import make_evaluator
-    from .merge import param_delta
-    from .pipeline import Session
-    from .prepare import load_split
-    from .search import run_search
-    from .train import ALL_DELTA
 
     cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
     if cfg is None or not (cfg.out / "search" / "best.json").exists():
@@ -400,6 +393,7 @@ def search_lines(r: dict) -> list[str]:
 
 def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5) -> dict:
     """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search)."""
+    import torch
     torch.manual_seed(0)
     started = time.time()
     result = {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu"}

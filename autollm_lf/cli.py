@@ -5,8 +5,10 @@ import argparse
 import os
 import sys
 
+from .bench import run_bench
 from .config import load_config
 from .errors import UserError, mask_secrets
+from .pipeline import STAGES, run_stages
 from .rounds import apply_round
 
 STAGE_HELP = {
@@ -69,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from pathlib import Path
 
-            from .bench import run_bench
             if args.rounds < 1:
                 raise UserError(f"bench --rounds: {args.rounds} is not a positive number of rounds; give 1 or more")
             run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_PARTS, args.rounds)
@@ -80,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(f"{args.config}: ok")
             return 0
-        from .pipeline import STAGES, run_stages
 
         run_stages(cfg, list(STAGES) if args.command == "run" else [args.command], frozenset(args.force),
                    args.keep_going, getattr(args, "full", False))

@@ -12,7 +12,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError, mask_secrets
+from .evaluate import load_function
+from .gguf import PYPI, converted_path
+from .merge import MERGE_METHODS, parse_granularity
 from .methods import METHODS
+from .metrics import METRICS
 from .paths import RunDir
 from .train import find_template, template_problem, training_cutoff_len
 from .yamlsafe import load_yaml
@@ -210,14 +214,12 @@ class SearchConfig(Strict):
     @field_validator("granularity")
     @classmethod
     def _known_granularity(cls, v):
-        from .merge import parse_granularity
         parse_granularity(v)
         return v
 
     @field_validator("merge")
     @classmethod
     def _known_merge(cls, v):
-        from .merge import MERGE_METHODS
         if v not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {v!r}; choose one of {', '.join(MERGE_METHODS)}")
         return v
@@ -352,7 +354,6 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _known_names(self):
-        from .metrics import METRICS
 
         named = [("evaluation.metric", self.evaluation.metric)]
         named += [(f"evaluation.objective.{i}.metric", p.metric) for i, p in enumerate(self.evaluation.objective) if p.metric]
@@ -405,7 +406,6 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make paths absolute (relative ones are relative to the working directory, as in LLaMA-Factory)."""
     cfg.run_dir = cfg.run_dir.resolve()
     if cfg.base_model.gguf:  # the run sees the converted folder (converted by pipeline.run_stages if not yet)
-        from .gguf import PYPI, converted_path
         if not cfg.base_model.gguf.startswith(PYPI):
             cfg.base_model.gguf = str(Path(cfg.base_model.gguf).expanduser().resolve())
         converted = converted_path(cfg.base_model.gguf)
@@ -485,7 +485,6 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
         if isinstance(src, SqlSource) and cfg.toy is None:
             problems += _sql_url_problems(src, i)
     if cfg.evaluation.metric == "python":
-        from .evaluate import load_function
         try:
             load_function(cfg.evaluation.function)
         except UserError as e:

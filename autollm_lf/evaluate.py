@@ -11,11 +11,13 @@ import copy
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
+from .lazytorch import inference_mode
+
+if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
+    import torch
 
 _templates: dict = {}
 
@@ -224,6 +226,7 @@ def _sliced(kwargs: dict, start: int, stop: int, keys: int | None) -> dict:
 def _causal_mask(queries: int, offset: int, like: torch.Tensor, implementation: str) -> torch.Tensor:
     """Causal mask of `queries` positions that come after `offset` others (the layer gets None when queries and
     keys line up; cut apart, they no longer do): bool for sdpa, additive for eager."""
+    import torch
     allowed = torch.ones(queries, offset + queries, dtype=torch.bool, device=like.device).tril(offset)[None, None]
     if implementation == "sdpa":
         return allowed
@@ -301,6 +304,7 @@ class TeacherForced(Evaluator):
     The last layer computes only keys and values at prompt positions (PromptKeysOnly)."""
 
     def __init__(self, *args, share_prefix: bool = True, keys_only_prompts: bool = True):
+        import torch
         super().__init__(*args)
         self.device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
@@ -331,6 +335,7 @@ class TeacherForced(Evaluator):
         return min(plans, key=lambda plan: plan[0])[1]
 
     def _collate(self, index: list[int], pad_id: int) -> Batch:
+        import torch
         items = [self.encoded[i] for i in index]
         length = max(len(p) + len(r) for p, r in items)
         ids = torch.full((len(items), length), pad_id, dtype=torch.long)
@@ -372,7 +377,7 @@ class TeacherForced(Evaluator):
     def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
         raise NotImplementedError
 
-    @torch.inference_mode()
+    @inference_mode
     def row_scores(self) -> list[float]:
         result = [0.0] * len(self.encoded)
         self.trim.split = 0  # the prefix call: every layer whole
@@ -403,6 +408,7 @@ class NegativeLoss(TeacherForced):
     """Minus the mean token NLL of the reference (higher is better)."""
 
     def per_row(self, logits, b):
+        import torch
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b.labels, reduction="none")
         mask = b.target_mask.float()
         return (-(nll * mask).sum(-1) / mask.sum(-1)).tolist()
@@ -410,6 +416,7 @@ class NegativeLoss(TeacherForced):
 
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """The new tokens of batched greedy `generate` for these prompt ids (left-padded, so all continue at once)."""
+    import torch
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     length = max(map(len, prompts))
     ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)

@@ -10,6 +10,12 @@ import yaml
 
 from .errors import UserError
 from .io import file_digest, fingerprint, read_json, write_if_changed, write_json
+from .merge import MERGE_METHODS, load_base
+from .metrics import make_evaluator
+from .mix import MIX_DELTA
+from .objective import Objective
+from .prepare import load_split
+from .train import render_template, run_llamafactory
 
 EXPORT_MARKER = "autollm_export.json"
 FULL_MARKER = "autollm_full.json"
@@ -20,10 +26,6 @@ WEBUI_CONFIG = Path("llamaboard_cache") / "user_config.yaml"  # LLaMA-Factory we
 def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", model_dir: Path | None = None):
     """Score an adapter the way a user would load it (fresh base + PeftModel.from_pretrained), or a full
     model folder; returns the evaluator, whose row_scores()/rows give per-chunk scores."""
-    from .metrics import make_evaluator
-    from .objective import Objective
-    from .merge import load_base
-    from .prepare import load_split
 
     model, tokenizer = load_base(model_dir or cfg.base_model.path)
     if adapter_dir is not None:
@@ -69,7 +71,6 @@ def _export_adapter(session, best: dict, merged: Path, fp: str) -> dict:
             "exported_validation": score, "base_model": str(cfg.base_model.path),
             "merge": session.weighted.export_info}
     write_json(merged / EXPORT_MARKER, info)
-    from .merge import MERGE_METHODS
     if not MERGE_METHODS[cfg.search.merge].low_rank:  # a truncated SVD of a full-rank merge: report the loss
         m = info["merge"]
         print(f"export: {merged} ({cfg.search.merge} as rank <= {m['rank_max']} SVD: relative error per module "
@@ -87,7 +88,6 @@ def _baseline_adapters(session) -> dict[str, Path]:
     """Every delta of this config (train@all included) and train@auto_mix, when export.deltas is on."""
     if not session.cfg.export.deltas:
         return {}
-    from .mix import MIX_DELTA
     mix = session.cfg.run.delta(MIX_DELTA)
     return {**session.adapters, **({MIX_DELTA: mix} if (mix / ADAPTER_FILES[1]).is_file() else {})}
 
@@ -96,7 +96,6 @@ def _baseline_adapters(session) -> dict[str, Path]:
 
 def render_lf_yaml(template_file: str, path: Path, **variables) -> Path:
     """Render templates/<template_file> to path (only rewritten if its text changed)."""
-    from .train import render_template
     write_if_changed(path, render_template(template_file, {}, yaml_path=path, **variables))
     return path
 
@@ -111,7 +110,6 @@ def write_lf_yamls(cfg, adapter_dir: Path) -> dict[str, Path]:
 
 def full_export(yaml_path: Path, export_dir: Path) -> Path:
     """`llamafactory-cli export YAML`: the adapter merged into full weights in export_dir (log: export.log)."""
-    from .train import run_llamafactory
 
     shutil.rmtree(export_dir, ignore_errors=True)  # never a half-old folder
     run_llamafactory(yaml_path, export_dir, desc=f"llamafactory-cli export {yaml_path.name}", command="export")

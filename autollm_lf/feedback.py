@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .evaluate import Contains, ExactMatch
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 
 MARKER = "report/bad_cases.json"
@@ -38,7 +39,6 @@ def write_bad_cases(session) -> str:
         session.weighted.set_weights(best["weights"])
         scores = scorer.row_scores()
         if cfg.evaluation.metric == "loss":  # no notion of right or wrong: use exact match
-            from .evaluate import ExactMatch
             correct = ExactMatch(scorer.model, scorer.tokenizer, cfg.base_model.template, scorer.rows,
                                  cfg.evaluation).correct()
         else:
@@ -60,7 +60,6 @@ def _greedy(session, rows: list[dict]) -> list[str]:
     """The best merge's greedy answers (what the user would see), batched."""
     if not rows:
         return []
-    from .evaluate import Contains
 
     gen = Contains(session.weighted.model, session.weighted.tokenizer, session.cfg.base_model.template, rows,
                    session.cfg.evaluation)

@@ -19,6 +19,7 @@ import jinja2
 from .errors import UserError, mask_secrets
 from .evaluate import Generated
 from .llm import TRANSIENT, ChatClient  # noqa: F401  (TRANSIENT re-exported)
+from .train import find_template
 
 JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 
@@ -43,7 +44,6 @@ class Judge(Generated):
     def __init__(self, *args):
         super().__init__(*args)
         jcfg = self.cfg.judge
-        from .train import find_template
 
         path = find_template(jcfg.prompt_template)
         self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(path.read_text())

@@ -7,10 +7,10 @@ exactly the weighted sum: no weight copies, no reloads, one float per adapter pe
 from __future__ import annotations
 
 import shutil
-import time
 import tempfile
-from pathlib import Path
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .lazytorch import no_grad

@@ -10,7 +10,6 @@ from __future__ import annotations
 from .search import per_delta
 from .train import DeltaSpec, delta_specs, model_fingerprint, train_one
 
-
 MIX_DELTA = "auto_mix"
 
 

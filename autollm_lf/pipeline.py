@@ -8,9 +8,22 @@ from typing import Callable
 
 from .config import RunConfig, dump_config
 from .errors import UserError
+from .export import export_best
+from .feedback import write_bad_cases
+from .gguf import ensure_converted
 from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
+from .judge import JudgeClient
+from .merge import MERGE_METHODS, WeightedDeltas, param_delta
+from .metrics import make_evaluator
+from .mix import train_auto_mix
+from .objective import Objective
 from .paths import ADAPTER_FILE
-from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs
+from .prepare import load_split, prepare
+from .report import split_by_chunk, write_report
+from .rounds import check_round_base, ensure_round_base, rounds_section
+from .search import run_search, search_fingerprint
+from .toy import ensure_toy
+from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs, train_all
 
 
 class Session:
@@ -76,7 +89,6 @@ class Session:
     @property
     def weighted(self):
         if self._weighted is None:
-            from .merge import WeightedDeltas
             search = self.cfg.search
             started = time.perf_counter()
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
@@ -87,15 +99,11 @@ class Session:
     @property
     def search_params(self) -> list[str]:
         """The weights the search sets: one per chunk delta, or per delta and module group (search.granularity)."""
-        from .merge import param_delta
         return [p for p in self.weighted.params if param_delta(p) in self.deltas]
 
     def scorer(self, split: str):
         """The split's evaluator: evaluation.metric on every row, or the evaluation.objective over its parts."""
         if split not in self._scorers:
-            from .metrics import make_evaluator
-            from .objective import Objective
-            from .prepare import load_split
             w, rows = self.weighted, load_split(self.cfg, split)
             raw = lambda objective: self._raw_constraints(objective, split)
             self._scorers[split] = Objective(self.cfg, w.model, w.tokenizer, rows, raw) \
@@ -111,7 +119,6 @@ class Session:
 
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-        from .merge import MERGE_METHODS
         if not MERGE_METHODS[self.cfg.search.merge].low_rank:
             print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), folded into the base weights")
         elif self.cfg.search.apply == "auto":
@@ -130,7 +137,6 @@ class Session:
         evaluation.objective the overall score is the objective's; the chunks are scored by evaluation.metric."""
         scorer = self.scorer(split)
         self.weighted.set_weights(weights, method)
-        from .report import split_by_chunk
         overall, by_chunk = split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])
         return (scorer.score() if self.cfg.evaluation.objective else overall), by_chunk
 
@@ -140,19 +146,15 @@ class Session:
         return scorer.part_scores() if self.cfg.evaluation.objective else {}
 
     def search_fingerprint(self) -> str:
-        from .search import search_fingerprint
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
         return search_fingerprint(self.cfg, self.deltas, delta_fps,
                                   file_digest([self.cfg.run.split("validation")]))
 
 
 def stage_prepare(s: Session) -> None:
-    from .prepare import prepare
     if s.cfg.round > 1:  # round K's base: round K-1's best merge as full weights
-        from .rounds import ensure_round_base
         ensure_round_base(s.cfg)
     if s.cfg.toy:
-        from .toy import ensure_toy
         ensure_toy(s.cfg)
     prepare(s.cfg)
 
@@ -170,14 +172,12 @@ def check_chunk_keys(s: Session) -> None:
 
 
 def stage_train(s: Session) -> None:
-    from .train import train_all
     check_chunk_keys(s)
     s.delta_names  # a method that does not fit its chunk stops here, before any training
     train_all(s.cfg, s.shapes, force="train" in s.force, keep_going=s.keep_going)
 
 
 def stage_search(s: Session) -> None:
-    from .search import run_search
     check_chunk_keys(s)
     s.pick_apply_mode()
     best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
@@ -188,24 +188,19 @@ def stage_search(s: Session) -> None:
 
 
 def stage_mix(s: Session) -> None:
-    from .mix import train_auto_mix
     train_auto_mix(s)
 
 
 def stage_report(s: Session) -> None:
     """report.md is written once, from its sections: the tables, the score across rounds, the bad cases."""
-    from .feedback import write_bad_cases
-    from .report import write_report
     sections = [write_report(s)]
     if s.cfg.round > 1:
-        from .rounds import rounds_section
         sections.append(rounds_section(s.cfg))
     sections.append(write_bad_cases(s))  # report/bad_cases.jsonl: the next round's `bad_cases` source
     write_if_changed(s.cfg.run.report_md, "".join(sections))
 
 
 def stage_export(s: Session) -> None:
-    from .export import export_best
     export_best(s)
 
 
@@ -230,13 +225,10 @@ def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:
 def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozenset(),
                keep_going: bool = False, full: bool = False) -> Session:
     if cfg.evaluation.judge and {"search", "report", "export"} & set(stages):
-        from .judge import JudgeClient
         JudgeClient(cfg.evaluation.judge)  # an endpoint that does not answer stops the run before any work
     if cfg.base_model.gguf:  # converted once into the cache (cfg.base_model.path); later runs reuse it
-        from .gguf import ensure_converted
         ensure_converted(cfg.base_model.gguf)
     if "prepare" not in stages:
-        from .rounds import check_round_base
         check_round_base(cfg)
     session = Session(cfg, force, keep_going, full)
     for name in stages:

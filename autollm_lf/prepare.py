@@ -11,12 +11,13 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .choice import choice_problem
 from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
-from .choice import choice_problem
-from .sources import READERS
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
+from .sources import READERS
+from .train import chunk_methods
 
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
 
@@ -390,7 +391,6 @@ def replace_folder(folder: Path, files: dict[str, object]) -> None:
 
 def chunk_table(cfg: RunConfig, train, shapes, val, test) -> list[dict]:
     """Per chunk: rows, shape, training methods, split sizes."""
-    from .train import chunk_methods
 
     count = lambda rows, c: sum(r["chunk"] == c for r in rows)
     return [{"chunk": c, "rows": len(items) + count(val, c) + count(test, c), "shape": shapes[c],

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 
+from .export import adapter_score
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
 from .search import per_delta
-from .train import ALL_DELTA, DONE_MARKER
+from .train import ALL_DELTA, DONE_MARKER, find_template
 
 
 def report_rows(session) -> list[dict]:
@@ -74,7 +75,6 @@ def _mix_dir(cfg):
 
 def _adapter_row(cfg, name: str, adapter_dir) -> dict:
     """A row for an adapter the search never loaded: scored on its own, loaded as a user would load it."""
-    from .export import adapter_score
 
     row = {"model": name}
     for split in ("validation", "test"):
@@ -212,7 +212,6 @@ def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | 
 
     import jinja2
 
-    from .train import find_template
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     uris = [(title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()) for title, path in images.items()]
     stats = report["evaluation_stats"] if any(report["evaluation_stats"].values()) else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import BadCasesSource, RunConfig, check_paths, round_dir
 from .errors import UserError
+from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
 from .io import read_json, write_json
 from .paths import ADAPTER_FILE, RunDir
 
@@ -52,7 +53,6 @@ def previous(cfg: RunConfig) -> RunConfig:
 
 def ensure_round_base(cfg: RunConfig) -> Path:
     """Round K-1's best merge as full weights (exported once, checked to score what the adapter scores)."""
-    from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
 
     prev = previous(cfg)
     merged = prev.run.merged

@@ -9,8 +9,9 @@ import sqlite3
 from pathlib import Path
 from typing import Callable
 
-from .io import fingerprint, read_json, write_json, atomic_write_text
+from .io import atomic_write_text, fingerprint, read_json, write_json
 from .tiny import make_tiny_llama
+from .train import hardware_defaults, render_template, run_llamafactory
 
 Example = tuple[str, str]
 
@@ -126,7 +127,6 @@ def _base_corpus(seed: int, n: int, exclude: set[str]) -> list[dict]:
 
 def ensure_toy(cfg) -> None:
     """Build what is missing: the database, then the base model (cached by a fingerprint of its recipe)."""
-    from .train import hardware_defaults, render_template, run_llamafactory
 
     toy = cfg.toy
     # The generators' own source is part of the recipe: editing a task family rebuilds the database.
