@@ -224,7 +224,7 @@ def bench_exact_match(toy_cfg: Path | None, rounds: int = 5) -> dict:
     """Teacher-forced exact match vs generate-based, on the toy's validation rows, `rounds` times each."""
 
     cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
-    if cfg is None or not (cfg.out / "data" / "validation.json").exists():
+    if cfg is None or not cfg.run.split("validation").exists():
         return {"skipped": "run `sh autollm.sh` first (needs the toy's base model and validation split)"}
     model, tok = load_base(cfg.base_model.path)
     rows = load_split(cfg, "validation")
@@ -267,7 +267,7 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
 
 
     cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
-    if cfg is None or not (cfg.out / "search" / "best.json").exists():
+    if cfg is None or not cfg.run.best.exists():
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
     session = Session(cfg)
     validation = load_split(cfg, "validation")
@@ -322,7 +322,7 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
 
 
     cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
-    if cfg is None or not (cfg.out / "search" / "best.json").exists():
+    if cfg is None or not cfg.run.best.exists():
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
     session = Session(cfg)
     w = session.weighted

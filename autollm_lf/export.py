@@ -14,12 +14,13 @@ from .merge import MERGE_METHODS, load_base
 from .metrics import make_evaluator
 from .mix import MIX_DELTA
 from .objective import Objective
+from .paths import ADAPTER_FILE, is_fresh
 from .prepare import load_split
 from .train import render_template, run_llamafactory
 
 EXPORT_MARKER = "autollm_export.json"
 FULL_MARKER = "autollm_full.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", ADAPTER_FILE)
 WEBUI_CONFIG = Path("llamaboard_cache") / "user_config.yaml"  # LLaMA-Factory webui/common.py, next to saves/
 
 
@@ -51,7 +52,7 @@ def export_best(session) -> dict:
     merged = cfg.run.merged
     fp = fingerprint(best["weights"], session.search_fingerprint())
     done = read_json(merged / EXPORT_MARKER, {})
-    if "export" not in session.force and done.get("fingerprint") == fp and (merged / "adapter_model.safetensors").exists():
+    if "export" not in session.force and is_fresh(done, fp, merged / ADAPTER_FILE):
         print(f"export: {merged} up to date")
         info = done
     else:
@@ -123,7 +124,7 @@ def full_export_checked(cfg, adapter_dir: Path, yaml_path: Path, adapter_validat
     export_dir = Path(yaml.safe_load(yaml_path.read_text(encoding="utf-8"))["export_dir"])
     fp = fingerprint(file_digest([adapter_dir / f for f in ADAPTER_FILES]), yaml_path.read_text(encoding="utf-8"))
     done = read_json(export_dir / FULL_MARKER, {})
-    if done.get("fingerprint") == fp and (export_dir / "config.json").is_file():
+    if is_fresh(done, fp, export_dir / "config.json"):
         print(f"export --full: {export_dir} up to date (validation {done['full_validation']:.4f})")
         return done
     full_export(yaml_path, export_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import Contains, ExactMatch
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
+from .paths import is_fresh
 
 MARKER = "report/bad_cases.json"
 SECTION = "\n## Bad cases (validation)\n"
@@ -32,7 +33,7 @@ def write_bad_cases(session) -> str:
     fp = fingerprint(report.get("fingerprint"), best["weights"], cfg.evaluation.model_dump(mode="json"))
     done = read_json(cfg.run.root / MARKER, {})
     path = cfg.run.bad_cases
-    if "report" not in session.force and done.get("fingerprint") == fp and path.exists():
+    if "report" not in session.force and is_fresh(done, fp, path):
         cases = read_jsonl(path)
     else:
         scorer = session.scorer("validation")

@@ -6,6 +6,7 @@ import json
 from .export import adapter_score
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
+from .paths import is_fresh
 from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER, find_template
 
@@ -234,7 +235,7 @@ def write_report(session) -> str:
     cfg, chunks, run = session.cfg, session.chunks, session.cfg.run
     fp = report_fingerprint(session)
     report = read_json(run.report_json, {})
-    if "report" not in session.force and report.get("fingerprint") == fp and run.report_html.exists():
+    if "report" not in session.force and is_fresh(report, fp, run.report_html):
         print(f"report: {run.report} up to date")
     else:
         report = _write_report_files(session, fp)

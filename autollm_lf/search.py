@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .gradient import GradientOptimizer
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .merge import param_delta
+from .paths import RunDir
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
 
@@ -184,8 +185,8 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
                human: dict[str, float] | None = None) -> dict:
     """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
     best = {weights, validation, trial}."""
-    out = cfg.out / "search"
-    trials_path, best_path = out / "trials.jsonl", out / "best.json"
+    run = RunDir(cfg.out)
+    trials_path, best_path = run.trials, run.best
     params, bounds, patience = list(deltas), cfg.search.bounds, cfg.search.patience
     trials = _resume(trials_path, fp, discard=force)
     plan = plan_trials(cfg, params, human)

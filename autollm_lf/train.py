@@ -20,7 +20,7 @@ import yaml
 from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
-from .paths import ADAPTER_FILE
+from .paths import ADAPTER_FILE, is_fresh
 from .scheduler import device_groups, run_on_devices, visible_gpus
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -269,7 +269,7 @@ def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool, devices: dict[str
     fp = fingerprint(text, file_digest(data_files), base_fp)
     delta_dir = cfg.run.delta(spec.name)
     done = read_json(delta_dir / DONE_MARKER, {})
-    if not force and done.get("fingerprint") == fp and (delta_dir / ADAPTER_FILE).exists():
+    if not force and is_fresh(done, fp, delta_dir / ADAPTER_FILE):
         print(f"delta {spec.name}: up to date, not retrained")
         return delta_dir
     # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
