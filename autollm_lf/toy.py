@@ -56,8 +56,9 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
-def preference_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str, str]]:
-    """A behaviour to penalise: answering the reversal task by copying the input (chosen: reversed)."""
+def copied_answers(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str, str]]:
+    """n fresh code-family rows (prompt, right answer, the input copied instead), prompts added to `exclude`;
+    only strings that differ reversed, so the copy is really wrong."""
     rows = []
     while len(rows) < n:
         prompt, answer = code_task(rng)
@@ -68,17 +69,15 @@ def preference_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple
     return rows
 
 
+def preference_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str, str]]:
+    """A behaviour to penalise: answering the reversal task by copying the input (chosen: reversed)."""
+    return copied_answers(rng, n, exclude)
+
+
 def scraped_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str]]:
     """Data that hurts when trained with the rest: the code family answered in a conflicting style (the
     string copied, not reversed), as a careless scrape of "what the program prints" would give."""
-    rows = []
-    while len(rows) < n:
-        prompt, answer = code_task(rng)
-        copied = prompt.split('"')[1]
-        if prompt not in exclude and copied != answer:
-            exclude.add(prompt)
-            rows.append((prompt, copied))
-    return rows
+    return [(prompt, copied) for prompt, _, copied in copied_answers(rng, n, exclude)]
 
 
 def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_count: int = 0,
@@ -132,7 +131,8 @@ def ensure_toy(cfg) -> None:
     toy = cfg.toy
     # The generators' own source is part of the recipe: editing a task family rebuilds the database.
     db_fp = fingerprint("db", toy.seed, toy.rows_per_task, toy.preference_rows, toy.scraped_rows, ALPHABET,
-                        [inspect.getsource(f) for f in (*TASKS.values(), preference_rows, scraped_rows, build_source_db)])
+                        [inspect.getsource(f) for f in (*TASKS.values(), copied_answers, preference_rows, scraped_rows,
+                                                         build_source_db)])
     db_marker = toy.database.with_suffix(".json")
     if not toy.database.exists() or read_json(db_marker, {}).get("fingerprint") != db_fp:
         print(f"toy: building source database {toy.database}")
