@@ -115,7 +115,7 @@ def _seconds(row: dict) -> str:
     return "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
 
 
-def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> str:
+def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost: str = "") -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
              eval_sets_line(cfg),
@@ -123,8 +123,7 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg) -> st
              + (f" (density {cfg.search.density})." if cfg.search.merge != "linear" else "."), "",
              "model | validation | test | seconds |", "---|---|---|---|"]
     lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} | {_seconds(r)} |" for r in rows]
-    trials = len(read_jsonl(cfg.run.trials))
-    lines += ["", cost_line(rows, trials)] if cost_line(rows, trials) else []
+    lines += ["", cost] if cost else []
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
                                               for c in chunks) + " |"  # "-": a training-only chunk (bad cases)
@@ -239,7 +238,7 @@ def write_report(session) -> str:
         print(f"report: {run.report} up to date")
     else:
         report = _write_report_files(session, fp)
-    md = _markdown(report["rows"], chunks, session.deltas, cfg)
+    md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""))  # the line report.json holds
     print(md.split("\n\n![")[0])
     if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
         md += "\nEvaluator counts (over every row scored for this report): " + json.dumps(report["evaluation_stats"]) + "\n"
@@ -251,13 +250,14 @@ def _write_report_files(session, fp: str) -> dict:
     rows = report_rows(session)
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
+    trials = read_jsonl(run.trials)
     report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
               "merge": {"method": cfg.search.merge, "density": cfg.search.density},
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
-              "evaluation_stats": stats, "cost": cost_line(rows, len(read_jsonl(run.trials))), "fingerprint": fp}
+              "evaluation_stats": stats, "cost": cost_line(rows, len(trials)), "fingerprint": fp}
     write_json(run.report_json, report)
     images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}
-    _plot(read_jsonl(run.trials), rows, images["Search convergence"])
+    _plot(trials, rows, images["Search convergence"])
     _plot_weights(rows, session.deltas, images["Merge weights"])
     if cfg.search.granularity != "delta":
         images["Weights per module group"] = run.report / "weights_heatmap.png"
