@@ -215,7 +215,8 @@ except OSError:
 
 def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
     """Peak RSS (MB) of a process that does what a search does: load once, apply, evaluate."""
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(base), json.dumps({k: str(v) for k, v in adapters.items()})],
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(base),
+                          json.dumps({k: str(v) for k, v in adapters.items()})],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -316,8 +317,8 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
                  combos: list[tuple[str, str, str]] | None = None) -> dict:
     """On the toy's trained deltas: each (merge, granularity, optimizer) runs the real search loop (seeds, random
     points, optimiser; `trials` in all) with `seeds` seeds on the validation split (or a fixed subset of `rows` rows);
-    the weights it picks are then scored on the whole validation and test splits. train@all and the best single delta are the
-    yardsticks. One loaded model: methods and granularities are switched in place."""
+    the weights it picks are then scored on the whole validation and test splits. train@all and the best single delta
+    are the yardsticks. One loaded model: methods and granularities are switched in place."""
     from types import SimpleNamespace
 
 
@@ -355,7 +356,8 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
                                   n_iter=max(trials - n_seeds - 5, 0), optimizer=optimizer, granularity=granularity,
                                   merge=method, density=cfg.search.density)
             session_like = SimpleNamespace(score=lambda weights, split: (w.set_weights(weights), sub_scorer.score())[1],
-                                           weighted=w, scorer=lambda split: sub_scorer, cfg=SimpleNamespace(search=search))
+                                           weighted=w, scorer=lambda split: sub_scorer,
+                                           cfg=SimpleNamespace(search=search))
             with tempfile.TemporaryDirectory() as tmp:
                 started = time.perf_counter()
                 with contextlib.redirect_stdout(io.StringIO()):
@@ -377,8 +379,8 @@ def search_lines(r: dict) -> list[str]:
     if "skipped" in r:
         return ["search: " + r["skipped"]]
     y = r["yardsticks"]
-    lines = [f"search ({r['trials']} trials, {r['seeds']} seeds, picked on {r['validation_subset_rows']} validation rows; "
-             f"means over seeds):"]
+    lines = [f"search ({r['trials']} trials, {r['seeds']} seeds, "
+             f"picked on {r['validation_subset_rows']} validation rows; means over seeds):"]
     if y.get("train@all"):
         lines.append(f"  train@all                       validation {y['train@all']['validation']:.4f}  "
                      f"test {y['train@all']['test']:.4f}")
@@ -436,8 +438,8 @@ def print_table(r: dict) -> None:
 
 
 def merge_lines(m: dict) -> list[str]:
-    lines = [f"trial overhead: in place {m['overhead_seconds_ours']:.4f}s vs reload {m['overhead_seconds_reload']:.2f}s "
-             f"= {m['overhead_ratio']:.0f}x",
+    lines = [f"trial overhead: in place {m['overhead_seconds_ours']:.4f}s "
+             f"vs reload {m['overhead_seconds_reload']:.2f}s = {m['overhead_ratio']:.0f}x",
              f"whole trial:    in place {m['trial_seconds_ours']:.2f}s vs reload {m['trial_seconds_reload']:.2f}s "
              f"(plain pass {m['plain_pass_seconds']:.2f}s; the same plain pass took "
              f"{m['plain_pass_seconds_range'][0]:.2f}-{m['plain_pass_seconds_range'][1]:.2f}s over this run)",
@@ -456,7 +458,8 @@ def exact_match_line(em: dict) -> str:
         return em["skipped"]
     per_round = sorted(em["speedup_per_round"])
     return (f"teacher-forced {em['teacher_forced_seconds']:.2f}s vs generate {em['generate_seconds']:.2f}s = "
-            f"{em['speedup']:.1f}x (medians of {em['rounds']} rounds; per round {per_round[0]:.2f}-{per_round[-1]:.2f}x; "
+            f"{em['speedup']:.1f}x (medians of {em['rounds']} rounds; "
+            f"per round {per_round[0]:.2f}-{per_round[-1]:.2f}x; "
             f"without the shared-prefix cache {em['teacher_forced_no_prefix_cache_seconds']:.2f}s "
             f"= {em['speedup_no_prefix_cache']:.1f}x; last layer whole at prompt positions "
             f"{em['teacher_forced_whole_last_layer_seconds']:.2f}s = {em['speedup_whole_last_layer']:.1f}x), "

@@ -27,7 +27,8 @@ class Choice(TeacherForced):
     def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg, **kwargs):
         for n, row in enumerate(rows):
             if (problem := choice_problem(row)) is not None:
-                raise UserError(f"evaluation.metric choice: row {n} ({row.get('source')}/{row.get('row_id')}) {problem}; "
+                raise UserError(f"evaluation.metric choice: row {n} ({row.get('source')}/{row.get('row_id')}) "
+                                f"{problem}; "
                                 f"give each held-out row a `choices` column and its answer as `response`")
         self.owner = [q for q, row in enumerate(rows) for _ in row["choices"]]
         options = [{**row, "response": c} for row in rows for c in row["choices"]]

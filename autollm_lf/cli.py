@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure what a search trial costs (in place vs reload, per apply mode, ...)")
     bench.add_argument("--json", action="store_true", help="print one JSON object last")
     bench.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (figures mean little)")
-    bench.add_argument("--toy", default="examples/toy.yaml", help="toy config whose run the exact-match and BO parts use")
+    bench.add_argument("--toy", default="examples/toy.yaml",
+                       help="toy config whose run the exact-match and BO parts use")
     bench.add_argument("--only", action="append", choices=BENCH_PARTS, metavar="PART",
                        help=f"run only this part ({', '.join(BENCH_PARTS)}); repeatable; default: all")
     bench.add_argument("--rounds", type=int, default=5, metavar="N",

@@ -81,14 +81,16 @@ class GenerateSource(SourceBase):
     timeout: float = Field(120.0, gt=0)
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0)
-    cache_dir: Optional[Path] = Field(None, description="answers cached by prompt hash (default runs/<name>/cache/generate)")
+    cache_dir: Optional[Path] = Field(None, description="answers cached by prompt hash "
+                                                        "(default runs/<name>/cache/generate)")
 
 
 class BadCasesSource(SourceBase):
     """The validation rows a previous run's best merge got wrong (its report/bad_cases.jsonl)."""
     type: Literal["bad_cases"]
     run: Path = Field(description="the previous run's folder, e.g. runs/toy")
-    rejected: bool = Field(False, description="keep the model's wrong answer as `rejected` (a preference chunk: DPO/ORPO)")
+    rejected: bool = Field(False, description="keep the model's wrong answer as `rejected` "
+                                              "(a preference chunk: DPO/ORPO)")
     chunk: str = Field("bad_cases", description="chunk value of these rows")
 
 
@@ -170,14 +172,17 @@ class TrainConfig(Strict):
     train_all: bool = True
     gpus_per_delta: int = Field(1, ge=1, description="GPUs each training gets (LLaMA-Factory's torchrun for > 1); "
                                                       "the visible GPUs train that many deltas at once")
-    auto_mix: bool = Field(True, description="baseline train@auto_mix: retrain on the SFT chunks mixed by the best weights")
+    auto_mix: bool = Field(True, description="baseline train@auto_mix: "
+                                             "retrain on the SFT chunks mixed by the best weights")
     auto_mix_floor: float = Field(0.05, ge=0, lt=1, description="smallest interleave probability a chunk keeps")
 
     @model_validator(mode="after")
     def _known_methods(self):
         named = [("train.methods", m) for m in (self.methods if isinstance(self.methods, list) else [])]
-        named += [(f"train.chunk_methods.{c}", m) for c, ms in self.chunk_methods.items() if isinstance(ms, list) for m in ms]
-        named += [(f"train.templates.{m}", m) for m in self.templates] + [(f"train.method_args.{m}", m) for m in self.method_args]
+        named += [(f"train.chunk_methods.{c}", m)
+                  for c, ms in self.chunk_methods.items() if isinstance(ms, list) for m in ms]
+        named += ([(f"train.templates.{m}", m) for m in self.templates]
+                  + [(f"train.method_args.{m}", m) for m in self.method_args])
         bad = [f"{key}: unknown method {m!r}" for key, m in named if m not in METHODS]
         if bad:
             raise ValueError("; ".join(bad) + f" (methods: {', '.join(METHODS)})")
@@ -297,7 +302,8 @@ class EvaluationConfig(Strict):
 
 class ExportConfig(Strict):
     """Where `autollm export` puts the adapters so that LLaMA-Factory's WebUI lists them."""
-    saves_dir: Path = Field(Path("saves"), description="the WebUI's saves/ folder (relative: where you start the webui)")
+    saves_dir: Path = Field(Path("saves"), description="the WebUI's saves/ folder "
+                                                       "(relative: where you start the webui)")
     model_label: Optional[str] = Field(None, description="WebUI model name; default: the base's LLaMA-Factory name "
                                                          "if it is a known model, else Custom")
     deltas: bool = Field(True, description="also place every delta and baseline adapter, not only the best merge")
@@ -306,8 +312,10 @@ class ExportConfig(Strict):
 class RoundsConfig(Strict):
     """Continual rounds (`autollm run CONFIG --round K`, K >= 2): round K starts from round K-1's best merge
     merged into full weights, and adds to data.sources what is set here."""
-    bad_cases: bool = Field(True, description="add round K-1's bad cases (its validation rows the best merge got wrong)")
-    rejected: bool = Field(False, description="keep the wrong answer as `rejected`: the bad cases train a DPO/ORPO delta")
+    bad_cases: bool = Field(True, description="add round K-1's bad cases "
+                                              "(its validation rows the best merge got wrong)")
+    rejected: bool = Field(False, description="keep the wrong answer as `rejected`: "
+                                              "the bad cases train a DPO/ORPO delta")
     chunk: str = Field("bad_cases", description="chunk value of the bad cases")
     sources: list[Source] = Field(default_factory=list, description="new data for rounds >= 2, on top of data.sources")
 
@@ -356,7 +364,8 @@ class RunConfig(Strict):
     def _known_names(self):
 
         named = [("evaluation.metric", self.evaluation.metric)]
-        named += [(f"evaluation.objective.{i}.metric", p.metric) for i, p in enumerate(self.evaluation.objective) if p.metric]
+        named += [(f"evaluation.objective.{i}.metric", p.metric)
+                  for i, p in enumerate(self.evaluation.objective) if p.metric]
         for key, metric in named:
             if metric not in METRICS:
                 raise ValueError(f"{key}: unknown metric {metric!r}; choose one of {sorted(METRICS)}")

@@ -169,7 +169,8 @@ def prefix_worth_sharing(rows: int, shared: int) -> int:
     return shared if shared >= MIN_SHARED_PREFIX and rows > 1 else 0
 
 
-def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int], batch_size: int) -> tuple[float, list[list[int]]]:
+def plan_batches(encoded: list[tuple[list[int], list[int]]], order: list[int],
+                 batch_size: int) -> tuple[float, list[list[int]]]:
     """Cut `order` into consecutive batches of at most batch_size rows so that one teacher-forced pass per batch
     computes the fewest positions: each batch costs its shared prompt prefix once (where prefix_worth_sharing;
     an upper bound, as batches with the same prefix share one copy) plus rows x (longest row - prefix), plus
@@ -230,7 +231,8 @@ def _causal_mask(queries: int, offset: int, like: torch.Tensor, implementation: 
     allowed = torch.ones(queries, offset + queries, dtype=torch.bool, device=like.device).tril(offset)[None, None]
     if implementation == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+        ~allowed, torch.finfo(like.dtype).min)
 
 
 def _last_decoder_layer(model):
@@ -433,7 +435,8 @@ class Generated(Evaluator):
     def predictions(self) -> list[str]:
         out = [""] * len(self.rows)
         for index in self.prompt_length_batches():
-            new = greedy_generate(self.model, self.tokenizer, [self.encoded[i][0] for i in index], self.cfg.max_new_tokens)
+            new = greedy_generate(self.model, self.tokenizer, [self.encoded[i][0] for i in index],
+                                  self.cfg.max_new_tokens)
             for i, seq in zip(index, new):
                 out[i] = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
         return out
@@ -495,5 +498,6 @@ class Python(Generated):
         scores = load_function(self.cfg.function)(self.predictions(), [r["response"] for r in self.rows], self.rows)
         scores = list(scores)
         if len(scores) != len(self.rows):
-            raise UserError(f"evaluation.function: {self.cfg.function} returned {len(scores)} scores for {len(self.rows)} rows")
+            raise UserError(f"evaluation.function: {self.cfg.function} returned {len(scores)} scores "
+                            f"for {len(self.rows)} rows")
         return [float(s) for s in scores]

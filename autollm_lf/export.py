@@ -79,7 +79,8 @@ def _export_adapter(session, best: dict, merged: Path, fp: str) -> dict:
               f"validation {score:.4f} vs the search's {best['validation']:.4f})")
         return info
     if not math.isclose(score, best["validation"], rel_tol=1e-4, abs_tol=1e-6):  # one flipped row is far more
-        raise UserError(f"exported adapter scores {score:.4f} on validation, the search found {best['validation']:.4f}; "
+        raise UserError(f"exported adapter scores {score:.4f} on validation, "
+                        f"the search found {best['validation']:.4f}; "
                         f"the merge is not exact for these adapters (see {merged / EXPORT_MARKER})")
     print(f"export: {merged} (validation {score:.4f}, same as the search's best)")
     return info
@@ -132,7 +133,8 @@ def full_export_checked(cfg, adapter_dir: Path, yaml_path: Path, adapter_validat
     info = {"fingerprint": fp, "export_dir": str(export_dir), "full_validation": score,
             "adapter_validation": adapter_validation}
     if not math.isclose(score, adapter_validation, rel_tol=1e-4, abs_tol=1e-6):
-        raise UserError(f"the full model in {export_dir} scores {score:.4f} on validation, the adapter {adapter_validation:.4f}; "
+        raise UserError(f"the full model in {export_dir} scores {score:.4f} on validation, "
+                        f"the adapter {adapter_validation:.4f}; "
                         f"check the export log {export_dir / 'export.log'}")
     write_json(export_dir / FULL_MARKER, info)
     print(f"export --full: {export_dir} (validation {score:.4f}, same as the adapter)")

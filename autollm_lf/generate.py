@@ -118,7 +118,8 @@ def read_generate(src, where: str, cfg, docs: list[dict]) -> list[dict]:
         if why:
             malformed += 1
             if k in todo:  # logged once, when the answer arrives
-                append_jsonl(cache / "malformed.jsonl", {"key": k, "document": n, "why": why, "answer": answers[k][:500]})
+                append_jsonl(cache / "malformed.jsonl",
+                             {"key": k, "document": n, "why": why, "answer": answers[k][:500]})
             continue
         doc_id = doc.get(src.id_column, n)
         chunk = src.chunk or (doc.get(column) if column else None) or "generated"

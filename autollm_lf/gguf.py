@@ -299,7 +299,8 @@ def check_tokenizer(folder: Path, tok: GgufTokenizer) -> None:
     if len(ids) > len(CHECK_TEXT) // 2:
         problems.append(f"{len(ids)} tokens for {len(CHECK_TEXT)} characters (char-level?)")
     for i, t in enumerate(tok.tokens):
-        if tok.types[i] == CONTROL and not t.startswith("<unused") and loaded(t, add_special_tokens=False)["input_ids"] != [i]:
+        if (tok.types[i] == CONTROL and not t.startswith("<unused")
+                and loaded(t, add_special_tokens=False)["input_ids"] != [i]):
             problems.append(f"{t!r} is not the single token {i}")
     if problems:
         raise UserError(f"{KEY}: the rebuilt tokenizer in {folder} fails its check: {'; '.join(problems)}")

@@ -130,7 +130,8 @@ def teacher_forced_loss(weighted, a_names: list[str], flat: torch.Tensor, batch)
         ids[row, : len(p) + len(t)] = torch.tensor(p + t)
         labels[row, len(p): len(p) + len(t)] = torch.tensor(t)
         mask[row, : len(p) + len(t)] = 1
-    out = functional_call(model, override, args=(), kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+    out = functional_call(model, override, args=(),
+                          kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(device)})
     logits = out.logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
                                              ignore_index=-100)

@@ -86,7 +86,8 @@ def parse_record(rec: dict, entry: dict) -> dict:
     if entry.get("formatting", "alpaca") == "alpaca":
         get = lambda k: rec.get(cols.get(k, ALPACA_COLUMNS.get(k)) or "", None)
         prompt = "\n".join(p for p in (get("prompt"), get("query")) if p)
-        history = [{"role": r, "content": c} for u, a in (get("history") or []) for r, c in (("user", u), ("assistant", a))]
+        history = [{"role": r, "content": c}
+                   for u, a in (get("history") or []) for r, c in (("user", u), ("assistant", a))]
         row = {"prompt": prompt or None, "history": history, "system": get("system")}
         if ranking:
             row.update(chosen=get("chosen") or None, rejected=get("rejected") or None)

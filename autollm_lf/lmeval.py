@@ -57,7 +57,8 @@ class LmEval:
                                            verbosity="ERROR")
         except (KeyError, ValueError, FileNotFoundError) as e:
             raise UserError(f"evaluation.lm_eval: lm-eval could not run {self.specs} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); check the task names or YAML files") from None
+                            f"{str(e).splitlines()[0] if str(e) else ''}); "
+                            f"check the task names or YAML files") from None
 
     def row_scores(self) -> list[float]:
         out = self._run()

@@ -374,7 +374,8 @@ class WeightedDeltas:
         """[group][delta] -> weight, with a zero column for cat padding rows."""
         unknown = sorted(k for k in weights if k not in self.names and k not in self.params)
         if unknown:
-            raise KeyError(f"unknown deltas {unknown}; loaded: {self.names} (weights at this granularity: {self.params})")
+            raise KeyError(f"unknown deltas {unknown}; loaded: {self.names} "
+                           f"(weights at this granularity: {self.params})")
         return [[float(weights.get(param_name(d, g), weights.get(d, 0.0))) for d in self.names] + [0.0]
                 for g in self.group_names]
 
@@ -409,7 +410,8 @@ class WeightedDeltas:
         """Each cat row's entry in the flattened [group][delta] weight table (its module's group, its delta)."""
         width = len(self.names) + 1
         index = {g: i for i, g in enumerate(self.group_names)}
-        self.cat_flat = [owner + width * index[self.groups[k]] for (_, _, owner), k in zip(self.cat_rows, self.cat_index)]
+        self.cat_flat = [owner + width * index[self.groups[k]]
+                         for (_, _, owner), k in zip(self.cat_rows, self.cat_index)]
 
     def _use_fold(self) -> None:
         if any(getattr(layer, "fan_in_fan_out", False) for layer in self.cat_layers):

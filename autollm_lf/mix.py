@@ -38,7 +38,8 @@ def mix_spec(cfg, shapes: dict[str, str], best_weights: dict[str, float]):
         return None
     probs = mix_probs(weights, cfg.train.auto_mix_floor)
     args = {**cfg.train.method_args.get("sft", {}), "mix_strategy": "interleave_under",
-            "interleave_probs": ",".join(f"{p:.10f}" for p in probs.values())}  # 4 digits: sum off by 1e-4, refused by numpy
+            # 4 digits: sum off by 1e-4, refused by numpy
+            "interleave_probs": ",".join(f"{p:.10f}" for p in probs.values())}
     return DeltaSpec(MIX_DELTA, list(probs), "sft", args), probs
 
 

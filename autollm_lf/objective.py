@@ -35,7 +35,8 @@ class Objective:
         for i, part in enumerate(ev.objective):
             unknown = sorted(set(part.chunks) - set(present))
             if unknown:
-                raise UserError(f"evaluation.objective.{i}.chunks: no held-out rows of {', '.join(map(repr, unknown))}; "
+                raise UserError(f"evaluation.objective.{i}.chunks: "
+                                f"no held-out rows of {', '.join(map(repr, unknown))}; "
                                 f"the held-out rows' chunks are {', '.join(present)}")
             subset = [r for r in rows if not part.chunks or r["chunk"] in part.chunks]
             self.parts.append((part_name(part, ev.metric), part, make(part.metric or ev.metric, subset)))

@@ -120,7 +120,8 @@ class Session:
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
         if not MERGE_METHODS[self.cfg.search.merge].low_rank:
-            print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), folded into the base weights")
+            print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), "
+                  f"folded into the base weights")
         elif self.cfg.search.apply == "auto":
             w = self.weighted
             mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
@@ -167,7 +168,8 @@ def check_chunk_keys(s: Session) -> None:
                                 ("train.chunk_methods", s.cfg.train.chunk_methods, set(s.chunks))):
         unknown = sorted(set(names) - allowed)
         if unknown:
-            raise UserError(f"{key}: unknown chunk {', '.join(map(repr, unknown))}; the chunks are {', '.join(s.chunks)}"
+            raise UserError(f"{key}: unknown chunk {', '.join(map(repr, unknown))}; "
+                            f"the chunks are {', '.join(s.chunks)}"
                             f" (deltas: {', '.join(d for d in s.delta_names if d != ALL_DELTA)})")
 
 

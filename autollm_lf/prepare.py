@@ -22,7 +22,8 @@ from .train import chunk_methods
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
 
 
-KEEP = ("history", "system", "raw", "lf_entry", "train_only", "chunk_fixed")  # carried as they are (lists, dicts, flags)
+# carried as they are (lists, dicts, flags)
+KEEP = ("history", "system", "raw", "lf_entry", "train_only", "chunk_fixed")
 
 
 FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")
@@ -293,7 +294,8 @@ CONTEXT_COLUMNS = {"history": "history", "system": "system"}
 FORMATS = {  # shape -> (LLaMA-Factory record, dataset_info entry)
     "sft": (lambda r: {"instruction": r["prompt"], "output": r["response"], **_context(r)},
             {"columns": {"prompt": "instruction", "response": "output", **CONTEXT_COLUMNS}}),
-    "preference": (lambda r: {"instruction": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], **_context(r)},
+    "preference": (lambda r: {"instruction": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                              **_context(r)},
                    {"ranking": True, "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected",
                                                  **CONTEXT_COLUMNS}}),
     "kto": (lambda r: {"instruction": r["prompt"], "output": r["response"], "kto_tag": bool(r["label"]), **_context(r)},
@@ -423,5 +425,6 @@ def load_split(cfg: RunConfig, split: str) -> list[dict]:
         raise UserError(f"{cfg.run.split(split)} missing; run `autollm prepare` first")
     return [{"prompt": r["instruction"], "response": r["output"], "chunk": r["chunk"], "split": split,
              "source": r.get("source"), "row_id": r.get("row_id"),
-             "history": [{"role": role, "content": c} for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],
+             "history": [{"role": role, "content": c}
+                         for pair in r.get("history", []) for role, c in zip(("user", "assistant"), pair)],
              "system": r.get("system") or None, **({"choices": r["choices"]} if "choices" in r else {})} for r in rows]

@@ -65,7 +65,8 @@ def cost_line(rows: list[dict], trials: int) -> str:
     retrain = seconds[retrain_row] - (auto if retrain_row == f"train@{MIX_DELTA}" else 0.0)
     return (f"Cost: the search scored {trials} weightings in {search:.0f} s (after {merge:.0f} s of delta training and "
             f"set-up shared by every merge); one more retraining on a candidate mix ({retrain_row}) took "
-            f"{retrain:.0f} s, so each weighting cost {search / max(trials, 1) / max(retrain, 1e-9):.1%} of a retraining.")
+            f"{retrain:.0f} s, so each weighting cost {search / max(trials, 1) / max(retrain, 1e-9):.1%} "
+            f"of a retraining.")
 
 
 def _mix_dir(cfg):
@@ -174,8 +175,8 @@ def _plot_weights(rows: list[dict], deltas: list[str], path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(deltas) + 2), 4))
     width = 0.8 / max(len(merges), 1)
     for i, r in enumerate(merges):
-        ax.bar([j + i * width for j in range(len(deltas))], [per_delta(r["weights"]).get(d, 0.0) for d in deltas], width,
-               label=r["model"])
+        ax.bar([j + i * width for j in range(len(deltas))], [per_delta(r["weights"]).get(d, 0.0) for d in deltas],
+               width, label=r["model"])
     ax.set_xticks([j + width * (len(merges) - 1) / 2 for j in range(len(deltas))], deltas, rotation=20, ha="right")
     ax.set_ylabel("weight")
     ax.set_title("merge weights per delta")
@@ -213,7 +214,8 @@ def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | 
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    uris = [(title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()) for title, path in images.items()]
+    uris = [(title, "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode())
+            for title, path in images.items()]
     stats = report["evaluation_stats"] if any(report["evaluation_stats"].values()) else None
     return env.from_string(find_template("report.html.j2").read_text(encoding="utf-8")).render(
         name=report["name"], metric=report["metric"], rows=report["rows"], chunks=chunks, deltas=deltas,
@@ -241,7 +243,8 @@ def write_report(session) -> str:
     md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""))  # the line report.json holds
     print(md.split("\n\n![")[0])
     if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
-        md += "\nEvaluator counts (over every row scored for this report): " + json.dumps(report["evaluation_stats"]) + "\n"
+        md += ("\nEvaluator counts (over every row scored for this report): "
+               + json.dumps(report["evaluation_stats"]) + "\n")
     return md
 
 

@@ -109,6 +109,7 @@ def rounds_section(cfg: RunConfig) -> str:
              "train@all test | auto_merge validation | auto_merge test |", "---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"{r['round']} | {r['base']} | {r['validation_rows']} | {r['test_rows']} | "
               f"{r['test_rows_shared_with_round_1']} | {f(r, 'raw_validation')} | {f(r, 'raw_test')} | "
-              f"{f(r, 'train@all_test')} | {f(r, 'auto_merge_validation')} | {f(r, 'auto_merge_test')} |" for r in table]
+              f"{f(r, 'train@all_test')} | {f(r, 'auto_merge_validation')} | {f(r, 'auto_merge_test')} |"
+              for r in table]
     print("\n".join(lines[3:]))
     return "\n".join(lines) + "\n"

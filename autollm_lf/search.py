@@ -176,7 +176,8 @@ class RandomOptimizer:
         pass
 
 
-OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": GradientOptimizer}
+OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer,
+              "gradient": GradientOptimizer}
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
@@ -201,13 +202,15 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
     if len(trials) < len(plan) and not _patience_hit(stale, patience):
         print(f"search: budget {len(plan)} trials over {len(params)} weights ({len(set(map(param_delta, params)))} "
               f"deltas, granularity {cfg.search.granularity}): {seeds} seeds and random points, then "
-              f"{len(plan) - seeds} from {name}" + (f", stopping after {patience} without a new best" if patience else "")
+              f"{len(plan) - seeds} from {name}"
+              + (f", stopping after {patience} without a new best" if patience else "")
               + (f"; {len(trials)} done before" if trials else ""))
     replaced = sum(1 for t in trials if "replaces" in t)
     with tqdm(total=len(plan), initial=len(trials), desc="search", unit="trial", disable=None) as bar:
         for number in range(len(trials), len(plan)):
             if _patience_hit(stale, patience):
-                bar.write(f"search: stopped after {stale} {name} trials without a new best (search.patience: {patience}), "
+                bar.write(f"search: stopped after {stale} {name} trials without a new best "
+                          f"(search.patience: {patience}), "
                           f"{number} of {len(plan)} trials run")
                 break
             kind, weights = plan[number]
@@ -283,7 +286,8 @@ def _resume(path: Path, fp: str, discard: bool) -> list[dict]:
     if logged and (discard or logged[0].get("fingerprint") != fp):
         path.replace(path.with_name(f"trials.{logged[0].get('fingerprint')}.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
         return []
-    if path.exists() and path.read_text(encoding="utf-8") != "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in logged):
+    if path.exists() and path.read_text(encoding="utf-8") != "".join(
+            json.dumps(t, ensure_ascii=False) + "\n" for t in logged):
         atomic_write_text(path, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in logged))
     return logged
 

@@ -80,6 +80,9 @@ def scraped_rows(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[st
     return [(prompt, copied) for prompt, _, copied in copied_answers(rng, n, exclude)]
 
 
+# The source of build_source_db is part of the toy database's fingerprint (ensure_toy), so its two long
+# CREATE TABLE lines stay as they are: rewrapping them would rebuild every existing toy database.
+# ruff: disable[E501]
 def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_count: int = 0,
                     scraped_rows_count: int = 0) -> Path:
     """A real SQLite database: `examples(id, task, prompt, response)`, prompts unique per task,
@@ -111,6 +114,7 @@ def build_source_db(path: Path, seed: int, rows_per_task: int, preference_rows_c
                        scraped_rows(random.Random(seed + 3), scraped_rows_count, seen))
     tmp.replace(path)
     return path
+# ruff: enable[E501]
 
 
 def _base_corpus(seed: int, n: int, exclude: set[str]) -> list[dict]:
@@ -141,7 +145,8 @@ def ensure_toy(cfg) -> None:
 
     base = cfg.base_model.path
     examples_fp = fingerprint(toy.seed, toy.rows_per_task, ALPHABET, [inspect.getsource(f) for f in TASKS.values()])
-    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, examples_fp, inspect.getsource(_base_corpus),
+    base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, examples_fp,
+                          inspect.getsource(_base_corpus),
                           (Path(__file__).parent.parent / "templates" / "toy_base_full.yaml.j2").read_text())
     if is_fresh(read_json(base / "autollm_toy.json", {}), base_fp):
         return
@@ -153,7 +158,9 @@ def ensure_toy(cfg) -> None:
     with sqlite3.connect(f"file:{toy.database}?mode=ro", uri=True) as db:
         exclude = {p for (p,) in db.execute("SELECT prompt FROM examples")}
     write_json(work / "data" / "base_mix.json", _base_corpus(toy.seed, toy.base_train_rows, exclude))
-    write_json(work / "data" / "dataset_info.json", {"base_mix": {"file_name": "base_mix.json", "columns": {"prompt": "instruction", "response": "output"}}})
+    write_json(work / "data" / "dataset_info.json",
+               {"base_mix": {"file_name": "base_mix.json",
+                             "columns": {"prompt": "instruction", "response": "output"}}})
     shutil.rmtree(base, ignore_errors=True)
     yaml_path = work / "base.yaml"
     atomic_write_text(yaml_path, render_template(

@@ -128,7 +128,8 @@ def template_problem(template_file: str, method: str) -> str | None:
 def render_template(template_file: str, overrides: dict[str, Any], **variables: Any) -> str:
     path = find_template(template_file)
     if path is None:
-        raise UserError(f"train.template: no template {template_file!r} in {TEMPLATES_DIR}; name a file there or give a path")
+        raise UserError(f"train.template: no template {template_file!r} in {TEMPLATES_DIR}; "
+                        f"name a file there or give a path")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     text = env.from_string(path.read_text(encoding="utf-8")).render(**variables)
     return apply_overrides(text, overrides)
@@ -307,7 +308,8 @@ def check_template(name: str, model_dir: Path) -> None:
     if template is None:
         close = difflib.get_close_matches(name, list(TEMPLATES), n=3)
         raise UserError(f"base_model.template: LLaMA-Factory has no template {name!r}"
-                        + (f"; did you mean {' or '.join(close)}?" if close else "; see LLaMA-Factory's data/template.py"))
+                        + (f"; did you mean {' or '.join(close)}?" if close
+                           else "; see LLaMA-Factory's data/template.py"))
     if not _is_multimodal(template) or any((Path(model_dir) / f).is_file() for f in PROCESSOR_FILES):
         return
     twins = [n for n, t in TEMPLATES.items() if not _is_multimodal(t) and _layout(t) == _layout(template)]
@@ -326,7 +328,8 @@ def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool
     jobs = {spec.name: (lambda devices, spec=spec: train_one(cfg, spec, base_fp, force, devices or None))
             for spec in delta_specs(cfg, shapes)}
     if len(groups) > 1:
-        print(f"train: {len(jobs)} deltas on {len(groups)} device groups ({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in groups)})")
+        print(f"train: {len(jobs)} deltas on {len(groups)} device groups "
+              f"({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in groups)})")
     adapters, failed = run_on_devices(jobs, groups, keep_going)
     if failed:
         print(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas", file=sys.stderr)

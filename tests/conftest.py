@@ -158,7 +158,8 @@ def write_config(tmp_path, tiny_model, name="e2e", search=None, **train_args):
     cfg = {
         "name": name, "seed": 0, "base_model": {"path": str(tiny_model), "template": "default"},
         "data": {"sources": [{"type": "sql", "url": f"sqlite:///{db}",
-                              "query": "SELECT id, task, prompt, response FROM examples WHERE task IN ('math', 'code')"}],
+                              "query": "SELECT id, task, prompt, response FROM examples "
+                                       "WHERE task IN ('math', 'code')"}],
                  "chunk_by": "task", "validation_per_chunk": 6, "test_per_chunk": 6},
         "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1,
                            "learning_rate": 0.01, **train_args}},

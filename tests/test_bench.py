@@ -37,4 +37,5 @@ def test_bench_only_one_part(tmp_path):
 def test_bench_rounds_must_be_positive():
     res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--rounds", "0"], capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: bench --rounds: 0 is not a positive number of rounds; give 1 or more"]
+    assert res.stderr.strip().splitlines() == [
+        "error: bench --rounds: 0 is not a positive number of rounds; give 1 or more"]

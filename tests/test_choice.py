@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 import yaml
+from conftest import autollm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.choice import Choice
 from autollm_lf.config import EvaluationConfig
 from autollm_lf.errors import UserError
-from conftest import autollm
 
 rng = random.Random(0)
 WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bb", "ccab"]
@@ -54,7 +54,8 @@ def test_choice_equals_a_plain_per_choice_loop(tiny_model, batch_size):
         slow = per_choice_loop(model, ev, rows)
         assert [len(x) for x in fast] == [len(r["choices"]) for r in rows]
         assert all(abs(f - s) < 1e-4 for fr, sr in zip(fast, slow) for f, s in zip(fr, sr))
-        pick = lambda lls, row: max(range(len(lls)), key=lambda j: lls[j] / (len(row["choices"][j]) if normalize else 1))
+        pick = lambda lls, row: max(range(len(lls)),
+                                    key=lambda j: lls[j] / (len(row["choices"][j]) if normalize else 1))
         expected = [float(pick(s, r) == r["choices"].index(r["response"])) for s, r in zip(slow, rows)]
         assert ev.row_scores() == expected
     assert set(ev.last) == {"acc", "acc_norm"}

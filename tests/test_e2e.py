@@ -3,7 +3,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import autollm, write_config
 
 pytestmark = pytest.mark.slow  # real llamafactory-cli runs
@@ -39,8 +38,8 @@ def test_report_and_search_contents(first_run):
     run = tmp / "runs" / "e2e"
     report = json.loads((run / "report" / "report.json").read_text())
     models = [r["model"] for r in report["rows"]]
-    assert models == ["raw", "train@all", "train@code-sft", "train@math-sft", "average_merge", "human_merge", "auto_merge",
-                      "train@auto_mix"]
+    assert models == ["raw", "train@all", "train@code-sft", "train@math-sft", "average_merge", "human_merge",
+                      "auto_merge", "train@auto_mix"]
     assert all(0.0 <= r[k] <= 1.0 for r in report["rows"] for k in ("validation", "test"))
     trials = [json.loads(l) for l in (run / "search" / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 2 + 2 + 1 + 2 + 3  # raw, uniform, one-hot x2, human, random x2, bayes_opt x3
@@ -58,7 +57,8 @@ def test_report_and_search_contents(first_run):
 def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
     tmp, cfg, _ = first_run
     run = tmp / "runs" / "e2e"
-    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns for d in ("math-sft", "code-sft", "all", "auto_mix")}
+    mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns
+              for d in ("math-sft", "code-sft", "all", "auto_mix")}
     trials_before = (run / "search" / "trials.jsonl").read_text()
     outputs = [run / p for p in ("data/validation.json", "data/math.json", "report/report.json", "report/report.html",
                                  "merged/adapter_model.safetensors", "export.yaml", "chat.yaml")]

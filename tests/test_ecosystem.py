@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import autollm, write_config
 
 from autollm_lf.mix import mix_probs
-
-from conftest import autollm, write_config
 
 pytestmark = pytest.mark.slow  # real llamafactory-cli runs
 
@@ -50,7 +49,8 @@ def test_saves_follow_the_webui_layout(exported):
     assert sorted(p.name for p in lora.iterdir()) == sorted(
         f"eco-{n}" for n in ("best", "math-sft", "code-sft", "all", "auto_mix"))
     best = lora / "eco-best"
-    assert (best / "adapter_model.safetensors").read_bytes() == (run / "merged" / "adapter_model.safetensors").read_bytes()
+    assert ((best / "adapter_model.safetensors").read_bytes()
+            == (run / "merged" / "adapter_model.safetensors").read_bytes())
     user = yaml.safe_load((tmp / "llamaboard_cache" / "user_config.yaml").read_text())
     base = yaml.safe_load((run / "config.resolved.yaml").read_text())["base_model"]["path"]
     assert user["path_dict"]["Custom"] == base and user["last_model"] == "Custom"
@@ -88,8 +88,8 @@ def test_chat_yaml_loads_in_chatmodel_and_answers_like_our_greedy_decoding(expor
     from peft import PeftModel
 
     from autollm_lf.config import load_config
-    from autollm_lf.metrics import make_evaluator
     from autollm_lf.merge import load_base
+    from autollm_lf.metrics import make_evaluator
     from autollm_lf.prepare import load_split
 
     _, run, _ = exported
@@ -190,8 +190,8 @@ def test_webui_lists_the_exported_adapters_and_loads_the_best(exported, tmp_path
 
     tmp, _, _ = exported
     port = _free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
-               DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False", DISABLE_VERSION_CHECK="1", HF_HUB_OFFLINE="1")
     cli = Path(sys.executable).with_name("llamafactory-cli")
     log = open(tmp_path / "webui.log", "w")
     server = subprocess.Popen([str(cli), "webui"], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -211,10 +211,12 @@ def test_webui_lists_the_exported_adapters_and_loads_the_best(exported, tmp_path
         checkpoint.click()
         want = {f"eco-{n}" for n in ("best", "math-sft", "code-sft", "all", "auto_mix")}
         options = lambda: {o.text.strip(): o for o in driver.find_elements(By.CSS_SELECTOR, "ul.options li")}
-        listed = _wait_for(lambda: (found := set(options())) >= want and found, 30, f"checkpoints {sorted(want)} in the list")
+        listed = _wait_for(lambda: (found := set(options())) >= want and found, 30,
+                           f"checkpoints {sorted(want)} in the list")
         driver.save_screenshot(str(ARTIFACTS / "webui_checkpoints.png"))
         assert want <= listed
-        _wait_for(lambda: (o := options().get("eco-best")) is not None and (o.click() or True), 20, "a click on eco-best")
+        _wait_for(lambda: (o := options().get("eco-best")) is not None and (o.click() or True), 20,
+                  "a click on eco-best")
         checkpoint.send_keys(Keys.ESCAPE)
         click = lambda xpath: driver.execute_script("arguments[0].click()", driver.find_element(By.XPATH, xpath))
         click("//button[@role='tab' and normalize-space()='Chat']")

@@ -24,7 +24,8 @@ def lf_training_ids(tok, row, cutoff_len):
     from llamafactory.hparams import DataArguments
 
     template = _template(tok, "default")
-    processor = SupervisedDatasetProcessor(template, tok, None, DataArguments(template="default", cutoff_len=cutoff_len))
+    processor = SupervisedDatasetProcessor(template, tok, None,
+                                           DataArguments(template="default", cutoff_len=cutoff_len))
     messages = list(row.get("history", [])) + [{"role": "user", "content": row["prompt"]}]
     return processor._encode_data_example(messages, [{"role": "assistant", "content": row["response"]}], None, None,
                                           [], [], [])

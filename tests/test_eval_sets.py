@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import autollm
 
 from autollm_lf.config import RunConfig
 from autollm_lf.errors import UserError
 from autollm_lf.prepare import prepare
-from conftest import autollm
 
 LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "autollm_layout"
 DELTAS = ["delta_1", "delta_2", "delta_3", "delta_4"]
@@ -90,7 +90,8 @@ def test_autollm_layout_runs_end_to_end(tmp_path, tiny_model):
     res = autollm("run", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = (tmp_path / "runs" / "layout" / "report" / "report.md").read_text()
-    assert "Validation: 40 rows of evaluation.validation (eval_data). Test: 40 rows of evaluation.test (test_data)." in report
+    assert ("Validation: 40 rows of evaluation.validation (eval_data). "
+            "Test: 40 rows of evaluation.test (test_data).") in report
     rows = json.loads((tmp_path / "runs" / "layout" / "report" / "report.json").read_text())["rows"]
     assert {r["model"] for r in rows} >= {"raw", "train@all", "auto_merge", *(f"train@{d}-sft" for d in DELTAS)}
     assert all(set(r["test_by_chunk"]) == set(DELTAS) for r in rows)

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig
-from autollm_lf.metrics import METRICS
 from autollm_lf.evaluate import ExactMatch, NegativeLoss, encode_prompt_response, plan_batches
+from autollm_lf.metrics import METRICS
 
 
 def half_trained(tiny_model, rows, tok, steps: int = 120):
@@ -60,8 +60,10 @@ def test_generated_metrics_agree_with_one_by_one_generation(tiny_model):
     single = greedy_answers(model, tok, rows)
     assert evaluator.predictions() == single
     assert evaluator.row_scores() == [float(r["response"] in s) for r, s in zip(rows, single)]
-    regex = METRICS["regex"](model, tok, "default", rows, EvaluationConfig(metric="regex", pattern=r"^(\w{2})", max_new_tokens=8))
-    assert regex.row_scores() == [float(s[:2] == r["response"] and len(s) >= 2 and s[:2].isalnum()) for r, s in zip(rows, single)]
+    regex = METRICS["regex"](model, tok, "default", rows,
+                             EvaluationConfig(metric="regex", pattern=r"^(\w{2})", max_new_tokens=8))
+    assert regex.row_scores() == [float(s[:2] == r["response"] and len(s) >= 2 and s[:2].isalnum())
+                                  for r, s in zip(rows, single)]
 
 
 def test_numeric_and_python_and_loss(tiny_model, tmp_path, monkeypatch):
@@ -73,9 +75,11 @@ def test_numeric_and_python_and_loss(tiny_model, tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = [{"prompt": "ab", "response": "a"}, {"prompt": "cd", "response": "cdcd"}]
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    (tmp_path / "my_metric.py").write_text("def score(preds, refs, rows):\n    return [len(p) + len(r) for p, r in zip(preds, refs)]\n")
+    (tmp_path / "my_metric.py").write_text("def score(preds, refs, rows):\n"
+                                           "    return [len(p) + len(r) for p, r in zip(preds, refs)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    py = METRICS["python"](model, tok, "default", rows, EvaluationConfig(metric="python", function="my_metric:score", max_new_tokens=3))
+    py = METRICS["python"](model, tok, "default", rows,
+                           EvaluationConfig(metric="python", function="my_metric:score", max_new_tokens=3))
     preds = py.predictions()
     assert py.row_scores() == [float(len(p) + len(r["response"])) for p, r in zip(preds, rows)]
     loss = METRICS["loss"](model, tok, "default", rows, EvaluationConfig(metric="loss"))
@@ -97,7 +101,8 @@ def test_shared_prefix_cache_gives_the_same_scores(tiny_model):
     rows = [{"prompt": w, "response": w[:2], "system": SYSTEM if i % 3 else None} for i, w in enumerate(words)]
     model = half_trained(tiny_model, rows[:20], tok, steps=400)
     cfg = EvaluationConfig(batch_size=8)
-    shared, plain = ExactMatch(model, tok, "default", rows, cfg), ExactMatch(model, tok, "default", rows, cfg, share_prefix=False)
+    shared, plain = (ExactMatch(model, tok, "default", rows, cfg),
+                     ExactMatch(model, tok, "default", rows, cfg, share_prefix=False))
     assert any(len(b.prefix) > 250 for b in shared.batches)
     assert len(shared.prefixes) < sum(bool(b.prefix) for b in shared.batches)  # batches share one copy of it
     assert not any(b.prefix for b in plain.batches)
@@ -123,7 +128,8 @@ def test_sliding_window_model_scores_as_a_plain_pass(tiny_model):
     rows = [{"prompt": w, "response": w[::-1], "system": systems[i % 2]}
             for i, w in enumerate(("abc", "bcd", "cab", "dcba", "ab", "ba", "cc", "dab"))]
     cfg = EvaluationConfig(metric="loss", batch_size=4)
-    default, plain = NegativeLoss(model, tok, "default", rows, cfg), NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False)
+    default, plain = (NegativeLoss(model, tok, "default", rows, cfg),
+                      NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False))
     assert torch.allclose(torch.tensor(default.row_scores()), torch.tensor(plain.row_scores()), atol=1e-5)
 
 
@@ -137,7 +143,8 @@ def test_plan_batches_covers_every_row_once_and_prefers_shared_prefixes():
     assert sorted(i for b in batches for i in b) == list(range(60))
     assert all(0 < len(b) <= 16 for b in batches)
     assert not any(encoded[b[0]][0][:40] == system and encoded[b[-1]][0][:40] != system for b in batches)
-    padded = sum(len(b) * max(len(encoded[i][0]) + 1 for i in b) for b in (by_prompt[s:s + 16] for s in range(0, 60, 16)))
+    padded = sum(len(b) * max(len(encoded[i][0]) + 1 for i in b)
+                 for b in (by_prompt[s:s + 16] for s in range(0, 60, 16)))
     assert cost < padded
 
 
@@ -161,7 +168,8 @@ def test_last_layer_runs_only_the_answer_positions(tiny_model):
     (where the cut layer builds its own causal mask)."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rng = random.Random(2)
-    rows = [{"prompt": "".join(rng.choice("abcd") for _ in range(rng.randint(2, 9))), "response": "ab" * rng.randint(1, 3),
+    rows = [{"prompt": "".join(rng.choice("abcd") for _ in range(rng.randint(2, 9))),
+             "response": "ab" * rng.randint(1, 3),
              "system": SYSTEM[: 40 + 10 * (i % 2)]} for i in range(24)]
     for kind, implementation, share in [("llama", "sdpa", True), ("llama", "sdpa", False), ("llama", "eager", True),
                                          ("llama", "eager", False), ("qwen2", "sdpa", True), ("qwen3", "sdpa", False)]:
@@ -171,14 +179,16 @@ def test_last_layer_runs_only_the_answer_positions(tiny_model):
         cut = NegativeLoss(model, tok, "default", rows, cfg, share_prefix=share)
         whole = NegativeLoss(model, tok, "default", rows, cfg, share_prefix=False, keys_only_prompts=False)
         seen = []
-        hook = model.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2].numel()))
+        hook = model.model.layers[-1].mlp.register_forward_hook(
+            lambda m, args, out: seen.append(args[0].shape[:2].numel()))
         cut_scores = cut.row_scores()
         hook.remove()
         assert any(b.prefix for b in cut.batches) == share
         scored = sum(b.input_ids.shape[0] * b.scored for b in cut.batches)
         assert sum(seen) == cut.prefixes.numel() + scored, (kind, implementation, share)  # prefix call: whole layer
         assert scored < sum(b.input_ids.numel() for b in cut.batches)
-        assert torch.allclose(torch.tensor(cut_scores), torch.tensor(whole.row_scores()), atol=1e-5), (kind, implementation)
+        assert torch.allclose(torch.tensor(cut_scores), torch.tensor(whole.row_scores()),
+                              atol=1e-5), (kind, implementation)
         em_cut = ExactMatch(model, tok, "default", rows, cfg, share_prefix=share)
         em_whole = ExactMatch(model, tok, "default", rows, cfg, share_prefix=False, keys_only_prompts=False)
         assert em_cut.row_scores() == em_whole.row_scores()

@@ -10,8 +10,8 @@ import pytest
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
 from autollm_lf.generate import parse_examples
-from autollm_lf.sources import read_rows
 from autollm_lf.prepare import prepare
+from autollm_lf.sources import read_rows
 
 GOOD = json.dumps([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(3)])
 ANSWERS = {  # document marker -> the scripted model's answer
@@ -79,7 +79,8 @@ def make_cfg(tmp_path, url, docs, **gen):
 @pytest.mark.parametrize("answer,n,bad,why", [
     (GOOD, 3, 0, None), (ANSWERS["FENCED"], 1, 0, None), (ANSWERS["PARTIAL"], 1, 2, None),
     ("nothing", 0, 0, "no JSON list in the answer"), ('{"a": 1}', 0, 0, "the JSON is not a list"),
-    ('[{"x": 1}]', 0, 1, "no item has a prompt and a response"), ('{"examples": [{"prompt": "p", "response": "r"}]}', 1, 0, None)])
+    ('[{"x": 1}]', 0, 1, "no item has a prompt and a response"),
+    ('{"examples": [{"prompt": "p", "response": "r"}]}', 1, 0, None)])
 def test_parse_examples(answer, n, bad, why):
     examples, nbad, reason = parse_examples(answer)
     assert (len(examples), nbad, reason) == (n, bad, why)

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import write_config
 
 pytestmark = pytest.mark.slow  # real llamafactory-cli runs
@@ -61,7 +60,8 @@ def test_sigkill_during_training_and_search(tiny_model, tmp_path):
     assert (run / "deltas" / "code-sft" / "adapter_model.safetensors").stat().st_mtime_ns == code_mtime
     final = lines(run / "search" / "trials.jsonl")
     # timings differ, and so do fingerprints (they hash absolute paths): compare everything else
-    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds", "fingerprint")} for l in ls]
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds", "fingerprint")}
+                        for l in ls]
     assert strip(final[: len(logged)]) == strip(logged)  # no trial lost or redone
     ref_run = ref_dir / "runs" / "r"
     assert strip(final) == strip(lines(ref_run / "search" / "trials.jsonl"))

@@ -1,9 +1,9 @@
 """An existing LLaMA-Factory data directory used as chunks unchanged: alpaca and sharegpt/openai entries,
 multi-turn conversations, ranking and kto entries; trained for real with the right method each."""
-import pytest
 import json
 import random
 
+import pytest
 import yaml
 from transformers import AutoTokenizer
 
@@ -36,7 +36,8 @@ def make_dataset_dir(root, n=16):
         "alpaca_sft": {"file_name": "alpaca_sft.json"},
         "chat_sft": {"file_name": "chat_sft.json", "formatting": "sharegpt", "columns": {"messages": "conversations"}},
         "chat_pref": {"file_name": "chat_pref.json", "formatting": "sharegpt", "ranking": True,
-                      "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"}, "tags": openai_tags},
+                      "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"},
+                      "tags": openai_tags},
         "alpaca_pref": {"file_name": "alpaca_pref.json", "ranking": True,
                         "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
         "chat_kto": {"file_name": "chat_kto.json", "formatting": "sharegpt",

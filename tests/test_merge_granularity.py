@@ -130,7 +130,8 @@ def dense_norm_model(base_path, adapters, weighted, weights):
         if not (hasattr(layer, "lora_A") and name in groups):
             continue
         present = [d for d in "abc" if d in layer.lora_A]
-        factors = [(layer.lora_A[d].weight.double(), layer.lora_B[d].weight.double(), layer.scaling[d]) for d in present]
+        factors = [(layer.lora_A[d].weight.double(), layer.lora_B[d].weight.double(), layer.scaling[d])
+                   for d in present]
         g = groups[name]
         w = [weights.get(f"{d}@{g}" if g else d, weights.get(d, 0.0)) for d in present]
         deltas[name.removeprefix("base_model.model.") + ".weight"] = normalized_delta(factors, w)

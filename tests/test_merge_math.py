@@ -7,7 +7,8 @@ from autollm_lf.merge import cat_factors, delta_weight, weighted_delta
 
 def random_factors(n, seed, d_in=12, d_out=10):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(r, d_in, generator=g, dtype=torch.float64), torch.randn(d_out, r, generator=g, dtype=torch.float64),
+    return [(torch.randn(r, d_in, generator=g, dtype=torch.float64),
+             torch.randn(d_out, r, generator=g, dtype=torch.float64),
              float(torch.rand(1, generator=g)) + 0.5) for r in (2, 4, 3)[:n]]
 
 

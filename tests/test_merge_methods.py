@@ -5,8 +5,17 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from autollm_lf.merge import (MERGE_METHODS, WeightedDeltas, dare_drop, dare_seed, linear_sum, magnitude_threshold,
-                              ties_norm_sum, ties_sum, trim)
+from autollm_lf.merge import (
+    MERGE_METHODS,
+    WeightedDeltas,
+    dare_drop,
+    dare_seed,
+    linear_sum,
+    magnitude_threshold,
+    ties_norm_sum,
+    ties_sum,
+    trim,
+)
 
 INPUT = torch.tensor([[5, 17, 33, 40, 71, 2, 9, 60, 61, 62], [40, 41, 42, 5, 6, 7, 8, 9, 10, 11]])
 METHODS = list(MERGE_METHODS)

@@ -9,7 +9,8 @@ OUT, IN = 10, 12
 
 def random_factors(n, seed, ranks=(2, 4, 3)):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(r, IN, generator=g, dtype=torch.float64), torch.randn(OUT, r, generator=g, dtype=torch.float64),
+    return [(torch.randn(r, IN, generator=g, dtype=torch.float64),
+             torch.randn(OUT, r, generator=g, dtype=torch.float64),
              float(torch.rand(1, generator=g)) + 0.5) for r in ranks[:n]]
 
 
@@ -61,7 +62,8 @@ def test_linear_norm_keeps_exclusive_parts_fully(seed):
     """Deltas writing to orthogonal output directions are each kept in full: the plain sum."""
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(OUT, OUT, generator=g, dtype=torch.float64))
-    f = [(torch.randn(3, IN, generator=g, dtype=torch.float64), basis[:, 3 * i:3 * i + 3] @ torch.randn(3, 3, generator=g, dtype=torch.float64), 2.0)
+    f = [(torch.randn(3, IN, generator=g, dtype=torch.float64),
+          basis[:, 3 * i:3 * i + 3] @ torch.randn(3, 3, generator=g, dtype=torch.float64), 2.0)
          for i in range(3)]
     torch.testing.assert_close(normalized_delta(f, [1.0, 1.0, 1.0]), weighted_delta(f, [1.0, 1.0, 1.0]))
 
@@ -94,7 +96,8 @@ def ties_norm_reference(deltas, weights):
 @pytest.mark.parametrize("seed", range(4))
 def test_ties_norm_equals_reference(seed):
     g = torch.Generator().manual_seed(seed)
-    deltas = [torch.randn(8, 6, generator=g, dtype=torch.float64) * (torch.rand(8, 6, generator=g) < 0.6) for _ in range(3)]
+    deltas = [torch.randn(8, 6, generator=g, dtype=torch.float64) * (torch.rand(8, 6, generator=g) < 0.6)
+              for _ in range(3)]
     w = (torch.rand(3, generator=g, dtype=torch.float64) * 2).tolist()
     torch.testing.assert_close(ties_norm_sum(zip(deltas, w)), ties_norm_reference(deltas, w))
 

@@ -64,7 +64,8 @@ def test_shapes_detected_and_written_for_llamafactory(tmp_path):
 def test_rows_that_do_not_fit_the_shape_are_named(tmp_path):
     rows = mixed_rows()
     del rows[5]["rejected"]  # a pref row
-    with pytest.raises(UserError, match=r"row 5 of file:0 has no rejected \(chunk 'pref' holds prompt with chosen/rejected"):
+    with pytest.raises(UserError,
+                       match=r"row 5 of file:0 has no rejected \(chunk 'pref' holds prompt with chosen/rejected"):
         prepare(make_cfg(tmp_path, write_source(tmp_path, rows)))
     rows = mixed_rows()
     for r in rows:  # labels as strings are fine ("true"/"false"), anything else is named
@@ -88,9 +89,11 @@ def test_delta_per_chunk_and_method_and_misfit_error(tmp_path):
         delta_specs(bad, shapes)
 
 
-@pytest.mark.parametrize("method,stage,extra", [("dpo", "dpo", {"pref_loss": "sigmoid"}), ("orpo", "dpo", {"pref_loss": "orpo"}),
+@pytest.mark.parametrize("method,stage,extra", [("dpo", "dpo", {"pref_loss": "sigmoid"}),
+                                                ("orpo", "dpo", {"pref_loss": "orpo"}),
                                                 ("simpo", "dpo", {"pref_loss": "simpo", "simpo_gamma": 0.5}),
-                                                ("kto", "kto", {"kto_chosen_weight": 1.0}), ("pt", "pt", {}), ("sft", "sft", {})])
+                                                ("kto", "kto", {"kto_chosen_weight": 1.0}),
+                                                ("pt", "pt", {}), ("sft", "sft", {})])
 def test_templates_per_stage(method, stage, extra):
     from autollm_lf.methods import METHODS
 

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import yaml
+from conftest import autollm, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import RunConfig
 from autollm_lf.errors import UserError
 from autollm_lf.objective import PENALTY, Objective
-from conftest import autollm, write_config
 
 ROWS = [{"prompt": p, "response": p[::-1], "chunk": c, "source": "s", "row_id": str(i)}
         for i, (p, c) in enumerate([("ab", "x"), ("abc", "x"), ("ba", "y"), ("cab", "y"), ("bca", "y")])]

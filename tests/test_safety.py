@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import chat_stub
 
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
 from autollm_lf.errors import mask_secrets
 from autollm_lf.sqlsource import read_only_engine
-from conftest import chat_stub
 
 
 def make_db(path: Path, n: int = 20) -> Path:
@@ -308,7 +308,8 @@ def test_tool_turns_refused_with_one_line(tmp_path, capsys):
                                 {"from": "observation", "value": '{"ok": true}'},
                                 {"from": "gpt", "value": "done"}]} for i in range(12)]
     (root / "tools.json").write_text(json.dumps(chats))
-    (root / "dataset_info.json").write_text(json.dumps({"tools": {"file_name": "tools.json", "formatting": "sharegpt"}}))
+    (root / "dataset_info.json").write_text(
+        json.dumps({"tools": {"file_name": "tools.json", "formatting": "sharegpt"}}))
     cfg = config(tmp_path, [{"type": "llamafactory", "dataset_dir": str(root), "datasets": ["tools"]}])
     err = one_line_error(*run_cli(tmp_path, cfg, capsys=capsys))
     assert "record 0 of dataset 'tools': it has tool turns" in err and len(err.splitlines()) == 1

@@ -1,8 +1,8 @@
 """The search loop with a known objective (no model): seeds first, every trial logged, restart-safe."""
 import json
+from types import SimpleNamespace
 
 import pytest
-from types import SimpleNamespace
 
 from autollm_lf.config import SearchConfig
 from autollm_lf.search import plan_trials, run_search, seed_points
@@ -57,9 +57,11 @@ def test_restart_continues_to_the_same_trials(tmp_path):
     run_search(make_cfg(cut_dir), session, DELTAS, fp="x")
     resumed = (cut_dir / "search" / "trials.jsonl").read_text().splitlines()
     assert session.calls == len(full) - 13  # nothing re-evaluated
-    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds")} for l in lines]
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds")}
+                           for l in lines]
     assert strip(resumed) == strip(full)
-    assert json.loads((cut_dir / "search" / "best.json").read_text()) == json.loads((full_dir / "search" / "best.json").read_text())
+    assert (json.loads((cut_dir / "search" / "best.json").read_text())
+            == json.loads((full_dir / "search" / "best.json").read_text()))
 
 
 def test_finished_search_is_not_rerun_and_changed_search_starts_over(tmp_path):
@@ -167,7 +169,8 @@ def test_optimizer_resumes_after_kill_to_the_same_result(tmp_path, optimizer):
         session = FakeSession()
         run_search(cfg(d), session, DELTAS, fp="x")
         resumed = (d / "search" / "trials.jsonl").read_text().splitlines()
-        strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds")} for l in lines]
+        strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds")}
+                               for l in lines]
         assert session.calls == len(full) - cut
         assert strip(resumed) == strip(full)
 
@@ -176,12 +179,14 @@ def test_optimizer_is_seeded(tmp_path):
     runs = []
     for seed_dir in ("x", "y"):
         run_search(corner_cfg(tmp_path / seed_dir, "cmaes", n_iter=10), FakeSession(), DELTAS, fp="x")
-        runs.append([json.loads(l)["weights"] for l in (tmp_path / seed_dir / "search" / "trials.jsonl").read_text().splitlines()])
+        runs.append([json.loads(l)["weights"]
+                     for l in (tmp_path / seed_dir / "search" / "trials.jsonl").read_text().splitlines()])
     assert runs[0] == runs[1]
     other = corner_cfg(tmp_path / "z", "cmaes", n_iter=10)
     other.seed = 4
     run_search(other, FakeSession(), DELTAS, fp="x")
-    assert [json.loads(l)["weights"] for l in (tmp_path / "z" / "search" / "trials.jsonl").read_text().splitlines()][-1] != runs[0][-1]
+    assert [json.loads(l)["weights"]
+            for l in (tmp_path / "z" / "search" / "trials.jsonl").read_text().splitlines()][-1] != runs[0][-1]
 
 
 def test_granular_weights_seed_per_delta():

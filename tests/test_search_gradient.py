@@ -19,7 +19,8 @@ class TinyScorer:
     def __init__(self, model, n=16, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.model = model
-        self.encoded = [(torch.randint(5, 90, (6,), generator=g).tolist(), torch.randint(5, 90, (3,), generator=g).tolist())
+        self.encoded = [(torch.randint(5, 90, (6,), generator=g).tolist(),
+                         torch.randint(5, 90, (3,), generator=g).tolist())
                         for _ in range(n)]
         self.rows = [{"chunk": "x"}] * n
 
@@ -105,7 +106,8 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
         weighted.set_weights(point)
         x = torch.tensor([point[p] for p in weighted.params])
         with torch.no_grad():
-            value = gradient.teacher_forced_loss(weighted, a_names, gradient.full_table(weighted, weighted.params, x), batch)
+            value = gradient.teacher_forced_loss(weighted, a_names,
+                                                 gradient.full_table(weighted, weighted.params, x), batch)
         weighted._use_fold()
         return value.item()
 

@@ -35,12 +35,13 @@ def test_run_stops_before_training_with_one_line(tiny_model, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "task": "ab"[i % 2]}) + "\n"
                             for i in range(40)))
-    cfg = {"name": "tpl", "run_dir": str(tmp_path / "runs"), "base_model": {"path": str(tiny_model), "template": "gemma3"},
+    cfg = {"name": "tpl", "run_dir": str(tmp_path / "runs"),
+           "base_model": {"path": str(tiny_model), "template": "gemma3"},
            "data": {"sources": [{"type": "file", "path": str(data)}], "validation_per_chunk": 4, "test_per_chunk": 4}}
     path = tmp_path / "tpl.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(path)], capture_output=True, text=True, check=False,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(path)], capture_output=True, text=True,
+                         check=False, timeout=600)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: base_model.template: 'gemma3'"), res.stderr

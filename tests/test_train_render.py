@@ -33,7 +33,8 @@ def test_rendered_template_is_valid_llamafactory_yaml(tmp_path):
 def fake_cfg(tmp_path, **args):
     return SimpleNamespace(out=tmp_path / "run", run=RunDir(tmp_path / "run"), seed=0,
                            base_model=SimpleNamespace(path=tmp_path / "m", template="default"),
-                           train=SimpleNamespace(template_for=lambda method: "sft_lora.yaml.j2", args=args, chunk_args={}))
+                           train=SimpleNamespace(template_for=lambda method: "sft_lora.yaml.j2", args=args,
+                                                 chunk_args={}))
 
 
 def test_hand_edited_config_is_kept_and_untouched_one_rerendered(tmp_path, capsys):

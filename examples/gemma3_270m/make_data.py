@@ -11,7 +11,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROWS_PER_TASK = 84   # 60 train + 12 validation + 12 test
 PREF_ROWS = 72       # 48 train + 12 validation + 12 test
-WORDS = ["apple", "river", "garden", "window", "pencil", "basket", "candle", "forest", "island", "ladder", "mirror", "pocket", "rabbit", "saddle", "tunnel", "violin", "wallet", "yellow", "zebra", "anchor", "bottle", "button", "carpet", "castle", "cherry", "circle", "cloud", "copper", "cotton", "desert", "dragon", "engine", "feather", "finger", "flower", "galaxy", "ginger", "guitar", "hammer", "harbor", "helmet", "honey", "jacket", "jungle", "kettle", "kitten", "lemon", "letter", "magnet", "marble", "meadow", "melon", "monkey", "needle", "orange", "oyster", "paper", "parrot", "pepper", "piano", "pillow", "planet", "pumpkin", "puzzle", "rocket", "salmon", "silver", "singer", "spider", "spoon", "square", "summer", "sunset", "table", "teapot", "ticket", "tiger", "tomato", "tower", "turtle", "valley", "velvet", "wagon", "walnut", "whale", "winter", "wizard", "wooden", "yogurt", "bridge", "camera", "coffee", "dinner", "doctor", "farmer", "forest", "garlic", "hollow", "insect", "kingdom", "laptop", "lizard", "market", "mountain", "napkin", "number", "ocean", "office", "orchard", "palace", "pirate", "poem", "police", "potato", "prison", "raven", "record", "rubber", "shadow", "shelter", "sister", "soldier", "spring", "station", "stone", "sugar", "thunder", "timber", "tunnel", "umbrella", "village", "voyage", "water", "weather", "wheel", "willow", "wonder", "writer", "acorn", "apron", "arrow", "badge", "banner", "barrel", "beacon", "blanket", "blossom", "bucket", "cabin", "cactus", "canvas", "cereal", "chimney", "cobweb", "compass", "cookie", "cradle", "crayon", "crystal", "cushion", "dolphin", "donkey", "eagle", "easel", "falcon", "fossil", "fountain", "gadget", "goblet", "harvest", "hazel", "hedgehog", "igloo", "jigsaw", "lantern", "lobster", "locket", "mango", "mitten", "muffin", "nectar", "noodle", "nugget", "olive", "otter", "paddle", "pebble", "pelican", "penguin", "pickle", "pigeon", "plaster", "pretzel", "quilt", "radish", "ribbon", "saucer", "scarf", "sketch", "sponge", "squirrel", "stapler", "statue", "tablet", "thimble", "toffee", "trumpet", "tulip", "tuxedo", "vessel", "waffle", "whistle"]
+WORDS = [
+    "apple", "river", "garden", "window", "pencil", "basket", "candle", "forest", "island", "ladder", "mirror",
+    "pocket", "rabbit", "saddle", "tunnel", "violin", "wallet", "yellow", "zebra", "anchor", "bottle", "button",
+    "carpet", "castle", "cherry", "circle", "cloud", "copper", "cotton", "desert", "dragon", "engine", "feather",
+    "finger", "flower", "galaxy", "ginger", "guitar", "hammer", "harbor", "helmet", "honey", "jacket", "jungle",
+    "kettle", "kitten", "lemon", "letter", "magnet", "marble", "meadow", "melon", "monkey", "needle", "orange",
+    "oyster", "paper", "parrot", "pepper", "piano", "pillow", "planet", "pumpkin", "puzzle", "rocket", "salmon",
+    "silver", "singer", "spider", "spoon", "square", "summer", "sunset", "table", "teapot", "ticket", "tiger", "tomato",
+    "tower", "turtle", "valley", "velvet", "wagon", "walnut", "whale", "winter", "wizard", "wooden", "yogurt", "bridge",
+    "camera", "coffee", "dinner", "doctor", "farmer", "forest", "garlic", "hollow", "insect", "kingdom", "laptop",
+    "lizard", "market", "mountain", "napkin", "number", "ocean", "office", "orchard", "palace", "pirate", "poem",
+    "police", "potato", "prison", "raven", "record", "rubber", "shadow", "shelter", "sister", "soldier", "spring",
+    "station", "stone", "sugar", "thunder", "timber", "tunnel", "umbrella", "village", "voyage", "water", "weather",
+    "wheel", "willow", "wonder", "writer", "acorn", "apron", "arrow", "badge", "banner", "barrel", "beacon", "blanket",
+    "blossom", "bucket", "cabin", "cactus", "canvas", "cereal", "chimney", "cobweb", "compass", "cookie", "cradle",
+    "crayon", "crystal", "cushion", "dolphin", "donkey", "eagle", "easel", "falcon", "fossil", "fountain", "gadget",
+    "goblet", "harvest", "hazel", "hedgehog", "igloo", "jigsaw", "lantern", "lobster", "locket", "mango", "mitten",
+    "muffin", "nectar", "noodle", "nugget", "olive", "otter", "paddle", "pebble", "pelican", "penguin", "pickle",
+    "pigeon", "plaster", "pretzel", "quilt", "radish", "ribbon", "saucer", "scarf", "sketch", "sponge", "squirrel",
+    "stapler", "statue", "tablet", "thimble", "toffee", "trumpet", "tulip", "tuxedo", "vessel", "waffle", "whistle"
+]
 
 
 def math_task(rng):
@@ -57,7 +77,8 @@ def main():
              "generation": unique(generation_task, ROWS_PER_TASK, rng)}
     with open(HERE / "tasks.jsonl", "w", encoding="utf-8") as f:
         for task, rows in tasks.items():
-            f.writelines(json.dumps({"prompt": prompt, "response": response, "task": task}) + "\n" for prompt, response in rows)
+            f.writelines(json.dumps({"prompt": prompt, "response": response, "task": task}) + "\n"
+                         for prompt, response in rows)
     with open(HERE / "prefs.jsonl", "w", encoding="utf-8") as f:
         for w in preferred:
             prompt, chosen = following_task(w)
