@@ -9,12 +9,15 @@
   time / evaluation pass);
 - exact_match_speedup: teacher-forced vs generate-based exact match on the same rows (scores equal);
 - bo_vs_random: on the toy, best validation after 30 trials of bayes_opt vs random search;
-- peak RSS of a search process vs the size of base + adapters.
-
+- search memory: peak RSS of a process that does what a search does, less the RSS of its runtime (torch,
+  transformers, peft) before any model, vs base + adapters on disk; `auto` and `fold`.
 - search: on the toy, merge methods x granularities x optimisers (bench_search), 3 seeds, one budget: the
   validation and test scores of the weights each picks, vs train@all and the best single delta.
+- model: on a finished run of a real model (`--model-run`, default the Gemma 3 270M example): trial cost with
+  and without the fast path, the LM head on scored positions vs all, `choice` vs a per-choice loop, memory.
 
-`--only merge|exact_match|bo|search` runs one part (repeatable); `--rounds N` times each exact-match side N times.
+`--only merge|exact_match|bo|search|model` runs one part (repeatable); `--rounds N` times each exact-match side N
+times. `--toy` names the run the exact_match, bo and search parts use (e.g. the Gemma example's run, too).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .choice import Choice
 from .config import EvaluationConfig, SearchConfig, load_config
 from .evaluate import ExactMatch, greedy_generate
 from .merge import WeightedDeltas, delta_weight, load_base, param_delta
@@ -174,7 +178,7 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
         plain = None
         size = sum(p.stat().st_size for p in tmp.rglob("*.safetensors") if "d" not in p.parent.name or
                    p.parent.name in adapters4)
-        rss = search_process_rss(base, adapters4)
+        memory = {mode: search_process_rss(base, adapters4, mode) for mode in ("auto", "fold")}
     return {
         "shape": shape_name, "eval_batch": "16x64 tokens",
         "overhead_seconds_ours": ours, "overhead_seconds_reload": reload,
@@ -190,35 +194,43 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
         "linear_picked": {f"{n}_deltas": modes["linear"]["picked"] for n, modes in costs.items()},
         "density": 0.5,
         "detail": costs,
-        "search_peak_rss_mb": rss, "base_plus_4_adapters_mb": size / 2**20,
+        "search_memory": memory, "base_plus_4_adapters_mb": size / 2**20,
+        "search_memory_ratio": {mode: m["model_mb"] / (size / 2**20) for mode, m in memory.items()},
     }
 
 
 RSS_PROBE = """
-import json, resource, sys, torch
+import json, sys
+import torch, transformers, peft  # the runtime first: its RSS (shared libraries, ~0.8 GB) is not the model's
+from autollm_lf.config import EvaluationConfig
+from autollm_lf.evaluate import ExactMatch
 from autollm_lf.merge import WeightedDeltas
-base, adapters = sys.argv[1], json.loads(sys.argv[2])
-w = WeightedDeltas(base, adapters, mode="cat")
-ids = torch.randint(0, 100, (16, 64))
-for i in range(3):
+
+def status(key):  # MB; VmHWM is this process's own peak (ru_maxrss of a child also counts the parent at fork)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+
+runtime = status("VmRSS")
+base, adapters, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+w = WeightedDeltas(base, adapters, mode=mode)
+rows = [{"prompt": "abcd" * (4 + i % 8), "response": "dcba" * (1 + i % 3)} for i in range(32)]
+scorer = ExactMatch(w.model, w.tokenizer, "default", rows, EvaluationConfig(batch_size=16))
+if mode == "auto":  # as the search stage does: time a trial each way it may take, keep the cheaper
+    w.pick_mode(scorer.score, {n: 0.5 for n in adapters})
+for i in range(3):  # trials
     w.set_weights({n: 0.1 * i for n in adapters})
-    with torch.no_grad():
-        w.model(input_ids=ids)
-# VmHWM is this process's own peak; ru_maxrss of a child also counts the parent's RSS at fork (the bench's
-# parent holds 16 deltas by then), so it is only the fallback where /proc is missing.
-try:
-    print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
-except OSError:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    scorer.score()
+print(json.dumps({"mode": w.mode, "runtime_mb": runtime, "peak_mb": status("VmHWM")}))
 """
 
 
-def search_process_rss(base: Path, adapters: dict[str, Path]) -> float:
-    """Peak RSS (MB) of a process that does what a search does: load once, apply, evaluate."""
+def search_process_rss(base: Path, adapters: dict[str, Path], mode: str) -> dict:
+    """Peak RSS (MB) of a process that does what a search does (load once, pick the apply mode, trials with a
+    teacher-forced evaluation), and the RSS of its runtime before any model was loaded."""
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(base),
-                          json.dumps({k: str(v) for k, v in adapters.items()})],
+                          json.dumps({k: str(v) for k, v in adapters.items()}), mode],
                          capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**result, "model_mb": result["peak_mb"] - result["runtime_mb"]}
 
 
 def bench_exact_match(toy_cfg: Path | None, rounds: int = 5) -> dict:
@@ -375,6 +387,110 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
             "results": results}
 
 
+def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
+    """On a finished run of a real model (`--model-run`, default the Gemma 3 270M example): what one trial costs
+    there (apply + teacher-forced exact match over validation) with and without the fast path, the LM head over
+    every position vs the scored ones only (`logits_to_keep`), `choice` (one pass, the prompt shared by its
+    choices) vs a plain per-choice loop, and a search process's memory against base + adapters."""
+    import torch
+
+    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
+    if cfg is None or not cfg.run.best.exists():
+        return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
+    session = Session(cfg)
+    w, template = session.weighted, cfg.base_model.template
+    weights = cfg.run.read_best()["weights"]
+    rows = load_split(cfg, "validation")
+    evaluators = {fast: make_evaluator(cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(
+        update={"metric": "exact_match", "fast_path": fast, "objective": None})}), w.model, w.tokenizer, rows)
+        for fast in (True, False)}
+    w.set_weights(weights)
+    scores = {fast: ev.score() for fast, ev in evaluators.items()}
+    trial = {fast: timed(lambda ev=ev: (w.set_weights(weights), ev.score()), rounds) for fast, ev in evaluators.items()}
+    apply = timed(lambda: w.set_weights(weights), rounds)
+    plain = evaluators[False]
+
+    def lm_head(keep_all: bool):
+        with torch.inference_mode():
+            for b in plain.batches:
+                w.model(input_ids=b.input_ids, logits_to_keep=0 if keep_all else b.scored)
+
+    head = {k: timed(lambda k=k: lm_head(k), rounds) for k in (False, True)}
+    return {"model": str(cfg.base_model.gguf or cfg.base_model.path), "rows": len(rows),
+            "vocab_size": w.model.config.get_text_config().vocab_size, "deltas": len(w.names), "apply_mode": w.mode,
+            "trial_seconds": trial[True], "trial_seconds_no_fast_path": trial[False], "apply_seconds": apply,
+            "scores_equal": scores[True] == scores[False], "exact_match": scores[True],
+            "pass_seconds_scored_logits": head[False], "pass_seconds_all_logits": head[True],
+            "choice": bench_choice(w, template, rows, cfg.evaluation, rounds),
+            "memory": {**search_process_rss(cfg.base_model.path, session.adapters, "auto"),
+                       "base_plus_adapters_mb": folder_mb(cfg.base_model.path) + sum(
+                           folder_mb(a) for a in session.adapters.values())}}
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
+
+
+def mc_rows(rows: list, choices: int = 4) -> list:
+    """Multiple-choice rows from held-out rows: each answer among `choices - 1` other answers of its chunk."""
+    rng = random.Random(0)
+    out = []
+    for row in rows:
+        others = sorted({r["response"] for r in rows if r["chunk"] == row["chunk"]} - {row["response"]})
+        picked = rng.sample(others, min(choices - 1, len(others))) + [row["response"]]
+        if len(picked) >= 2:
+            out.append({**row, "choices": sorted(picked)})
+    return out
+
+
+def bench_choice(w, template: str, rows: list, eval_cfg, rounds: int) -> dict:
+    """`choice` on multiple-choice rows made from the held-out rows vs one plain forward per (prompt, choice)."""
+    import torch
+
+    mc = mc_rows(rows)
+    ev = Choice(w.model, w.tokenizer, template, mc, eval_cfg.model_copy(update={"metric": "choice"}))
+
+    def per_choice_loop() -> list[list[float]]:
+        out = []
+        with torch.inference_mode():
+            for row in mc:
+                lls = []
+                for c in row["choices"]:
+                    p, a, _ = ev.encode(template, {**row, "response": c})
+                    logp = torch.log_softmax(w.model(input_ids=torch.tensor([p + a], device=ev.device)).logits[0]
+                                             .float(), -1)
+                    lls.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)))
+                out.append(lls)
+        return out
+
+    fast, loop = ev.choice_loglikelihoods(), per_choice_loop()
+    diff = max(abs(x - y) for f, lp in zip(fast, loop) for x, y in zip(f, lp))
+    seconds = {"one_pass": timed(ev.score, rounds), "per_choice_loop": timed(per_choice_loop, rounds)}
+    return {"questions": len(mc), "choices": sum(len(r["choices"]) for r in mc), **seconds,
+            "speedup": seconds["per_choice_loop"] / seconds["one_pass"], "max_loglikelihood_diff": diff}
+
+
+def model_lines(m: dict) -> list[str]:
+    if "skipped" in m:
+        return [f"model: {m['skipped']}"]
+    c, mem = m["choice"], m["memory"]
+    return [
+        f"== real model {m['model']} ({m['vocab_size']} tokens, {m['deltas']} deltas, apply {m['apply_mode']}), "
+        f"{m['rows']} validation rows",
+        f"trial (apply + exact match): {m['trial_seconds']:.2f}s, without the fast path "
+        f"{m['trial_seconds_no_fast_path']:.2f}s (scores equal: {m['scores_equal']}); apply alone "
+        f"{m['apply_seconds']:.3f}s",
+        f"LM head on the scored positions only: pass {m['pass_seconds_scored_logits']:.2f}s vs every position "
+        f"{m['pass_seconds_all_logits']:.2f}s",
+        f"choice: {c['questions']} questions, {c['choices']} choices: one pass {c['one_pass']:.2f}s vs per-choice "
+        f"loop {c['per_choice_loop']:.2f}s = {c['speedup']:.1f}x (log-likelihoods within "
+        f"{c['max_loglikelihood_diff']:.1e})",
+        f"search memory (apply auto, picked {mem['mode']}): peak RSS {mem['peak_mb']:.0f} MB - runtime "
+        f"{mem['runtime_mb']:.0f} MB = {mem['model_mb']:.0f} MB = "
+        f"{mem['model_mb'] / mem['base_plus_adapters_mb']:.2f}x base + adapters ({mem['base_plus_adapters_mb']:.0f} MB "
+        f"on disk)"]
+
+
 def search_lines(r: dict) -> list[str]:
     if "skipped" in r:
         return ["search: " + r["skipped"]]
@@ -393,8 +509,9 @@ def search_lines(r: dict) -> list[str]:
     return lines
 
 
-def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5) -> dict:
-    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search)."""
+def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5,
+              model_cfg: Path | None = None) -> dict:
+    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model)."""
     import torch
     torch.manual_seed(0)
     started = time.time()
@@ -409,6 +526,8 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str]
     if "search" in parts:
         result["search"] = bench_search(toy_cfg, trials=12 if quick else 40, seeds=1 if quick else 3,
                                         rows=40 if quick else None)
+    if "model" in parts:
+        result["model"] = bench_model(model_cfg, rounds=1 if quick else 3)
     result["seconds"] = time.time() - started
     print_table(result)
     if as_json:
@@ -433,6 +552,8 @@ def print_table(r: dict) -> None:
                      "random trials"))
     if "search" in r:
         lines += search_lines(r["search"])
+    if "model" in r:
+        lines += model_lines(r["model"])
     lines.append(f"took {r['seconds']:.0f}s")
     print("\n".join(lines))
 
@@ -448,8 +569,11 @@ def merge_lines(m: dict) -> list[str]:
         lines.append(f"  {n:<10} " + ", ".join(f"{k} {v:.3f}x ({m['merge_fraction'][n][k]:.2f})"
                                                for k, v in modes.items() if k != "linear")
                      + f"; linear = {m['linear_picked'][n]}")
-    lines.append(f"search process peak RSS {m['search_peak_rss_mb']:.0f} MB vs base + 4 adapters "
-                 f"{m['base_plus_4_adapters_mb']:.0f} MB on disk")
+    for mode, mem in m["search_memory"].items():
+        lines.append(f"search memory (apply {mode}, picked {mem['mode']}): peak RSS {mem['peak_mb']:.0f} MB - runtime "
+                     f"{mem['runtime_mb']:.0f} MB = {mem['model_mb']:.0f} MB = "
+                     f"{m['search_memory_ratio'][mode]:.2f}x base + 4 adapters ({m['base_plus_4_adapters_mb']:.0f} MB "
+                     f"on disk)")
     return lines
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from .errors import UserError
 from .evaluate import TeacherForced, encode_turns
+from .rows import Row
 
 
-def choice_problem(row: dict) -> str | None:
+def choice_problem(row: Row) -> str | None:
     """Why a held-out row cannot be scored by `choice`, else None."""
     choices = row.get("choices")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -24,7 +25,7 @@ def choice_problem(row: dict) -> str | None:
 
 
 class Choice(TeacherForced):
-    def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg, **kwargs):
+    def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg, **kwargs):
         for n, row in enumerate(rows):
             if (problem := choice_problem(row)) is not None:
                 raise UserError(f"evaluation.metric choice: row {n} ({row.get('source')}/{row.get('row_id')}) "
@@ -36,7 +37,7 @@ class Choice(TeacherForced):
         self.options, self.rows = options, rows  # one pass row per choice; one score per question
         self.last: dict[str, float] = {}
 
-    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int], bool]:
+    def encode(self, template_name: str, row: Row) -> tuple[list[int], list[int], bool]:
         """The prompt and the choice's own tokens: the template's turn suffix (what it appends to any answer,
         end-of-sequence included) is cut off, as lm-eval scores only the continuation."""
         args = (self.tokenizer, template_name, row["prompt"])

@@ -23,7 +23,7 @@ STAGE_HELP = {
 
 
 FORCEABLE = ["train", "search", "mix", "report", "export"]
-BENCH_PARTS = ["merge", "exact_match", "bo", "search"]  # what `autollm bench` measures; --only picks some
+BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model"]  # what `autollm bench` measures; --only picks some
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test (figures mean little)")
     bench.add_argument("--toy", default="examples/toy.yaml",
                        help="toy config whose run the exact-match and BO parts use")
+    bench.add_argument("--model-run", default="examples/gemma3_270m.yaml",
+                       help="config of a finished run of a real model, which the model part measures")
     bench.add_argument("--only", action="append", choices=BENCH_PARTS, metavar="PART",
                        help=f"run only this part ({', '.join(BENCH_PARTS)}); repeatable; default: all")
     bench.add_argument("--rounds", type=int, default=5, metavar="N",
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.rounds < 1:
                 raise UserError(f"bench --rounds: {args.rounds} is not a positive number of rounds; give 1 or more")
-            run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_PARTS, args.rounds)
+            run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_PARTS, args.rounds,
+                      Path(args.model_run))
             return 0
         cfg = load_config(args.config, args.round)
         if cfg.round > 1:

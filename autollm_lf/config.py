@@ -202,7 +202,8 @@ class SearchConfig(Strict):
     n_iter: int = Field(40, ge=0)
     human_weights: dict[str, float] = Field(default_factory=dict)
     apply: Literal["auto", "cat", "fold", "scaling"] = Field(
-        "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once")
+        "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once "
+                "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET)")
     merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
                                              "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
                                              "count what the deltas share once")
@@ -274,6 +275,9 @@ class EvaluationConfig(Strict):
     objective: list[ObjectivePart] = Field(default_factory=list, description="what the search maximises instead of "
                                            "`metric` on all rows: a weighted sum of parts and constraints")
     batch_size: int = Field(64, ge=1)
+    fast_path: bool = Field(True, description="teacher-forced metrics: run a prefix the rows of a batch share once "
+                            "and only keys and values of the last layer at prompt positions (both reach into "
+                            "transformers' cache and attention); false: a plain forward per batch, same scores")
     max_new_tokens: int = Field(64, ge=1, description="for metrics on generated answers")
     pattern: Optional[str] = Field(None, description="regex: extracts the answer (group 1 if any)")
     tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")

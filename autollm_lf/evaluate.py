@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 from .lazytorch import inference_mode
+from .rows import Row, Turn
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
     import torch
@@ -50,7 +51,7 @@ def truncate_turns(pairs: list[tuple[list[int], list[int]]], cutoff_len: int,
     return kept
 
 
-def encode_turns(tokenizer, template_name: str, prompt: str, response: str, history: list[dict] | None = None,
+def encode_turns(tokenizer, template_name: str, prompt: str, response: str, history: list[Turn] | None = None,
                  system: str | None = None, cutoff_len: int | None = None) -> tuple[list[int], list[int], bool]:
     """(prompt ids, target ids, truncated): token ids exactly as LLaMA-Factory builds them for training with this
     chat template (earlier turns of a conversation in `history`), truncated as it truncates them to cutoff_len.
@@ -72,7 +73,7 @@ def encode_turns(tokenizer, template_name: str, prompt: str, response: str, hist
 
 
 def encode_prompt_response(tokenizer, template_name: str, prompt: str, response: str,
-                           history: list[dict] | None = None, system: str | None = None,
+                           history: list[Turn] | None = None, system: str | None = None,
                            cutoff_len: int | None = None) -> tuple[list[int], list[int]]:
     """encode_turns without the truncation flag."""
     return encode_turns(tokenizer, template_name, prompt, response, history, system, cutoff_len)[:2]
@@ -85,7 +86,7 @@ def model_positions(model) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def row_name(row: dict, index: int) -> str:
+def row_name(row: Row, index: int) -> str:
     where = row.get("source") or row.get("chunk")
     return f"{where} row {row['row_id']}" if where and row.get("row_id") is not None else f"row {index}"
 
@@ -103,7 +104,7 @@ class Batch:
 class Evaluator:
     """Base: `row_scores()` gives one score per row (higher is better); `score()` their mean."""
 
-    def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg):
+    def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg):
         self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
         # held-out rows as training saw them: cut to cutoff_len, never past the model's positions
         limits = [n for n in (getattr(cfg, "cutoff_len", None), model_positions(model)) if n]
@@ -120,7 +121,7 @@ class Evaluator:
         if truncated:  # reported in report.json's evaluation_stats
             self.stats["truncated"] = truncated
 
-    def encode(self, template_name: str, row: dict) -> tuple[list[int], list[int], bool]:
+    def encode(self, template_name: str, row: Row) -> tuple[list[int], list[int], bool]:
         """(prompt ids, answer ids, truncated) of one row, as LLaMA-Factory encodes and truncates it for training."""
         return encode_turns(self.tokenizer, template_name, row["prompt"], row["response"], row.get("history"),
                             row.get("system"), self.cutoff_len)
@@ -314,6 +315,8 @@ class TeacherForced(Evaluator):
         # runs the whole last layer everywhere. Sliding-window layers keep a cache whose length is not the
         # prefix's, so neither there.
         sliding = has_sliding_window(self.model.config)
+        fast = getattr(self.cfg, "fast_path", True)  # evaluation.fast_path: false turns both off
+        share_prefix, keys_only_prompts = share_prefix and fast, keys_only_prompts and fast
         self.share_prefix = share_prefix and not sliding
         implementation = getattr(self.model.config, "_attn_implementation", None)
         self.last_layer = _last_decoder_layer(self.model) if keys_only_prompts and not sliding and \
@@ -445,7 +448,7 @@ class Generated(Evaluator):
         preds = self.predictions()
         return [float(self.compare(p, r["response"].strip(), r)) for p, r in zip(preds, self.rows)]
 
-    def compare(self, prediction: str, reference: str, row: dict) -> float:
+    def compare(self, prediction: str, reference: str, row: Row) -> float:
         raise NotImplementedError
 
 

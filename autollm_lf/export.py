@@ -46,13 +46,13 @@ def read_raw_constraints(cfg, split: str) -> dict[str, float]:
     return read_json(path)
 
 
-def export_best(session) -> dict:
+def export_best(session, force: bool = False) -> dict:
     cfg = session.cfg
     best = cfg.run.read_best()
     merged = cfg.run.merged
     fp = fingerprint(best["weights"], session.search_fingerprint())
     done = read_json(merged / EXPORT_MARKER, {})
-    if "export" not in session.force and is_fresh(done, fp, merged / ADAPTER_FILE):
+    if not force and is_fresh(done, fp, merged / ADAPTER_FILE):
         print(f"export: {merged} up to date")
         info = done
     else:

@@ -17,12 +17,13 @@ from .errors import UserError
 from .evaluate import Contains, ExactMatch
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .paths import is_fresh
+from .rows import Row
 
 MARKER = "report/bad_cases.json"
 SECTION = "\n## Bad cases (validation)\n"
 
 
-def write_bad_cases(session) -> str:
+def write_bad_cases(session, force: bool = False) -> str:
     """Score the best merge per validation row, generate greedy answers for the wrong ones, write
     report/bad_cases.jsonl (skipped when up to date); returns report.md's bad-case section."""
     cfg = session.cfg
@@ -33,7 +34,7 @@ def write_bad_cases(session) -> str:
     fp = fingerprint(report.get("fingerprint"), best["weights"], cfg.evaluation.model_dump(mode="json"))
     done = read_json(cfg.run.root / MARKER, {})
     path = cfg.run.bad_cases
-    if "report" not in session.force and is_fresh(done, fp, path):
+    if not force and is_fresh(done, fp, path):
         cases = read_jsonl(path)
     else:
         scorer = session.scorer("validation")
@@ -57,7 +58,7 @@ def write_bad_cases(session) -> str:
     return bad_cases_section(cases, path.relative_to(cfg.run.root))
 
 
-def _greedy(session, rows: list[dict]) -> list[str]:
+def _greedy(session, rows: list[Row]) -> list[str]:
     """The best merge's greedy answers (what the user would see), batched."""
     if not rows:
         return []

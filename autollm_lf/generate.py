@@ -19,6 +19,7 @@ import jinja2
 from .errors import UserError, mask_secrets
 from .io import append_jsonl, read_json, write_json
 from .llm import ChatClient
+from .rows import Record
 from .train import find_template
 
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -61,7 +62,7 @@ def _key(src, prompt: str) -> str:
     return hashlib.sha256(json.dumps([src.model, src.temperature, src.max_tokens, prompt]).encode()).hexdigest()
 
 
-def read_generate(src, where: str, cfg, docs: list[dict]) -> list[dict]:
+def read_generate(src, where: str, cfg, docs: list[dict]) -> list[Record]:
     """Rows {prompt, response, chunk_value, id} written by the LLM from `docs` (the rows of src.documents);
     prints what it cost and what it skipped."""
     path = find_template(src.prompt_template)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .rows import Record
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -66,7 +67,7 @@ def _load_json(path: Path, where: str, records: bool = False):
         raise UserError(f"{where}: {path} line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def read_records(path: Path, where: str) -> list[dict]:
+def read_records(path: Path, where: str) -> list[Record]:
     if not path.is_file():
         raise UserError(f"{where}: {path} not found")
     records = _load_json(path, where, records=True)
@@ -131,7 +132,7 @@ def _message(value, key: str, content_tag: str):
     return value.get(content_tag)
 
 
-def read_llamafactory(src, where: str) -> list[dict]:
+def read_llamafactory(src, where: str) -> list[Record]:
     """Rows of the named datasets; each keeps its raw record and entry so training data stays in its own format."""
     entries = load_entries(src.dataset_dir, src.datasets, where)
     rows = []

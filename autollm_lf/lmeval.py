@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UserError
+from .rows import Row
 
 
 def task_manager_and_names(specs: list[str]):
@@ -37,12 +38,12 @@ def task_manager_and_names(specs: list[str]):
 class LmEval:
     """Evaluator-like: `score()`, `row_scores()` and, once scored, `rows` (one per task sample)."""
 
-    def __init__(self, model, tokenizer, template_name: str, rows: list[dict], cfg):
+    def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         split = rows[0]["split"] if rows else "validation"
         self.specs = getattr(cfg.lm_eval, split)
         self.manager, self.tasks = task_manager_and_names(self.specs)
-        self.rows: list[dict] = []
+        self.rows: list[Row] = []
         self.stats: dict[str, int] = {}
         self.task_scores: dict[str, float] = {}
 

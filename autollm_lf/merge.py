@@ -454,10 +454,24 @@ class WeightedDeltas:
             weight.copy_(self._norms[k].B.to(weight.dtype))
         self._b_changed = False
 
+    def fold_copy_bytes(self) -> int:
+        """What `fold` adds to memory: a copy of the base weights of every module a delta targets."""
+        return sum(layer.get_base_layer().weight.nbytes for layer in self.cat_layers)
+
+    def held_bytes(self) -> int:
+        """The base model and every loaded adapter (the cat factors included), as held in memory now."""
+        return sum(p.nbytes for p in self.model.parameters()) + sum(u.nbytes for _, u, _ in self.cat_rows or [])
+
+    def fold_fits(self) -> bool:
+        """`auto` tries `fold` only where its copy stays within FOLD_COPY_BUDGET of what is held anyway."""
+        return self.fold_copy_bytes() <= FOLD_COPY_BUDGET * self.held_bytes()
+
     def pick_mode(self, evaluate: Callable[[], object], weights: Mapping[str, float]) -> str:
-        """`auto`: time one trial (apply + evaluation pass) with `cat` and with `fold`; keep the cheaper."""
+        """`auto`: time one trial (apply + evaluation pass) with `cat` and with `fold`; keep the cheaper. `fold` is
+        tried only where its copy of the target weights fits (fold_fits): trying it would set the peak."""
         cost = {}
-        for mode, use in (("fold", self._use_fold), ("cat", self._use_cat)):
+        modes = (("fold", self._use_fold), ("cat", self._use_cat)) if self.fold_fits() else (("cat", self._use_cat),)
+        for mode, use in modes:
             use()
             if self.mode != mode:
                 continue
@@ -642,4 +656,8 @@ class WeightedDeltas:
 
 
 APPLY_MODES = ("cat", "fold", "scaling")
+# `fold` holds a copy of the target modules' base weights (most of a transformer's weights: 1.5-2x the memory of
+# the model, where `cat` holds the adapters once more); `auto` considers it only when that copy is at most this
+# share of the model and adapters. `search.apply: fold` uses it whatever it costs.
+FOLD_COPY_BUDGET = 0.2
 DARE_CACHE_BYTES = 4 * 2**30  # cached DARE masks (1 byte per entry): 0.5B shape x 4 deltas fits, x 16 does not

@@ -11,6 +11,7 @@ from .choice import Choice
 from .evaluate import Contains, Evaluator, ExactMatch, NegativeLoss, Numeric, Python, Regex
 from .judge import Judge
 from .lmeval import LmEval
+from .rows import Row
 
 METRICS: dict[str, Callable[..., Evaluator]] = {
     "exact_match": ExactMatch,
@@ -25,6 +26,6 @@ METRICS: dict[str, Callable[..., Evaluator]] = {
 }
 
 
-def make_evaluator(cfg, model, tokenizer, rows: list[dict]) -> Evaluator:
+def make_evaluator(cfg, model, tokenizer, rows: list[Row]) -> Evaluator:
     """The run's evaluator (cfg.evaluation.metric) over these rows, with the run's chat template."""
     return METRICS[cfg.evaluation.metric](model, tokenizer, cfg.base_model.template, rows, cfg.evaluation)

@@ -43,7 +43,7 @@ def mix_spec(cfg, shapes: dict[str, str], best_weights: dict[str, float]):
     return DeltaSpec(MIX_DELTA, list(probs), "sft", args), probs
 
 
-def train_auto_mix(session) -> None:
+def train_auto_mix(session, force: bool = False) -> None:
     cfg = session.cfg
     if not cfg.train.auto_mix:
         return
@@ -54,4 +54,4 @@ def train_auto_mix(session) -> None:
         return
     spec, probs = planned
     print("mix: interleave_probs " + ", ".join(f"{c} {p:.3f}" for c, p in probs.items()))
-    train_one(cfg, spec, model_fingerprint(cfg.base_model.path), force="mix" in session.force)
+    train_one(cfg, spec, model_fingerprint(cfg.base_model.path), force=force)

@@ -11,6 +11,7 @@ from typing import Callable
 
 from .errors import UserError
 from .metrics import METRICS
+from .rows import Row
 
 PENALTY = 10.0  # per unit below a constraint's floor: larger than any weighted sum of [0, 1] metrics gains
 
@@ -25,7 +26,7 @@ class Objective:
     `row_scores()` and `rows` are the primary metric's (evaluation.metric on every row): the per-chunk tables
     and the bad cases."""
 
-    def __init__(self, cfg, model, tokenizer, rows: list[dict], raw: Callable[["Objective"], dict[str, float]]):
+    def __init__(self, cfg, model, tokenizer, rows: list[Row], raw: Callable[["Objective"], dict[str, float]]):
         """`raw(objective)` gives the raw model's score of each constraint part (the session measures it once
         with every weight 0; a reloaded adapter reads what the search stage recorded)."""
         ev = cfg.evaluation

@@ -125,7 +125,9 @@ class Session:
         elif self.cfg.search.apply == "auto":
             w = self.weighted
             mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
-            print(f"search: applying weights with `{mode}` (search.apply: auto)")
+            why = "" if w.fold_fits() else (f"; `fold` would copy {w.fold_copy_bytes() / 2**20:.0f} MB of base "
+                                            f"weights: search.apply: fold to use it anyway")
+            print(f"search: applying weights with `{mode}` (search.apply: auto{why})")
 
     def score(self, weights: dict[str, float], split: str) -> float:
         scorer = self.scorer(split)  # built first: an objective's constraints measure the raw model once
@@ -190,20 +192,21 @@ def stage_search(s: Session) -> None:
 
 
 def stage_mix(s: Session) -> None:
-    train_auto_mix(s)
+    train_auto_mix(s, force="mix" in s.force)
 
 
 def stage_report(s: Session) -> None:
     """report.md is written once, from its sections: the tables, the score across rounds, the bad cases."""
-    sections = [write_report(s)]
+    force = "report" in s.force
+    sections = [write_report(s, force)]
     if s.cfg.round > 1:
         sections.append(rounds_section(s.cfg))
-    sections.append(write_bad_cases(s))  # report/bad_cases.jsonl: the next round's `bad_cases` source
+    sections.append(write_bad_cases(s, force))  # report/bad_cases.jsonl: the next round's `bad_cases` source
     write_if_changed(s.cfg.run.report_md, "".join(sections))
 
 
 def stage_export(s: Session) -> None:
-    export_best(s)
+    export_best(s, force="export" in s.force)
 
 
 STAGES: dict[str, Callable[[Session], None]] = {

@@ -16,6 +16,7 @@ from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
+from .rows import Record, Row
 from .sources import READERS
 from .train import chunk_methods
 
@@ -30,8 +31,8 @@ FIELDS = ("prompt", "response", "chosen", "rejected", "label", "text")
 TRUE, FALSE = {"true", "1", "yes", "desirable"}, {"false", "0", "no", "undesirable"}
 
 
-def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, where: str, label: str,
-               kind: str = "") -> list[dict]:
+def _normalise(raw: list[Record], columns: dict[str, str], chunk_by: str | None, where: str, label: str,
+               kind: str = "") -> list[Row]:
     """Map source columns to the tool's fields (missing ones are None); keep provenance (source, row id).
     chunk_by None: chunks are drawn at random later ({count: N} / {size: N})."""
     mapping = {**{f: f for f in FIELDS}, **({chunk_by: chunk_by} if chunk_by else {}), **columns}
@@ -58,7 +59,7 @@ def _normalise(raw: list[dict], columns: dict[str, str], chunk_by: str | None, w
     return rows
 
 
-def source_rows(src, where: str, cfg: RunConfig, chunk_by: str | None) -> list[dict]:
+def source_rows(src, where: str, cfg: RunConfig, chunk_by: str | None) -> list[Row]:
     """One source's rows, normalised, with provenance (and marked train-only if the source says so)."""
     label = src.name or f"{src.type}:{where.rsplit('.', 1)[-1]}"
     rows = _normalise(READERS[src.type](src, where, cfg), getattr(src, "columns", {}), chunk_by, where, label, src.type)
@@ -67,7 +68,7 @@ def source_rows(src, where: str, cfg: RunConfig, chunk_by: str | None) -> list[d
     return rows
 
 
-def fixed_eval_rows(cfg: RunConfig, split: str) -> list[dict]:
+def fixed_eval_rows(cfg: RunConfig, split: str) -> list[Row]:
     """evaluation.validation / evaluation.test: fixed held-out rows from any source. Their chunk (for the
     per-chunk tables) is the data.chunk_by column where a row has it, else the source's name (or `eval`)."""
     column = cfg.data.chunk_column
@@ -119,7 +120,7 @@ def split_messages(messages, where: str) -> dict:
     return out
 
 
-def detect_shape(name: str, rows: list[dict]) -> str:
+def detect_shape(name: str, rows: list[Row]) -> str:
     """preference if any row has chosen/rejected, else kto if any has a label, else sft, else pt."""
     present = {f for r in rows for f in FIELDS if r.get(f) is not None}
     for shape, marker in (("preference", {"chosen", "rejected"}), ("kto", {"label"}), ("sft", {"response"}),
@@ -130,7 +131,7 @@ def detect_shape(name: str, rows: list[dict]) -> str:
                     f"prompt/response with a label, or text (map columns with data.sources.N.columns)")
 
 
-def validate_rows(name: str, shape: str, rows: list[dict]) -> None:
+def validate_rows(name: str, shape: str, rows: list[Row]) -> None:
     """Every row of a chunk must have the fields of the chunk's shape; KTO labels must be booleans."""
     for r in rows:
         missing = [f for f in SHAPE_FIELDS[shape] if r.get(f) is None]
@@ -144,7 +145,7 @@ def validate_rows(name: str, shape: str, rows: list[dict]) -> None:
             r["label"] = value in TRUE
 
 
-def reference(r: dict) -> tuple[str, str] | None:
+def reference(r: Row) -> tuple[str, str] | None:
     """(prompt, reference answer) for scoring a held-out row; None when the row cannot be scored."""
     if r.get("label") is False:
         return None  # an undesirable KTO answer is no reference
@@ -158,7 +159,7 @@ def chunk_name(value: str) -> str:
     return f"{name}_chunk" if name in RESERVED_CHUNK_NAMES else name
 
 
-def _refuse_colliding_chunks(rows: list[dict], column: str) -> None:
+def _refuse_colliding_chunks(rows: list[Row], column: str) -> None:
     """Two different values that become one file name ('a b', 'a/b', 'a_b') would silently merge chunks."""
     values: dict[str, set] = defaultdict(set)
     for r in rows:
@@ -169,7 +170,7 @@ def _refuse_colliding_chunks(rows: list[dict], column: str) -> None:
                             f"{name!r} (chunk names keep letters, digits, '.', '_' and '-'); make them differ in those")
 
 
-def assign_chunks(rows: list[dict], cfg: RunConfig) -> None:
+def assign_chunks(rows: list[Row], cfg: RunConfig) -> None:
     """Set each row's `chunk`: from a column (sanitised), or at random (seeded) into {count: N} chunks or
     chunks of {size: N} rows, named part-01, part-02, ... Rows whose source fixed a chunk value (bad cases,
     generated rows given `chunk:`) keep it."""
@@ -192,7 +193,7 @@ def assign_chunks(rows: list[dict], cfg: RunConfig) -> None:
         free[i]["chunk"] = f"part-{part + 1:0{width}d}"
 
 
-def prompt_key(r: dict) -> tuple:
+def prompt_key(r: Row) -> tuple:
     """What makes two rows "the same question": the whole context (system prompt, earlier turns, prompt),
     so conversations that only end alike are not duplicates; plain text rows by their text."""
     if r.get("prompt") is None:
@@ -201,7 +202,7 @@ def prompt_key(r: dict) -> tuple:
     return (r.get("system") or "", history, r["prompt"])
 
 
-def held_out_per_chunk(cfg: RunConfig, fixed: dict[str, list[dict]]) -> tuple[int, int]:
+def held_out_per_chunk(cfg: RunConfig, fixed: dict[str, list[Row]]) -> tuple[int, int]:
     """Rows each chunk gives to validation and test: none for a split with a fixed evaluation set, unless
     data.validation_per_chunk / data.test_per_chunk are set explicitly too."""
     d = cfg.data
@@ -209,7 +210,7 @@ def held_out_per_chunk(cfg: RunConfig, fixed: dict[str, list[dict]]) -> tuple[in
     return per_chunk("validation", d.validation_per_chunk), per_chunk("test", d.test_per_chunk)
 
 
-def split_chunks(rows: list[dict], cfg: RunConfig, fixed: dict[str, list[dict]] | None = None):
+def split_chunks(rows: list[Row], cfg: RunConfig, fixed: dict[str, list[Row]] | None = None):
     """Per chunk: detect and check the shape, shuffle (seeded), take validation and test rows among the
     scorable ones, keep the rest for training. A prompt is held out once (validation or test, never both);
     rows marked train_only (bad cases) and every row sharing their prompt are never held out. Fixed
@@ -224,7 +225,7 @@ def split_chunks(rows: list[dict], cfg: RunConfig, fixed: dict[str, list[dict]] 
         raise UserError(f"evaluation: {len(shared)} prompts are in both the validation and the test set (e.g. "
                         f"{next(iter(shared))[-1]!r}); validation and test never share a prompt: remove them from one")
     assign_chunks(rows, cfg)
-    by_chunk: dict[str, list[dict]] = defaultdict(list)
+    by_chunk: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
         by_chunk[r["chunk"]].append(r)
     train_only = {prompt_key(r) for r in rows if r.get("train_only")}
@@ -283,7 +284,7 @@ def split_chunks(rows: list[dict], cfg: RunConfig, fixed: dict[str, list[dict]] 
 
 
 PROVENANCE = ("chunk", "source", "row_id")
-def _context(r: dict) -> dict:
+def _context(r: Row) -> dict:
     """Earlier turns as alpaca `history` ([user, assistant] pairs) and the system prompt."""
     turns = r.get("history") or []
     return {"history": [[u["content"], a["content"]] for u, a in zip(turns[::2], turns[1::2])],
@@ -304,7 +305,7 @@ FORMATS = {  # shape -> (LLaMA-Factory record, dataset_info entry)
 }
 
 
-def _records(rows: list[dict], shape: str) -> tuple[list[dict], dict]:
+def _records(rows: list[Row], shape: str) -> tuple[list[dict], dict]:
     """Training records and their dataset_info entry: LLaMA-Factory rows stay in their own format."""
     if any("raw" in r for r in rows):
         if not all("raw" in r for r in rows):
@@ -319,7 +320,7 @@ def _records(rows: list[dict], shape: str) -> tuple[list[dict], dict]:
     return [{**record(r), **{k: r[k] for k in PROVENANCE}} for r in rows], entry
 
 
-def _eval_records(rows: list[dict]) -> list[dict]:
+def _eval_records(rows: list[Row]) -> list[dict]:
     """Held-out rows in alpaca form; earlier turns of a conversation go in `history` as [user, assistant] pairs."""
     out = []
     for r in rows:
@@ -359,7 +360,7 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     return shapes
 
 
-def _check_choices(held_out: list[dict]) -> None:
+def _check_choices(held_out: list[Row]) -> None:
     for r in held_out:
         prompt, answer = reference(r)
         if (problem := choice_problem({"choices": r.get("choices"), "response": answer})) is not None:
@@ -400,7 +401,7 @@ def chunk_table(cfg: RunConfig, train, shapes, val, test) -> list[dict]:
              "test": count(test, c)} for c, items in train.items()]
 
 
-def eval_origin(cfg: RunConfig, split: str, fixed: dict[str, list[dict]]) -> str:
+def eval_origin(cfg: RunConfig, split: str, fixed: dict[str, list[Row]]) -> str:
     """Where a split's rows come from, in words (the report says it above its tables)."""
     per_chunk = held_out_per_chunk(cfg, fixed)[split == "test"]
     parts = [f"{len(fixed[split])} rows of evaluation.{split} "
@@ -419,7 +420,7 @@ def _print_table(table: list[dict], removed: dict[str, int]) -> None:
                         if removed["in_fixed_eval"] else ""))
 
 
-def load_split(cfg: RunConfig, split: str) -> list[dict]:
+def load_split(cfg: RunConfig, split: str) -> list[Row]:
     rows = read_json(cfg.run.split(split))
     if rows is None:
         raise UserError(f"{cfg.run.split(split)} missing; run `autollm prepare` first")

@@ -230,13 +230,13 @@ def report_fingerprint(session) -> str:
                        read_json(mix / DONE_MARKER) if mix else None)
 
 
-def write_report(session) -> str:
+def write_report(session, force: bool = False) -> str:
     """report.json, report.html and the plots (unless up to date); returns report.md's main section, which the
     report stage writes together with the sections of rounds and bad cases."""
     cfg, chunks, run = session.cfg, session.chunks, session.cfg.run
     fp = report_fingerprint(session)
     report = read_json(run.report_json, {})
-    if "report" not in session.force and is_fresh(report, fp, run.report_html):
+    if not force and is_fresh(report, fp, run.report_html):
         print(f"report: {run.report} up to date")
     else:
         report = _write_report_files(session, fp)

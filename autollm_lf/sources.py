@@ -11,12 +11,13 @@ from .generate import read_generate
 from .io import read_jsonl
 from .lfdata import read_llamafactory
 from .paths import RunDir
+from .rows import Record, Row
 from .sqlsource import read_sql
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_file(src: FileSource, where: str) -> list[dict]:
+def read_file(src: FileSource, where: str) -> list[Record]:
     import datasets
 
     builder = FILE_BUILDERS.get(src.path.suffix.lower())
@@ -41,7 +42,7 @@ def read_file(src: FileSource, where: str) -> list[dict]:
             datasets.enable_progress_bars()
 
 
-def read_bad_cases(src: BadCasesSource, where: str) -> list[dict]:
+def read_bad_cases(src: BadCasesSource, where: str) -> list[Record]:
     """Rows of a previous run's report/bad_cases.jsonl: prompt/response (SFT), or with `rejected: true`
     prompt/chosen (the reference)/rejected (the model's wrong answer) for a DPO/ORPO chunk. Training rows only."""
     path = RunDir(src.run).bad_cases
@@ -65,7 +66,7 @@ def read_bad_cases(src: BadCasesSource, where: str) -> list[dict]:
     return rows
 
 
-def read_rows(src, where: str, cfg: RunConfig) -> list[dict]:
+def read_rows(src, where: str, cfg: RunConfig) -> list[Row]:
     return READERS[src.type](src, where, cfg)
 
 

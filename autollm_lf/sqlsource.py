@@ -14,6 +14,7 @@ from typing import Callable
 from urllib.parse import quote
 
 from .errors import UserError, mask_secrets
+from .rows import Record
 
 SELECT_ONLY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
 
@@ -83,7 +84,7 @@ def read_only_engine(src, where: str):
     return make(url)
 
 
-def read_sql(src, where: str) -> list[dict]:
+def read_sql(src, where: str) -> list[Record]:
     """Rows of one SELECT (or WITH ... SELECT) query, run in a read-only transaction that is rolled back."""
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError

@@ -107,10 +107,12 @@ def llamafactory_api(tiny_model, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def chat_stub(answer, fail_after: int | None = None):
+def chat_stub(answer, fail_after: int | None = None, fail_first: bool = False):
     """An OpenAI-compatible chat endpoint on 127.0.0.1: `answer(prompt) -> text`; after `fail_after` answered
-    requests every POST gets a 503 (an endpoint that stops answering mid-way). Yields (base_url, state)."""
-    state = {"posts": 0, "answered": 0, "fail_after": fail_after}
+    requests every POST gets a 503 (an endpoint that stops answering mid-way); `fail_first`: the first POST
+    gets a 503 (a busy endpoint: the client retries). Every request is logged in state["calls"] as
+    (method, Authorization header). Yields (base_url, state)."""
+    state = {"posts": 0, "answered": 0, "fail_after": fail_after, "fail_first": fail_first, "calls": []}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -125,11 +127,16 @@ def chat_stub(answer, fail_after: int | None = None):
             self.wfile.write(data)
 
         def do_GET(self):
+            state["calls"].append(("GET", self.headers.get("Authorization")))
             self._send(200, {"data": [{"id": "m"}]})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["posts"] += 1
+            state["calls"].append(("POST", self.headers.get("Authorization")))
+            if state["fail_first"]:
+                state["fail_first"] = False
+                return self._send(503, {"error": "busy"})
             if state["fail_after"] is not None and state["answered"] >= state["fail_after"]:
                 return self._send(503, {"error": "down"})
             state["answered"] += 1

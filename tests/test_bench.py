@@ -9,13 +9,18 @@ import pytest
 @pytest.mark.slow
 def test_bench_quick_json(tmp_path):
     res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--quick", "--json",
-                          "--toy", str(tmp_path / "no-toy.yaml")], capture_output=True, text=True, timeout=600)
+                          "--toy", str(tmp_path / "no-toy.yaml"), "--model-run", str(tmp_path / "no-run.yaml")],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trial overhead: in place" in res.stdout
+    assert f"model: run `autollm run {tmp_path / 'no-run.yaml'}` first" in res.stdout
     result = json.loads(res.stdout.strip().splitlines()[-1])
     merge = result["merge"]
     assert merge["overhead_seconds_reload"] > merge["overhead_seconds_ours"] > 0
     assert merge["max_logit_diff_in_place_vs_reload"] < 1e-4  # the reloaded merge is the same model
+    memory = merge["search_memory"]
+    assert memory["fold"]["mode"] == "fold" and memory["auto"]["mode"] in ("cat", "fold")
+    assert all(m["peak_mb"] > m["runtime_mb"] > 0 for m in memory.values())
     for n in ("4_deltas", "16_deltas"):
         assert set(merge["trial_vs_plain"][n]) == {"cat", "fold", "linear", "ties", "dare_ties", "dare_linear"}
         assert set(merge["merge_fraction"][n]) == set(merge["trial_vs_plain"][n])

@@ -1,5 +1,6 @@
 """The whole pipeline through the real CLI and the real `llamafactory-cli train`, on a tiny model."""
 import json
+import shutil
 
 import pytest
 import yaml
@@ -15,6 +16,15 @@ def first_run(tiny_model, tmp_path_factory):
     res = autollm("run", str(cfg), cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return tmp, cfg, res
+
+
+@pytest.fixture
+def own_run(first_run, tmp_path):
+    """A copy of the first run's folder for a test that changes it: no test depends on another's changes or
+    on the order the tests run in, and the first run trains once."""
+    tmp, cfg, _ = first_run
+    shutil.copytree(tmp, tmp_path, dirs_exist_ok=True, symlinks=True)
+    return tmp_path, tmp_path / cfg.name
 
 
 def test_run_writes_the_documented_layout(first_run):
@@ -54,8 +64,8 @@ def test_report_and_search_contents(first_run):
     assert export["exported_validation"] == best["validation"]
 
 
-def test_second_run_retrains_nothing_and_hand_edit_retrains_one(first_run):
-    tmp, cfg, _ = first_run
+def test_second_run_retrains_nothing_and_hand_edit_retrains_one(own_run):
+    tmp, cfg = own_run
     run = tmp / "runs" / "e2e"
     mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns
               for d in ("math-sft", "code-sft", "all", "auto_mix")}
@@ -122,10 +132,10 @@ def test_keep_going_searches_over_the_deltas_that_trained(tiny_model, tmp_path):
     assert (run / "deltas" / "code-sft" / "train.log").exists()  # the failed run's log is kept for the user
 
 
-def test_second_round_starts_from_the_first_rounds_best_merge(first_run):
+def test_second_round_starts_from_the_first_rounds_best_merge(own_run):
     """Round 2: base = round 1's best merge as full weights (llamafactory-cli export), round 1's bad cases
     as a DPO chunk (train-only: never in round 2's validation or test), report with the score across rounds."""
-    tmp, cfg_path, _ = first_run
+    tmp, cfg_path = own_run
     run = tmp / "runs" / "e2e"
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["rounds"] = {"rejected": True}
@@ -172,10 +182,10 @@ def test_round_without_the_previous_round_is_refused(tiny_model, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_ties_merge_searches_reports_and_exports_with_its_error(first_run):
+def test_ties_merge_searches_reports_and_exports_with_its_error(own_run):
     """search.merge: ties on the same deltas: a new search (nothing retrained), the merge rows use ties, and the
     export is an SVD whose error is recorded and printed instead of refused."""
-    tmp, cfg, _ = first_run
+    tmp, cfg = own_run
     run = tmp / "runs" / "e2e"
     raw = yaml.safe_load(cfg.read_text())
     raw["search"].update(merge="ties", density=0.6)
@@ -189,3 +199,18 @@ def test_ties_merge_searches_reports_and_exports_with_its_error(first_run):
     export = json.loads((run / "merged" / "autollm_export.json").read_text())
     assert export["merge"]["method"] == "ties" and 0 <= export["merge"]["relative_frobenius_error_max"] < 1
     assert "exported_validation" in export and "search_validation" in export
+
+
+def test_bench_model_part_on_a_finished_run(first_run):
+    """`autollm bench --only model` on a finished run: equal scores with and without the fast path, `choice` equal
+    to a per-choice loop, and a search process's memory (it reads the run, writes nothing into it)."""
+    tmp, cfg, _ = first_run
+    before = sorted(p for p in (tmp / "runs").rglob("*"))
+    res = autollm("bench", "--only", "model", "--model-run", str(cfg), "--rounds", "1", "--json", cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    model = json.loads(res.stdout.strip().splitlines()[-1])["model"]
+    assert model["scores_equal"] and model["rows"] > 0 and model["deltas"] >= 2
+    assert model["choice"]["questions"] > 0 and model["choice"]["max_loglikelihood_diff"] < 1e-4
+    assert model["memory"]["peak_mb"] > model["memory"]["runtime_mb"] > 0 and model["memory"]["mode"] == "cat"
+    assert "choice:" in res.stdout and "search memory (apply auto" in res.stdout
+    assert sorted(p for p in (tmp / "runs").rglob("*")) == before

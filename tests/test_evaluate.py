@@ -192,3 +192,17 @@ def test_last_layer_runs_only_the_answer_positions(tiny_model):
         em_cut = ExactMatch(model, tok, "default", rows, cfg, share_prefix=share)
         em_whole = ExactMatch(model, tok, "default", rows, cfg, share_prefix=False, keys_only_prompts=False)
         assert em_cut.row_scores() == em_whole.row_scores()
+
+
+def test_fast_path_switch_gives_a_plain_pass_with_the_same_scores(tiny_model):
+    """evaluation.fast_path: false turns off the prefix cache and the last-layer cut (no hook, no shared prefix,
+    no cache); the scores are the fast path's."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"prompt": f"{c * (i % 5 + 1)}", "response": "ab" * (i % 3 + 1), "system": SYSTEM[:48]}
+            for i, c in enumerate("abcdabcdabcd")]
+    model = _tiny("llama", tok)
+    fast = NegativeLoss(model, tok, "default", rows, EvaluationConfig(metric="loss", batch_size=4))
+    plain = NegativeLoss(model, tok, "default", rows, EvaluationConfig(metric="loss", batch_size=4, fast_path=False))
+    assert fast.last_layer is not None and any(b.prefix for b in fast.batches)
+    assert plain.last_layer is None and not plain.share_prefix and not any(b.prefix for b in plain.batches)
+    assert torch.allclose(torch.tensor(fast.row_scores()), torch.tensor(plain.row_scores()), atol=1e-5)

@@ -2,10 +2,9 @@
 a 503 retried; a re-run served from the cache with zero requests), and a real `llamafactory-cli api` serving
 the tiny model (poor answers: the source copes)."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import chat_stub
 
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
@@ -23,43 +22,21 @@ ANSWERS = {  # document marker -> the scripted model's answer
 }
 
 
-class Scripted(BaseHTTPRequestHandler):
-    calls: list = []
-    fail_first = True
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        Scripted.calls.append(("GET", None))
-        self._send(200, {"data": [{"id": "m"}]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Scripted.calls.append(("POST", self.headers.get("Authorization")))
-        if Scripted.fail_first:
-            Scripted.fail_first = False
-            return self._send(503, {"error": "busy"})
-        prompt = body["messages"][0]["content"]
-        answer = next(a for marker, a in ANSWERS.items() if marker in prompt)
-        self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+def scripted(prompt: str) -> str:
+    """The scripted model's answer: the one for the document marker in the prompt."""
+    return next(a for marker, a in ANSWERS.items() if marker in prompt)
 
 
 @pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    Scripted.calls, Scripted.fail_first = [], True
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
+def stub():
+    """The generating endpoint; its first POST is answered 503 (the client retries). Yields (url, state)."""
+    with chat_stub(scripted, fail_first=True) as (url, state):
+        yield url, state
+
+
+@pytest.fixture
+def server(stub):
+    return stub[0]
 
 
 def write_docs(tmp_path, markers):
@@ -86,7 +63,8 @@ def test_parse_examples(answer, n, bad, why):
     assert (len(examples), nbad, reason) == (n, bad, why)
 
 
-def test_generate_parses_skips_retries_and_caches(tmp_path, server, monkeypatch, capsys):
+def test_generate_parses_skips_retries_and_caches(tmp_path, stub, monkeypatch, capsys):
+    server, state = stub
     monkeypatch.setenv("GEN_KEY", "sk-gen")
     docs = write_docs(tmp_path, ["GOOD", "FENCED", "PARTIAL", "BAD", "OBJECT", "GOOD"])
     cfg = make_cfg(tmp_path, server, docs, api_key_env="GEN_KEY", concurrency=3, retries=2)
@@ -97,14 +75,14 @@ def test_generate_parses_skips_retries_and_caches(tmp_path, server, monkeypatch,
     # six documents, two with the same text -> five distinct prompts; one 503 retried
     assert stats == {"documents": 6, "requests": 6, "cached": 0, "examples": 8, "malformed_answers": 2,
                      "malformed_items": 2, "failed": 0}
-    assert all(auth == "Bearer sk-gen" for kind, auth in Scripted.calls if kind == "POST")
+    assert all(auth == "Bearer sk-gen" for kind, auth in state["calls"] if kind == "POST")
     logged = [json.loads(l) for l in (tmp_path / "cache" / "malformed.jsonl").read_text().splitlines()]
     assert sorted(r["document"] for r in logged) == [3, 4]
     assert "skipped 2 malformed answers" in capsys.readouterr().out
 
-    Scripted.calls.clear()
+    state["calls"].clear()
     again = read_rows(cfg.data.sources[0], 0, cfg)  # a re-run pays nothing: not even the /models check
-    assert again == rows and Scripted.calls == []
+    assert again == rows and state["calls"] == []
     assert json.loads((tmp_path / "cache" / "last_stats.json").read_text())["cached"] == 5
 
 

@@ -1,11 +1,9 @@
 """The LLM judge: a real OpenAI-compatible server (`llamafactory-cli api` with the tiny model), plus a
 small local server with scripted answers for parsing, caching, retries and the API key."""
-import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import chat_stub
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig, JudgeConfig
@@ -23,43 +21,16 @@ def test_parse_score(text, expected):
     assert parse_score(text) == expected
 
 
-class Scripted(BaseHTTPRequestHandler):
-    """Grades 1 when the reference appears reversed in the prompt's question, else garbage; first call 503."""
-    calls: list = []
-    fail_first = True
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, {"data": [{"id": "scripted"}]})
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Scripted.calls.append((self.headers.get("Authorization"), body))
-        if Scripted.fail_first:
-            Scripted.fail_first = False
-            return self._send(503, {"error": "busy"})
-        prompt = body["messages"][0]["content"]
-        answer = '{"score": 1}' if "Question:\nab\n" in prompt else "I think it is fine"
-        self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+def grade(prompt: str) -> str:
+    """Grades 1 when the reference appears reversed in the prompt's question, else garbage."""
+    return '{"score": 1}' if "Question:\nab\n" in prompt else "I think it is fine"
 
 
 @pytest.fixture
 def scripted_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    Scripted.calls, Scripted.fail_first = [], True
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    """The judge endpoint; its first POST is answered 503 (the client retries)."""
+    with chat_stub(grade, fail_first=True) as (url, state):
+        yield url, state
 
 
 def judge_cfg(base_url, **kw):
@@ -68,16 +39,18 @@ def judge_cfg(base_url, **kw):
 
 
 def test_judge_scores_caches_retries_and_counts_unparsable(tiny_model, scripted_server, monkeypatch):
+    url, state = scripted_server
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-123")
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    judge = METRICS["judge"](model, tok, "default", ROWS, judge_cfg(scripted_server, api_key_env="MY_JUDGE_KEY"))
+    judge = METRICS["judge"](model, tok, "default", ROWS, judge_cfg(url, api_key_env="MY_JUDGE_KEY"))
     assert judge.row_scores() == [1.0, 0.0, 0.0, 0.0]
     assert judge.stats == {"unparsable": 3, "requests": 4, "errors": 0}
-    assert len(Scripted.calls) == 5  # one 503, retried
-    assert all(auth == "Bearer sk-test-123" for auth, _ in Scripted.calls)
+    posts = [auth for method, auth in state["calls"] if method == "POST"]
+    assert len(posts) == 5  # one 503, retried
+    assert all(auth == "Bearer sk-test-123" for auth in posts)
     judge.row_scores()  # same answers again: served from the cache
-    assert len(Scripted.calls) == 5 and judge.stats["requests"] == 4
+    assert state["posts"] == 5 and judge.stats["requests"] == 4
 
 
 def test_judge_errors_are_clear(tiny_model, scripted_server, monkeypatch):
@@ -85,7 +58,7 @@ def test_judge_errors_are_clear(tiny_model, scripted_server, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     monkeypatch.delenv("NOT_SET_KEY", raising=False)
     with pytest.raises(UserError, match="NOT_SET_KEY is not set"):
-        METRICS["judge"](model, tok, "default", ROWS, judge_cfg(scripted_server, api_key_env="NOT_SET_KEY"))
+        METRICS["judge"](model, tok, "default", ROWS, judge_cfg(scripted_server[0], api_key_env="NOT_SET_KEY"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
@@ -107,8 +80,6 @@ def test_judge_against_real_llamafactory_api(tiny_model, llamafactory_api):
 
 def test_judge_that_stops_answering_stops_instead_of_scoring_zero(tiny_model):
     """After its retries a failed request is an error, not a 0 fed to the optimiser."""
-    from conftest import chat_stub
-
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with chat_stub(lambda prompt: '{"score": 1}', fail_after=2) as (url, state):

@@ -94,7 +94,27 @@ def test_unknown_delta_name_is_refused(weighted):
         weighted.set_weights({"zzz": 1.0})
 
 
-def test_auto_mode_picks_a_mode_and_stays_exact(tiny_base, tiny_adapters):
+def test_auto_mode_tries_fold_only_where_its_copy_fits(tiny_base, tiny_adapters, monkeypatch):
+    """`fold` copies the target modules' base weights: `auto` never makes that copy (the search's peak memory)
+    unless it fits merge.FOLD_COPY_BUDGET of the model and adapters."""
+    import autollm_lf.merge as merge
+    weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="auto")
+    held = sum(p.nbytes for p in weighted.model.parameters())
+    assert 0 < weighted.fold_copy_bytes() < held < weighted.held_bytes()
+    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.fold_copy_bytes() / weighted.held_bytes() * 0.99)
+    copies = []
+    monkeypatch.setattr(WeightedDeltas, "_use_fold", lambda self: copies.append(1))
+    assert not weighted.fold_fits()
+    assert weighted.pick_mode(lambda: logits(weighted.model), {"a": 0.5}) == "cat" and copies == []
+    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.fold_copy_bytes() / weighted.held_bytes() * 1.01)
+    assert weighted.fold_fits()
+    weighted.pick_mode(lambda: logits(weighted.model), {"a": 0.5})
+    assert copies  # timed both ways
+
+
+def test_auto_mode_picks_a_mode_and_stays_exact(tiny_base, tiny_adapters, monkeypatch):
+    import autollm_lf.merge as merge
+    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", 10.0)  # both modes timed
     weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="auto")
     weights = {"a": 0.8, "b": -0.3, "c": 0.5}
     mode = weighted.pick_mode(lambda: logits(weighted.model), weights)
