@@ -162,6 +162,13 @@ class ToyConfig(Strict):
 Methods = Union[Literal["auto"], list[str]]
 
 
+class SharedConfig(Strict):
+    rows_per_chunk: int = Field(8, ge=1, description="training rows taken from every chunk (seeded): its prompt "
+                                                     "and answer (a preference row's chosen answer)")
+    args: dict[str, Any] = Field(default_factory=dict, description="LLaMA-Factory keys for this training, over "
+                                                                   "train.args and train.method_args.sft")
+
+
 class TrainConfig(Strict):
     methods: Methods = Field("auto", description="training methods for every chunk; auto = from the data's shape")
     chunk_methods: dict[str, Methods] = Field(default_factory=dict, description="per-chunk methods")
@@ -175,6 +182,9 @@ class TrainConfig(Strict):
     auto_mix: bool = Field(True, description="baseline train@auto_mix: "
                                              "retrain on the SFT chunks mixed by the best weights")
     auto_mix_floor: float = Field(0.05, ge=0, lt=1, description="smallest interleave probability a chunk keeps")
+    shared: Optional[SharedConfig] = Field(
+        None, description="first train one adapter on a few rows of every chunk (what all of them share, e.g. the "
+                          "chat format) and merge it into the base; every delta then trains on that base")
 
     @model_validator(mode="after")
     def _known_methods(self):

@@ -16,6 +16,7 @@ from .io import read_json
 # can overwrite them (validation/test/dataset_info are reserved chunk names instead).
 MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+SHARED = "_shared"  # train.shared: its dataset (data/_shared.json), config and delta; no chunk name starts with _
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class RunDir:
 
     def delta(self, name: str) -> Path:
         return self.root / "deltas" / name
+
+    @property
+    def shared_base(self) -> Path:
+        """train.shared: the base with the shared adapter merged in (full weights); every delta trains on it."""
+        return self.root / "shared_base"
 
     # ---- search ----
     @property

@@ -22,6 +22,7 @@ from .prepare import load_split, prepare
 from .report import split_by_chunk, write_report
 from .rounds import check_round_base, ensure_round_base, rounds_section
 from .search import run_search, search_fingerprint
+from .shared import build_shared_base, on_shared_base
 from .toy import ensure_toy
 from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs, train_all
 
@@ -31,7 +32,8 @@ class Session:
 
     def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False,
                  full: bool = False):
-        self.cfg = cfg
+        self.base_cfg = cfg  # prepare's: the base as configured
+        self.cfg = on_shared_base(cfg) if cfg.train.shared else cfg  # every later stage's (train.shared)
         self.force = force
         self.keep_going = keep_going
         self.full = full  # export also merges into full weights with `llamafactory-cli export` and checks them
@@ -155,11 +157,11 @@ class Session:
 
 
 def stage_prepare(s: Session) -> None:
-    if s.cfg.round > 1:  # round K's base: round K-1's best merge as full weights
-        ensure_round_base(s.cfg)
-    if s.cfg.toy:
-        ensure_toy(s.cfg)
-    prepare(s.cfg)
+    if s.base_cfg.round > 1:  # round K's base: round K-1's best merge as full weights
+        ensure_round_base(s.base_cfg)
+    if s.base_cfg.toy:
+        ensure_toy(s.base_cfg)
+    prepare(s.base_cfg)
 
 
 def check_chunk_keys(s: Session) -> None:
@@ -178,6 +180,8 @@ def check_chunk_keys(s: Session) -> None:
 def stage_train(s: Session) -> None:
     check_chunk_keys(s)
     s.delta_names  # a method that does not fit its chunk stops here, before any training
+    if s.cfg.train.shared:  # trained on the configured base; the deltas then train on the base it makes
+        build_shared_base(s.base_cfg, force="train" in s.force)
     train_all(s.cfg, s.shapes, force="train" in s.force, keep_going=s.keep_going)
 
 
@@ -235,6 +239,9 @@ def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozen
         ensure_converted(cfg.base_model.gguf)
     if "prepare" not in stages:
         check_round_base(cfg)
+    if cfg.train.shared and not {"prepare", "train"} & set(stages) and \
+            not (cfg.run.shared_base / "config.json").is_file():
+        raise UserError(f"train.shared: {cfg.run.shared_base} is not built yet; run `autollm train` (or `run`) first")
     session = Session(cfg, force, keep_going, full)
     for name in stages:
         print(f"== {name}")

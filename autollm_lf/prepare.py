@@ -16,6 +16,7 @@ from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
+from .paths import SHARED
 from .rows import Record, Row
 from .sources import READERS
 from .train import chunk_methods
@@ -320,6 +321,16 @@ def _records(rows: list[Row], shape: str) -> tuple[list[dict], dict]:
     return [{**record(r), **{k: r[k] for k in PROVENANCE}} for r in rows], entry
 
 
+def shared_rows(train: dict[str, list[Row]], seed: int, per_chunk: int) -> list[tuple[Row, tuple]]:
+    """A seeded sample of every chunk's training rows with an answer to learn: (row, (prompt, answer))."""
+    rng = random.Random(seed)
+    picked = []
+    for name in sorted(train):
+        usable = [(r, ref) for r in train[name] if (ref := reference(r)) is not None]
+        picked += rng.sample(usable, min(per_chunk, len(usable)))
+    return picked
+
+
 def _eval_records(rows: list[Row]) -> list[dict]:
     """Held-out rows in alpaca form; earlier turns of a conversation go in `history` as [user, assistant] pairs."""
     out = []
@@ -348,6 +359,11 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     for split, items in (("validation", val), ("test", test)):
         files[f"{split}.json"] = _eval_records(items)
         info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}
+    if cfg.train.shared:  # the shared adapter's rows: a few of every chunk's training rows, as SFT
+        picked = shared_rows(train, cfg.seed, cfg.train.shared.rows_per_chunk)
+        files[f"{SHARED}.json"] = [{"instruction": p, "output": a, **_context(r), **{k: r[k] for k in PROVENANCE}}
+                                   for r, (p, a) in picked]
+        info[SHARED] = {"file_name": f"{SHARED}.json", **FORMATS["sft"][1]}
     table = chunk_table(cfg, train, shapes, val, test)
     files["dataset_info.json"] = info
     files[cfg.run.summary.name] = {

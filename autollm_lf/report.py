@@ -6,7 +6,7 @@ import json
 from .export import adapter_score
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
-from .paths import is_fresh
+from .paths import SHARED, is_fresh
 from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER, find_template
 
@@ -51,7 +51,10 @@ def row_seconds(session) -> dict[str, float | None]:
     auto = None if merge is None else merge + search
     mix = None if auto is None or trained[MIX_DELTA] is None else auto + trained[MIX_DELTA]
     rows = {"raw": 0.0, "average_merge": merge, "human_merge": merge, "auto_merge": auto, f"train@{MIX_DELTA}": mix}
-    return {**{f"train@{n}": s for n, s in trained.items()}, **rows}
+    rows = {**{f"train@{n}": s for n, s in trained.items()}, **rows}
+    # train.shared: every row starts from the shared base, raw included: its training is in each one
+    shared = read_json(run.delta(SHARED) / DONE_MARKER, {}).get("seconds") if session.cfg.train.shared else None
+    return {k: None if v is None else v + (shared or 0.0) for k, v in rows.items()}
 
 
 def cost_line(rows: list[dict], trials: int) -> str:
@@ -95,7 +98,11 @@ def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[
 def eval_sets_line(cfg) -> str:
     """Which rows each number is computed on: held out per chunk, and/or the fixed evaluation sets."""
     summary = read_json(cfg.run.summary, {})
-    return f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
+    line = f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
+    if cfg.train.shared:
+        line += (f" Base: a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) merged "
+                 f"into the configured model ({cfg.run.shared_base}); `raw` is that base, every row starts from it.")
+    return line
 
 
 def _parts_table(rows: list[dict], cfg) -> list[str]:
