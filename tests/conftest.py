@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from autollm_lf.merge import MERGE_METHODS, ties_norm_sum, ties_sum
 from autollm_lf.toy import build_source_db
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -176,3 +177,42 @@ def write_config(tmp_path, tiny_model, name="e2e", search=None, **train_args):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# ---- the merge methods' reference: dense, stacked, no streaming, no caching (tiny and real-model tests) ---
+
+def ref_magnitude(d, density):
+    k = int(density * d.numel())
+    mask = torch.zeros(d.numel(), dtype=torch.bool)
+    mask[torch.argsort(d.abs().view(-1), descending=True)[:k]] = True
+    return d * mask.view_as(d)
+
+
+def ref_random(d, density, seed):
+    keep = torch.rand(d.shape, generator=torch.Generator().manual_seed(seed)) < density
+    return d * keep / density
+
+
+def ref_merge(deltas, weights, method, density=1.0, seeds=None):
+    sparsify = MERGE_METHODS[method].sparsify
+    if sparsify == "magnitude":
+        deltas = [ref_magnitude(d, density) for d in deltas]
+    elif sparsify == "random":
+        deltas = [ref_random(d, density, s) for d, s in zip(deltas, seeds)]
+    w = torch.tensor(weights, dtype=deltas[0].dtype)[:, None, None]
+    weighted = torch.stack(deltas) * w
+    if method == "linear_norm":  # f(sum |w_i| P_i) @ sum w_i dW_i, P_i onto each delta's output directions
+        gram = 0
+        for d, wi in zip(deltas, weights):
+            U, S, _ = torch.linalg.svd(d.double(), full_matrices=False)
+            U = U[:, S > S.max() * 1e-6]
+            gram = gram + abs(wi) * U @ U.T
+        lam, E = torch.linalg.eigh(gram)
+        return ((E * (1 / lam.clamp(min=1))) @ E.T @ weighted.sum(0).double()).to(weighted.dtype)
+    if MERGE_METHODS[method].combine in (ties_sum, ties_norm_sum):
+        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
+        mask = weighted.sign() == majority
+        weighted = weighted * mask
+        if MERGE_METHODS[method].normalize:  # mergekit's normalize, the divisor capped below at 1
+            return weighted.sum(0) / (w.abs() * mask).sum(0).clamp(min=1)
+    return weighted.sum(0)

@@ -64,8 +64,11 @@ def test_report_and_search_contents(first_run):
     assert export["exported_validation"] == best["validation"]
 
 
-def test_second_run_retrains_nothing_and_hand_edit_retrains_one(own_run):
-    tmp, cfg = own_run
+def test_second_run_retrains_nothing_and_hand_edit_retrains_one(tiny_model, tmp_path):
+    """A run of its own: rendered configs name their absolute output paths, so a copied run is not "the same"."""
+    tmp, cfg = tmp_path, write_config(tmp_path, tiny_model)
+    first = autollm("run", str(cfg), cwd=tmp)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp / "runs" / "e2e"
     mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns
               for d in ("math-sft", "code-sft", "all", "auto_mix")}

@@ -210,22 +210,37 @@ def test_gguf_config_resolves_to_the_cache_folder(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_model_end_to_end(gemma_folder, run_autollm, tmp_path):
     """`autollm run` on the converted Gemma 3 270M: two chunks of the example's data (a few dozen rows), one epoch,
-    a few trials, a generated-answer metric (contains); LLaMA-Factory trains on the cached folder."""
+    a few trials; LLaMA-Factory trains on the cached folder. Scored by an objective: a generated-answer metric
+    (contains) on the held-out rows plus multiple choice by log-likelihood (`choice`) on fixed validation and
+    test files of questions in English (`evaluation.validation` / `evaluation.test`)."""
     rows = [json.loads(line) for line in (REPO / "examples" / "gemma3_270m" / "tasks.jsonl").read_text().splitlines()]
     picked = [r for r in rows if r["task"] == "math"][:30] + [r for r in rows if r["task"] == "following"][:30]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    for split, numbers in (("validation", (2, 3, 4, 5)), ("test", (6, 7, 8, 9))):
+        mc = [{"prompt": f"What is {a} plus {a}? Answer with a number.", "response": str(2 * a),
+               "choices": [str(2 * a - 1), str(2 * a), str(2 * a + 1)], "task": "mc"} for a in numbers]
+        (tmp_path / f"mc_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    fixed = {split: [{"type": "file", "path": str(tmp_path / f"mc_{split}.jsonl")}] for split in ("validation", "test")}
     cfg = {"name": "gemma_e2e", "base_model": {"gguf": GEMMA, "template": "gemma"},
            "data": {"sources": [{"type": "file", "path": str(tmp_path / "rows.jsonl")}], "chunk_by": "task",
                     "validation_per_chunk": 6, "test_per_chunk": 6},
            "train": {"args": {"num_train_epochs": 1.0, "learning_rate": 3.0e-4, "cutoff_len": 64},
                      "train_all": False, "auto_mix": False},
            "search": {"init_points": 1, "n_iter": 2},
-           "evaluation": {"metric": "contains", "batch_size": 12, "max_new_tokens": 8}}
+           "evaluation": {"metric": "contains", "batch_size": 12, "max_new_tokens": 8, **fixed,
+                          "objective": [{"chunks": ["math", "following"], "weight": 1.0},
+                                        {"metric": "choice", "chunks": ["mc"], "weight": 0.5}]}}
     out = run_autollm(cfg, tmp_path)
     report = json.loads((out / "report" / "report.json").read_text())
     models = {r["model"] for r in report["rows"]}
     assert {"raw", "train@math-sft", "train@following-sft", "auto_merge"} <= models and report["metric"] == "contains"
-    assert all(0.0 <= r[split] <= 1.0 for r in report["rows"] for split in ("validation", "test"))
+    for row in report["rows"]:
+        parts = row["parts"]["test"]
+        assert 0.0 <= parts["choice@mc"] <= 1.0 and 0.0 <= parts["contains@math,following"] <= 1.0
+        assert row["test"] == pytest.approx(parts["contains@math,following"] + 0.5 * parts["choice@mc"])
+    summary = json.loads((out / "data" / "_summary.json").read_text())
+    assert summary["validation_from"].startswith("4 rows of evaluation.validation")
+    assert "Objective parts, validation | test:" in (out / "report" / "report.md").read_text()
     for delta in ("math-sft", "following-sft"):
         adapter = json.loads((out / "deltas" / delta / "adapter_config.json").read_text())
         assert Path(adapter["base_model_name_or_path"]) == gemma_folder  # trained on the converted folder

@@ -2,6 +2,7 @@
 (mergekit's ties / dare with normalize: false, stacked deltas, argsort top-k)."""
 import pytest
 import torch
+from conftest import ref_magnitude, ref_merge
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -12,7 +13,6 @@ from autollm_lf.merge import (
     dare_seed,
     linear_sum,
     magnitude_threshold,
-    ties_norm_sum,
     ties_sum,
     trim,
 )
@@ -24,45 +24,6 @@ METHODS = list(MERGE_METHODS)
 def logits(model):
     with torch.no_grad():
         return model(input_ids=INPUT).logits
-
-
-# ---- the reference: dense, stacked, no streaming, no caching --------------------------------------------
-
-def ref_magnitude(d, density):
-    k = int(density * d.numel())
-    mask = torch.zeros(d.numel(), dtype=torch.bool)
-    mask[torch.argsort(d.abs().view(-1), descending=True)[:k]] = True
-    return d * mask.view_as(d)
-
-
-def ref_random(d, density, seed):
-    keep = torch.rand(d.shape, generator=torch.Generator().manual_seed(seed)) < density
-    return d * keep / density
-
-
-def ref_merge(deltas, weights, method, density=1.0, seeds=None):
-    sparsify = MERGE_METHODS[method].sparsify
-    if sparsify == "magnitude":
-        deltas = [ref_magnitude(d, density) for d in deltas]
-    elif sparsify == "random":
-        deltas = [ref_random(d, density, s) for d, s in zip(deltas, seeds)]
-    w = torch.tensor(weights, dtype=deltas[0].dtype)[:, None, None]
-    weighted = torch.stack(deltas) * w
-    if method == "linear_norm":  # f(sum |w_i| P_i) @ sum w_i dW_i, P_i onto each delta's output directions
-        gram = 0
-        for d, wi in zip(deltas, weights):
-            U, S, _ = torch.linalg.svd(d.double(), full_matrices=False)
-            U = U[:, S > S.max() * 1e-6]
-            gram = gram + abs(wi) * U @ U.T
-        lam, E = torch.linalg.eigh(gram)
-        return ((E * (1 / lam.clamp(min=1))) @ E.T @ weighted.sum(0).double()).to(weighted.dtype)
-    if MERGE_METHODS[method].combine in (ties_sum, ties_norm_sum):
-        majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-        mask = weighted.sign() == majority
-        weighted = weighted * mask
-        if MERGE_METHODS[method].normalize:  # mergekit's normalize, the divisor capped below at 1
-            return weighted.sum(0) / (w.abs() * mask).sum(0).clamp(min=1)
-    return weighted.sum(0)
 
 
 # ---- pure functions ----------------------------------------------------------------------------------------
