@@ -64,11 +64,14 @@ def reference(gemma, adapters, ids) -> torch.Tensor:
     return logits(model.eval(), ids)
 
 
+def test_the_deltas_change_the_logits(gemma, ids, reference):
+    assert (reference - logits(AutoModelForCausalLM.from_pretrained(gemma), ids)).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("mode", ["cat", "fold", "scaling"])
 def test_every_apply_mode_equals_peft_cat_and_exports_it(mode, gemma, adapters, ids, reference, tmp_path):
     weighted = WeightedDeltas(gemma, adapters, mode=mode)
     weighted.set_weights(WEIGHTS)
-    assert (reference - logits(AutoModelForCausalLM.from_pretrained(gemma), ids)).abs().max() > 0.1  # deltas act
     torch.testing.assert_close(logits(weighted.model, ids), reference, atol=ATOL, rtol=0)
     weighted.set_weights({n: 0.0 for n in WEIGHTS})
     weighted.set_weights(WEIGHTS)  # a later trial with the same weights: the same model
@@ -79,11 +82,18 @@ def test_every_apply_mode_equals_peft_cat_and_exports_it(mode, gemma, adapters, 
         torch.testing.assert_close(logits(loaded, ids), reference, atol=ATOL, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def folded(gemma, adapters) -> WeightedDeltas:
+    """One loaded model for every method (use_method switches it in place, as the bench does)."""
+    return WeightedDeltas(gemma, adapters, mode="fold", density=0.5, seed=3)
+
+
 @pytest.mark.parametrize("method", [m for m in MERGE_METHODS if m != "linear"])
-def test_every_merge_method_equals_its_dense_reference(method, gemma, adapters):
+def test_every_merge_method_equals_its_dense_reference(method, folded):
     """The first attention and MLP modules of the first and a sliding-window layer: W - W0 is the dense reference
     merge of the true deltas (DARE with the same seeds)."""
-    weighted = WeightedDeltas(gemma, adapters, mode="fold", method=method, density=0.5, seed=3)
+    weighted = folded
+    weighted.use_method(method, 0.5)
     weighted.set_weights(WEIGHTS)
     checked = [k for k, name in enumerate(weighted.layer_names) if ".layers.0." in name or ".layers.5." in name]
     for k in [k for k in checked if weighted.layers[k] in weighted.cat_layers]:
