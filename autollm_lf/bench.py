@@ -422,8 +422,8 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
             "scores_equal": scores[True] == scores[False], "exact_match": scores[True],
             "pass_seconds_scored_logits": head[False], "pass_seconds_all_logits": head[True],
             "choice": bench_choice(w, template, rows, cfg.evaluation, rounds),
-            "memory": {**search_process_rss(cfg.base_model.path, session.adapters, "auto"),
-                       "base_plus_adapters_mb": folder_mb(cfg.base_model.path) + sum(
+            "memory": {**search_process_rss(session.cfg.base_model.path, session.adapters, "auto"),
+                       "base_plus_adapters_mb": folder_mb(session.cfg.base_model.path) + sum(
                            folder_mb(a) for a in session.adapters.values())}}
 
 
@@ -443,26 +443,28 @@ def mc_rows(rows: list, choices: int = 4) -> list:
     return out
 
 
-def bench_choice(w, template: str, rows: list, eval_cfg, rounds: int) -> dict:
-    """`choice` on multiple-choice rows made from the held-out rows vs one plain forward per (prompt, choice)."""
+def per_choice_loglikelihoods(model, evaluator: Choice, template: str, rows: list) -> list[list[float]]:
+    """The plain computation `choice` is checked against: one forward per (prompt, choice), no cache, no batching."""
     import torch
 
+    out = []
+    with torch.inference_mode():
+        for row in rows:
+            lls = []
+            for c in row["choices"]:
+                p, a, _ = evaluator.encode(template, {**row, "response": c})
+                ids = torch.tensor([p + a], device=evaluator.device)
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                lls.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)))
+            out.append(lls)
+    return out
+
+
+def bench_choice(w, template: str, rows: list, eval_cfg, rounds: int) -> dict:
+    """`choice` on multiple-choice rows made from the held-out rows vs one plain forward per (prompt, choice)."""
     mc = mc_rows(rows)
     ev = Choice(w.model, w.tokenizer, template, mc, eval_cfg.model_copy(update={"metric": "choice"}))
-
-    def per_choice_loop() -> list[list[float]]:
-        out = []
-        with torch.inference_mode():
-            for row in mc:
-                lls = []
-                for c in row["choices"]:
-                    p, a, _ = ev.encode(template, {**row, "response": c})
-                    logp = torch.log_softmax(w.model(input_ids=torch.tensor([p + a], device=ev.device)).logits[0]
-                                             .float(), -1)
-                    lls.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)))
-                out.append(lls)
-        return out
-
+    per_choice_loop = lambda: per_choice_loglikelihoods(w.model, ev, template, mc)
     fast, loop = ev.choice_loglikelihoods(), per_choice_loop()
     diff = max(abs(x - y) for f, lp in zip(fast, loop) for x, y in zip(f, lp))
     seconds = {"one_pass": timed(ev.score, rounds), "per_choice_loop": timed(per_choice_loop, rounds)}

@@ -21,9 +21,7 @@ MARKER = "autollm_shared.json"
 def on_shared_base(cfg: RunConfig) -> RunConfig:
     """The config every stage after prepare uses: its base is the shared base (where it is built)."""
     base = cfg.base_model.model_copy(update={"path": cfg.run.shared_base, "gguf": None})
-    moved = cfg.model_copy(update={"base_model": base})
-    moved._first_base = cfg._first_base
-    return moved
+    return cfg.model_copy(update={"base_model": base})  # private state (round K's first base) comes along
 
 
 def build_shared_base(cfg: RunConfig, force: bool = False) -> None:

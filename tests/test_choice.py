@@ -4,11 +4,11 @@ import json
 import random
 
 import pytest
-import torch
 import yaml
 from conftest import autollm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from autollm_lf.bench import per_choice_loglikelihoods
 from autollm_lf.choice import Choice
 from autollm_lf.config import EvaluationConfig
 from autollm_lf.errors import UserError
@@ -27,21 +27,6 @@ def mc_rows(n=12):
     return rows
 
 
-def per_choice_loop(model, evaluator, rows):
-    """The plain computation: one forward per (prompt, choice), no cache, no batching."""
-    out = []
-    for row in rows:
-        lls = []
-        for c in row["choices"]:
-            p, a, _ = evaluator.encode("default", {**row, "response": c})
-            ids = torch.tensor([p + a])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            lls.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)))
-        out.append(lls)
-    return out
-
-
 @pytest.mark.parametrize("batch_size", [3, 64])
 def test_choice_equals_a_plain_per_choice_loop(tiny_model, batch_size):
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -51,7 +36,7 @@ def test_choice_equals_a_plain_per_choice_loop(tiny_model, batch_size):
         ev = Choice(model, tok, "default", rows, EvaluationConfig(metric="choice", batch_size=batch_size,
                                                                   length_normalize=normalize))
         fast = ev.choice_loglikelihoods()
-        slow = per_choice_loop(model, ev, rows)
+        slow = per_choice_loglikelihoods(model, ev, "default", rows)
         assert [len(x) for x in fast] == [len(r["choices"]) for r in rows]
         assert all(abs(f - s) < 1e-4 for fr, sr in zip(fast, slow) for f, s in zip(fr, sr))
         pick = lambda lls, row: max(range(len(lls)),
