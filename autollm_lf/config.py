@@ -334,6 +334,36 @@ class RoundsConfig(Strict):
     sources: list[Source] = Field(default_factory=list, description="new data for rounds >= 2, on top of data.sources")
 
 
+class ClusterConfig(Strict):
+    """A Ray cluster: every delta a Ray task, the search's trials on Ray actors (cluster.py)."""
+    address: str = Field("local", description="`local` starts Ray on this machine (its GPUs); `auto` joins the "
+                                              "cluster this machine belongs to (`ray start`); `ray://host:10001` "
+                                              "a remote one through Ray Client")
+    storage: Optional[Path] = Field(None, description="a folder every node mounts at this same path: a base model "
+                                                      "and run dir under it are read and written in place; "
+                                                      "otherwise each training's config, data and base are shipped "
+                                                      "through Ray and its adapter and logs brought back")
+    cpus_per_delta: int = Field(1, ge=1, description="CPUs each training task asks for (its torch threads)")
+    max_retries: int = Field(3, ge=0, description="times a training lost with its node (or worker) is run again")
+    search_actors: int = Field(1, ge=1, description="trials at once: Ray actors, each holding the base model and "
+                                                    "every delta once (one GPU each where the cluster has GPUs)")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs each search actor asks for")
+
+    @field_validator("address")
+    @classmethod
+    def _known_address(cls, v):
+        if v not in ("local", "auto") and not re.fullmatch(r"(ray://)?[\w.-]+:\d+", v):
+            raise ValueError(f"{v!r} is not a Ray address; write local, auto, host:port or ray://host:10001")
+        return v
+
+    @model_validator(mode="after")
+    def _actors_can_read(self):
+        if self.search_actors > 1 and self.address.startswith("ray://") and self.storage is None:
+            raise ValueError("search_actors > 1 through Ray Client needs cluster.storage (a folder every node "
+                             "mounts, holding the run dir and base model): the actors read them in place")
+        return self
+
+
 class RunConfig(Strict):
     name: str
     seed: int = 0
@@ -349,6 +379,7 @@ class RunConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    cluster: Optional[ClusterConfig] = Field(None, description="run trainings and trials on a Ray cluster")
 
     @field_validator("name")
     @classmethod
@@ -437,6 +468,8 @@ def _resolve_paths(cfg: RunConfig) -> RunConfig:
         cfg.base_model.path = converted
     cfg.base_model.path = cfg.base_model.path.resolve()
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
+    if cfg.cluster and cfg.cluster.storage:
+        cfg.cluster.storage = cfg.cluster.storage.resolve()
     if cfg.toy:
         cfg.toy.database = cfg.toy.database.resolve()
     sources = cfg.all_sources

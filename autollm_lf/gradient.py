@@ -31,6 +31,8 @@ FIT_FRACTION = 0.5  # of the validation rows: the fit's; the rest is the holdout
 
 
 class GradientOptimizer:
+    parallel = False  # one Adam trajectory: each point starts from the one before, scored here (evaluate)
+
     def __init__(self, params: list[str], bounds, seed: int, session=None):
 
         if session is None or not MERGE_METHODS[session.cfg.search.merge].low_rank:

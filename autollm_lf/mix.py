@@ -8,7 +8,7 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 from __future__ import annotations
 
 from .search import per_delta
-from .train import DeltaSpec, delta_specs, model_fingerprint, train_one
+from .train import DeltaSpec, delta_specs, train_one
 
 MIX_DELTA = "auto_mix"
 
@@ -54,4 +54,4 @@ def train_auto_mix(session, force: bool = False) -> None:
         return
     spec, probs = planned
     print("mix: interleave_probs " + ", ".join(f"{c} {p:.3f}" for c, p in probs.items()))
-    train_one(cfg, spec, model_fingerprint(cfg.base_model.path), force=force)
+    train_one(cfg, spec, force=force)

@@ -1,11 +1,13 @@
 """The stages in order, sharing one loaded model within a process (a trial never reloads it)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from .cluster import TrialPool
 from .config import RunConfig, dump_config
 from .errors import UserError
 from .export import export_best
@@ -185,11 +187,30 @@ def stage_train(s: Session) -> None:
     train_all(s.cfg, s.shapes, force="train" in s.force, keep_going=s.keep_going)
 
 
+def validation_scorer(cfg: RunConfig, keep_going: bool) -> Callable[[dict[str, float]], float]:
+    """A search actor's scorer (cluster.TrialPool): this run's base model and every delta, loaded once."""
+    session = Session(cfg, keep_going=keep_going)
+    session.scorer("validation")  # the model and the validation rows now, not in the first trial
+    return lambda weights: session.score(weights, "validation")
+
+
+def trial_pool(s: Session) -> TrialPool | None:
+    """cluster.search_actors > 1: that many actors, each with the apply mode this process picked."""
+    cluster = s.cfg.cluster
+    if cluster is None or cluster.search_actors == 1:
+        return None
+    search = s.cfg.search.model_copy(update={"apply": s.weighted.mode})
+    cfg = s.base_cfg.model_copy(update={"search": search})
+    reads = [s.cfg.base_model.path, s.cfg.out]
+    return TrialPool(cluster, validation_scorer, (cfg, s.keep_going), reads)
+
+
 def stage_search(s: Session) -> None:
     check_chunk_keys(s)
     s.pick_apply_mode()
-    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
-                      human=s.human_weights() if s.cfg.search.human_weights else {})
+    with trial_pool(s) or contextlib.nullcontext() as pool:
+        best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
+                          human=s.human_weights() if s.cfg.search.human_weights else {}, pool=pool)
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})
     print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")

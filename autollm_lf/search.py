@@ -10,11 +10,13 @@ No point is evaluated twice: a repeated suggestion is replaced by a seeded rando
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -83,7 +85,8 @@ def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], valida
                        cfg.seed, deltas, delta_fps, validation_fp)
 
 
-# ---- optimisers: suggest(trial number) -> weights; register(weights, score, own); replay(logged trial) --------
+# ---- optimisers: suggest(trial number, pending points) -> weights; register(weights, score, own);
+# replay(logged trial). `parallel = False`: one point at a time, scored by the optimiser's own evaluate().
 
 @contextlib.contextmanager
 def quiet():
@@ -102,10 +105,19 @@ class BayesOptimizer:
         self.opt = BayesianOptimization(f=None, pbounds={p: tuple(bounds) for p in params}, random_state=seed,
                                         verbose=0, allow_duplicate_points=True)
 
-    def suggest(self, number: int) -> dict:
-        self.opt._random_state.seed(self.seed * 100_003 + number)  # same suggestion after a restart
+    def suggest(self, number: int, pending: list[dict] = ()) -> dict:
+        """The next point; points still being scored (a parallel batch) count as scoring the worst seen so far
+        (constant liar), on a copy of the GP, so the batch spreads out."""
+        opt = self.opt
+        if pending:
+            opt = copy.deepcopy(self.opt)
+            lie = float(min(opt.space.target))
+            with quiet():
+                for weights in pending:
+                    opt.register(params=weights, target=lie)
+        opt._random_state.seed(self.seed * 100_003 + number)  # same suggestion after a restart
         with quiet():
-            return {p: float(v) for p, v in self.opt.suggest().items()}
+            return {p: float(v) for p, v in opt.suggest().items()}
 
     def register(self, weights: dict, score: float, own: bool) -> None:
         with quiet():
@@ -125,9 +137,12 @@ class CmaesOptimizer:
         self.es, self.best, self.generation = None, None, 0
         self.queue, self.asked, self.told_x, self.told_y = [], [], [], []
 
-    def suggest(self, number: int) -> dict:
+    def suggest(self, number: int, pending: list[dict] = ()) -> dict | None:
+        """The next point of this generation; None while the generation is asked out but not yet told."""
         import cma
         lo, hi = self.bounds
+        if not self.queue and pending:
+            return None
         if not self.queue:
             np.random.seed((self.seed * 7919 + self.generation) % 2**32)
             if self.es is None:
@@ -166,7 +181,7 @@ class RandomOptimizer:
     def __init__(self, params: list[str], bounds, seed: int, session=None):
         self.params, self.bounds, self.seed = params, bounds, seed
 
-    def suggest(self, number: int) -> dict:
+    def suggest(self, number: int, pending: list[dict] = ()) -> dict:
         return random_point(self.params, self.bounds, [self.seed, number, 7])
 
     def register(self, weights: dict, score: float, own: bool) -> None:
@@ -182,10 +197,25 @@ OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": Random
 
 # ---- the loop --------------------------------------------------------------------------------------------
 
+Scores = Callable[[list[dict]], list[tuple[float, float]]]  # points -> (validation score, eval seconds) each
+
+
+def score_here(session) -> Scores:
+    """Trials scored one after the other by this process's session."""
+    def score(points: list[dict]) -> list[tuple[float, float]]:
+        results = []
+        for weights in points:
+            started = time.perf_counter()
+            results.append((session.score(weights, "validation"), time.perf_counter() - started))
+        return results
+    return score
+
+
 def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
-               human: dict[str, float] | None = None) -> dict:
+               human: dict[str, float] | None = None, pool=None) -> dict:
     """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
-    best = {weights, validation, trial}."""
+    best = {weights, validation, trial}. With a pool (cluster.TrialPool) up to pool.size trials run at once:
+    the optimiser proposes them together, the log is written in trial order once the batch is scored."""
     run = RunDir(cfg.out)
     trials_path, best_path = run.trials, run.best
     params, bounds, patience = list(deltas), cfg.search.bounds, cfg.search.patience
@@ -193,6 +223,7 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
     plan = plan_trials(cfg, params, human)
     name = optimizer_name(cfg, len(params))
     opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
+    score, width = (pool.map, pool.size) if pool else (score_here(session), 1)
     seen = {}
     for t in trials:
         opt.replay(t, own=t["kind"] == name)
@@ -206,49 +237,74 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
               + (f", stopping after {patience} without a new best" if patience else "")
               + (f"; {len(trials)} done before" if trials else ""))
     replaced = sum(1 for t in trials if "replaces" in t)
+    number = len(trials)
     with tqdm(total=len(plan), initial=len(trials), desc="search", unit="trial", disable=None) as bar:
-        for number in range(len(trials), len(plan)):
+        while number < len(plan):
             if _patience_hit(stale, patience):
                 bar.write(f"search: stopped after {stale} {name} trials without a new best "
                           f"(search.patience: {patience}), "
                           f"{number} of {len(plan)} trials run")
                 break
-            kind, weights = plan[number]
-            trial, suggested = {"trial": number, "kind": kind}, time.perf_counter()
-            if weights is None:
-                weights = opt.suggest(number)
-                attempt = 0
-                while point_key(weights) in seen:  # a repeat: a seeded random point instead, counted
-                    trial["replaces"] = seen[point_key(weights)]
-                    attempt += 1
-                    weights = random_point(params, bounds, [cfg.seed, number, attempt])
-                replaced += "replaces" in trial
-            started = time.perf_counter()
-            if kind == name and hasattr(opt, "evaluate"):  # gradient: also the metric on the half it did not fit
-                score, extra = opt.evaluate(weights)
+            suggested = time.perf_counter()
+            batch = _next_batch(plan, number, width, opt, seen, params, bounds, cfg.seed)
+            replaced += sum("replaces" in trial for trial, _ in batch)
+            own = batch[0][0]["kind"] == name
+            if own and not getattr(opt, "parallel", True):  # gradient: also the metric on the half it did not fit
+                started = time.perf_counter()
+                value, extra = opt.evaluate(batch[0][1])
+                results = [(value, time.perf_counter() - started, extra)]
             else:
-                score, extra = session.score(weights, "validation"), {}
-            done = time.perf_counter()  # seconds: the whole trial, the optimiser's own work (a gradient fit) included
-            trial.update(weights=weights, validation=score, eval_seconds=round(done - started, 4),
-                         seconds=round(done - suggested, 4), **extra, fingerprint=fp)
-            opt.register(weights, score, own=kind == name)
-            seen[point_key(weights)] = number
-            append_jsonl(trials_path, trial)
-            if best is None or score > best["validation"]:
-                best = {"weights": weights, "validation": score, "trial": number, "kind": kind}
-                write_json(best_path, best)
-                bar.write(f"  trial {number:>3} {kind:<14} validation {score:.4f}  (new best)")
-                stale = 0
-            elif kind == name:
-                stale += 1
-            bar.set_postfix(best=round(best["validation"], 4), refresh=False)
-            bar.update()
+                results = [(value, seconds, {}) for value, seconds in score([w for _, w in batch])]
+            # seconds: the trial's share of its batch's wall time (the optimiser's own work included), so the
+            # trials' seconds add up to the search's wall time however many ran at once
+            share = (time.perf_counter() - suggested) / len(batch)
+            for (trial, weights), (value, eval_seconds, extra) in zip(batch, results):
+                trial.update(weights=weights, validation=value, eval_seconds=round(eval_seconds, 4),
+                             seconds=round(share, 4), **extra, fingerprint=fp)
+                opt.register(weights, value, own=trial["kind"] == name)
+                append_jsonl(trials_path, trial)
+                if best is None or value > best["validation"]:
+                    best = {"weights": weights, "validation": value, "trial": trial["trial"], "kind": trial["kind"]}
+                    write_json(best_path, best)
+                    bar.write(f"  trial {trial['trial']:>3} {trial['kind']:<14} validation {value:.4f}  (new best)")
+                    stale = 0
+                elif trial["kind"] == name:
+                    stale += 1
+                bar.set_postfix(best=round(best["validation"], 4), refresh=False)
+                bar.update()
+            number += len(batch)
     if replaced:
         print(f"search: {replaced} repeated suggestion(s) replaced by random points (no point is evaluated twice)")
     if read_json(best_path) != best:
         write_json(best_path, best)
     warn_on_bounds(best, bounds)
     return best
+
+
+def _next_batch(plan, number: int, width: int, opt, seen: dict, params, bounds, seed) -> list[tuple[dict, dict]]:
+    """Up to `width` trials from `number` on, all planned points or all the optimiser's (it starts from every
+    seed's score), each new: a repeated suggestion is replaced by a seeded random point, counted. Marks every
+    point seen."""
+    planned = plan[number][1] is not None
+    limit = width if planned or getattr(opt, "parallel", True) else 1
+    batch: list[tuple[dict, dict]] = []
+    for n in range(number, min(number + limit, len(plan))):
+        kind, weights = plan[n]
+        if (weights is not None) != planned:
+            break
+        trial = {"trial": n, "kind": kind}
+        if weights is None:
+            weights = opt.suggest(n, [w for _, w in batch]) if batch else opt.suggest(n)
+            if weights is None:  # the optimiser needs this batch's scores first (a CMA-ES generation)
+                break
+            attempt = 0
+            while point_key(weights) in seen:
+                trial["replaces"] = seen[point_key(weights)]
+                attempt += 1
+                weights = random_point(params, bounds, [seed, n, attempt])
+        seen[point_key(weights)] = n
+        batch.append((trial, weights))
+    return batch
 
 
 def warn_on_bounds(best: dict, bounds) -> list[str]:

@@ -13,7 +13,7 @@ from .config import RunConfig
 from .export import full_export, render_lf_yaml
 from .io import fingerprint, read_json, write_json
 from .paths import SHARED, is_fresh
-from .train import DONE_MARKER, DeltaSpec, model_fingerprint, train_one
+from .train import DONE_MARKER, DeltaSpec, train_one
 
 MARKER = "autollm_shared.json"
 
@@ -28,7 +28,7 @@ def build_shared_base(cfg: RunConfig, force: bool = False) -> None:
     """Train deltas/_shared on the base, then merge it into runs/<name>/shared_base/ (once per adapter)."""
     shared = cfg.train.shared
     spec = DeltaSpec(SHARED, [SHARED], "sft", {**cfg.train.method_args.get("sft", {}), **shared.args})
-    adapter = train_one(cfg, spec, model_fingerprint(cfg.base_model.path), force)
+    adapter = train_one(cfg, spec, force)
     target = cfg.run.shared_base
     yaml_path = render_lf_yaml("export.yaml.j2", cfg.run.config(f"{SHARED}_export"), run=cfg.name,
                                model_name_or_path=cfg.base_model.path, adapter_name_or_path=adapter,

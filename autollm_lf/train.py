@@ -1,15 +1,12 @@
-"""Stage 2: render one LLaMA-Factory YAML per delta and run `llamafactory-cli train` on each, one at a time."""
+"""Stage 2: render one LLaMA-Factory YAML per delta and run `llamafactory-cli train` on each: on this machine
+(one per free device group, one at a time on a CPU) or as Ray tasks on a cluster (`cluster:`, cluster.py)."""
 from __future__ import annotations
 
 import difflib
 import hashlib
-import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +14,10 @@ from typing import Any
 import jinja2
 import yaml
 
+from .cluster import RayCluster
 from .errors import UserError
-from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
+from .io import atomic_write_text, file_digest, fingerprint, read_json, write_json
+from .lfcli import apply_overrides, run_llamafactory
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 from .paths import ADAPTER_FILE, is_fresh
 from .scheduler import device_groups, run_on_devices, visible_gpus
@@ -27,7 +26,6 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 DONE_MARKER = "autollm_delta.json"
 ALL_DELTA = "all"
-TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
 
 
 @dataclass
@@ -63,34 +61,6 @@ def find_template(name: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def llamafactory_cli() -> str:
-    """The CLI next to this interpreter (the .venv's), else the one on PATH."""
-    local = Path(sys.executable).with_name("llamafactory-cli")
-    if local.exists():
-        return str(local)
-    found = shutil.which("llamafactory-cli")
-    if not found:
-        raise UserError("llamafactory-cli not found; run `sh autollm.sh` to install it into .venv")
-    return found
-
-
-def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
-    """Replace top-level `key: value` lines in place (keeping the template's comments); append new keys.
-
-    Values are written as JSON, which is valid YAML and keeps e.g. "no" a string.
-    """
-    remaining = dict(overrides)
-    lines = text.splitlines()
-    for i, line in enumerate(lines):
-        m = TOP_LEVEL_KEY.match(line)
-        if m and m.group(1) in remaining:
-            lines[i] = f"{m.group(1)}: {json.dumps(remaining.pop(m.group(1)))}"
-    if remaining:
-        lines += ["", "### overrides from the autollm config"]
-        lines += [f"{k}: {json.dumps(v)}" for k, v in remaining.items()]
-    return "\n".join(lines) + "\n"
 
 
 def hardware_defaults() -> dict[str, Any]:
@@ -146,67 +116,12 @@ def model_fingerprint(model_dir: Path) -> str:
     return fingerprint(parts)
 
 
-def _tail(path: Path, n: int = 25) -> str:
-    if not path.exists():
-        return "(no log written)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train",
-                     devices: dict[str, str] | None = None) -> float:
-    """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log; returns its
-    wall seconds. Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise."""
-    from tqdm import tqdm
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir / f"{command}.log"
-    progress_path = output_dir / "trainer_log.jsonl"
-    env = dict(os.environ, WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DISABLE_VERSION_CHECK="1", **(devices or {}))
-    parallel = bool(devices)  # trainings side by side: one line each at the end, no bars drawn over each other
-    started = time.perf_counter()
-    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True,
-                                          disable=True if parallel else None) as bar:
-        proc = subprocess.Popen([llamafactory_cli(), command, str(config_path)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            time.sleep(0.5)
-            _update_progress(bar, progress_path)
-        _update_progress(bar, progress_path)
-    if proc.returncode != 0:
-        raise UserError(f"{desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
-    seconds = time.perf_counter() - started
-    if bar.disable:
-        print(f"{desc}: done in {seconds:.0f} s{_last_loss(progress_path)}")
-    return seconds
-
-
-def _last_loss(progress_path: Path) -> str:
-    losses = [r["loss"] for r in read_jsonl(progress_path) if "loss" in r]
-    return f", last logged loss {losses[-1]:.4f}" if losses else ""
-
-
-def _update_progress(bar, progress_path: Path) -> None:
-    if bar.disable or not progress_path.exists():
-        return
-    lines = progress_path.read_text(errors="ignore").strip().splitlines()
-    try:
-        last = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        return
-    if last and last.get("current_steps") != bar.n:
-        bar.total = last.get("total_steps", bar.total)
-        bar.n = last["current_steps"]
-        if "loss" in last:
-            bar.set_postfix(loss=round(last["loss"], 4), refresh=False)
-        bar.refresh()
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_for_delta(cfg, spec: DeltaSpec) -> tuple[Path, str]:
+def config_for_delta(cfg, spec: DeltaSpec,
+                     hardware: dict[str, Any] | None = None) -> tuple[Path, str]:
     """Render configs/<delta>.yaml unless the user edited it since we last rendered it (then keep theirs)."""
     run = cfg.run
     path, state_path = run.config(spec.name), run.rendered
@@ -215,7 +130,7 @@ def config_for_delta(cfg, spec: DeltaSpec) -> tuple[Path, str]:
         cfg.train.template_for(spec.method), {**cfg.train.args, **spec.args}, **METHODS[spec.method].args,
         delta=spec.name, model_name_or_path=str(cfg.base_model.path), template=cfg.base_model.template,
         dataset_dir=str(run.data), dataset=",".join(spec.datasets), output_dir=str(run.delta(spec.name)),
-        seed=cfg.seed, **hardware_defaults(),
+        seed=cfg.seed, **(hardware or hardware_defaults()),
     )
     if path.exists() and _sha(path.read_text(encoding="utf-8")) != state.get(spec.name):
         print(f"keeping hand-edited {path} (delete it to go back to the template)")
@@ -263,24 +178,103 @@ def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
     return specs
 
 
-def train_one(cfg, spec: DeltaSpec, base_fp: str, force: bool, devices: dict[str, str] | None = None) -> Path:
-    """Train one delta unless it is already trained with the same config text, data and base model."""
-    cfg_path, text = config_for_delta(cfg, spec)
+@dataclass
+class TrainingJob:
+    """One delta that has to (re)train: its rendered LLaMA-Factory config, what it reads, where it writes."""
+    spec: DeltaSpec
+    config: Path
+    text: str
+    fingerprint: str
+    out: Path
+    model: Path  # base_model.path (the config's model_name_or_path)
+    data: list[Path]  # dataset_info.json and the datasets' files (the config's dataset_dir)
+
+
+def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict[str, Any]) -> TrainingJob | None:
+    """The job for one delta, or None when it is already trained with the same config text, data and base."""
+    cfg_path, text = config_for_delta(cfg, spec, hardware)
     data_files = [cfg.run.split(d) for d in spec.datasets] + [cfg.run.dataset_info]
     fp = fingerprint(text, file_digest(data_files), base_fp)
     delta_dir = cfg.run.delta(spec.name)
-    done = read_json(delta_dir / DONE_MARKER, {})
-    if not force and is_fresh(done, fp, delta_dir / ADAPTER_FILE):
+    if not force and is_fresh(read_json(delta_dir / DONE_MARKER, {}), fp, delta_dir / ADAPTER_FILE):
         print(f"delta {spec.name}: up to date, not retrained")
-        return delta_dir
-    # A fresh folder: LLaMA-Factory would silently resume from stale checkpoint-* folders.
-    shutil.rmtree(delta_dir, ignore_errors=True)
-    seconds = run_llamafactory(cfg_path, delta_dir, desc=f"training delta {spec.name}", devices=devices)
-    if not (delta_dir / ADAPTER_FILE).exists():
-        raise UserError(f"training delta {spec.name} wrote no {ADAPTER_FILE} in {delta_dir}; "
-                        f"is finetuning_type lora in {cfg_path}?")
-    write_json(delta_dir / DONE_MARKER, {"fingerprint": fp, "config": str(cfg_path), "seconds": round(seconds, 1)})
-    return delta_dir
+        return None
+    return TrainingJob(spec, cfg_path, text, fp, delta_dir, Path(cfg.base_model.path), data_files)
+
+
+def record_trained(job: TrainingJob, seconds: float, where: dict[str, Any] | None = None) -> Path:
+    """The done marker, written last: a delta without it is trained again on the next run."""
+    if not (job.out / ADAPTER_FILE).exists():
+        raise UserError(f"training delta {job.spec.name} wrote no {ADAPTER_FILE} in {job.out}; "
+                        f"is finetuning_type lora in {job.config}?")
+    write_json(job.out / DONE_MARKER, {"fingerprint": job.fingerprint, "config": str(job.config),
+                                       "seconds": round(seconds, 1), **(where or {})})
+    return job.out
+
+
+def run_here(job: TrainingJob, devices: dict[str, str] | None = None) -> Path:
+    """`llamafactory-cli train` on this machine, into a fresh folder (LLaMA-Factory would silently resume from
+    stale checkpoint-* folders)."""
+    shutil.rmtree(job.out, ignore_errors=True)
+    seconds = run_llamafactory(job.config, job.out, desc=f"training delta {job.spec.name}", devices=devices)
+    return record_trained(job, seconds)
+
+
+class LocalTrainer:
+    """This machine: one training per free device group (one at a time on a CPU)."""
+
+    def __init__(self, cfg):
+        self.groups = device_groups(visible_gpus(), cfg.train.gpus_per_delta)
+
+    def hardware(self) -> dict[str, Any]:
+        return hardware_defaults()
+
+    def run(self, jobs: list[TrainingJob], keep_going: bool) -> tuple[dict[str, Path], list[str]]:
+        if len(self.groups) > 1 and len(jobs) > 1:
+            print(f"train: {len(jobs)} deltas on {len(self.groups)} device groups "
+                  f"({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in self.groups)})")
+        work = {job.spec.name: (lambda devices, job=job: run_here(job, devices or None)) for job in jobs}
+        return run_on_devices(work, self.groups, keep_going)
+
+
+class RayTrainer:
+    """A Ray cluster (`cluster:`): every delta a Ray task (cluster.py)."""
+
+    def __init__(self, cfg):
+        self.cluster = RayCluster(cfg.cluster, cfg.train.gpus_per_delta)
+
+    def hardware(self) -> dict[str, Any]:
+        return self.cluster.hardware()
+
+    def run(self, jobs: list[TrainingJob], keep_going: bool) -> tuple[dict[str, Path], list[str]]:
+        return self.cluster.train(jobs, keep_going, record_trained)
+
+
+TRAINERS = {"local": LocalTrainer, "ray": RayTrainer}
+
+
+def train_specs(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
+    """Train every delta not already trained, where the config says (TRAINERS); returns the trained deltas' folders
+    in the specs' order. With keep_going a failed delta is reported and left out; the others train."""
+    trainer = TRAINERS["ray" if cfg.cluster else "local"](cfg)
+    base_fp, hardware = model_fingerprint(cfg.base_model.path), trainer.hardware()
+    done, jobs = {}, []
+    for spec in specs:
+        job = training_job(cfg, spec, base_fp, force, hardware)
+        if job is None:
+            done[spec.name] = cfg.run.delta(spec.name)
+        else:
+            jobs.append(job)
+    trained, failed = trainer.run(jobs, keep_going) if jobs else ({}, [])
+    if failed:
+        print(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas", file=sys.stderr)
+    found = {**done, **trained}
+    return {s.name: found[s.name] for s in specs if s.name in found}
+
+
+def train_one(cfg, spec: DeltaSpec, force: bool = False) -> Path:
+    """One delta (the shared adapter, train@auto_mix), trained where the others are."""
+    return train_specs(cfg, [spec], force)[spec.name]
 
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -320,17 +314,6 @@ def check_template(name: str, model_dir: Path) -> None:
 
 
 def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
-    """Train the deltas, one per free device group (one at a time on a CPU). With keep_going a failed delta is
-    reported and left out; the others train."""
+    """Train the deltas, train@all included."""
     check_template(cfg.base_model.template, cfg.base_model.path)
-    base_fp = model_fingerprint(cfg.base_model.path)
-    groups = device_groups(visible_gpus(), cfg.train.gpus_per_delta)
-    jobs = {spec.name: (lambda devices, spec=spec: train_one(cfg, spec, base_fp, force, devices or None))
-            for spec in delta_specs(cfg, shapes)}
-    if len(groups) > 1:
-        print(f"train: {len(jobs)} deltas on {len(groups)} device groups "
-              f"({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in groups)})")
-    adapters, failed = run_on_devices(jobs, groups, keep_going)
-    if failed:
-        print(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas", file=sys.stderr)
-    return adapters
+    return train_specs(cfg, delta_specs(cfg, shapes), force, keep_going)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from autollm_lf import train
+from autollm_lf import lfcli
 from autollm_lf.errors import UserError
 from autollm_lf.paths import RunDir
 from autollm_lf.train import DeltaSpec, apply_overrides, config_for_delta, render_template
@@ -65,9 +65,9 @@ def test_failed_training_shows_log_tail(tmp_path, monkeypatch):
     script = tmp_path / "fake-llamafactory-cli"
     script.write_text("#!/bin/sh\necho starting\necho 'ValueError: lora_rank must be positive'\nexit 3\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(train, "llamafactory_cli", lambda: str(script))
+    monkeypatch.setattr(lfcli, "llamafactory_cli", lambda: str(script))
     with pytest.raises(UserError) as e:
-        train.run_llamafactory(tmp_path / "x.yaml", tmp_path / "out", desc="training delta math")
+        lfcli.run_llamafactory(tmp_path / "x.yaml", tmp_path / "out", desc="training delta math")
     assert "training delta math failed (exit 3)" in str(e.value)
     assert "lora_rank must be positive" in str(e.value)
     assert (tmp_path / "out" / "train.log").read_text().startswith("starting")

@@ -1,0 +1,113 @@
+"""Running `llamafactory-cli` (train, export) as an argument list, with its YAML's top-level keys overridden.
+
+Used where trainings run: on this machine (train.py) and inside a Ray task on a cluster node (cluster.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .io import read_jsonl
+
+TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
+
+
+def llamafactory_cli() -> str:
+    """The CLI next to this interpreter (the .venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name("llamafactory-cli")
+    if local.exists():
+        return str(local)
+    found = shutil.which("llamafactory-cli")
+    if not found:
+        raise UserError("llamafactory-cli not found; run `sh autollm.sh` to install it into .venv")
+    return found
+
+
+def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
+    """Replace top-level `key: value` lines in place (keeping the template's comments); append new keys.
+
+    Values are written as JSON, which is valid YAML and keeps e.g. "no" a string.
+    """
+    remaining = dict(overrides)
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = TOP_LEVEL_KEY.match(line)
+        if m and m.group(1) in remaining:
+            lines[i] = f"{m.group(1)}: {json.dumps(remaining.pop(m.group(1)))}"
+    if remaining:
+        lines += ["", "### overrides from the autollm config"]
+        lines += [f"{k}: {json.dumps(v)}" for k, v in remaining.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    if not path.exists():
+        return "(no log written)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL when the process that started it dies. A training whose Ray
+    worker is lost with its node, or whose `autollm` is killed, stops too instead of holding the cores."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: str = "train",
+                     devices: dict[str, str] | None = None) -> float:
+    """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log; returns its
+    wall seconds. Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise."""
+    from tqdm import tqdm
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / f"{command}.log"
+    progress_path = output_dir / "trainer_log.jsonl"
+    env = dict(os.environ, WANDB_DISABLED="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DISABLE_VERSION_CHECK="1", **(devices or {}))
+    parallel = bool(devices)  # trainings side by side: one line each at the end, no bars drawn over each other
+    started = time.perf_counter()
+    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True,
+                                          disable=True if parallel else None) as bar:
+        proc = subprocess.Popen([llamafactory_cli(), command, str(config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            _update_progress(bar, progress_path)
+        _update_progress(bar, progress_path)
+    if proc.returncode != 0:
+        raise UserError(f"{desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
+    seconds = time.perf_counter() - started
+    if bar.disable:
+        print(f"{desc}: done in {seconds:.0f} s{_last_loss(progress_path)}")
+    return seconds
+
+
+def _last_loss(progress_path: Path) -> str:
+    losses = [r["loss"] for r in read_jsonl(progress_path) if "loss" in r]
+    return f", last logged loss {losses[-1]:.4f}" if losses else ""
+
+
+def _update_progress(bar, progress_path: Path) -> None:
+    if bar.disable or not progress_path.exists():
+        return
+    lines = progress_path.read_text(errors="ignore").strip().splitlines()
+    try:
+        last = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return
+    if last and last.get("current_steps") != bar.n:
+        bar.total = last.get("total_steps", bar.total)
+        bar.n = last["current_steps"]
+        if "loss" in last:
+            bar.set_postfix(loss=round(last["loss"], 4), refresh=False)
+        bar.refresh()
