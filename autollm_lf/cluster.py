@@ -42,7 +42,11 @@ class Job(Protocol):  # train.TrainingJob, as far as this module reads it
 
 def connect(address: str) -> None:
     """ray.init once per process: `local` starts Ray here, anything else joins that cluster."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise UserError("cluster: Ray is not installed; pip install 'autollm-lf[cluster]' (or remove cluster:)") \
+            from None
 
     if ray.is_initialized():
         return
