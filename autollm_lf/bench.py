@@ -13,10 +13,11 @@
   transformers, peft) before any model, vs base + adapters on disk; `auto` and `fold`.
 - search: on the toy, merge methods x granularities x optimisers (bench_search), 3 seeds, one budget: the
   validation and test scores of the weights each picks, vs train@all and the best single delta.
+- scale: the toy's deltas as Ray tasks on a local Ray cluster of 1-CPU nodes: one node vs two, vs the ideal.
 - model: on a finished run of a real model (`--model-run`, default the Gemma 3 270M example): trial cost with
   and without the fast path, the LM head on scored positions vs all, `choice` vs a per-choice loop, memory.
 
-`--only merge|exact_match|bo|search|model` runs one part (repeatable); `--rounds N` times each exact-match side N
+`--only merge|exact_match|bo|search|model|scale` runs one part (repeatable); `--rounds N` times each exact-match side N
 times. `--toy` names the run the exact_match, bo and search parts use (e.g. the Gemma example's run, too).
 """
 from __future__ import annotations
@@ -33,15 +34,16 @@ import time
 from pathlib import Path
 
 from .choice import Choice
-from .config import EvaluationConfig, SearchConfig, load_config
+from .config import ClusterConfig, EvaluationConfig, SearchConfig, load_config
 from .evaluate import ExactMatch, greedy_generate
+from .io import read_json
 from .merge import WeightedDeltas, delta_weight, load_base, param_delta
 from .metrics import make_evaluator
 from .pipeline import Session
 from .prepare import load_split
 from .search import run_search
 from .tiny import build_char_tokenizer
-from .train import ALL_DELTA
+from .train import ALL_DELTA, DONE_MARKER, delta_specs, train_specs
 
 SHAPES = {  # Qwen2-0.5B's dimensions; `quick` is for the test of this command
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -427,6 +429,56 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
                            folder_mb(a) for a in session.adapters.values())}}
 
 
+def bench_scale(toy_cfg: Path | None, nodes: int = 2, max_deltas: int | None = None) -> dict:
+    """The toy's deltas trained as Ray tasks on a local Ray cluster of 1-CPU nodes: first on one node (one after
+    the other: each delta's time, and the serial wall time), then on `nodes` nodes at once; the scheduler's wall
+    time vs the ideal serial / nodes. Every training gets one thread, as one CPU slot of a node."""
+    import shutil
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
+    if cfg is None or not cfg.run.manifest.exists():
+        return {"skipped": "run `sh autollm.sh` first (needs the toy's prepared data)"}
+    specs = delta_specs(cfg, read_json(cfg.run.manifest)["shapes"])[:max_deltas]
+    walls, per_delta = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+            for n in (1, nodes):
+                while len(ray.nodes()) < n:
+                    cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+                run_cfg = cfg.model_copy(update={"run_dir": Path(tmp) / f"nodes{n}",
+                                                 "cluster": ClusterConfig(address=cluster.address)})
+                shutil.copytree(cfg.run.data, run_cfg.run.data)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    started = time.perf_counter()
+                    train_specs(run_cfg, specs, force=True)
+                    walls[n] = time.perf_counter() - started
+                per_delta[n] = {s.name: read_json(run_cfg.run.delta(s.name) / DONE_MARKER)["seconds"]
+                                for s in specs}
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    ideal = walls[1] / nodes
+    return {"deltas": len(specs), "nodes": nodes, "one_delta_seconds": per_delta[1],
+            "one_delta_seconds_parallel": per_delta[nodes], "serial_wall_seconds": walls[1],
+            "parallel_wall_seconds": walls[nodes], "ideal_seconds": ideal, "efficiency": ideal / walls[nodes]}
+
+
+def scale_lines(r: dict) -> list[str]:
+    if "skipped" in r:
+        return ["scale: " + r["skipped"]]
+    one = r["one_delta_seconds"]
+    return [f"scale: {r['deltas']} deltas as Ray tasks, 1-CPU nodes of a local Ray cluster: one delta "
+            f"{min(one.values()):.0f}-{max(one.values()):.0f} s; one node {r['serial_wall_seconds']:.0f} s, "
+            f"{r['nodes']} nodes {r['parallel_wall_seconds']:.0f} s vs ideal {r['ideal_seconds']:.0f} s "
+            f"(efficiency {r['efficiency']:.0%})"]
+
+
 def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
 
@@ -513,7 +565,7 @@ def search_lines(r: dict) -> list[str]:
 
 def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5,
               model_cfg: Path | None = None) -> dict:
-    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model)."""
+    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model, scale)."""
     import torch
     torch.manual_seed(0)
     started = time.time()
@@ -530,6 +582,8 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str]
                                         rows=40 if quick else None)
     if "model" in parts:
         result["model"] = bench_model(model_cfg, rounds=1 if quick else 3)
+    if "scale" in parts:
+        result["scale"] = bench_scale(toy_cfg, max_deltas=2 if quick else None)
     result["seconds"] = time.time() - started
     print_table(result)
     if as_json:
@@ -556,6 +610,8 @@ def print_table(r: dict) -> None:
         lines += search_lines(r["search"])
     if "model" in r:
         lines += model_lines(r["model"])
+    if "scale" in r:
+        lines += scale_lines(r["scale"])
     lines.append(f"took {r['seconds']:.0f}s")
     print("\n".join(lines))
 

@@ -23,7 +23,8 @@ STAGE_HELP = {
 
 
 FORCEABLE = ["train", "search", "mix", "report", "export"]
-BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model"]  # what `autollm bench` measures; --only picks some
+# what `autollm bench` measures; --only picks some
+BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model", "scale"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages = {"run": run, **{name: sub.add_parser(name, help=text) for name, text in STAGE_HELP.items()}}
     for stage in stages.values():
         stage.add_argument("config", help="run YAML, e.g. examples/toy.yaml")
+        stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                           help="config keys over the YAML's, as llamafactory-cli takes them: "
+                                "name=toy_ray cluster.address=auto")
         stage.add_argument("--force", action="append", choices=FORCEABLE, default=[], metavar="STAGE",
                            help=f"redo this stage even if nothing changed ({', '.join(FORCEABLE)}); repeatable")
         stage.add_argument("--keep-going", action="store_true",
@@ -50,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the full model scores what the adapter scores")
     validate = sub.add_parser("validate", help="check a config and report every error at once (exit 2 if any)")
     validate.add_argument("config")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config keys over the YAML's")
     validate.add_argument("--round", type=int, default=None, metavar="K", help="check it as round K")
     bench = sub.add_parser("bench", help="measure what a search trial costs (in place vs reload, per apply mode, ...)")
     bench.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -67,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # KEY=VALUE overrides may also come after the options
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
     if not sys.stderr.isatty():  # logs and pipes get one line per step, not progress-bar redraws
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     try:
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_PARTS, args.rounds,
                       Path(args.model_run))
             return 0
-        cfg = load_config(args.config, args.round)
+        cfg = load_config(args.config, args.round, args.overrides)
         if cfg.round > 1:
             cfg = apply_round(cfg, args.config)
         if args.command == "validate":

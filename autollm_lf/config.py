@@ -549,15 +549,38 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
         raise UserError("\n".join(f"{file}: {p}" for p in problems))
 
 
-def load_config(path: str | Path, round: int | None = None) -> RunConfig:
-    """Load and validate a config (as round `round`, over its `round:` key); raise UserError listing every problem.
-    A round K >= 2 is then made from it by rounds.apply_round (its base and data depend on round K-1)."""
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` arguments over the YAML, as LLaMA-Factory's CLI takes them; each value read as YAML
+    (`search.n_iter=10`, `cluster.address=auto`, `search.bounds=[0,2]`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise UserError(f"{item!r}: not an override; write KEY=VALUE with a dotted key, e.g. search.n_iter=10")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{item!r}: {'.'.join(parts[:i + 1])} is not a mapping in the config; "
+                                f"override it whole instead")
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"{item!r}: the value is not valid YAML; quote it") from None
+    return raw
+
+
+def load_config(path: str | Path, round: int | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load and validate a config (as round `round`, over its `round:` key; `key=value` overrides over its keys);
+    raise UserError listing every problem. A round K >= 2 is then made from it by rounds.apply_round (its base and
+    data depend on round K-1)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path of a run YAML (e.g. examples/toy.yaml)")
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
+    raw = apply_overrides(raw, list(overrides))
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -44,3 +44,26 @@ def test_bench_rounds_must_be_positive():
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "error: bench --rounds: 0 is not a positive number of rounds; give 1 or more"]
+
+
+@pytest.mark.slow
+def test_bench_scale_part_trains_on_a_local_ray_cluster(tmp_path, tiny_model):
+    """`--only scale`: the deltas of a prepared run as Ray tasks on one 1-CPU node, then on two."""
+    from conftest import write_config
+
+    cfg = write_config(tmp_path, tiny_model, name="sc")
+    prep = subprocess.run([sys.executable, "-m", "autollm_lf", "prepare", str(cfg)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--only", "scale", "--quick", "--json",
+                          "--toy", str(cfg)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scale = json.loads(res.stdout.strip().splitlines()[-1])["scale"]
+    assert scale["deltas"] == 2 and scale["nodes"] == 2
+    assert set(scale["one_delta_seconds"]) == {"math-sft", "code-sft"}
+    assert all(s > 0 for s in scale["one_delta_seconds"].values())
+    # two trainings side by side on two 1-CPU nodes take less wall time than one after the other
+    assert scale["parallel_wall_seconds"] < scale["serial_wall_seconds"]
+    assert scale["efficiency"] == pytest.approx(scale["serial_wall_seconds"] / 2 / scale["parallel_wall_seconds"])
+    assert "scale: 2 deltas as Ray tasks" in res.stdout
+    assert not (tmp_path / "runs" / "sc" / "deltas").exists()  # the bench trains in a temporary folder

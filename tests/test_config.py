@@ -110,3 +110,22 @@ def test_every_shipped_example_validates(example, tiny_model, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     cfg = load_config(Path("examples") / example.name)
     assert cfg.name and cfg.data.sources
+
+
+def test_key_value_overrides_as_llamafactory_cli_takes_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, GOOD)
+    cfg = load_config(path, overrides=["name=t2", "search.n_iter=7", "search.bounds=[0, 2]",
+                                       "cluster.address=auto", "cluster.search_actors=2"])
+    assert (cfg.name, cfg.search.n_iter, cfg.search.bounds) == ("t2", 7, (0.0, 2.0))
+    assert (cfg.cluster.address, cfg.cluster.search_actors) == ("auto", 2)
+    assert yaml.safe_load(path.read_text()) == GOOD  # the file itself is never written
+    for bad, message in [("search", "not an override; write KEY=VALUE"), ("name.x=1", "name is not a mapping"),
+                         ("search.n_iter=[", "not valid YAML")]:
+        with pytest.raises(UserError, match=message):
+            load_config(path, overrides=[bad])
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(path), "search.n_iter=-1",
+                          "cluster.max_retries=x"], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "search.n_iter: Input should be greater than or equal to 0" in res.stderr
+    assert "cluster.max_retries: Input should be a valid integer" in res.stderr
