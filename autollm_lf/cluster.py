@@ -169,8 +169,9 @@ class RayCluster:
 
     def train(self, jobs: list[Job], keep_going: bool,
               record: Callable[[Job, float, dict], Path]) -> tuple[dict[str, Path], list[str]]:
-        """Every job a Ray task at once; Ray places them as CPUs and GPUs free up. Results are recorded as they
-        come. A failed training stops the others unless keep_going (then it is reported and left out)."""
+        """Every job a Ray task at once, the largest (by data) first; Ray places them as CPUs and GPUs free up.
+        Results are recorded as they come. A failed training stops the others unless keep_going (then it is
+        reported and left out)."""
         import ray
 
         resources = ray.cluster_resources()
@@ -178,7 +179,9 @@ class RayCluster:
               f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs: "
               + ", ".join(job.spec.name for job in jobs), flush=True)
         models: dict[Path, Any] = {}
-        running = {self._submit(job, models): job for job in jobs}
+        # the largest trainings first (train@all), so no long one starts last while the other nodes sit idle
+        by_size = sorted(jobs, key=lambda job: -sum(p.stat().st_size for p in job.data))
+        running = {self._submit(job, models): job for job in by_size}
         done, failed = {}, []
         while running:
             [ref], _ = ray.wait(list(running), num_returns=1)
