@@ -213,6 +213,10 @@ def status(key):  # MB; VmHWM is this process's own peak (ru_maxrss of a child a
 
 runtime = status("VmRSS")
 base, adapters, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+if mode == "tokenizer":  # the tokenizer alone: host memory a search holds whatever the model's size or device
+    transformers.AutoTokenizer.from_pretrained(base)
+    print(json.dumps({"mode": mode, "runtime_mb": runtime, "peak_mb": status("VmHWM"), "rss_mb": status("VmRSS")}))
+    sys.exit()
 w = WeightedDeltas(base, adapters, mode=mode)
 rows = [{"prompt": "abcd" * (4 + i % 8), "response": "dcba" * (1 + i % 3)} for i in range(32)]
 scorer = ExactMatch(w.model, w.tokenizer, "default", rows, EvaluationConfig(batch_size=16))
@@ -425,6 +429,7 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
             "pass_seconds_scored_logits": head[False], "pass_seconds_all_logits": head[True],
             "choice": bench_choice(w, template, rows, cfg.evaluation, rounds),
             "memory": {**search_process_rss(session.cfg.base_model.path, session.adapters, "auto"),
+                       "tokenizer_mb": search_process_rss(session.cfg.base_model.path, {}, "tokenizer")["model_mb"],
                        "base_plus_adapters_mb": folder_mb(session.cfg.base_model.path) + sum(
                            folder_mb(a) for a in session.adapters.values())}}
 
@@ -542,7 +547,8 @@ def model_lines(m: dict) -> list[str]:
         f"search memory (apply auto, picked {mem['mode']}): peak RSS {mem['peak_mb']:.0f} MB - runtime "
         f"{mem['runtime_mb']:.0f} MB = {mem['model_mb']:.0f} MB = "
         f"{mem['model_mb'] / mem['base_plus_adapters_mb']:.2f}x base + adapters ({mem['base_plus_adapters_mb']:.0f} MB "
-        f"on disk)"]
+        f"on disk); the tokenizer alone peaks at {mem['tokenizer_mb']:.0f} MB (host memory, not a GPU's): without it "
+        f"{(mem['model_mb'] - mem['tokenizer_mb']) / mem['base_plus_adapters_mb']:.2f}x"]
 
 
 def search_lines(r: dict) -> list[str]:
