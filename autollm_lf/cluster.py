@@ -175,7 +175,8 @@ class RayCluster:
         import ray
 
         resources = ray.cluster_resources()
-        print(f"train: {len(jobs)} deltas as Ray tasks on {len(ray.nodes())} node(s), "
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        print(f"train: {len(jobs)} deltas as Ray tasks on {nodes} node(s), "
               f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs: "
               + ", ".join(job.spec.name for job in jobs), flush=True)
         models: dict[Path, Any] = {}
