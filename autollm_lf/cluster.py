@@ -134,18 +134,15 @@ def bring_back(job: Job, files: dict[str, bytes]) -> None:
 
 class RayCluster:
     def __init__(self, settings, gpus_per_delta: int = 1):
-        self.settings, self.gpus_per_delta = settings, gpus_per_delta
-        connect(settings.address)
-
-    def gpus(self) -> float:
         import ray
 
-        return ray.cluster_resources().get("GPU", 0.0)
+        self.settings, self.gpus_per_delta = settings, gpus_per_delta
+        connect(settings.address)
+        self.has_gpus = ray.cluster_resources().get("GPU", 0.0) > 0  # asked once per stage, not per task
 
     def hardware(self) -> dict[str, Any]:
         """What the rendered configs say about the hardware: the cluster's, not the driver's."""
-        gpu = self.gpus() > 0
-        return {"bf16": gpu, "cpu": not gpu}
+        return {"bf16": self.has_gpus, "cpu": not self.has_gpus}
 
     def _in_place(self, job: Job) -> bool:
         storage = self.settings.storage
@@ -154,7 +151,7 @@ class RayCluster:
     def _submit(self, job: Job, models: dict[Path, Any]):
         import ray
 
-        s, gpus = self.settings, self.gpus_per_delta if self.gpus() > 0 else 0
+        s, gpus = self.settings, self.gpus_per_delta if self.has_gpus else 0
         task = ray.remote(train_task).options(num_cpus=s.cpus_per_delta, num_gpus=gpus, max_retries=s.max_retries,
                                               retry_exceptions=False, name=f"train {job.spec.name}")
         devices = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(gpus)} if gpus > 1 else {}

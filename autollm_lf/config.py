@@ -549,7 +549,7 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
         raise UserError("\n".join(f"{file}: {p}" for p in problems))
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def override_keys(raw: dict, overrides: list[str]) -> dict:
     """`key.sub=value` arguments over the YAML, as LLaMA-Factory's CLI takes them; each value read as YAML
     (`search.n_iter=10`, `cluster.address=auto`, `search.bounds=[0,2]`)."""
     for item in overrides:
@@ -580,7 +580,7 @@ def load_config(path: str | Path, round: int | None = None, overrides: list[str]
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
-    raw = apply_overrides(raw, list(overrides))
+    raw = override_keys(raw, list(overrides))
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
