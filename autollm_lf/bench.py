@@ -204,15 +204,34 @@ def bench_merge(shape_name: str, repeats: int) -> dict:
 RSS_PROBE = """
 import json, sys
 import torch, transformers, peft  # the runtime first: its RSS (shared libraries, ~0.8 GB) is not the model's
+import llamafactory.data  # the chat templates' code (~60 MB), imported by the first encoded row
 from autollm_lf.config import EvaluationConfig
 from autollm_lf.evaluate import ExactMatch
 from autollm_lf.merge import WeightedDeltas
+from autollm_lf.pipeline import release_tokenizer
 
 def status(key):  # MB; VmHWM is this process's own peak (ru_maxrss of a child also counts the parent at fork)
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
 
 runtime = status("VmRSS")
 base, adapters, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+if mode == "run":  # what `autollm search` holds on this run (argv[1]: its config): trials, and a gradient fit
+    from autollm_lf.config import load_config
+    from autollm_lf.gradient import GradientOptimizer
+    from autollm_lf.pipeline import Session
+    cfg = load_config(base)
+    session = Session(cfg)
+    session.ready_for_trials()
+    for i in range(3):
+        session.score(cfg.run.read_best()["weights"], "validation")
+    trials = status("VmHWM")
+    fit = cfg.search.optimizer == "gradient"
+    if fit:  # one trial's Adam steps: a backward pass holds more than a trial
+        GradientOptimizer(session.search_params, cfg.search.bounds, cfg.seed, session).suggest(0)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    print(json.dumps({"mode": session.weighted.mode, "runtime_mb": runtime, "trials_mb": trials - runtime,
+                      "peak_mb": status("VmHWM"), "gradient_fit": fit, "cuda_peak_mb": gpu}))
+    sys.exit()
 if mode == "tokenizer":  # the tokenizer alone: host memory a search holds whatever the model's size or device
     transformers.AutoTokenizer.from_pretrained(base)
     print(json.dumps({"mode": mode, "runtime_mb": runtime, "peak_mb": status("VmHWM"), "rss_mb": status("VmRSS")}))
@@ -220,6 +239,7 @@ if mode == "tokenizer":  # the tokenizer alone: host memory a search holds whate
 w = WeightedDeltas(base, adapters, mode=mode)
 rows = [{"prompt": "abcd" * (4 + i % 8), "response": "dcba" * (1 + i % 3)} for i in range(32)]
 scorer = ExactMatch(w.model, w.tokenizer, "default", rows, EvaluationConfig(batch_size=16))
+release_tokenizer(w, [scorer])  # as the search does: trials run on token ids
 if mode == "auto":  # as the search stage does: time a trial each way it may take, keep the cheaper
     w.pick_mode(scorer.score, {n: 0.5 for n in adapters})
 for i in range(3):  # trials
@@ -428,7 +448,7 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
             "scores_equal": scores[True] == scores[False], "exact_match": scores[True],
             "pass_seconds_scored_logits": head[False], "pass_seconds_all_logits": head[True],
             "choice": bench_choice(w, template, rows, cfg.evaluation, rounds),
-            "memory": {**search_process_rss(session.cfg.base_model.path, session.adapters, "auto"),
+            "memory": {**search_process_rss(cfg_path, {}, "run"),
                        "tokenizer_mb": search_process_rss(session.cfg.base_model.path, {}, "tokenizer")["model_mb"],
                        "base_plus_adapters_mb": folder_mb(session.cfg.base_model.path) + sum(
                            folder_mb(a) for a in session.adapters.values())}}
@@ -533,6 +553,7 @@ def model_lines(m: dict) -> list[str]:
     if "skipped" in m:
         return [f"model: {m['skipped']}"]
     c, mem = m["choice"], m["memory"]
+    disk = mem["base_plus_adapters_mb"]
     return [
         f"== real model {m['model']} ({m['vocab_size']} tokens, {m['deltas']} deltas, apply {m['apply_mode']}), "
         f"{m['rows']} validation rows",
@@ -544,11 +565,12 @@ def model_lines(m: dict) -> list[str]:
         f"choice: {c['questions']} questions, {c['choices']} choices: one pass {c['one_pass']:.2f}s vs per-choice "
         f"loop {c['per_choice_loop']:.2f}s = {c['speedup']:.1f}x (log-likelihoods within "
         f"{c['max_loglikelihood_diff']:.1e})",
-        f"search memory (apply auto, picked {mem['mode']}): peak RSS {mem['peak_mb']:.0f} MB - runtime "
-        f"{mem['runtime_mb']:.0f} MB = {mem['model_mb']:.0f} MB = "
-        f"{mem['model_mb'] / mem['base_plus_adapters_mb']:.2f}x base + adapters ({mem['base_plus_adapters_mb']:.0f} MB "
-        f"on disk); the tokenizer alone peaks at {mem['tokenizer_mb']:.0f} MB (host memory, not a GPU's): without it "
-        f"{(mem['model_mb'] - mem['tokenizer_mb']) / mem['base_plus_adapters_mb']:.2f}x"]
+        f"search memory (apply auto, picked {mem['mode']}; 3 trials{', a gradient fit' if mem['gradient_fit'] else ''}"
+        f"): peak RSS {mem['peak_mb']:.0f} MB - runtime {mem['runtime_mb']:.0f} MB = {mem['model_mb']:.0f} MB = "
+        f"{mem['model_mb'] / disk:.2f}x base + adapters ({disk:.0f} MB on disk); the trials alone "
+        f"{mem['trials_mb'] / disk:.2f}x; the tokenizer, freed before the first trial, peaks at "
+        f"{mem['tokenizer_mb']:.0f} MB alone" + (f"; GPU peak {mem['cuda_peak_mb']:.0f} MB = "
+                                                 f"{mem['cuda_peak_mb'] / disk:.2f}x" if mem["cuda_peak_mb"] else "")]
 
 
 def search_lines(r: dict) -> list[str]:

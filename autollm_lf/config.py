@@ -288,6 +288,9 @@ class EvaluationConfig(Strict):
     fast_path: bool = Field(True, description="teacher-forced metrics: run a prefix the rows of a batch share once "
                             "and only keys and values of the last layer at prompt positions (both reach into "
                             "transformers' cache and attention); false: a plain forward per batch, same scores")
+    logits_budget: float = Field(0.05, gt=0, le=1, description="teacher-forced metrics and the gradient optimiser: "
+                                 "the logits of one forward call stay within this share of the model's weight "
+                                 "memory; a batch over it runs in calls of fewer rows (same scores)")
     max_new_tokens: int = Field(64, ge=1, description="for metrics on generated answers")
     pattern: Optional[str] = Field(None, description="regex: extracts the answer (group 1 if any)")
     tolerance: float = Field(1e-6, ge=0, description="numeric: allowed absolute difference")

@@ -8,6 +8,7 @@ included, is the reference token, so one forward pass per batch scores a trial. 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import re
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ if TYPE_CHECKING:  # torch is imported where it is used: importing this module s
     import torch
 
 _templates: dict = {}
+
+
+def forget_templates() -> None:
+    """Drops the fixed templates, and with them the tokenizers they keep alive (see release_tokenizer)."""
+    _templates.clear()
 
 
 def _template(tokenizer, template_name: str):
@@ -104,6 +110,8 @@ class Batch:
 class Evaluator:
     """Base: `row_scores()` gives one score per row (higher is better); `score()` their mean."""
 
+    trials_need_tokenizer = True  # False: once the rows are token ids, scoring never encodes or decodes again
+
     def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg):
         self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg
         # held-out rows as training saw them: cut to cutoff_len, never past the model's positions
@@ -142,6 +150,25 @@ class Evaluator:
     def prompt_length_batches(self) -> list[list[int]]:
         """Batches for `generate`: by prompt length, the least left padding."""
         return self._batches(lambda i: len(self.encoded[i][0]))
+
+
+def rows_per_call(model, positions: int, budget: float) -> int:
+    """How many rows one forward call may take so that its logits (rows x positions x vocabulary) stay within
+    `budget` (evaluation.logits_budget) of the model's weight memory; at least one. A 262k vocabulary makes a
+    32-row, 12-position batch's logits 0.4 GB, more than a third of Gemma 3 270M's weights."""
+    head = model.get_output_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(1, int(budget * weights) // (positions * head.shape[0] * head.element_size()))
+
+
+def row_slices(b: "Batch", rows: int) -> list["Batch"]:
+    """The batch as forward calls of at most `rows` rows. Same padded length and prefix: each row's logits are
+    the batch's, bit for bit on the CPUs measured (tests compare the scores)."""
+    if len(b.index) <= rows:
+        return [b]
+    return [dataclasses.replace(b, input_ids=b.input_ids[s:s + rows], target_mask=b.target_mask[s:s + rows],
+                                labels=b.labels[s:s + rows], index=b.index[s:s + rows])
+            for s in range(0, len(b.index), rows)]
 
 
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the cache's copy per row
@@ -304,7 +331,10 @@ class TeacherForced(Evaluator):
     is cheaper for these rows. A prefix every row of a batch shares is run once and its key/value cache
     reused by every row (as prefix caching in inference servers does), so a long system prompt costs
     one row, not a batch. The distinct prefixes of all batches run together in one forward call, first.
-    The last layer computes only keys and values at prompt positions (PromptKeysOnly)."""
+    The last layer computes only keys and values at prompt positions (PromptKeysOnly). A batch whose logits
+    would exceed evaluation.logits_budget runs as several calls of fewer rows (row_slices)."""
+
+    trials_need_tokenizer = False
 
     def __init__(self, *args, share_prefix: bool = True, keys_only_prompts: bool = True):
         import torch
@@ -322,7 +352,9 @@ class TeacherForced(Evaluator):
         self.last_layer = _last_decoder_layer(self.model) if keys_only_prompts and not sliding and \
             implementation in ("sdpa", "eager") else None
         self.trim = PromptKeysOnly(implementation)
-        self.batches = [self._collate(idx, pad) for idx in self._grouping()]
+        budget = self.cfg.logits_budget
+        self.batches = [part for idx in self._grouping() for b in [self._collate(idx, pad)]
+                        for part in row_slices(b, rows_per_call(self.model, b.scored, budget))]
         prefixes = sorted({b.prefix for b in self.batches if b.prefix})
         self.prefix_row = {prefix: row for row, prefix in enumerate(prefixes)}
         longest = max(map(len, prefixes), default=0)  # right padding: no prefix position ever sees a pad

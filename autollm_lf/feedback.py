@@ -41,7 +41,7 @@ def write_bad_cases(session, force: bool = False) -> str:
         session.weighted.set_weights(best["weights"])
         scores = scorer.row_scores()
         if cfg.evaluation.metric == "loss":  # no notion of right or wrong: use exact match
-            correct = ExactMatch(scorer.model, scorer.tokenizer, cfg.base_model.template, scorer.rows,
+            correct = ExactMatch(scorer.model, session.weighted.tokenizer, cfg.base_model.template, scorer.rows,
                                  cfg.evaluation).correct()
         else:
             correct = [s >= 1.0 for s in scores]

@@ -14,11 +14,12 @@ For `linear_norm`, B' is recomputed from the current weights before each step an
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .errors import UserError
+from .evaluate import rows_per_call
 from .merge import MERGE_METHODS, param_name
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
@@ -83,15 +84,15 @@ def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_row
     if mode == "fold":
         weighted._use_cat()
     lo, hi = bounds
+    budget = session.cfg.evaluation.logits_budget
     names = {id(p): n for n, p in weighted.model.named_parameters()}
     a_names = [names[id(A)] for A, _, _ in weighted.cat_rows]
     try:
         for _ in range(STEPS):
             weighted.set_weights(dict(zip(params, x.detach().tolist())))  # B' for linear_norm (A: below)
             batch = [encoded[i] for i in rng.choice(fit_rows, size=min(BATCH_ROWS, len(fit_rows)), replace=False)]
-            loss = teacher_forced_loss(weighted, a_names, full_table(weighted, params, x), batch)
             adam.zero_grad()
-            loss.backward()
+            backward_mean_nll(weighted, a_names, lambda: full_table(weighted, params, x), batch, budget)
             adam.step()
             with torch.no_grad():
                 x.clamp_(lo, hi)
@@ -114,8 +115,24 @@ def full_table(weighted, params: list[str], x: torch.Tensor) -> torch.Tensor:
     return torch.stack(entries)
 
 
-def teacher_forced_loss(weighted, a_names: list[str], flat: torch.Tensor, batch) -> torch.Tensor:
-    """Mean cross-entropy of the reference tokens given their prompts, with A_cat = unit * w[owner]."""
+def backward_mean_nll(weighted, a_names: list[str], table: Callable[[], torch.Tensor], batch, budget: float) -> float:
+    """Backpropagates the mean cross-entropy of the batch's reference tokens into the weights `table()` is built
+    from, in forward calls whose logits stay within `budget` of the model (evaluation.logits_budget: a backward
+    holds several copies of them); returns that mean."""
+    tokens = sum(len(t) for _, t in batch)
+    rows = rows_per_call(weighted.model, max(len(p) + len(t) for p, t in batch) - min(len(p) for p, _ in batch) + 1,
+                         budget)
+    total = 0.0
+    for start in range(0, len(batch), rows):
+        loss = answer_nll(weighted, a_names, table(), batch[start:start + rows]) / tokens
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def answer_nll(weighted, a_names: list[str], flat: torch.Tensor, batch) -> torch.Tensor:
+    """Summed cross-entropy of the reference tokens given their prompts, with A_cat = unit * w[owner]. The LM head
+    runs on the answer span only (`logits_to_keep`): with a 262k vocabulary it is most of the pass."""
     import torch
     from torch.func import functional_call
 
@@ -124,7 +141,8 @@ def teacher_forced_loss(weighted, a_names: list[str], flat: torch.Tensor, batch)
     override = {name: unit * flat.to(unit.device, unit.dtype)[owner].unsqueeze(1)
                 for name, (_, unit, _), owner in zip(a_names, weighted.cat_rows, weighted.cat_flat)}
     length = max(len(p) + len(t) for p, t in batch)
-    pad = weighted.tokenizer.pad_token_id or 0
+    first = min(len(p) for p, _ in batch) - 1  # the first position whose logits predict an answer token
+    pad = weighted.pad_token_id or 0
     ids = torch.full((len(batch), length), pad, dtype=torch.long)
     labels = torch.full((len(batch), length), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -132,8 +150,9 @@ def teacher_forced_loss(weighted, a_names: list[str], flat: torch.Tensor, batch)
         ids[row, : len(p) + len(t)] = torch.tensor(p + t)
         labels[row, len(p): len(p) + len(t)] = torch.tensor(t)
         mask[row, : len(p) + len(t)] = 1
-    out = functional_call(model, override, args=(),
-                          kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(device)})
-    logits = out.logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
-                                             ignore_index=-100)
+    out = functional_call(model, override, args=(), kwargs={"input_ids": ids.to(device), "attention_mask": mask.to(
+        device), "logits_to_keep": length - first})
+    logits = out.logits[:, :-1].float()  # positions first .. length - 2, predicting first + 1 .. length - 1
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels[:, first + 1:].reshape(-1).to(device), ignore_index=-100,
+                                             reduction="sum")

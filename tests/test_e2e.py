@@ -215,6 +215,6 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert model["scores_equal"] and model["rows"] > 0 and model["deltas"] >= 2
     assert model["choice"]["questions"] > 0 and model["choice"]["max_loglikelihood_diff"] < 1e-4
     assert model["memory"]["peak_mb"] > model["memory"]["runtime_mb"] > 0 and model["memory"]["mode"] == "cat"
-    assert 0 < model["memory"]["tokenizer_mb"] < model["memory"]["model_mb"]  # the tokenizer is part of the peak
+    assert 0 < model["memory"]["trials_mb"] <= model["memory"]["model_mb"] and model["memory"]["tokenizer_mb"] > 0
     assert "choice:" in res.stdout and "search memory (apply auto" in res.stdout
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before

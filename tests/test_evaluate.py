@@ -206,3 +206,43 @@ def test_fast_path_switch_gives_a_plain_pass_with_the_same_scores(tiny_model):
     assert fast.last_layer is not None and any(b.prefix for b in fast.batches)
     assert plain.last_layer is None and not plain.share_prefix and not any(b.prefix for b in plain.batches)
     assert torch.allclose(torch.tensor(fast.row_scores()), torch.tensor(plain.row_scores()), atol=1e-5)
+
+
+def test_a_logits_budget_runs_batches_in_row_slices_with_the_same_scores(tiny_model):
+    """evaluation.logits_budget: a batch whose logits would exceed it runs as several forward calls of fewer rows
+    (the shared prefix and the last-layer cut still on); every score is the unsliced one, bit for bit."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"prompt": f"{c * (i % 5 + 1)}", "response": "ab" * (i % 3 + 1), "system": SYSTEM[:48]}
+            for i, c in enumerate("abcdabcdabcd")]
+    model = _tiny("llama", tok)
+    for metric, kind in (("loss", NegativeLoss), ("exact_match", ExactMatch)):
+        whole = kind(model, tok, "default", rows, EvaluationConfig(metric=metric, batch_size=6, logits_budget=1.0))
+        sliced = kind(model, tok, "default", rows, EvaluationConfig(metric=metric, batch_size=6, logits_budget=1e-9))
+        assert max(len(b.index) for b in whole.batches) > 1 and any(b.prefix for b in sliced.batches)
+        assert all(len(b.index) == 1 for b in sliced.batches) and len(sliced.batches) == len(rows)
+        assert sliced.row_scores() == whole.row_scores()
+
+
+def test_the_search_frees_the_tokenizer_only_when_its_scorers_need_none(tiny_model, tiny_adapters):
+    """Session.release_tokenizer: teacher-forced scorers hold their rows as token ids, so the tokenizer (0.45 GB
+    for a 262k vocabulary) is freed before the first trial; a generated metric decodes in every trial: kept."""
+    import gc
+    import weakref
+
+    from autollm_lf import evaluate
+    from autollm_lf.evaluate import Contains
+    from autollm_lf.merge import WeightedDeltas
+    from autollm_lf.pipeline import release_tokenizer
+
+    w = WeightedDeltas(tiny_model, tiny_adapters)
+    rows = [{"prompt": "ab" * (i % 4 + 1), "response": "ba"} for i in range(6)]
+    em = ExactMatch(w.model, w.tokenizer, "default", rows, EvaluationConfig(batch_size=4))
+    release_tokenizer(w, [em, Contains(w.model, w.tokenizer, "default", rows, EvaluationConfig(metric="contains"))])
+    assert w._tokenizer is not None and em.tokenizer is not None
+    freed = weakref.ref(w._tokenizer)
+    before = em.row_scores()
+    release_tokenizer(w, [em])
+    gc.collect()
+    assert freed() is None and em.tokenizer is None and not evaluate._templates
+    assert em.row_scores() == before  # trials run on token ids
+    assert w.tokenizer.pad_token_id == w.pad_token_id  # loaded again when something needs it (the report)

@@ -36,8 +36,9 @@ class TinyScorer:
 
 
 class TinySession:
-    def __init__(self, weighted, merge="linear"):
-        self.weighted, self.cfg = weighted, SimpleNamespace(search=SimpleNamespace(merge=merge))
+    def __init__(self, weighted, merge="linear", logits_budget=0.05):
+        self.weighted, self.cfg = weighted, SimpleNamespace(search=SimpleNamespace(merge=merge),
+                                                            evaluation=SimpleNamespace(logits_budget=logits_budget))
         self._scorer = TinyScorer(weighted.model)
 
     def scorer(self, split):
@@ -106,10 +107,9 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
         weighted.set_weights(point)
         x = torch.tensor([point[p] for p in weighted.params])
         with torch.no_grad():
-            value = gradient.teacher_forced_loss(weighted, a_names,
-                                                 gradient.full_table(weighted, weighted.params, x), batch)
+            value = gradient.answer_nll(weighted, a_names, gradient.full_table(weighted, weighted.params, x), batch)
         weighted._use_fold()
-        return value.item()
+        return value.item() / sum(len(t) for _, t in batch)
 
     start = {p: 0.5 for p in weighted.params}
     point = start
@@ -124,6 +124,32 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
     with torch.no_grad():
         torch.testing.assert_close(weighted.model(input_ids=ids).logits, reference.model(input_ids=ids).logits,
                                    atol=5e-5, rtol=0)
+
+
+def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted):
+    """A logits budget of one row per call (a 262k vocabulary's case) backpropagates the same mean loss."""
+    from autollm_lf import gradient
+
+    session = TinySession(weighted)
+    encoded = session.scorer("validation").encoded  # prompts and answers of different lengths: padding, spans
+    batch = [(p[: 2 + i % 4], t[: 1 + i % 3]) for i, (p, t) in enumerate(encoded[:6])]
+    names = {id(p): n for n, p in weighted.model.named_parameters()}
+    weighted._use_cat()
+    a_names = [names[id(A)] for A, _, _ in weighted.cat_rows]
+    try:
+        results = []
+        for budget in (1.0, 1e-9):  # whole batch; one row per call
+            x = torch.tensor([0.3 + 0.1 * (i % 5) for i in range(len(weighted.params))], requires_grad=True)
+            table = lambda: gradient.full_table(weighted, weighted.params, x)  # noqa: E731
+            loss = gradient.backward_mean_nll(weighted, a_names, table, batch, budget)
+            results.append((loss, x.grad.clone()))
+    finally:
+        weighted._use_fold()
+    (whole, g_whole), (sliced, g_sliced) = results
+    assert g_whole.abs().sum() > 0
+    assert sliced == pytest.approx(whole, rel=1e-5)
+    # float32 sums in another order: equal to ~1e-4 of the largest entry (seen 2e-4; a lost row would be ~1e-1)
+    torch.testing.assert_close(g_sliced, g_whole, rtol=0, atol=1e-3 * g_whole.abs().max().item())
 
 
 def test_gradient_needs_a_low_rank_merge(weighted):
