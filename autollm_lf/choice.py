@@ -10,7 +10,7 @@ every choice, instead of one forward per choice.
 from __future__ import annotations
 
 from .errors import UserError
-from .evaluate import TeacherForced, encode_turns
+from .evaluate import TeacherForced, encode_turns, label_logprobs
 from .rows import Row
 
 
@@ -48,12 +48,9 @@ class Choice(TeacherForced):
             answer = answer[: -len(suffix)]
         return prompt, answer, truncated
 
-    def per_row(self, logits, b):
+    def per_row(self, slices, b):
         """Log-likelihood of each choice's tokens."""
-        import torch
-
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
-        return (logp * b.target_mask).sum(-1).tolist()
+        return (label_logprobs(slices, b.labels) * b.target_mask).sum(-1).tolist()
 
     def choice_loglikelihoods(self) -> list[list[float]]:
         ll = super().row_scores()

@@ -152,13 +152,21 @@ class Evaluator:
         return self._batches(lambda i: len(self.encoded[i][0]))
 
 
+MIN_LOGITS_BYTES = 16 * 2**20  # logits this small are never cut: a char-level toy's never are
+
+
+def logits_bytes(model, budget: float) -> int:
+    """What the logits of one forward call may take: `budget` (evaluation.logits_budget) of the model's weight
+    memory. A 262k vocabulary makes a 32-row, 12-position batch's logits 0.4 GB, 0.4x Gemma 3 270M's weights."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(MIN_LOGITS_BYTES, int(budget * weights))
+
+
 def rows_per_call(model, positions: int, budget: float) -> int:
     """How many rows one forward call may take so that its logits (rows x positions x vocabulary) stay within
-    `budget` (evaluation.logits_budget) of the model's weight memory; at least one. A 262k vocabulary makes a
-    32-row, 12-position batch's logits 0.4 GB, more than a third of Gemma 3 270M's weights."""
+    logits_bytes; at least one."""
     head = model.get_output_embeddings().weight
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return max(1, int(budget * weights) // (positions * head.shape[0] * head.element_size()))
+    return max(1, logits_bytes(model, budget) // (positions * head.shape[0] * head.element_size()))
 
 
 def row_slices(b: "Batch", rows: int) -> list["Batch"]:
@@ -169,6 +177,72 @@ def row_slices(b: "Batch", rows: int) -> list["Batch"]:
     return [dataclasses.replace(b, input_ids=b.input_ids[s:s + rows], target_mask=b.target_mask[s:s + rows],
                                 labels=b.labels[s:s + rows], index=b.index[s:s + rows])
             for s in range(0, len(b.index), rows)]
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PeftModel
+
+
+class ChunkedHead:
+    """The LM head over slices of the vocabulary: a batch's logits are reduced slice by slice and never held
+    whole, while the head's weights are still read once per batch (row slices read them once per call: 671 MB
+    each time for Gemma 3's 262k x 640 head, which made a CPU trial 1.5x slower). Exact: the same columns of the
+    same matmul and the same elementwise final soft-capping (Gemma) as the model's own head; TeacherForced
+    compares the two on its first batch and runs row slices instead if they differ."""
+
+    def __init__(self, model):
+        causal = _causal_lm(model)
+        self.decoder, self.linear = causal.get_decoder(), causal.get_output_embeddings()
+        self.softcap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
+
+    @staticmethod
+    def fits(model) -> bool:
+        """A plain Linear head: not one a LoRA wraps (its weight would miss the delta)."""
+        import torch
+        return type(_causal_lm(model).get_output_embeddings()) is torch.nn.Linear
+
+    def slices(self, hidden: torch.Tensor, columns: int):
+        """(first vocabulary id, logits over the next `columns` ids) for the hidden states."""
+        import torch
+        weight, bias = self.linear.weight, self.linear.bias
+        for lo in range(0, weight.shape[0], columns):
+            part = slice(lo, lo + columns)
+            x = torch.nn.functional.linear(hidden, weight[part], None if bias is None else bias[part])
+            if self.softcap is not None:  # the model's forward's ops (divide, tanh, multiply), in place: no copies
+                x.div_(self.softcap).tanh_().mul_(self.softcap)
+            yield lo, x
+            del x  # before the next slice: one slice alive at a time
+
+
+def greedy_tokens(slices) -> torch.Tensor:
+    """The argmax over the whole vocabulary from (first id, logits) slices; ties go to the lowest id, as argmax."""
+    import torch
+    best = top = None
+    for lo, x in slices:
+        i = x.argmax(-1)
+        v = x.gather(-1, i.unsqueeze(-1)).squeeze(-1)
+        if best is None:
+            best, top = v, i + lo
+        else:
+            better = v > best
+            best, top = torch.where(better, v, best), torch.where(better, i + lo, top)
+        del x  # before the next slice is computed
+    return top
+
+
+def label_logprobs(slices, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax at each label over the whole vocabulary, from (first id, logits) slices (in float32)."""
+    import torch
+    lse = picked = None
+    for lo, x in slices:
+        x = x.float()
+        part = x.logsumexp(-1)
+        inside = (labels >= lo) & (labels < lo + x.shape[-1])
+        got = x.gather(-1, (labels - lo).clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+        picked = torch.where(inside, got, got.new_zeros(()) if picked is None else picked)
+        del x  # before the next slice is computed
+    return picked - lse
 
 
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the cache's copy per row
@@ -352,9 +426,11 @@ class TeacherForced(Evaluator):
         self.last_layer = _last_decoder_layer(self.model) if keys_only_prompts and not sliding and \
             implementation in ("sdpa", "eager") else None
         self.trim = PromptKeysOnly(implementation)
-        budget = self.cfg.logits_budget
-        self.batches = [part for idx in self._grouping() for b in [self._collate(idx, pad)]
-                        for part in row_slices(b, rows_per_call(self.model, b.scored, budget))]
+        self.batches = [self._collate(idx, pad) for idx in self._grouping()]
+        self.head = ChunkedHead(self.model) if ChunkedHead.fits(self.model) else None
+        self.head_checked = False
+        # one width for every vocabulary slice (the largest batch's), the width the exactness check runs
+        self.columns = max(1, min(map(self._columns, self.batches), default=1))
         prefixes = sorted({b.prefix for b in self.batches if b.prefix})
         self.prefix_row = {prefix: row for row, prefix in enumerate(prefixes)}
         longest = max(map(len, prefixes), default=0)  # right padding: no prefix position ever sees a pad
@@ -403,15 +479,58 @@ class TeacherForced(Evaluator):
         self.trim.split, keep = b.input_ids.shape[1] - b.scored, b.scored
         if not b.prefix:  # a cache only to hold the cut last layer's prompt keys and values
             return self.model(input_ids=b.input_ids, use_cache=self.last_layer is not None, logits_to_keep=keep).logits
+        return self.model(input_ids=b.input_ids, past_key_values=self._batch_cache(b, prefixes), use_cache=True,
+                          logits_to_keep=keep).logits
+
+    def _batch_cache(self, b: Batch, prefixes):
         row, length, rows = self.prefix_row[b.prefix], len(b.prefix), b.input_ids.shape[0]
         cache = copy.copy(prefixes)  # the forward appends to its layers: give it its own
         cache.layers = [copy.copy(layer) for layer in prefixes.layers]
         for layer in cache.layers:  # this batch's prefix, the same for every row: a view, no copy
             layer.keys, layer.values = (t[row:row + 1, :, :length].expand(rows, -1, -1, -1)
                                         for t in (layer.keys, layer.values))
-        return self.model(input_ids=b.input_ids, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits
+        return cache
 
-    def per_row(self, logits: torch.Tensor, b: Batch) -> list[float]:
+    def _hidden(self, b: Batch, prefixes) -> torch.Tensor:
+        """The last hidden states at the batch's scored positions (the decoder alone: no LM head)."""
+        self.trim.split = b.input_ids.shape[1] - b.scored
+        if not b.prefix:
+            out = self.head.decoder(input_ids=b.input_ids, use_cache=self.last_layer is not None)
+        else:
+            out = self.head.decoder(input_ids=b.input_ids, past_key_values=self._batch_cache(b, prefixes),
+                                    use_cache=True)
+        return out.last_hidden_state[:, -b.scored:]
+
+    def _columns(self, b: Batch) -> int:
+        """Vocabulary columns the batch's logits may have in one piece within evaluation.logits_budget."""
+        head = self.model.get_output_embeddings().weight
+        return logits_bytes(self.model, self.cfg.logits_budget) // (b.input_ids.shape[0] * b.scored *
+                                                                    head.element_size())
+
+    def _head_exact(self, b: Batch, prefixes) -> bool:
+        """Once: does the chunked head give the model's own logits, bit for bit, on one row of this batch?"""
+        import torch
+        if not self.head_checked:
+            one = row_slices(b, 1)[0]
+            sliced = self.head.slices(self._hidden(one, prefixes), self.columns)
+            self.head_ok = torch.equal(torch.cat([x for _, x in sliced], -1), self._logits(one, prefixes))
+            self.head_checked = True
+        return self.head_ok
+
+    def batch_scores(self, b: Batch, prefixes) -> list[float]:
+        """The batch's row scores, its logits within evaluation.logits_budget: whole; over vocabulary slices
+        (ChunkedHead); or, where only the model's own head is exact, in calls of fewer rows."""
+        head = self.model.get_output_embeddings().weight
+        columns = self._columns(b)
+        if columns >= head.shape[0]:
+            return self.per_row([(0, self._logits(b, prefixes))], b)
+        if self.head is not None and self._head_exact(b, prefixes):
+            return self.per_row(self.head.slices(self._hidden(b, prefixes), self.columns), b)
+        return [s for part in row_slices(b, rows_per_call(self.model, b.scored, self.cfg.logits_budget))
+                for s in self.per_row([(0, self._logits(part, prefixes))], part)]
+
+    def per_row(self, slices, b: Batch) -> list[float]:
+        """Row scores from (first vocabulary id, logits) slices covering the vocabulary."""
         raise NotImplementedError
 
     @inference_mode
@@ -422,7 +541,7 @@ class TeacherForced(Evaluator):
         try:
             prefixes = self._prefix_cache()
             for b in self.batches:
-                for i, s in zip(b.index, self.per_row(self._logits(b, prefixes), b)):
+                for i, s in zip(b.index, self.batch_scores(b, prefixes)):
                     result[i] = s
         finally:
             if hook:
@@ -433,8 +552,8 @@ class TeacherForced(Evaluator):
 class ExactMatch(TeacherForced):
     """1 when the greedy answer equals the reference exactly, else 0."""
 
-    def per_row(self, logits, b):
-        hit = (logits.argmax(-1) == b.labels) | ~b.target_mask
+    def per_row(self, slices, b):
+        hit = (greedy_tokens(slices) == b.labels) | ~b.target_mask
         return hit.all(-1).float().tolist()
 
     def correct(self) -> list[bool]:
@@ -444,11 +563,9 @@ class ExactMatch(TeacherForced):
 class NegativeLoss(TeacherForced):
     """Minus the mean token NLL of the reference (higher is better)."""
 
-    def per_row(self, logits, b):
-        import torch
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), b.labels, reduction="none")
+    def per_row(self, slices, b):
         mask = b.target_mask.float()
-        return (-(nll * mask).sum(-1) / mask.sum(-1)).tolist()
+        return ((label_logprobs(slices, b.labels) * mask).sum(-1) / mask.sum(-1)).tolist()
 
 
 def greedy_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

@@ -208,19 +208,49 @@ def test_fast_path_switch_gives_a_plain_pass_with_the_same_scores(tiny_model):
     assert torch.allclose(torch.tensor(fast.row_scores()), torch.tensor(plain.row_scores()), atol=1e-5)
 
 
-def test_a_logits_budget_runs_batches_in_row_slices_with_the_same_scores(tiny_model):
-    """evaluation.logits_budget: a batch whose logits would exceed it runs as several forward calls of fewer rows
-    (the shared prefix and the last-layer cut still on); every score is the unsliced one, bit for bit."""
+def test_a_logits_budget_gives_the_same_scores_over_vocabulary_slices_or_row_slices(tiny_model, monkeypatch):
+    """evaluation.logits_budget: a batch whose logits would exceed it is reduced over vocabulary slices (ChunkedHead:
+    the model's own head, column by column) or, where that is not the model's head exactly, in calls of fewer rows;
+    exact match is the unsliced one bit for bit, the loss to float rounding."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = [{"prompt": f"{c * (i % 5 + 1)}", "response": "ab" * (i % 3 + 1), "system": SYSTEM[:48]}
             for i, c in enumerate("abcdabcdabcd")]
     model = _tiny("llama", tok)
+    monkeypatch.setattr("autollm_lf.evaluate.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
     for metric, kind in (("loss", NegativeLoss), ("exact_match", ExactMatch)):
         whole = kind(model, tok, "default", rows, EvaluationConfig(metric=metric, batch_size=6, logits_budget=1.0))
-        sliced = kind(model, tok, "default", rows, EvaluationConfig(metric=metric, batch_size=6, logits_budget=1e-9))
-        assert max(len(b.index) for b in whole.batches) > 1 and any(b.prefix for b in sliced.batches)
-        assert all(len(b.index) == 1 for b in sliced.batches) and len(sliced.batches) == len(rows)
-        assert sliced.row_scores() == whole.row_scores()
+        expected = torch.tensor(whole.row_scores())
+        assert max(len(b.index) for b in whole.batches) > 1 and any(b.prefix for b in whole.batches)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        largest = max(len(b.index) * b.scored for b in whole.batches)  # its logits: a third of the vocabulary
+        budget = largest * (model.config.vocab_size // 3) * 4 / weights
+        # as checked (here narrow slices differ from the whole matmul by an ulp: row slices), the vocabulary
+        # slices taken anyway, and row slices (a head the slices cannot reproduce: a LoRA on lm_head)
+        for way in ("checked", "vocabulary", "rows"):
+            sliced = kind(model, tok, "default", rows, EvaluationConfig(metric=metric, batch_size=6,
+                                                                        logits_budget=budget))
+            assert 0 < sliced.columns < model.config.vocab_size // 2  # several vocabulary slices per batch
+            if way == "vocabulary":
+                sliced.head_checked = sliced.head_ok = True
+            if way == "rows":
+                sliced.head = None
+            scores = torch.tensor(sliced.row_scores())
+            if metric == "exact_match" and way != "vocabulary":
+                assert torch.equal(scores, expected)
+            else:
+                torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+
+
+def test_greedy_tokens_and_label_logprobs_over_slices_equal_the_whole_vocabulary():
+    from autollm_lf.evaluate import greedy_tokens, label_logprobs
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=g)
+    logits[0, 0, 7] = logits[0, 0, 31] = 9.0  # a tie across slices: the lower id, as argmax
+    labels = torch.randint(0, 50, (3, 5), generator=g)
+    slices = lambda: [(lo, logits[..., lo:lo + 16]) for lo in range(0, 50, 16)]  # noqa: E731
+    assert torch.equal(greedy_tokens(slices()), logits.argmax(-1)) and greedy_tokens(slices())[0, 0] == 7
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(label_logprobs(slices(), labels), expected)
 
 
 def test_the_search_frees_the_tokenizer_only_when_its_scorers_need_none(tiny_model, tiny_adapters):

@@ -274,3 +274,9 @@ def test_teacher_forced_pass_equals_plain_forward_on_gemma(gemma_folder):
         # Gemma's logits reach ~100: float32 rounding of other shapes (padding alone) moves them ~1e-4
         assert nll == pytest.approx(-plain, abs=2e-3)
         assert hit == float((logits.argmax(-1) == torch.tensor(t)).all())
+    # evaluation.logits_budget (default 5% of the weights): the 262k-wide logits of these batches are over it, so
+    # they are reduced over vocabulary slices, which the check finds bit-exact here; whole logits score the same
+    assert exact.columns < model.config.vocab_size and exact.head_checked and exact.head_ok
+    whole = cfg.model_copy(update={"logits_budget": 1.0})
+    assert ExactMatch(model, tok, "gemma", rows, whole).row_scores() == exact.row_scores()
+    assert NegativeLoss(model, tok, "gemma", rows, whole).row_scores() == pytest.approx(loss.row_scores(), abs=1e-5)
