@@ -429,8 +429,10 @@ class TeacherForced(Evaluator):
         self.batches = [self._collate(idx, pad) for idx in self._grouping()]
         self.head = ChunkedHead(self.model) if ChunkedHead.fits(self.model) else None
         self.head_checked = False
-        # one width for every vocabulary slice (the largest batch's), the width the exactness check runs
-        self.columns = max(1, min(map(self._columns, self.batches), default=1))
+        # per batch, once: the vocabulary columns its logits may have in one piece; one width for every vocabulary
+        # slice (the largest batch's), the width the exactness check runs
+        self.batch_columns = [self._columns(b) for b in self.batches]
+        self.columns = max(1, min(self.batch_columns, default=1))
         prefixes = sorted({b.prefix for b in self.batches if b.prefix})
         self.prefix_row = {prefix: row for row, prefix in enumerate(prefixes)}
         longest = max(map(len, prefixes), default=0)  # right padding: no prefix position ever sees a pad
@@ -517,11 +519,11 @@ class TeacherForced(Evaluator):
             self.head_checked = True
         return self.head_ok
 
-    def batch_scores(self, b: Batch, prefixes) -> list[float]:
-        """The batch's row scores, its logits within evaluation.logits_budget: whole; over vocabulary slices
-        (ChunkedHead); or, where only the model's own head is exact, in calls of fewer rows."""
+    def batch_scores(self, b: Batch, prefixes, columns: int) -> list[float]:
+        """The batch's row scores, its logits within evaluation.logits_budget (`columns` of them per row and
+        position): whole; over vocabulary slices (ChunkedHead); or, where only the model's own head is exact, in
+        calls of fewer rows."""
         head = self.model.get_output_embeddings().weight
-        columns = self._columns(b)
         if columns >= head.shape[0]:
             return self.per_row([(0, self._logits(b, prefixes))], b)
         if self.head is not None and self._head_exact(b, prefixes):
@@ -540,8 +542,8 @@ class TeacherForced(Evaluator):
         hook = self.last_layer.register_forward_pre_hook(self.trim, with_kwargs=True) if self.last_layer else None
         try:
             prefixes = self._prefix_cache()
-            for b in self.batches:
-                for i, s in zip(b.index, self.batch_scores(b, prefixes)):
+            for b, columns in zip(self.batches, self.batch_columns):
+                for i, s in zip(b.index, self.batch_scores(b, prefixes, columns)):
                     result[i] = s
         finally:
             if hook:
