@@ -406,7 +406,8 @@ class TeacherForced(Evaluator):
     reused by every row (as prefix caching in inference servers does), so a long system prompt costs
     one row, not a batch. The distinct prefixes of all batches run together in one forward call, first.
     The last layer computes only keys and values at prompt positions (PromptKeysOnly). A batch whose logits
-    would exceed evaluation.logits_budget runs as several calls of fewer rows (row_slices)."""
+    would exceed evaluation.logits_budget is reduced over vocabulary slices (ChunkedHead), or run as calls of
+    fewer rows (row_slices) where those slices are not the model's own head bit for bit."""
 
     trials_need_tokenizer = False
 
@@ -473,16 +474,19 @@ class TeacherForced(Evaluator):
             return None
         return self.model(input_ids=self.prefixes, use_cache=True, logits_to_keep=1).past_key_values
 
+    def _forward(self, module, b: Batch, prefixes, **kwargs):
+        """`module` (the model, or the decoder alone) on the batch after its shared prefix.
+        No padding mask: padding is on the right, so under the causal mask no real position ever sees a pad;
+        the scored logits are the same and, without a prefix, attention takes its plain causal path."""
+        self.trim.split = b.input_ids.shape[1] - b.scored
+        if not b.prefix:  # a cache only to hold the cut last layer's prompt keys and values
+            return module(input_ids=b.input_ids, use_cache=self.last_layer is not None, **kwargs)
+        return module(input_ids=b.input_ids, past_key_values=self._batch_cache(b, prefixes), use_cache=True, **kwargs)
+
     def _logits(self, b: Batch, prefixes) -> torch.Tensor:
-        # No padding mask: padding is on the right, so under the causal mask no real position ever sees a pad;
-        # the scored logits are the same and, without a prefix, attention takes its plain causal path.
         # The last layer's output has only the scored positions if PromptKeysOnly cut it, all otherwise: an int
         # `logits_to_keep` (the last positions) is right either way.
-        self.trim.split, keep = b.input_ids.shape[1] - b.scored, b.scored
-        if not b.prefix:  # a cache only to hold the cut last layer's prompt keys and values
-            return self.model(input_ids=b.input_ids, use_cache=self.last_layer is not None, logits_to_keep=keep).logits
-        return self.model(input_ids=b.input_ids, past_key_values=self._batch_cache(b, prefixes), use_cache=True,
-                          logits_to_keep=keep).logits
+        return self._forward(self.model, b, prefixes, logits_to_keep=b.scored).logits
 
     def _batch_cache(self, b: Batch, prefixes):
         row, length, rows = self.prefix_row[b.prefix], len(b.prefix), b.input_ids.shape[0]
@@ -495,13 +499,7 @@ class TeacherForced(Evaluator):
 
     def _hidden(self, b: Batch, prefixes) -> torch.Tensor:
         """The last hidden states at the batch's scored positions (the decoder alone: no LM head)."""
-        self.trim.split = b.input_ids.shape[1] - b.scored
-        if not b.prefix:
-            out = self.head.decoder(input_ids=b.input_ids, use_cache=self.last_layer is not None)
-        else:
-            out = self.head.decoder(input_ids=b.input_ids, past_key_values=self._batch_cache(b, prefixes),
-                                    use_cache=True)
-        return out.last_hidden_state[:, -b.scored:]
+        return self._forward(self.head.decoder, b, prefixes).last_hidden_state[:, -b.scored:]
 
     def _columns(self, b: Batch) -> int:
         """Vocabulary columns the batch's logits may have in one piece within evaluation.logits_budget."""
