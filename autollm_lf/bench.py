@@ -14,11 +14,14 @@
 - search: on the toy, merge methods x granularities x optimisers (bench_search), 3 seeds, one budget: the
   validation and test scores of the weights each picks, vs train@all and the best single delta.
 - scale: the toy's deltas as Ray tasks on a local Ray cluster of 1-CPU nodes: one node vs two, vs the ideal.
+- ceiling: on that run, the best the weights could do for the per-chunk goal (each chunk >= 80% of its own delta):
+  the search loop run on TEST itself, an oracle no real search may be, at delta and module granularity.
 - model: on a finished run of a real model (`--model-run`, default the Gemma 3 270M example): trial cost with
   and without the fast path, the LM head on scored positions vs all, `choice` vs a per-choice loop, memory.
 
-`--only merge|exact_match|bo|search|model|scale` runs one part (repeatable); `--rounds N` times each exact-match side N
-times. `--toy` names the run the exact_match, bo and search parts use (e.g. the Gemma example's run, too).
+`--only merge|exact_match|bo|search|model|ceiling|scale` runs one part (repeatable); `--rounds N` times each
+exact-match side N times. `--toy` names the run the exact_match, bo and search parts use (e.g. the Gemma
+example's run, too); `--model-run` the run the model and ceiling parts use.
 """
 from __future__ import annotations
 
@@ -454,6 +457,67 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
                            folder_mb(a) for a in session.adapters.values())}}
 
 
+CEILING_SHARE = 0.8  # the merge-quality goal: on every chunk, this share of what that chunk's own delta scores
+
+
+def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: float = CEILING_SHARE) -> float:
+    """Mean over chunks of how far the merge gets towards `share` of the chunk's own delta (1 = there or beyond):
+    the largest value, len(own) / len(own) = 1, means every chunk meets the goal at once."""
+    return statistics.mean(min(1.0, by_chunk[c] / (share * own[c])) if own[c] > 0 else 1.0 for c in own)
+
+
+def bench_ceiling(cfg_path: Path | None, trials: int = 40, granularities: tuple[str, ...] = ("delta", "module"),
+                  seed: int = 0) -> dict:
+    """What the best weights could reach on the per-chunk goal, measured from above: the search loop (cmaes)
+    run on the TEST split itself, which no real search may see, maximising ceiling_value (every chunk towards
+    80% of its own delta's test score). If even this oracle cannot meet the goal on every chunk, no search
+    tuned on validation will; train@all's ratios are shown beside it."""
+    from types import SimpleNamespace
+
+    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
+    if cfg is None or not cfg.run.best.exists():
+        return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
+    session = Session(cfg)
+    w = session.weighted
+    if w.mode == "scaling":
+        return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}
+    chunk_of = {d: session.specs[d].chunk for d in session.deltas}
+    by_chunk = lambda weights: session.score_by_chunk(weights, "test", "linear")[1]
+    own = {chunk_of[d]: by_chunk({d: 1.0})[chunk_of[d]] for d in session.deltas}
+    yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
+    if ALL_DELTA in w.names:
+        yardsticks["train@all"] = by_chunk({ALL_DELTA: 1.0})
+    results = []
+    w.use_method("linear")
+    for granularity in granularities:
+        w.use_granularity(granularity)
+        params = [p for p in w.params if param_delta(p) in session.deltas]
+        search = SearchConfig(bounds=cfg.search.bounds, init_points=3, n_iter=max(trials - 5 - len(params), 0),
+                              optimizer="cmaes", granularity=granularity, merge="linear")
+        seen = []
+
+        def oracle(weights, split):
+            scores = by_chunk(weights)
+            seen.append(scores)
+            return ceiling_value(scores, own)
+
+        session_like = SimpleNamespace(score=oracle, weighted=w, cfg=SimpleNamespace(search=search))
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                best = run_search(SimpleNamespace(out=Path(tmp), seed=seed, search=search), session_like, params,
+                                  fp="ceiling")
+            seconds = time.perf_counter() - started
+        results.append({"granularity": granularity, "weights": len(params), "trials": len(seen),
+                        "value": best["validation"], "by_chunk": by_chunk(best["weights"]), "seconds": seconds,
+                        "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}})
+    w.use_granularity(cfg.search.granularity)
+    w.use_method(cfg.search.merge, cfg.search.density)
+    return {"share": CEILING_SHARE, "own_delta": own, "rows_per_chunk": cfg.data.test_per_chunk,
+            "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own)} for k, v in yardsticks.items()},
+            "results": results}
+
+
 def bench_scale(toy_cfg: Path | None, nodes: int = 2, max_deltas: int | None = None) -> dict:
     """The toy's deltas trained as Ray tasks on a local Ray cluster of 1-CPU nodes: first on one node (one after
     the other: each delta's time, and the serial wall time), then on `nodes` nodes at once; the scheduler's wall
@@ -573,6 +637,24 @@ def model_lines(m: dict) -> list[str]:
                                                  f"{mem['cuda_peak_mb'] / disk:.2f}x" if mem["cuda_peak_mb"] else "")]
 
 
+def ceiling_lines(r: dict) -> list[str]:
+    if "skipped" in r:
+        return ["ceiling: " + r["skipped"]]
+    chunks = list(r["own_delta"])
+    row = lambda name, scores: f"  {name:<26}" + "".join(f"{scores[c]:>{max(8, len(c) + 2)}.2f}" for c in chunks)
+    lines = [f"ceiling (weights searched on TEST itself, {r['rows_per_chunk']} rows per chunk; goal: every chunk "
+             f">= {r['share']:.0%} of its own delta):",
+             f"  {'':<26}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
+             row("own delta", r["own_delta"]),
+             row(f"{r['share']:.0%} of it", {c: r["share"] * v for c, v in r["own_delta"].items()})]
+    lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"]) for k, y in r["yardsticks"].items()]
+    for x in r["results"]:
+        lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"]))
+        lines.append(row("  best chunk by chunk", x["best_per_chunk_any_trial"]))
+        lines.append(f"    ({x['weights']} weights, {x['trials']} trials, {x['seconds']:.0f}s)")
+    return lines
+
+
 def search_lines(r: dict) -> list[str]:
     if "skipped" in r:
         return ["search: " + r["skipped"]]
@@ -593,7 +675,7 @@ def search_lines(r: dict) -> list[str]:
 
 def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5,
               model_cfg: Path | None = None) -> dict:
-    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model, scale)."""
+    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model, ceiling, scale)."""
     import torch
     torch.manual_seed(0)
     started = time.time()
@@ -610,6 +692,9 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str]
                                         rows=40 if quick else None)
     if "model" in parts:
         result["model"] = bench_model(model_cfg, rounds=1 if quick else 3)
+    if "ceiling" in parts:
+        result["ceiling"] = bench_ceiling(model_cfg, trials=8 if quick else 40,
+                                          granularities=("delta",) if quick else ("delta", "module"))
     if "scale" in parts:
         result["scale"] = bench_scale(toy_cfg, max_deltas=2 if quick else None)
     result["seconds"] = time.time() - started
@@ -638,6 +723,8 @@ def print_table(r: dict) -> None:
         lines += search_lines(r["search"])
     if "model" in r:
         lines += model_lines(r["model"])
+    if "ceiling" in r:
+        lines += ceiling_lines(r["ceiling"])
     if "scale" in r:
         lines += scale_lines(r["scale"])
     lines.append(f"took {r['seconds']:.0f}s")

@@ -24,7 +24,7 @@ STAGE_HELP = {
 
 FORCEABLE = ["train", "search", "mix", "report", "export"]
 # what `autollm bench` measures; --only picks some
-BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model", "scale"]
+BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model", "ceiling", "scale"]
 
 
 def build_parser() -> argparse.ArgumentParser:

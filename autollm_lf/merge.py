@@ -418,30 +418,56 @@ class WeightedDeltas:
         import torch
         self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), self.CAT, combination_type="cat")
         self.model.base_model.set_adapter(self.CAT)
-        # set_adapter makes the active adapter trainable: nothing here is (the gradient optimiser differentiates
-        # its weights through copies), so no backward computes or keeps gradients for the factors
+        # set_adapter makes the active adapter trainable: nothing here is (the gradient optimiser asks for A_cat's
+        # gradient only while it fits), so no backward computes or keeps gradients for the factors
         self.model.requires_grad_(False)
-        self.cat_rows = []  # (A_cat weight, its unit copy, index of the delta owning each row)
-        self.cat_layers, self.cat_scaling, self.cat_index = [], [], []
+        self.cat_rows = []  # (A_cat weight, the deltas' own A rows, index of the delta owning each row)
+        self.cat_layers, self.cat_scaling, self.cat_index, self.cat_scale = [], [], [], []
         for k, (layer, unit) in enumerate(zip(self.layers, self.unit_scaling)):
             if self.CAT not in layer.lora_A:
                 continue
             self.cat_scaling.append(unit)
-            owner = [i for i, n in enumerate(self.names) if n in layer.lora_A for _ in range(layer.r[n])]
-            A = layer.lora_A[self.CAT].weight
-            owner += [len(self.names)] * (A.shape[0] - len(owner))  # zero padding rows: weight 0
-            self.cat_rows.append((A, A.detach().clone(), torch.tensor(owner, device=A.device)))
+            self.cat_rows.append(self._share_factors(layer, unit))
+            self.cat_scale.append(torch.tensor([unit[self.names[i]] if i < len(self.names) else 0.0
+                                                for i in self.cat_rows[-1][2].tolist()], dtype=torch.float64))
             self.cat_layers.append(layer)
             self.cat_index.append(k)  # its position in self.layers (and its group)
         self.base_copies = None
         self._index_cat_rows()
 
+    def _share_factors(self, layer, scaling: dict[str, float]) -> tuple:
+        """The cat factors of one module, and each delta's own factors made views of them, so that the deltas are
+        held once: A_cat's rows are rewritten per trial from `unit` (the deltas' A rows, unscaled), and each
+        delta's A is a view of its rows of `unit`, its B a view of its columns of B_cat (PEFT's `cat` lays B_cat
+        out as the B_i side by side, unscaled). Returns (A_cat weight, unit, owner of each row)."""
+        import torch
+        A_cat, B_cat = layer.lora_A[self.CAT].weight, layer.lora_B[self.CAT].weight
+        unit = torch.zeros_like(A_cat, requires_grad=False)  # rows past the deltas' (PEFT's padding) stay 0
+        owner, row = [], 0
+        for i, name in enumerate(self.names):
+            if name not in layer.lora_A:
+                continue
+            r = layer.r[name]
+            with torch.no_grad():
+                unit[row:row + r] = layer.lora_A[name].weight
+            layer.lora_A[name].weight.data = unit[row:row + r]
+            layer.lora_B[name].weight.data = B_cat.data[:, row:row + r]
+            owner += [i] * r
+            row += r
+        owner += [len(self.names)] * (A_cat.shape[0] - row)  # zero padding rows: weight 0
+        return A_cat, unit, torch.tensor(owner, device=A_cat.device)
+
     def _index_cat_rows(self) -> None:
-        """Each cat row's entry in the flattened [group][delta] weight table (its module's group, its delta)."""
+        """Each cat row's entry in the flattened [group][delta] weight table (its module's group, its delta), and
+        all modules' rows end to end (`_row_flat`, `_row_scale`, `_row_ends`): a trial casts the rows' weights once."""
+        import torch
         width = len(self.names) + 1
         index = {g: i for i, g in enumerate(self.group_names)}
         self.cat_flat = [owner + width * index[self.groups[k]]
                          for (_, _, owner), k in zip(self.cat_rows, self.cat_index)]
+        self._row_flat = torch.cat([f.cpu() for f in self.cat_flat])
+        self._row_scale = torch.cat(self.cat_scale)
+        self._row_ends = torch.tensor([len(f) for f in self.cat_flat]).cumsum(0).tolist()
 
     def _use_fold(self) -> None:
         if any(getattr(layer, "fan_in_fan_out", False) for layer in self.cat_layers):
@@ -476,6 +502,15 @@ class WeightedDeltas:
         self._masks.clear()
         self._mask_bytes = 0
 
+    def _unshare_B(self, layer, B_cat: torch.Tensor) -> None:
+        """B_cat is about to hold B', not the deltas' B side by side: their B become views of a copy instead."""
+        unit_B, row = B_cat.detach().clone(), 0
+        for name in self.names:
+            if name in layer.lora_B:
+                r = layer.r[name]
+                layer.lora_B[name].weight.data = unit_B[:, row:row + r]
+                row += r
+
     @no_grad
     def _restore_unit_B(self) -> None:
         """B_cat back to the unit factors after a normalised method wrote B' there."""
@@ -489,8 +524,10 @@ class WeightedDeltas:
         return sum(layer.get_base_layer().weight.nbytes for layer in self.cat_layers)
 
     def held_bytes(self) -> int:
-        """The base model and every loaded adapter (the cat factors included), as held in memory now."""
-        return sum(p.nbytes for p in self.model.parameters()) + sum(u.nbytes for _, u, _ in self.cat_rows or [])
+        """The base model and every loaded adapter (the cat factors included), as held in memory now: each storage
+        once (the deltas' factors are views of the cat ones)."""
+        tensors = [p for p in self.model.parameters()] + [u for _, u, _ in self.cat_rows or []]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
     def fold_fits(self) -> bool:
         """`auto` tries `fold` only where its copy stays within FOLD_COPY_BUDGET of what is held anyway."""
@@ -537,18 +574,21 @@ class WeightedDeltas:
                 torch.addmm(w0, layer.lora_B[self.CAT].weight, A, out=layer.get_base_layer().weight)
 
     def _write_cat(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
-        """The merge as the cat adapter's factors: A rows scaled by their delta's weight in their module (and,
-        for a normalised method, B_cat replaced by B')."""
+        """The merge as the cat adapter's factors: A_cat's rows are the deltas' A rows times w_i * s_i, their
+        delta's weight in their module and its LoRA scaling (and, for a normalised method, B_cat replaced by B')."""
         import torch
-        # float64 here: a float32 tensor would round the weights before the cast to the model's dtype; cast
-        # once per (device, dtype), not once per module (a real cast costs ~7 us, times every module)
+        # float64 here: a float32 tensor would round the weights before the cast to the model's dtype; every
+        # module's rows are cast at once per (device, dtype), not module by module (~7 us a cast, times every module)
         w = torch.tensor([x for row in self._weight_table(weights) for x in row], dtype=torch.float64)
+        rows = w[self._row_flat] * self._row_scale
         cast: dict[tuple, torch.Tensor] = {}
-        for (A, unit, _), flat in zip(self.cat_rows, self.cat_flat):
+        start = 0
+        for (A, unit, _), end in zip(self.cat_rows, self._row_ends):
             key = (A.device, A.dtype)
             if key not in cast:
-                cast[key] = w.to(*key)
-            torch.mul(unit, cast[key][flat].unsqueeze(1), out=A)
+                cast[key] = rows.to(*key)
+            torch.mul(unit, cast[key][start:end].unsqueeze(1), out=A)
+            start = end
         if spec.normalize:
             self._write_norm_B(w)
         elif self._b_changed:
@@ -561,6 +601,7 @@ class WeightedDeltas:
             B = layer.lora_B[self.CAT].weight
             if k not in self._norms:  # built once per module, from the unit B_cat (still in place at first use)
                 self._norms[k] = OutputNorm(B.detach().clone(), owner.cpu(), len(self.names))
+                self._unshare_B(layer, B)
             start = width * index[self.groups[kk]]
             B.copy_(self._norms[k].apply(w[start:start + width - 1]).to(B.dtype))
         self._b_changed = True

@@ -159,7 +159,9 @@ def autollm(*args, cwd):
                           timeout=900)
 
 
-def write_config(tmp_path, tiny_model, name="e2e", search=None, **train_args):
+def write_config(tmp_path, tiny_model, name="e2e", search=None, baselines=True, **train_args):
+    """A run on the tiny model; `baselines=False` leaves out train@all and train@auto_mix (two trainings) for
+    tests about something else."""
     db = tmp_path / "src.sqlite"
     if not db.exists():
         build_source_db(db, seed=1, rows_per_task=24)
@@ -170,7 +172,8 @@ def write_config(tmp_path, tiny_model, name="e2e", search=None, **train_args):
                                        "WHERE task IN ('math', 'code')"}],
                  "chunk_by": "task", "validation_per_chunk": 6, "test_per_chunk": 6},
         "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1,
-                           "learning_rate": 0.01, **train_args}},
+                           "learning_rate": 0.01, **train_args},
+                  **({} if baselines else {"train_all": False, "auto_mix": False})},
         "search": {"init_points": 2, "n_iter": 3, "human_weights": {"math": 0.5}, **(search or {})},
         "evaluation": {"batch_size": 8},
     }

@@ -6,6 +6,8 @@ import pytest
 import yaml
 from conftest import autollm, write_config
 
+from autollm_lf.bench import ceiling_value
+
 pytestmark = pytest.mark.slow  # real llamafactory-cli runs
 
 
@@ -209,12 +211,21 @@ def test_bench_model_part_on_a_finished_run(first_run):
     to a per-choice loop, and a search process's memory (it reads the run, writes nothing into it)."""
     tmp, cfg, _ = first_run
     before = sorted(p for p in (tmp / "runs").rglob("*"))
-    res = autollm("bench", "--only", "model", "--model-run", str(cfg), "--rounds", "1", "--json", cwd=tmp)
+    res = autollm("bench", "--only", "model", "--only", "ceiling", "--quick", "--model-run", str(cfg), "--json",
+                  cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    model = json.loads(res.stdout.strip().splitlines()[-1])["model"]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    model, ceiling = result["model"], result["ceiling"]
     assert model["scores_equal"] and model["rows"] > 0 and model["deltas"] >= 2
     assert model["choice"]["questions"] > 0 and model["choice"]["max_loglikelihood_diff"] < 1e-4
     assert model["memory"]["peak_mb"] > model["memory"]["runtime_mb"] > 0 and model["memory"]["mode"] == "cat"
     assert 0 < model["memory"]["trials_mb"] <= model["memory"]["model_mb"] and model["memory"]["tokenizer_mb"] > 0
     assert "choice:" in res.stdout and "search memory (apply auto" in res.stdout
+    # the ceiling: a search on test itself; every delta alone is one of its points, so each chunk reaches at least
+    # its own delta's score in some trial, and the value it reports is that of the per-chunk scores it reports
+    own, oracle = ceiling["own_delta"], ceiling["results"][0]
+    assert oracle["trials"] >= len(own) + 2 and set(oracle["by_chunk"]) >= set(own)
+    assert all(oracle["best_per_chunk_any_trial"][c] >= own[c] for c in own)
+    assert oracle["value"] == pytest.approx(ceiling_value(oracle["by_chunk"], own))
+    assert "ceiling (weights searched on TEST itself" in res.stdout
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before

@@ -214,7 +214,8 @@ def test_real_model_end_to_end(gemma_folder, run_autollm, tmp_path):
     (contains) on the held-out rows plus multiple choice by log-likelihood (`choice`) on fixed validation and
     test files of questions in English (`evaluation.validation` / `evaluation.test`)."""
     rows = [json.loads(line) for line in (REPO / "examples" / "gemma3_270m" / "tasks.jsonl").read_text().splitlines()]
-    picked = [r for r in rows if r["task"] == "math"][:30] + [r for r in rows if r["task"] == "following"][:30]
+    # 20 rows per chunk: 6 validation, 6 test, 8 trained on (one step of 8: Gemma's steps are what cost here)
+    picked = [r for r in rows if r["task"] == "math"][:20] + [r for r in rows if r["task"] == "following"][:20]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
     for split, numbers in (("validation", (2, 3, 4, 5)), ("test", (6, 7, 8, 9))):
         mc = [{"prompt": f"What is {a} plus {a}? Answer with a number.", "response": str(2 * a),

@@ -36,12 +36,12 @@ def test_sigkill_during_training_and_search(tiny_model, tmp_path):
     search = {"init_points": 3, "n_iter": 12}
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir(), kill_dir.mkdir()
-    ref_cfg = write_config(ref_dir, tiny_model, name="r", search=search)
+    ref_cfg = write_config(ref_dir, tiny_model, name="r", search=search, baselines=False)
     res = subprocess.run([sys.executable, "-m", "autollm_lf", "run", str(ref_cfg)], cwd=ref_dir, capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    cfg = write_config(kill_dir, tiny_model, name="r", search=search)
+    cfg = write_config(kill_dir, tiny_model, name="r", search=search, baselines=False)
     run = kill_dir / "runs" / "r"
     # 1. killed while the second delta trains (the first one, code, has finished)
     kill_when(start(cfg, kill_dir), lambda: (run / "deltas" / "math-sft" / "train.log").exists())

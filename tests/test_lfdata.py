@@ -90,7 +90,7 @@ def test_llamafactory_directory_trains_for_real(tiny_model, tmp_path, run_autoll
     cfg = {"name": "lfrun", "base_model": {"path": str(tiny_model)},
            "data": {"sources": [{"type": "llamafactory", "dataset_dir": str(root), "datasets": DATASETS}],
                     "validation_per_chunk": 2, "test_per_chunk": 2},
-           "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4}},
+           "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4}, "auto_mix": False},
            "search": {"init_points": 1, "n_iter": 1}}
     run = run_autollm(cfg, tmp_path)
     deltas = ["alpaca_pref-dpo", "alpaca_sft-sft", "chat_kto-kto", "chat_pref-dpo", "chat_sft-sft"]

@@ -99,8 +99,8 @@ def test_auto_mode_tries_fold_only_where_its_copy_fits(tiny_base, tiny_adapters,
     unless it fits merge.FOLD_COPY_BUDGET of the model and adapters."""
     import autollm_lf.merge as merge
     weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="auto")
-    held = sum(p.nbytes for p in weighted.model.parameters())
-    assert 0 < weighted.fold_copy_bytes() < held < weighted.held_bytes()
+    base = sum(p.nbytes for n, p in weighted.model.named_parameters() if "lora_" not in n)
+    assert 0 < weighted.fold_copy_bytes() < base < weighted.held_bytes()
     monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.fold_copy_bytes() / weighted.held_bytes() * 0.99)
     copies = []
     monkeypatch.setattr(WeightedDeltas, "_use_fold", lambda self: copies.append(1))
@@ -125,3 +125,27 @@ def test_auto_mode_picks_a_mode_and_stays_exact(tiny_base, tiny_adapters, monkey
     weighted._use_cat() if mode == "fold" else weighted._use_fold()  # switching back and forth keeps it exact
     weighted.set_weights(weights)
     torch.testing.assert_close(logits(weighted.model), reference, atol=atol(weighted.model), rtol=0)
+
+
+def test_the_deltas_are_held_once_as_views_of_the_cat_factors(tiny_base, tiny_adapters):
+    """`cat` holds each delta's factors once: its A is a view of the cat's unit rows, its B of B_cat's columns, with
+    the values the adapter has when loaded alone (`scaling` mode builds no cat), and a trial's A_cat is those rows
+    times w_i * s_i."""
+    weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="cat")
+    alone = WeightedDeltas(tiny_base, tiny_adapters, mode="scaling")
+    naive = sum(p.nbytes for p in weighted.model.parameters()) + sum(u.nbytes for _, u, _ in weighted.cat_rows)
+    assert weighted.held_bytes() < naive
+    weights = {n: 0.25 * (i + 1) for i, n in enumerate(weighted.names)}
+    weighted.set_weights(weights)
+    for layer, k, (A_cat, unit, _) in zip(weighted.cat_layers, weighted.cat_index, weighted.cat_rows):
+        B_cat, own = layer.lora_B[weighted.CAT].weight, alone.layers[k]
+        names = [n for n in weighted.names if n in layer.lora_A]
+        for name in names:
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            assert A.untyped_storage().data_ptr() == unit.untyped_storage().data_ptr()
+            assert B.untyped_storage().data_ptr() == B_cat.untyped_storage().data_ptr()
+            assert torch.equal(A, own.lora_A[name].weight) and torch.equal(B, own.lora_B[name].weight)
+            assert B.abs().sum() > 0
+        expected = torch.cat([layer.lora_A[n].weight * (weights[n] * layer.scaling[n]) for n in names])
+        torch.testing.assert_close(A_cat[: expected.shape[0]], expected, atol=1e-7, rtol=1e-6)
+        assert not A_cat[expected.shape[0]:].any()  # PEFT's padding rows: weight 0

@@ -116,7 +116,8 @@ def test_every_method_trains_for_real_and_the_search_loads_it(tiny_model, tmp_pa
            "data": {"sources": [{"type": "file", "path": str(path)}], "validation_per_chunk": 3, "test_per_chunk": 3},
            "train": {"chunk_methods": {"pref": ["dpo", "orpo", "simpo"]},
                      "method_args": {"pt": {"cutoff_len": 32}},  # PT packs texts into blocks of cutoff_len
-                     "args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1}},
+                     "args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 4, "logging_steps": 1},
+                     "train_all": False, "auto_mix": False},
            "search": {"init_points": 1, "n_iter": 1}}
     run = run_autollm(cfg, tmp_path)
     deltas = ["corpus-pt", "judged-kto", "pref-dpo", "pref-orpo", "pref-simpo", "qa-sft"]

@@ -98,16 +98,13 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
     session = TinySession(weighted)
     opt = gradient.GradientOptimizer(weighted.params, (0.0, 1.0), 0, session)
     opt.register({p: 0.5 for p in weighted.params}, 0.0, own=False)
-    names = {id(p): n for n, p in weighted.model.named_parameters()}
-    a_names = [names[id(A)] for A, _, _ in weighted.cat_rows]
     batch = [session.scorer("validation").encoded[i] for i in opt.fit_rows]
 
     def loss(point):
         weighted._use_cat()
         weighted.set_weights(point)
-        x = torch.tensor([point[p] for p in weighted.params])
         with torch.no_grad():
-            value = gradient.answer_nll(weighted, a_names, gradient.full_table(weighted, weighted.params, x), batch)
+            value = gradient.answer_nll(weighted, batch)
         weighted._use_fold()
         return value.item() / sum(len(t) for _, t in batch)
 
@@ -127,23 +124,36 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
 
 
 def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypatch):
-    """A logits budget of one row per call (a 262k vocabulary's case) backpropagates the same mean loss."""
+    """A logits budget of one row per call (a 262k vocabulary's case) backpropagates the same mean loss, and the
+    gradient that reaches the weights through A_cat's (decoder layers checkpointed) is autograd's straight through
+    A_cat = unit * w[owner] (torch.func.functional_call, nothing checkpointed)."""
+
     from autollm_lf import gradient
     monkeypatch.setattr("autollm_lf.evaluate.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
 
     session = TinySession(weighted)
     encoded = session.scorer("validation").encoded  # prompts and answers of different lengths: padding, spans
     batch = [(p[: 2 + i % 4], t[: 1 + i % 3]) for i, (p, t) in enumerate(encoded[:6])]
-    names = {id(p): n for n, p in weighted.model.named_parameters()}
+    start = [0.3 + 0.1 * (i % 5) for i in range(len(weighted.params))]
     weighted._use_cat()
-    a_names = [names[id(A)] for A, _, _ in weighted.cat_rows]
     try:
+        weighted.set_weights(dict(zip(weighted.params, start)))
         results = []
         for budget in (1.0, 1e-9):  # whole batch; one row per call
-            x = torch.tensor([0.3 + 0.1 * (i % 5) for i in range(len(weighted.params))], requires_grad=True)
+            x = torch.tensor(start, requires_grad=True)
             table = lambda: gradient.full_table(weighted, weighted.params, x)  # noqa: E731
-            loss = gradient.backward_mean_nll(weighted, a_names, table, batch, budget)
+            loss = gradient.backward_mean_nll(weighted, table, batch, budget)
             results.append((loss, x.grad.clone()))
+        # the reference: the weights straight into A_cat, one differentiable call
+        names = {id(p): n for n, p in weighted.model.named_parameters()}
+        x = torch.tensor(start, requires_grad=True)
+        flat = gradient.full_table(weighted, weighted.params, x)
+        override = {names[id(A)]: unit * (flat.double()[index] * scale).to(unit.dtype).unsqueeze(1)
+                    for (A, unit, _), index, scale in zip(weighted.cat_rows, weighted.cat_flat, weighted.cat_scale)}
+        with monkeypatch.context() as m:
+            m.setattr(weighted, "model", _Called(weighted.model, override))
+            (gradient.answer_nll(weighted, batch) / sum(len(t) for _, t in batch)).backward()
+        assert all(A.grad is None and not A.requires_grad for A, _, _ in weighted.cat_rows)  # left as it was
     finally:
         weighted._use_fold()
     (whole, g_whole), (sliced, g_sliced) = results
@@ -151,6 +161,21 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
     assert sliced == pytest.approx(whole, rel=1e-5)
     # float32 sums in another order: equal to ~1e-4 of the largest entry (seen 2e-4; a lost row would be ~1e-1)
     torch.testing.assert_close(g_sliced, g_whole, rtol=0, atol=1e-3 * g_whole.abs().max().item())
+    torch.testing.assert_close(g_whole, x.grad, rtol=0, atol=1e-3 * g_whole.abs().max().item())
+
+
+class _Called:
+    """The model with some parameters replaced for its calls (functional_call), for the reference gradient."""
+
+    def __init__(self, model, override):
+        self.model, self.override = model, override
+
+    def __call__(self, **kwargs):
+        from torch.func import functional_call
+        return functional_call(self.model, self.override, args=(), kwargs=kwargs)
+
+    def parameters(self):
+        return self.model.parameters()
 
 
 def test_gradient_needs_a_low_rank_merge(weighted):
