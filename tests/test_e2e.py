@@ -227,5 +227,8 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert oracle["trials"] >= len(own) + 2 and set(oracle["by_chunk"]) >= set(own)
     assert all(oracle["best_per_chunk_any_trial"][c] >= own[c] for c in own)
     assert oracle["value"] == pytest.approx(ceiling_value(oracle["by_chunk"], own))
+    fitted = ceiling["results"][1]  # the gradient oracle: from the run's best point, which it counts
+    assert fitted["trials"] == 3 and fitted["value"] >= fitted["start_value"]
+    assert fitted["value"] == pytest.approx(ceiling_value(fitted["by_chunk"], own))
     assert "ceiling (weights searched on TEST itself" in res.stdout
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before

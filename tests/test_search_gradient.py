@@ -124,9 +124,9 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
 
 
 def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypatch):
-    """A logits budget of one row per call (a 262k vocabulary's case) backpropagates the same mean loss, and the
-    gradient that reaches the weights through A_cat's (decoder layers checkpointed) is autograd's straight through
-    A_cat = unit * w[owner] (torch.func.functional_call, nothing checkpointed)."""
+    """A logits budget of one row per call (a 262k vocabulary's case) and checkpointed decoder layers backpropagate
+    the same mean loss and gradient, and the gradient that reaches the weights through A_cat's is autograd's
+    straight through A_cat = unit * s * w[owner] (torch.func.functional_call)."""
 
     from autollm_lf import gradient
     monkeypatch.setattr("autollm_lf.evaluate.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
@@ -139,11 +139,12 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
     try:
         weighted.set_weights(dict(zip(weighted.params, start)))
         results = []
-        for budget in (1.0, 1e-9):  # whole batch; one row per call
+        for budget, checkpoint in ((1.0, False), (1e-9, False), (1.0, True)):  # whole batch; one row per call
             x = torch.tensor(start, requires_grad=True)
             table = lambda: gradient.full_table(weighted, weighted.params, x)  # noqa: E731
-            loss = gradient.backward_mean_nll(weighted, table, batch, budget)
+            loss = gradient.backward_mean_nll(weighted, table, batch, budget, checkpoint)
             results.append((loss, x.grad.clone()))
+        assert not any(hasattr(m, "__dict__") and "forward" in m.__dict__ for m in weighted.model.modules())
         # the reference: the weights straight into A_cat, one differentiable call
         names = {id(p): n for n, p in weighted.model.named_parameters()}
         x = torch.tensor(start, requires_grad=True)
@@ -156,9 +157,10 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
         assert all(A.grad is None and not A.requires_grad for A, _, _ in weighted.cat_rows)  # left as it was
     finally:
         weighted._use_fold()
-    (whole, g_whole), (sliced, g_sliced) = results
+    (whole, g_whole), (sliced, g_sliced), (checkpointed, g_checkpointed) = results
     assert g_whole.abs().sum() > 0
-    assert sliced == pytest.approx(whole, rel=1e-5)
+    assert sliced == pytest.approx(whole, rel=1e-5) and checkpointed == pytest.approx(whole, rel=1e-6)
+    torch.testing.assert_close(g_checkpointed, g_whole, rtol=1e-5, atol=1e-7)  # the layers run again, the same
     # float32 sums in another order: equal to ~1e-4 of the largest entry (seen 2e-4; a lost row would be ~1e-1)
     torch.testing.assert_close(g_sliced, g_whole, rtol=0, atol=1e-3 * g_whole.abs().max().item())
     torch.testing.assert_close(g_whole, x.grad, rtol=0, atol=1e-3 * g_whole.abs().max().item())
