@@ -73,7 +73,8 @@ def test_choice_metric_end_to_end(tiny_model, tmp_path):
     cfg = {"name": "mc", "base_model": {"path": str(tiny_model), "template": "default"},
            "data": {"sources": [{"type": "file", "path": str(tmp_path / "mc.jsonl")}], "chunk_by": "task",
                     "validation_per_chunk": 5, "test_per_chunk": 5},
-           "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 8}, "auto_mix": False},
+           "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 8}, "auto_mix": False,
+                     "train_all": False},
            "search": {"init_points": 1, "n_iter": 1}, "evaluation": {"metric": "choice", "batch_size": 16}}
     (tmp_path / "mc.yaml").write_text(yaml.safe_dump(cfg))
     res = autollm("run", str(tmp_path / "mc.yaml"), cwd=tmp_path)

@@ -73,10 +73,9 @@ def test_lm_eval_metric_end_to_end(tiny_model, tmp_path):
     from conftest import autollm, write_config
 
     tasks = write_tasks(tmp_path)
-    path = write_config(tmp_path, tiny_model, name="lmeval")
+    path = write_config(tmp_path, tiny_model, name="lmeval", baselines=False)
     raw = yaml.safe_load(path.read_text())
     raw["evaluation"] = {"metric": "lm_eval", "batch_size": 8, "lm_eval": {"validation": tasks[:1], "test": tasks}}
-    raw["train"]["auto_mix"] = False
     raw["search"].update(init_points=1, n_iter=1)
     path.write_text(yaml.safe_dump(raw))
     res = autollm("run", str(path), cwd=tmp_path)

@@ -50,12 +50,11 @@ def test_objective_names_unknown_chunks_and_metrics(tiny_model):
 @pytest.mark.slow
 def test_objective_end_to_end(tiny_model, tmp_path):
     """The search maximises the objective; the report gives each part, and every row's number is the objective."""
-    path = write_config(tmp_path, tiny_model, name="obj")
+    path = write_config(tmp_path, tiny_model, name="obj", baselines=False)
     raw = yaml.safe_load(path.read_text())
     raw["evaluation"]["objective"] = [{"chunks": ["math"], "weight": 1.0}, {"metric": "loss", "chunks": ["code"],
                                                                             "weight": 0.1},
                                       {"chunks": ["code"], "weight": 0.0, "max_drop": 0.05}]
-    raw["train"]["auto_mix"] = False
     path.write_text(yaml.safe_dump(raw))
     res = autollm("run", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
