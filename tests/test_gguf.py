@@ -214,8 +214,8 @@ def test_real_model_end_to_end(gemma_folder, run_autollm, tmp_path):
     (contains) on the held-out rows plus multiple choice by log-likelihood (`choice`) on fixed validation and
     test files of questions in English (`evaluation.validation` / `evaluation.test`)."""
     rows = [json.loads(line) for line in (REPO / "examples" / "gemma3_270m" / "tasks.jsonl").read_text().splitlines()]
-    # 20 rows per chunk: 6 validation, 6 test, 8 trained on (one step of 8: Gemma's steps are what cost here)
-    picked = [r for r in rows if r["task"] == "math"][:20] + [r for r in rows if r["task"] == "following"][:20]
+    # 16 rows per chunk: 4 validation, 4 test, 8 trained on (one step of 8: Gemma's steps are what cost here)
+    picked = [r for r in rows if r["task"] == "math"][:16] + [r for r in rows if r["task"] == "following"][:16]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
     for split, numbers in (("validation", (2, 3, 4, 5)), ("test", (6, 7, 8, 9))):
         mc = [{"prompt": f"What is {a} plus {a}? Answer with a number.", "response": str(2 * a),
@@ -224,10 +224,10 @@ def test_real_model_end_to_end(gemma_folder, run_autollm, tmp_path):
     fixed = {split: [{"type": "file", "path": str(tmp_path / f"mc_{split}.jsonl")}] for split in ("validation", "test")}
     cfg = {"name": "gemma_e2e", "base_model": {"gguf": GEMMA, "template": "gemma"},
            "data": {"sources": [{"type": "file", "path": str(tmp_path / "rows.jsonl")}], "chunk_by": "task",
-                    "validation_per_chunk": 6, "test_per_chunk": 6},
+                    "validation_per_chunk": 4, "test_per_chunk": 4},
            "train": {"args": {"num_train_epochs": 1.0, "learning_rate": 3.0e-4, "cutoff_len": 64},
                      "train_all": False, "auto_mix": False},
-           "search": {"init_points": 1, "n_iter": 2},
+           "search": {"init_points": 0, "n_iter": 1},
            "evaluation": {"metric": "contains", "batch_size": 12, "max_new_tokens": 8, **fixed,
                           "objective": [{"chunks": ["math", "following"], "weight": 1.0},
                                         {"metric": "choice", "chunks": ["mc"], "weight": 0.5}]}}
