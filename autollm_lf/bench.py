@@ -40,6 +40,7 @@ from pathlib import Path
 from .choice import Choice
 from .config import ClusterConfig, EvaluationConfig, SearchConfig, load_config
 from .evaluate import ExactMatch, greedy_generate
+from .gradient import GradientOptimizer
 from .io import read_json
 from .merge import MERGE_METHODS, WeightedDeltas, delta_weight, load_base, param_delta
 from .metrics import make_evaluator
@@ -466,7 +467,6 @@ def gradient_ceiling(session, by_chunk, own: dict[str, float], trials: int) -> d
     weights, each point scored by ceiling_value on test."""
     from types import SimpleNamespace
 
-    from .gradient import GradientOptimizer
     test = session.scorer("test")
     like = SimpleNamespace(weighted=session.weighted, cfg=session.cfg, scorer=lambda split: test)
     opt = GradientOptimizer(session.search_params, session.cfg.search.bounds, session.cfg.seed, like)
