@@ -348,6 +348,17 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
             "random_mean_vs_reference": statistics.mean(rnd_best) / ref}
 
 
+def quiet_search(search, session_like, params: list[str], seed: int, fp: str) -> tuple[dict, float]:
+    """The real search loop on a session-like scorer, its log in a temporary folder and its output hidden: the
+    best point and the seconds it took."""
+    from types import SimpleNamespace
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            best = run_search(SimpleNamespace(out=Path(tmp), seed=seed, search=search), session_like, params, fp=fp)
+        return best, time.perf_counter() - started
+
+
 SEARCH_BENCH = [  # (merge method, granularity, optimizer): what `--only search` compares, at one budget
     ("linear", "delta", "bayes"),        # the search before the merge-quality work
     ("linear", "delta", "cmaes"),
@@ -401,12 +412,7 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
             session_like = SimpleNamespace(score=lambda weights, split: (w.set_weights(weights), sub_scorer.score())[1],
                                            weighted=w, scorer=lambda split: sub_scorer,
                                            cfg=SimpleNamespace(search=search))
-            with tempfile.TemporaryDirectory() as tmp:
-                started = time.perf_counter()
-                with contextlib.redirect_stdout(io.StringIO()):
-                    best = run_search(SimpleNamespace(out=Path(tmp), seed=seed, search=search), session_like, params,
-                                      fp="bench")
-                seconds = time.perf_counter() - started
+            best, seconds = quiet_search(search, session_like, params, seed, fp="bench")
             runs.append({"seed": seed, "subset_validation": best["validation"], **scores(best["weights"], method),
                          "seconds": seconds, "weights": best["weights"]})
         results.append({"merge": method, "granularity": granularity, "optimizer": optimizer, "weights": len(params),
@@ -529,12 +535,7 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
             return ceiling_value(scores, own)
 
         session_like = SimpleNamespace(score=oracle, weighted=w, cfg=SimpleNamespace(search=search))
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                best = run_search(SimpleNamespace(out=Path(tmp), seed=seed, search=search), session_like, params,
-                                  fp="ceiling")
-            seconds = time.perf_counter() - started
+        best, seconds = quiet_search(search, session_like, params, seed, fp="ceiling")
         results.append({"granularity": granularity, "weights": len(params), "trials": len(seen),
                         "value": best["validation"], "by_chunk": by_chunk(best["weights"]), "seconds": seconds,
                         "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}})
