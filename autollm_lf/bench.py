@@ -46,7 +46,7 @@ from .merge import MERGE_METHODS, WeightedDeltas, delta_weight, load_base, param
 from .metrics import make_evaluator
 from .pipeline import Session
 from .prepare import load_split
-from .search import run_search
+from .search import point_key, run_search
 from .tiny import build_char_tokenizer
 from .train import ALL_DELTA, DONE_MARKER, delta_specs, train_specs
 
@@ -468,9 +468,9 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
 CEILING_SHARE = 0.8  # the merge-quality goal: on every chunk, this share of what that chunk's own delta scores
 
 
-def gradient_ceiling(session, by_chunk, own: dict[str, float], trials: int) -> dict:
+def gradient_ceiling(session, by_chunk, own: dict[str, float], trials: int, start_scores: dict[str, float]) -> dict:
     """The gradient oracle of bench_ceiling: Adam on every test row's teacher-forced loss, from the run's best
-    weights, each point scored by ceiling_value on test."""
+    weights (whose per-chunk test scores are `start_scores`), each point scored by ceiling_value on test."""
     from types import SimpleNamespace
 
     test = session.scorer("test")
@@ -479,11 +479,9 @@ def gradient_ceiling(session, by_chunk, own: dict[str, float], trials: int) -> d
     opt.fit_rows = list(range(len(test.rows)))  # all of test: an oracle, not a search
     start = session.cfg.run.read_best()["weights"]
     opt.register(start, 0.0, own=False)  # the trajectory starts at the run's best point
-    started, seen, points = time.perf_counter(), [], [start]
-    for number in range(trials + 1):
-        if number:
-            points.append(opt.suggest(number))
-        seen.append(by_chunk(points[-1]))
+    started, seen = time.perf_counter(), [start_scores]
+    for number in range(1, trials + 1):
+        seen.append(by_chunk(opt.suggest(number)))
     values = [ceiling_value(scores, own) for scores in seen]
     best = max(range(len(values)), key=values.__getitem__)
     return {"granularity": f"{session.cfg.search.granularity}, gradient", "weights": len(start),
@@ -520,29 +518,26 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
     if ALL_DELTA in w.names:
         yardsticks["train@all"] = by_chunk({ALL_DELTA: 1.0})
-    results = []
     w.use_method("linear")
-    for granularity in ("delta",):
-        w.use_granularity(granularity)
-        params = [p for p in w.params if param_delta(p) in session.deltas]
-        search = SearchConfig(bounds=cfg.search.bounds, init_points=3, n_iter=max(trials - 5 - len(params), 0),
-                              optimizer="cmaes", granularity=granularity, merge="linear")
-        seen = []
+    w.use_granularity("delta")
+    params = [p for p in w.params if param_delta(p) in session.deltas]
+    search = SearchConfig(bounds=cfg.search.bounds, init_points=3, n_iter=max(trials - 5 - len(params), 0),
+                          optimizer="cmaes", granularity="delta", merge="linear")
+    seen = {}  # point -> its per-chunk test scores (the search scores no point twice)
 
-        def oracle(weights, split):
-            scores = by_chunk(weights)
-            seen.append(scores)
-            return ceiling_value(scores, own)
+    def oracle(weights, split):
+        seen[point_key(weights)] = scores = by_chunk(weights)
+        return ceiling_value(scores, own)
 
-        session_like = SimpleNamespace(score=oracle, weighted=w, cfg=SimpleNamespace(search=search))
-        best, seconds = quiet_search(search, session_like, params, seed, fp="ceiling")
-        results.append({"granularity": granularity, "weights": len(params), "trials": len(seen),
-                        "value": best["validation"], "by_chunk": by_chunk(best["weights"]), "seconds": seconds,
-                        "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}})
+    session_like = SimpleNamespace(score=oracle, weighted=w, cfg=SimpleNamespace(search=search))
+    best, seconds = quiet_search(search, session_like, params, seed, fp="ceiling")
+    results = [{"granularity": "delta", "weights": len(params), "trials": len(seen), "value": best["validation"],
+                "by_chunk": seen[point_key(best["weights"])], "seconds": seconds,
+                "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
     w.use_method(cfg.search.merge, cfg.search.density)
     w.use_granularity(cfg.search.granularity)
     if MERGE_METHODS[cfg.search.merge].low_rank and gradient_trials:
-        results.append(gradient_ceiling(session, by_chunk, own, gradient_trials))
+        results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
     return {"share": CEILING_SHARE, "own_delta": own, "rows_per_chunk": cfg.data.test_per_chunk,
             "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own)} for k, v in yardsticks.items()},
             "results": results}

@@ -415,7 +415,6 @@ class WeightedDeltas:
     # ---- apply modes ----------------------------------------------------------------------------------
 
     def _build_cat(self) -> None:
-        import torch
         self.model.add_weighted_adapter(self.names, [1.0] * len(self.names), self.CAT, combination_type="cat")
         self.model.base_model.set_adapter(self.CAT)
         # set_adapter makes the active adapter trainable: nothing here is (the gradient optimiser asks for A_cat's
@@ -427,35 +426,42 @@ class WeightedDeltas:
             if self.CAT not in layer.lora_A:
                 continue
             self.cat_scaling.append(unit)
-            self.cat_rows.append(self._share_factors(layer, unit))
-            self.cat_scale.append(torch.tensor([unit[self.names[i]] if i < len(self.names) else 0.0
-                                                for i in self.cat_rows[-1][2].tolist()], dtype=torch.float64))
+            row, scale = self._share_factors(layer, unit)
+            self.cat_rows.append(row)
+            self.cat_scale.append(scale)
             self.cat_layers.append(layer)
             self.cat_index.append(k)  # its position in self.layers (and its group)
         self.base_copies = None
         self._index_cat_rows()
 
-    def _share_factors(self, layer, scaling: dict[str, float]) -> tuple:
+    def _cat_slices(self, layer) -> list[tuple[int, str, slice]]:
+        """(delta index, name, its rows of A_cat / columns of B_cat) for the deltas this module has, in PEFT's `cat`
+        order; rows past the last are PEFT's zero padding."""
+        slices, row = [], 0
+        for i, name in enumerate(self.names):
+            if name in layer.lora_A:
+                slices.append((i, name, slice(row, row + layer.r[name])))
+                row += layer.r[name]
+        return slices
+
+    def _share_factors(self, layer, scaling: dict[str, float]) -> tuple[tuple, torch.Tensor]:
         """The cat factors of one module, and each delta's own factors made views of them, so that the deltas are
         held once: A_cat's rows are rewritten per trial from `unit` (the deltas' A rows, unscaled), and each
         delta's A is a view of its rows of `unit`, its B a view of its columns of B_cat (PEFT's `cat` lays B_cat
-        out as the B_i side by side, unscaled). Returns (A_cat weight, unit, owner of each row)."""
+        out as the B_i side by side, unscaled). Returns (A_cat weight, unit, owner of each row) and each row's
+        LoRA scaling s_i (0 on padding rows)."""
         import torch
         A_cat, B_cat = layer.lora_A[self.CAT].weight, layer.lora_B[self.CAT].weight
         unit = torch.zeros_like(A_cat, requires_grad=False)  # rows past the deltas' (PEFT's padding) stay 0
-        owner, row = [], 0
-        for i, name in enumerate(self.names):
-            if name not in layer.lora_A:
-                continue
-            r = layer.r[name]
+        owner = torch.full((A_cat.shape[0],), len(self.names))  # padding rows: the zero weight column
+        scale = torch.zeros(A_cat.shape[0], dtype=torch.float64)
+        for i, name, rows in self._cat_slices(layer):
             with torch.no_grad():
-                unit[row:row + r] = layer.lora_A[name].weight
-            layer.lora_A[name].weight.data = unit[row:row + r]
-            layer.lora_B[name].weight.data = B_cat.data[:, row:row + r]
-            owner += [i] * r
-            row += r
-        owner += [len(self.names)] * (A_cat.shape[0] - row)  # zero padding rows: weight 0
-        return A_cat, unit, torch.tensor(owner, device=A_cat.device)
+                unit[rows] = layer.lora_A[name].weight
+            layer.lora_A[name].weight.data = unit[rows]
+            layer.lora_B[name].weight.data = B_cat.data[:, rows]
+            owner[rows], scale[rows] = i, scaling[name]
+        return (A_cat, unit, owner.to(A_cat.device)), scale
 
     def _index_cat_rows(self) -> None:
         """Each cat row's entry in the flattened [group][delta] weight table (its module's group, its delta), and
@@ -504,12 +510,9 @@ class WeightedDeltas:
 
     def _unshare_B(self, layer, B_cat: torch.Tensor) -> None:
         """B_cat is about to hold B', not the deltas' B side by side: their B become views of a copy instead."""
-        unit_B, row = B_cat.detach().clone(), 0
-        for name in self.names:
-            if name in layer.lora_B:
-                r = layer.r[name]
-                layer.lora_B[name].weight.data = unit_B[:, row:row + r]
-                row += r
+        unit_B = B_cat.detach().clone()
+        for _, name, rows in self._cat_slices(layer):
+            layer.lora_B[name].weight.data = unit_B[:, rows]
 
     @no_grad
     def _restore_unit_B(self) -> None:
