@@ -224,18 +224,22 @@ if mode == "run":  # what `autollm search` holds on this run (argv[1]: its confi
     from autollm_lf.config import load_config
     from autollm_lf.gradient import GradientOptimizer
     from autollm_lf.pipeline import Session
-    cfg = load_config(base)
+    import time
+    cfg = load_config(base, None, sys.argv[4:])  # argv[4:]: overrides (search.memory=lean)
     session = Session(cfg)
     session.ready_for_trials()
+    started = time.perf_counter()
     for i in range(3):
         session.score(cfg.run.read_best()["weights"], "validation")
-    trials = status("VmHWM")
+    trial_seconds, trials = (time.perf_counter() - started) / 3, status("VmHWM")
     fit = cfg.search.optimizer == "gradient"
+    started = time.perf_counter()
     if fit:  # one trial's Adam steps: a backward pass holds more than a trial
         GradientOptimizer(session.search_params, cfg.search.bounds, cfg.seed, session).suggest(0)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     print(json.dumps({"mode": session.weighted.mode, "runtime_mb": runtime, "trials_mb": trials - runtime,
-                      "peak_mb": status("VmHWM"), "gradient_fit": fit, "cuda_peak_mb": gpu}))
+                      "peak_mb": status("VmHWM"), "gradient_fit": fit, "cuda_peak_mb": gpu,
+                      "trial_seconds": trial_seconds, "fit_seconds": time.perf_counter() - started}))
     sys.exit()
 if mode == "tokenizer":  # the tokenizer alone: host memory a search holds whatever the model's size or device
     transformers.AutoTokenizer.from_pretrained(base)
@@ -254,11 +258,11 @@ print(json.dumps({"mode": w.mode, "runtime_mb": runtime, "peak_mb": status("VmHW
 """
 
 
-def search_process_rss(base: Path, adapters: dict[str, Path], mode: str) -> dict:
+def search_process_rss(base: Path, adapters: dict[str, Path], mode: str, *overrides: str) -> dict:
     """Peak RSS (MB) of a process that does what a search does (load once, pick the apply mode, trials with a
     teacher-forced evaluation), and the RSS of its runtime before any model was loaded."""
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(base),
-                          json.dumps({k: str(v) for k, v in adapters.items()}), mode],
+                          json.dumps({k: str(v) for k, v in adapters.items()}), mode, *overrides],
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return {**result, "model_mb": result["peak_mb"] - result["runtime_mb"]}
@@ -459,7 +463,8 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
             "scores_equal": scores[True] == scores[False], "exact_match": scores[True],
             "pass_seconds_scored_logits": head[False], "pass_seconds_all_logits": head[True],
             "choice": bench_choice(w, template, rows, cfg.evaluation, rounds),
-            "memory": {**search_process_rss(cfg_path, {}, "run"),
+            "memory_lean": search_process_rss(cfg_path, {}, "run", "search.memory=lean"),
+            "memory": {**search_process_rss(cfg_path, {}, "run", "search.memory=fast"),
                        "tokenizer_mb": search_process_rss(session.cfg.base_model.path, {}, "tokenizer")["model_mb"],
                        "base_plus_adapters_mb": folder_mb(session.cfg.base_model.path) + sum(
                            folder_mb(a) for a in session.adapters.values())}}
@@ -659,7 +664,10 @@ def model_lines(m: dict) -> list[str]:
         f"{mem['model_mb'] / disk:.2f}x base + adapters ({disk:.0f} MB on disk); the trials alone "
         f"{mem['trials_mb'] / disk:.2f}x; the tokenizer, freed before the first trial, peaks at "
         f"{mem['tokenizer_mb']:.0f} MB alone" + (f"; GPU peak {mem['cuda_peak_mb']:.0f} MB = "
-                                                 f"{mem['cuda_peak_mb'] / disk:.2f}x" if mem["cuda_peak_mb"] else "")]
+                                                 f"{mem['cuda_peak_mb'] / disk:.2f}x" if mem["cuda_peak_mb"] else ""),
+        *[f"  search.memory: {name}: trials {m['trials_mb'] / disk:.2f}x ({m['trial_seconds']:.1f}s each), whole "
+          f"peak {m['model_mb'] / disk:.2f}x" + (f" (fit {m['fit_seconds']:.0f}s)" if m["gradient_fit"] else "")
+          for name, m in (("fast", mem), ("lean", m["memory_lean"]))]]
 
 
 def ceiling_lines(r: dict) -> list[str]:

@@ -226,6 +226,10 @@ class SearchConfig(Strict):
                             "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
                             "validation (linear and linear_norm merges)")
     patience: Optional[int] = Field(None, ge=1, description="stop after this many optimiser trials without a new best")
+    memory: Literal["fast", "lean"] = Field(
+        "fast", description="lean: the search's host memory within ~1.2x of base + deltas (glibc mmap thresholds, "
+                            "a gradient fit's LM head over vocabulary slices and decoder layers checkpointed), at "
+                            "~1.3x trial and ~2x fit time on CPU (autollm bench --only model); fast: neither")
 
     @field_validator("granularity")
     @classmethod

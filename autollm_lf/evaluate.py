@@ -232,6 +232,13 @@ def greedy_tokens(slices) -> torch.Tensor:
 
 def label_logprobs(slices, labels: torch.Tensor) -> torch.Tensor:
     """log softmax at each label over the whole vocabulary, from (first id, logits) slices (in float32)."""
+    lse, picked = logsumexp_and_label_logits(slices, labels)
+    return picked - lse
+
+
+def logsumexp_and_label_logits(slices, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logsumexp over the whole vocabulary and the logit at each label, from (first id, logits) slices
+    (in float32)."""
     import torch
     lse = picked = None
     for lo, x in slices:
@@ -242,7 +249,7 @@ def label_logprobs(slices, labels: torch.Tensor) -> torch.Tensor:
         lse = part if lse is None else torch.logaddexp(lse, part)
         picked = torch.where(inside, got, got.new_zeros(()) if picked is None else picked)
         del x  # before the next slice is computed
-    return picked - lse
+    return lse, picked
 
 
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are not worth the cache's copy per row

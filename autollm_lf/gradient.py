@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .errors import UserError
-from .evaluate import rows_per_call
+from .evaluate import ChunkedHead, logits_bytes, rows_per_call
+from .hostmem import FIT_MMAP_THRESHOLD, mmap_threshold
 from .merge import MERGE_METHODS, param_name
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
@@ -89,15 +90,19 @@ def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_row
         weighted._use_cat()
     lo, hi = bounds
     budget = session.cfg.evaluation.logits_budget
-    try:
-        for _ in range(STEPS):
-            weighted.set_weights(dict(zip(params, x.detach().tolist())))  # A_cat = unit * w (and B' for linear_norm)
-            batch = [encoded[i] for i in rng.choice(fit_rows, size=min(BATCH_ROWS, len(fit_rows)), replace=False)]
-            adam.zero_grad()
-            backward_mean_nll(weighted, lambda: full_table(weighted, params, x), batch, budget)
-            adam.step()
-            with torch.no_grad():
-                x.clamp_(lo, hi)
+    lean = session.cfg.search.memory == "lean"
+    on_gpu = next(weighted.model.parameters()).device.type == "cuda"
+    try:  # lean: see hostmem (a backward's many mid-sized blocks fragment the heap)
+        with mmap_threshold(FIT_MMAP_THRESHOLD) if lean else contextlib.nullcontext():
+            for _ in range(STEPS):
+                weighted.set_weights(dict(zip(params, x.detach().tolist())))  # A_cat = unit * w (B' for linear_norm)
+                batch = [encoded[i] for i in rng.choice(fit_rows, size=min(BATCH_ROWS, len(fit_rows)), replace=False)]
+                adam.zero_grad()
+                backward_mean_nll(weighted, lambda: full_table(weighted, params, x), batch, budget,
+                                  checkpoint=lean or on_gpu, sliced=lean or on_gpu)
+                adam.step()
+                with torch.no_grad():
+                    x.clamp_(lo, hi)
     finally:
         if mode == "fold":
             weighted._use_fold()
@@ -118,26 +123,25 @@ def full_table(weighted, params: list[str], x: torch.Tensor) -> torch.Tensor:
 
 
 def backward_mean_nll(weighted, table: Callable[[], torch.Tensor], batch, budget: float,
-                      checkpoint: bool | None = None) -> float:
+                      checkpoint: bool = True, sliced: bool = True) -> float:
     """Backpropagates the mean cross-entropy of the batch's reference tokens into the weights `table()` is built
     from (the model's A_cat must hold unit * table(), as set_weights writes it); returns that mean.
 
     The gradient reaches the weights through A_cat's own gradient (A_cat = unit * s * w[owner], so
     dL/dw = sum over w's rows of s * dL/dA_cat . unit). That lets the decoder layers be checkpointed
-    (`checkpoint`; default: on a GPU): a backward then keeps each layer's input, not its activations, and runs
-    each layer twice. On Gemma 3 270M on 2 CPU cores that was 90 MB less at the peak for 31% more time per fit
-    (1747 vs 1838 MB, 81 vs 62 s), so the CPU goes without; on a GPU memory is what runs out. The LM head runs
-    in calls whose logits stay within `budget` of the model (evaluation.logits_budget)."""
+    (`checkpoint`): a backward then keeps each layer's input, not its activations, and runs each layer twice.
+    Calls take as many rows as keep [rows x answer span x vocabulary] logits within `budget` of the model
+    (evaluation.logits_budget); `sliced`: the LM head's logits are only ever held a vocabulary slice at a time
+    (sliced_nll). Both are search.memory: lean's (and a GPU's); on Gemma 3 270M on 2 CPU cores they take the fit's
+    peak from 1.71x to 1.19x of base + deltas, and its time ~2x, most of that the allocator's page faults."""
     import torch
-    if checkpoint is None:
-        checkpoint = next(weighted.model.parameters()).device.type == "cuda"
     tokens = sum(len(t) for _, t in batch)
     rows = rows_per_call(weighted.model, max(len(p) + len(t) for p, t in batch) - min(len(p) for p, _ in batch) + 1,
                          budget)
     total = 0.0
     with differentiable_cat(weighted, checkpoint):
         for start in range(0, len(batch), rows):
-            loss = answer_nll(weighted, batch[start:start + rows]) / tokens
+            loss = answer_nll(weighted, batch[start:start + rows], budget if sliced else None) / tokens
             loss.backward()
             total += loss.item()
         flat = table()
@@ -173,9 +177,12 @@ def differentiable_cat(weighted, checkpointed: bool):
             A.grad = None
 
 
-def answer_nll(weighted, batch) -> torch.Tensor:
+def answer_nll(weighted, batch, budget: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of the reference tokens given their prompts, on the model as it stands. The LM head
-    runs on the answer span only (`logits_to_keep`): with a 262k vocabulary it is most of the pass."""
+    runs on the answer span only: with a 262k vocabulary it is most of the pass. With a `budget` a plain Linear
+    head runs over vocabulary slices whose logits stay within that share of the model (sliced_nll): never held
+    whole, nor kept for the backward. Without one, or with another head (a LoRA on it), the logits are whole,
+    from the model's own forward."""
     import torch
 
     model = weighted.model
@@ -190,10 +197,62 @@ def answer_nll(weighted, batch) -> torch.Tensor:
         ids[row, : len(p) + len(t)] = torch.tensor(p + t)
         labels[row, len(p): len(p) + len(t)] = torch.tensor(t)
         mask[row, : len(p) + len(t)] = 1
+    ids, mask, labels = ids.to(device), mask.to(device), labels[:, first + 1:].to(device)
     # no KV cache: a checkpointed layer runs twice, and would append its keys to the cache again
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=length - first,
-                use_cache=False)
-    logits = out.logits[:, :-1].float()  # positions first .. length - 2, predicting first + 1 .. length - 1
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             labels[:, first + 1:].reshape(-1).to(device), ignore_index=-100,
-                                             reduction="sum")
+    if budget is None or not ChunkedHead.fits(model):
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=length - first, use_cache=False)
+        logits = out.logits[:, :-1].float()  # positions first .. length - 2, predicting first + 1 .. length - 1
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    head = ChunkedHead(model)
+    hidden = head.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, first:-1]
+    scored = labels != -100
+    columns = max(1, logits_bytes(model, budget) // (int(scored.sum()) * 4))
+    return sliced_nll(hidden[scored], labels[scored], head, columns)
+
+
+def sliced_nll(hidden, labels, head, columns: int):
+    return _sliced_nll_function().apply(hidden, labels, head, columns)
+
+
+@functools.cache
+def _sliced_nll_function():
+    """SlicedNLL, defined on first use: importing this module does not import torch."""
+    import torch
+
+    from .evaluate import logsumexp_and_label_logits
+
+    class SlicedNLL(torch.autograd.Function):
+        """Summed cross-entropy of `labels` under the LM head's logits of `hidden` ([tokens, hidden]), reduced over
+        vocabulary slices of `columns` ids (ChunkedHead: the head's columns, Gemma's final soft-capping). The
+        backward computes each slice's logits again: d loss / d logits = softmax - one-hot, times the soft-cap's
+        derivative 1 - tanh^2 = 1 - (capped / cap)^2, times the head's columns. At most two slices are alive at
+        once; what autograd would keep (logits, soft-cap intermediates, log-softmax, their gradients: ~6 copies of
+        the logits) is never held."""
+
+        @staticmethod
+        def forward(ctx, hidden, labels, head, columns):
+            lse, picked = logsumexp_and_label_logits(head.slices(hidden, columns), labels)
+            ctx.save_for_backward(hidden, labels, lse)
+            ctx.head, ctx.columns = head, columns
+            return (lse - picked).sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            hidden, labels, lse = ctx.saved_tensors
+            head, weight = ctx.head, ctx.head.linear.weight
+            out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            rows = torch.arange(len(labels), device=labels.device)
+            for lo, x in head.slices(hidden, ctx.columns):
+                x = x.float()
+                p = (x - lse.unsqueeze(-1)).exp_()  # this slice of the softmax
+                inside = (labels >= lo) & (labels < lo + x.shape[-1])
+                p[rows[inside], labels[inside] - lo] -= 1
+                if head.softcap is not None:
+                    p.mul_(x.div_(head.softcap).square_().neg_().add_(1))
+                del x
+                out += (p.to(weight.dtype) @ weight[lo:lo + p.shape[-1]]).float()
+                del p
+            return (out * grad).to(hidden.dtype), None, None, None
+
+    return SlicedNLL

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
+from .hostmem import load_tokenizer
 from .lazytorch import no_grad
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
@@ -288,24 +289,11 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
 
 def load_base(path: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def free_host_memory() -> None:
-    """Collects garbage and hands freed heap pages back to the OS (glibc's malloc_trim): what a dropped tokenizer
-    freed (many small Rust allocations) otherwise stays in the process's resident memory."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused by the process, just not returned
-        pass
+    return model, load_tokenizer(path)
 
 
 class WeightedDeltas:
@@ -378,8 +366,7 @@ class WeightedDeltas:
     def tokenizer(self):
         """The base's tokenizer, loaded again if release_tokenizer dropped it."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+            self._tokenizer = load_tokenizer(self.base_path)
         return self._tokenizer
 
     def release_tokenizer(self) -> None:

@@ -14,9 +14,10 @@ from .evaluate import forget_templates
 from .export import export_best
 from .feedback import write_bad_cases
 from .gguf import ensure_converted
+from .hostmem import SEARCH_MMAP_THRESHOLD, free_host_memory, set_mmap_threshold
 from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
 from .judge import JudgeClient
-from .merge import MERGE_METHODS, WeightedDeltas, free_host_memory, param_delta
+from .merge import MERGE_METHODS, WeightedDeltas, param_delta
 from .metrics import make_evaluator
 from .mix import train_auto_mix
 from .objective import Objective
@@ -96,6 +97,8 @@ class Session:
         if self._weighted is None:
             search = self.cfg.search
             started = time.perf_counter()
+            if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
+                set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
                                             density=search.density, seed=self.cfg.seed, granularity=search.granularity)
             self.setup_seconds = time.perf_counter() - started

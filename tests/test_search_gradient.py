@@ -36,8 +36,8 @@ class TinyScorer:
 
 
 class TinySession:
-    def __init__(self, weighted, merge="linear", logits_budget=0.05):
-        self.weighted, self.cfg = weighted, SimpleNamespace(search=SimpleNamespace(merge=merge),
+    def __init__(self, weighted, merge="linear", logits_budget=0.05, memory="fast"):
+        self.weighted, self.cfg = weighted, SimpleNamespace(search=SimpleNamespace(merge=merge, memory=memory),
                                                             evaluation=SimpleNamespace(logits_budget=logits_budget))
         self._scorer = TinyScorer(weighted.model)
 
@@ -92,10 +92,11 @@ def test_gradient_resumes_after_kill_and_is_seeded(weighted, tmp_path):
     assert trials(tmp_path / "other")[-1]["weights"] != full[-1]["weights"]
 
 
-def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model, tiny_adapters):
+@pytest.mark.parametrize("memory", ["fast", "lean"])  # lean: sliced LM head, checkpointed layers, mmap thresholds
+def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model, tiny_adapters, memory):
     from autollm_lf import gradient
 
-    session = TinySession(weighted)
+    session = TinySession(weighted, memory=memory)
     opt = gradient.GradientOptimizer(weighted.params, (0.0, 1.0), 0, session)
     opt.register({p: 0.5 for p in weighted.params}, 0.0, own=False)
     batch = [session.scorer("validation").encoded[i] for i in opt.fit_rows]
@@ -184,3 +185,31 @@ def test_gradient_needs_a_low_rank_merge(weighted):
     with pytest.raises(UserError, match="linear or linear_norm"):
         from autollm_lf.gradient import GradientOptimizer
         GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge="ties"))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_sliced_nll_is_the_cross_entropy_and_its_gradient(softcap):
+    """The fit's LM head over vocabulary slices, forward and a backward of its own (logits computed again per
+    slice, the soft-capping's derivative by hand), against autograd through whole logits (Gemma's final
+    soft-capping: cap * tanh(logits / cap))."""
+    from autollm_lf.evaluate import ChunkedHead
+    from autollm_lf.gradient import sliced_nll
+
+    torch.manual_seed(0)
+    head = ChunkedHead.__new__(ChunkedHead)
+    head.linear, head.softcap = torch.nn.Linear(16, 50, bias=False), softcap
+    head.linear.weight.requires_grad_(False).mul_(4)  # logits of a few units: the soft-capping bends them
+    hidden = torch.randn(7, 16, requires_grad=True)
+    labels = torch.tensor([0, 49, 12, 13, 7, 30, 12])  # the first and last ids: slice edges
+
+    logits = head.linear(hidden)
+    logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    expected = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (want,) = torch.autograd.grad(expected, hidden)
+    for columns in (50, 8, 1):  # whole; slices not dividing the vocabulary; one id per slice
+        h = hidden.detach().requires_grad_(True)
+        loss = sliced_nll(h, labels, head, columns)
+        loss.backward()
+        torch.testing.assert_close(loss, expected.detach())
+        torch.testing.assert_close(h.grad, want)
+    assert want.abs().sum() > 0
