@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .errors import UserError
-from .evaluate import ChunkedHead, logits_bytes, rows_per_call
+from .evaluate import ChunkedHead, logits_bytes, logsumexp_and_label_logits, rows_per_call
 from .hostmem import FIT_MMAP_THRESHOLD, mmap_threshold
 from .merge import MERGE_METHODS, param_name
 
@@ -219,8 +219,6 @@ def sliced_nll(hidden, labels, head, columns: int):
 def _sliced_nll_function():
     """SlicedNLL, defined on first use: importing this module does not import torch."""
     import torch
-
-    from .evaluate import logsumexp_and_label_logits
 
     class SlicedNLL(torch.autograd.Function):
         """Summed cross-entropy of `labels` under the LM head's logits of `hidden` ([tokens, hidden]), reduced over

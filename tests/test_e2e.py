@@ -222,6 +222,9 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert model["memory"]["peak_mb"] > model["memory"]["runtime_mb"] > 0 and model["memory"]["mode"] == "cat"
     assert 0 < model["memory"]["trials_mb"] <= model["memory"]["model_mb"] and model["memory"]["tokenizer_mb"] > 0
     assert "choice:" in res.stdout and "search memory (apply auto" in res.stdout
+    lean = model["memory_lean"]  # search.memory=lean, the same steps: a peak, and the times it reports
+    assert lean["peak_mb"] > lean["runtime_mb"] > 0 and lean["trial_seconds"] > 0
+    assert "search.memory: lean" in res.stdout
     # the ceiling: a search on test itself; every delta alone is one of its points, so each chunk reaches at least
     # its own delta's score in some trial, and the value it reports is that of the per-chunk scores it reports
     own, oracle = ceiling["own_delta"], ceiling["results"][0]
