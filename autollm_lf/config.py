@@ -229,7 +229,7 @@ class SearchConfig(Strict):
     memory: Literal["fast", "lean"] = Field(
         "fast", description="lean: the search's host memory within ~1.2x of base + deltas (glibc mmap thresholds, "
                             "a gradient fit's LM head over vocabulary slices and decoder layers checkpointed), at "
-                            "~1.3x trial and ~2x fit time on CPU (autollm bench --only model); fast: neither")
+                            "~1.3x trial and ~1.6x fit time on CPU (autollm bench --only model); fast: neither")
 
     @field_validator("granularity")
     @classmethod

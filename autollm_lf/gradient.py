@@ -133,7 +133,7 @@ def backward_mean_nll(weighted, table: Callable[[], torch.Tensor], batch, budget
     Calls take as many rows as keep [rows x answer span x vocabulary] logits within `budget` of the model
     (evaluation.logits_budget); `sliced`: the LM head's logits are only ever held a vocabulary slice at a time
     (sliced_nll). Both are search.memory: lean's (and a GPU's); on Gemma 3 270M on 2 CPU cores they take the fit's
-    peak from 1.71x to 1.19x of base + deltas, and its time ~2x, most of that the allocator's page faults."""
+    peak from 1.64x to 1.20x of base + deltas, and its time 1.6x, most of that the allocator's page faults."""
     import torch
     tokens = sum(len(t) for _, t in batch)
     rows = rows_per_call(weighted.model, max(len(p) + len(t) for p, t in batch) - min(len(p) for p, _ in batch) + 1,

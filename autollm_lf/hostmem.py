@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter number
-SEARCH_MMAP_THRESHOLD = 1 << 20  # trials: activations of a batch are larger; cost none measurable
+SEARCH_MMAP_THRESHOLD = 1 << 20  # trials: most of a batch's activations are larger (1.33x trial time here)
 FIT_MMAP_THRESHOLD = 64 << 10    # a backward pass over a few rows: smaller blocks, more of them kept across it
 
 
