@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter number
@@ -25,7 +26,8 @@ SEARCH_MMAP_THRESHOLD = 1 << 20  # trials: most of a batch's activations are lar
 FIT_MMAP_THRESHOLD = 64 << 10    # a backward pass over a few rows: smaller blocks, more of them kept across it
 
 
-def _libc():
+@functools.cache
+def _libc():  # once: glibc, or None elsewhere
     try:
         libc = ctypes.CDLL("libc.so.6")
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
@@ -63,20 +65,8 @@ def mmap_threshold(nbytes: int, after: int = SEARCH_MMAP_THRESHOLD):
 
 def load_tokenizer(path: Path | str):
     """AutoTokenizer.from_pretrained(path) on a thread of its own: its allocations, and the holes they leave, stay
-    in that thread's malloc arena, out of the one the model's tensors come from."""
+    in that thread's malloc arena, out of the one the model's tensors come from. Errors are raised here."""
     from transformers import AutoTokenizer
 
-    box: dict = {}
-
-    def load():
-        try:
-            box["tokenizer"] = AutoTokenizer.from_pretrained(path)
-        except BaseException as error:  # raised again in the caller's thread
-            box["error"] = error
-
-    thread = threading.Thread(target=load, name="load-tokenizer")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["tokenizer"]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-tokenizer") as pool:
+        return pool.submit(AutoTokenizer.from_pretrained, path).result()
