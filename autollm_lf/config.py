@@ -216,8 +216,12 @@ class SearchConfig(Strict):
                 "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET)")
     merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
                                              "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
-                                             "count what the deltas share once")
+                                             "count what the deltas share once; regmean: the least-squares merge "
+                                             "of the deltas' outputs on their own chunks' training rows")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
+    regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
+                                                              "of each Gram's off-diagonal part kept (1: plain "
+                                                              "least squares, 0: diagonal only)")
     granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
                                                   "(`module_kind`), per delta and block of layers (`blocks:N`, "
                                                   "N contiguous blocks), or per delta and module (`module`)")

@@ -14,6 +14,7 @@ from .evaluate import forget_templates
 from .export import export_best
 from .feedback import write_bad_cases
 from .gguf import ensure_converted
+from .grams import use_regmean
 from .hostmem import SEARCH_MMAP_THRESHOLD, free_host_memory, set_mmap_threshold
 from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
 from .judge import JudgeClient
@@ -101,6 +102,9 @@ class Session:
                 set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
                                             density=search.density, seed=self.cfg.seed, granularity=search.granularity)
+            if MERGE_METHODS[search.merge].data_aware:  # RegMean's A rows, from each delta's chunk's Grams
+                use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
+                            search.regmean_alpha)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
 
