@@ -325,6 +325,12 @@ class EvaluationConfig(Strict):
         return self
 
 
+class ReportConfig(Strict):
+    """How sure each number is: a bootstrap over the held-out rows (resampled within each chunk)."""
+    interval: float = Field(0.95, gt=0, lt=1, description="coverage of every score's interval")
+    bootstrap: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples behind each interval")
+
+
 class ExportConfig(Strict):
     """Where `autollm export` puts the adapters so that LLaMA-Factory's WebUI lists them."""
     saves_dir: Path = Field(Path("saves"), description="the WebUI's saves/ folder "
@@ -390,6 +396,7 @@ class RunConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     cluster: Optional[ClusterConfig] = Field(None, description="run trainings and trials on a Ray cluster")
 
     @field_validator("name")

@@ -156,14 +156,24 @@ class Session:
         self.weighted.set_weights(weights)
         return scorer.score()
 
-    def score_by_chunk(self, weights: dict[str, float], split: str,
-                       method: str | None = None) -> tuple[float, dict[str, float]]:
-        """Overall score and the score on each chunk's rows (merged with `method`, default search.merge). With an
-        evaluation.objective the overall score is the objective's; the chunks are scored by evaluation.metric."""
+    def scored_rows(self, weights: dict[str, float], split: str,
+                    method: str | None = None) -> tuple[float, list[float]]:
+        """Overall score and every row's score (merged with `method`, default search.merge). With an
+        evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric."""
         scorer = self.scorer(split)
         self.weighted.set_weights(weights, method)
-        overall, by_chunk = split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])
-        return (scorer.score() if self.cfg.evaluation.objective else overall), by_chunk
+        scores = scorer.row_scores()
+        overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
+        return overall, scores
+
+    def row_chunks(self, split: str) -> list[str]:
+        return [r["chunk"] for r in self.scorer(split).rows]
+
+    def score_by_chunk(self, weights: dict[str, float], split: str,
+                       method: str | None = None) -> tuple[float, dict[str, float]]:
+        """Overall score and the score on each chunk's rows (see scored_rows)."""
+        overall, scores = self.scored_rows(weights, split, method)
+        return overall, split_by_chunk(scores, self.row_chunks(split))[1]
 
     def part_scores(self, split: str) -> dict[str, float]:
         """Each objective part's score at the weights last set (empty without an objective)."""

@@ -64,6 +64,16 @@ def test_report_and_search_contents(first_run):
             assert auto["validation"] >= r["validation"]  # they were all seeds of the search
     export = json.loads((run / "merged" / "autollm_export.json").read_text())
     assert export["exported_validation"] == best["validation"]
+    for r in report["rows"]:  # every score with its interval, on the rows it rests on
+        for split in ("validation", "test"):
+            low, high = r[f"{split}_ci"]
+            assert low <= r[split] <= high and r[f"{split}_rows"] > 0
+    paired = report["paired"]["test"]
+    auto_all = [next(r for r in report["rows"] if r["model"] == m)["test"] for m in ("auto_merge", "train@all")]
+    assert paired["overall"]["difference"] == pytest.approx(auto_all[0] - auto_all[1])
+    assert set(paired["by_chunk"]) == {"code", "math"}
+    md = (run / "report" / "report.md").read_text()
+    assert "Paired difference auto_merge - train@all" in md and "95% interval" in md
 
 
 def test_second_run_retrains_nothing_and_hand_edit_retrains_one(tiny_model, tmp_path):
