@@ -18,7 +18,7 @@ from .merge import MERGE_METHODS, parse_granularity
 from .methods import METHODS
 from .metrics import METRICS
 from .paths import RunDir
-from .train import find_template, template_problem, training_cutoff_len
+from .train import LORA_INITS, find_template, template_problem, training_cutoff_len
 from .yamlsafe import load_yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -182,9 +182,20 @@ class TrainConfig(Strict):
     auto_mix: bool = Field(True, description="baseline train@auto_mix: "
                                              "retrain on the SFT chunks mixed by the best weights")
     auto_mix_floor: float = Field(0.05, ge=0, lt=1, description="smallest interleave probability a chunk keeps")
+    lora_init: str = Field(
+        "shared", description="how each merged delta's LoRA A starts: shared (the run's seed for all, LLaMA-Factory's "
+                              "default), per_delta (a seed from the delta's name), frozen_a (one A for all, held still "
+                              "through LoRA+'s learning-rate ratio: only B trains)")
     shared: Optional[SharedConfig] = Field(
         None, description="first train one adapter on a few rows of every chunk (what all of them share, e.g. the "
                           "chat format) and merge it into the base; every delta then trains on that base")
+
+    @field_validator("lora_init")
+    @classmethod
+    def _known_init(cls, v):
+        if v not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init {v!r}; choose one of {', '.join(LORA_INITS)}")
+        return v
 
     @model_validator(mode="after")
     def _known_methods(self):

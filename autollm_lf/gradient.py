@@ -42,8 +42,8 @@ class GradientOptimizer:
     def __init__(self, params: list[str], bounds, seed: int, session=None):
 
         if session is None or not MERGE_METHODS[session.cfg.search.merge].low_rank:
-            raise UserError("search.optimizer: gradient needs search.merge linear, linear_norm or regmean (a low-rank merge "
-                            "whose weights act on the cat factors); pick bayes or cmaes for the others")
+            raise UserError("search.optimizer: gradient needs search.merge linear, linear_norm or regmean (a low-rank "
+                            "merge whose weights act on the cat factors); pick bayes or cmaes for the others")
         self.params, self.bounds, self.seed, self.session = params, tuple(bounds), seed, session
         self.best: tuple[dict, float] | None = None
         self.x = self.adam = None

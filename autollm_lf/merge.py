@@ -593,7 +593,7 @@ class WeightedDeltas:
             self._restore_unit_B()
 
     def trial_units(self, spec: MergeMethod | None = None) -> list[torch.Tensor]:
-        """Per cat module, the A rows a trial scales by w_i * s_i: the deltas' own, or (data-aware methods) RegMean's."""
+        """Per cat module, the A rows a trial scales by w_i * s_i: the deltas' own, or (data-aware) RegMean's."""
         spec = spec or MERGE_METHODS[self.method]
         if spec.data_aware:
             if self._aware_units is None:

@@ -74,7 +74,7 @@ class Session:
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        found = {n: self.cfg.run.delta(n) for n in self.delta_names}
+        found = {n: self.cfg.run.delta(n) for n in self.delta_names if not self.all_on_user_base(n)}
         missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
         if missing and not self.keep_going:
             raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
@@ -87,6 +87,16 @@ class Session:
         for name, path in found.items():
             check_adapter_base(path, self.cfg.base_model.path)
         return found
+
+    def all_on_user_base(self, name: str) -> bool:
+        """train@all with train.shared: trained from the configured base (the yardstick a user would train), so not
+        loaded beside the deltas on the shared base; the report scores it on its own (train_all_adapter)."""
+        return name == ALL_DELTA and bool(self.cfg.train.shared)
+
+    @property
+    def train_all_adapter(self) -> Path | None:
+        path = self.cfg.run.delta(ALL_DELTA)
+        return path if self.all_on_user_base(ALL_DELTA) and (path / DONE_MARKER).is_file() else None
 
     @property
     def deltas(self) -> list[str]:
@@ -225,7 +235,10 @@ def stage_train(s: Session) -> None:
     s.delta_names  # a method that does not fit its chunk stops here, before any training
     if s.cfg.train.shared:  # trained on the configured base; the deltas then train on the base it makes
         build_shared_base(s.base_cfg, force="train" in s.force)
-    train_all(s.cfg, s.shapes, force="train" in s.force, keep_going=s.keep_going)
+    specs = delta_specs(s.cfg, s.shapes)
+    own = [spec for spec in specs if s.all_on_user_base(spec.name)]  # train@all from the configured base
+    train_all(s.cfg, [spec for spec in specs if spec not in own], force="train" in s.force, keep_going=s.keep_going)
+    train_all(s.base_cfg, own, force="train" in s.force, keep_going=s.keep_going)
 
 
 def validation_scorer(cfg: RunConfig, keep_going: bool) -> Callable[[dict[str, float]], float]:

@@ -11,13 +11,16 @@ from .paths import SHARED, is_fresh
 from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER, find_template
 
+SHARED_BASE_ROW = "shared_base"  # train.shared: the configured base with the shared adapter merged in
+
 
 def report_rows(session) -> tuple[list[dict], dict]:
     """Every row is a weight vector over the loaded deltas, scored in place on the same model; also returns every
     row's per-row scores ({model: {split: [score per held-out row]}}) for the intervals."""
     cfg, chunks = session.cfg, session.deltas
     best = cfg.run.read_best()
-    rows = [("raw", {c: 0.0 for c in chunks}, False)]
+    shared = bool(cfg.train.shared)
+    rows = [(SHARED_BASE_ROW if shared else "raw", {c: 0.0 for c in chunks}, False)]
     if ALL_DELTA in session.adapters:
         rows.append((f"train@{ALL_DELTA}", {ALL_DELTA: 1.0}, False))
     rows += [(f"train@{c}", {d: float(d == c) for d in chunks}, False) for c in chunks]
@@ -26,6 +29,11 @@ def report_rows(session) -> tuple[list[dict], dict]:
         rows.append(("human_merge", session.human_weights(), True))
     rows.append(("auto_merge", best["weights"], True))
     result, per_row = [], {}
+    if shared:  # the yardsticks on the configured base: raw as it is, train@all as trained from it
+        for name, adapter in (("raw", None), (f"train@{ALL_DELTA}", session.train_all_adapter)):
+            if name == "raw" or adapter is not None:
+                row, per_row[name] = _adapter_row(session.base_cfg, name, adapter)
+                result.append(row)
     for name, w, show in rows:
         method = None if show else "linear"  # raw and train@ rows are the models as trained; merges use search.merge
         row, per_row[name] = {"model": name}, {}
@@ -78,9 +86,13 @@ def row_seconds(session) -> dict[str, float | None]:
     mix = None if auto is None or trained[MIX_DELTA] is None else auto + trained[MIX_DELTA]
     rows = {"raw": 0.0, "average_merge": merge, "human_merge": merge, "auto_merge": auto, f"train@{MIX_DELTA}": mix}
     rows = {**{f"train@{n}": s for n, s in trained.items()}, **rows}
-    # train.shared: every row starts from the shared base, raw included: its training is in each one
+    # train.shared: every row but the configured base's (raw, train@all) starts from the shared base: its training
+    # is in each one
     shared = read_json(run.delta(SHARED) / DONE_MARKER, {}).get("seconds") if session.cfg.train.shared else None
-    return {k: None if v is None else v + (shared or 0.0) for k, v in rows.items()}
+    if shared is None:
+        return rows
+    own = {"raw", f"train@{ALL_DELTA}"}
+    return {k: v if k in own or v is None else v + shared for k, v in {**rows, SHARED_BASE_ROW: 0.0}.items()}
 
 
 def cost_line(rows: list[dict], trials: int) -> str:
@@ -129,8 +141,9 @@ def eval_sets_line(cfg) -> str:
     summary = read_json(cfg.run.summary, {})
     line = f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
     if cfg.train.shared:
-        line += (f" Base: a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) merged "
-                 f"into the configured model ({cfg.run.shared_base}); `raw` is that base, every row starts from it.")
+        line += (f" `raw` is the configured model and `train@all` is trained from it; `{SHARED_BASE_ROW}` is that "
+                 f"model with a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) merged in "
+                 f"({cfg.run.shared_base}): every delta and merge starts from it.")
     return line
 
 

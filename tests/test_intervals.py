@@ -2,8 +2,14 @@
 import numpy as np
 import pytest
 
-from autollm_lf.intervals import (by_chunk_intervals, fmt, mean_interval, paired_by_chunk, paired_difference,
-                                  resample_index)
+from autollm_lf.intervals import (
+    by_chunk_intervals,
+    fmt,
+    mean_interval,
+    paired_by_chunk,
+    paired_difference,
+    resample_index,
+)
 
 CHUNKS = ["a"] * 30 + ["b"] * 10
 

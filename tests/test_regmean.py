@@ -60,7 +60,8 @@ def test_shrink_keeps_the_diagonal():
     _, grams = random_case(n=1)
     C = grams[0]
     assert torch.allclose(torch.diagonal(shrink(C, 0.3)), torch.diagonal(C), rtol=1e-12)
-    assert torch.allclose(shrink(C, 1.0), C) and torch.count_nonzero(shrink(C, 0.0) - torch.diag(torch.diagonal(C))) == 0
+    assert torch.allclose(shrink(C, 1.0), C)
+    assert torch.count_nonzero(shrink(C, 0.0) - torch.diag(torch.diagonal(C))) == 0
 
 
 def test_grams_are_the_layer_inputs_gram_without_padding(tiny_model):
