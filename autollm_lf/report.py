@@ -142,8 +142,8 @@ def eval_sets_line(cfg) -> str:
     line = f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
     if cfg.train.shared:
         line += (f" `raw` is the configured model and `train@all` is trained from it; `{SHARED_BASE_ROW}` is that "
-                 f"model with a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) merged in "
-                 f"({cfg.run.shared_base}): every delta and merge starts from it.")
+                 f"model with a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) "
+                 f"merged in ({cfg.run.shared_base}): every delta and merge starts from it.")
     return line
 
 
