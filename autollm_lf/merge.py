@@ -601,6 +601,10 @@ class WeightedDeltas:
             return self._aware_units
         return [unit for _, unit, _ in self.cat_rows]
 
+    @property
+    def has_regmean(self) -> bool:
+        return self._aware_units is not None
+
     @no_grad
     def use_regmean(self, grams, chunk_of: Mapping[str, str], alpha: float) -> None:
         """RegMean's A_i~ = A_i C_i' S^-1 for every cat module (regmean.regmean_A), from `grams` (regmean.GramFiles:

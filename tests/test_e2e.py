@@ -246,3 +246,20 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert fitted["value"] == pytest.approx(ceiling_value(fitted["by_chunk"], own))
     assert "ceiling (weights searched on TEST itself" in res.stdout
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before
+
+
+def test_bench_quality_on_a_finished_run(first_run):
+    """`autollm bench --only quality`: every merge method x optimiser searched at one budget; each picked point
+    scored on test with its interval and per chunk against the chunk's own delta."""
+    tmp, cfg, _ = first_run
+    res = autollm("bench", "--only", "quality", "--quick", "--model-run", str(cfg), "--json", cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    quality = json.loads(res.stdout.strip().splitlines()[-1])["quality"]
+    combos = {(r["merge"], r["optimizer"]) for r in quality["results"]}
+    assert combos == {("linear", "gradient"), ("linear", "cmaes"), ("regmean", "gradient"), ("regmean", "cmaes")}
+    for r in quality["results"]:
+        run = r["runs"][0]
+        assert run["test_ci"][0] <= run["test"] <= run["test_ci"][1]
+        assert set(run["of_own"]) == set(quality["own_delta"])
+        assert run["validation"] >= 0 and r["trials"] == 11
+    assert "quality (" in res.stdout and "regmean/gradient" in res.stdout
