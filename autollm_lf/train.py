@@ -237,7 +237,9 @@ def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict
     """The job for one delta, or None when it is already trained with the same config text, data and base."""
     cfg_path, text = config_for_delta(cfg, spec, hardware)
     data_files = [cfg.run.split(dataset_file_stem(d)) for d in spec.datasets] + [cfg.run.dataset_info]
-    fp = fingerprint(text, file_digest(data_files), base_fp)
+    info = read_json(cfg.run.dataset_info, {})
+    # the delta's own dataset_info entries, not the whole file: an entry added for another delta retrains nothing
+    fp = fingerprint(text, file_digest(data_files[:-1]), {d: info.get(d) for d in spec.datasets}, base_fp)
     delta_dir = cfg.run.delta(spec.name)
     if not force and is_fresh(read_json(delta_dir / DONE_MARKER, {}), fp, delta_dir / ADAPTER_FILE):
         print(f"delta {spec.name}: up to date, not retrained")
