@@ -13,7 +13,7 @@ from .rounds import apply_round
 
 STAGE_HELP = {
     "prepare": "read the sources, chunk, hold out validation/test, write LLaMA-Factory data files",
-    "train": "render configs/<delta>.yaml from templates/ and run `llamafactory-cli train` per delta",
+    "train": "render configs/<delta>.yaml from autollm_lf/templates/ and run `llamafactory-cli train` per delta",
     "search": "find the delta weights that maximise the validation score (Bayesian optimisation)",
     "mix": "train@auto_mix: one adapter on the SFT chunks interleaved with probabilities from the best weights",
     "report": "score raw, train@all, train@<chunk>, average/human/auto merges on validation and test",

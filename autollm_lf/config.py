@@ -445,7 +445,7 @@ class RunConfig(Strict):
                 raise ValueError(f"{key}: unknown metric {metric!r}; choose one of {sorted(METRICS)}")
         if self.evaluation.judge and find_template(self.evaluation.judge.prompt_template) is None:
             raise ValueError(f"evaluation.judge.prompt_template: no template {self.evaluation.judge.prompt_template!r} "
-                             f"in templates/; name a file there or give a path")
+                             f"in autollm_lf/templates/; name a file there or give a path")
         return self
 
     @property
@@ -554,7 +554,7 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
     for key, src in keyed:
         if isinstance(src, GenerateSource):
             if find_template(src.prompt_template) is None:
-                problems.append(f"{key}.prompt_template: no template {src.prompt_template!r} in templates/; "
+                problems.append(f"{key}.prompt_template: no template {src.prompt_template!r} in autollm_lf/templates/; "
                                 f"name a file there or give a path")
             if src.api_key_env and not os.environ.get(src.api_key_env):
                 problems.append(f"{key}.api_key_env: environment variable {src.api_key_env} is not set; "

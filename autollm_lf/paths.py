@@ -16,6 +16,7 @@ from .io import read_json
 # can overwrite them (validation/test/dataset_info are reserved chunk names instead).
 MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"  # package data: in every install, not only a checkout
 SFT_VIEW = "_sft_"  # a preference chunk read as SFT on its chosen answers (train@all's), in dataset_info only
 
 

@@ -19,10 +19,8 @@ from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, write_json
 from .lfcli import apply_overrides, run_llamafactory
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
-from .paths import ADAPTER_FILE, dataset_file_stem, is_fresh, sft_view
+from .paths import ADAPTER_FILE, TEMPLATES_DIR, dataset_file_stem, is_fresh, sft_view
 from .scheduler import device_groups, run_on_devices, visible_gpus
-
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 DONE_MARKER = "autollm_delta.json"
 ALL_DELTA = "all"
@@ -82,7 +80,7 @@ def template_problem(template_file: str, method: str) -> str | None:
     found at `validate`, not when the first training starts. Rendered once with sample values."""
     path = find_template(template_file)
     if path is None:
-        return f"no template {template_file!r} in templates/; name a file there or give a path"
+        return f"no template {template_file!r} in autollm_lf/templates/; name a file there or give a path"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
         env.from_string(path.read_text(encoding="utf-8")).render(**TEMPLATE_SAMPLE, **METHODS[method].args)

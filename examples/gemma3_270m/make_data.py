@@ -9,8 +9,8 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROWS_PER_TASK = 200  # 120 train + 40 validation + 40 test: one held-out row is 2.5 points, not 8
-PREF_ROWS = 200      # likewise; made-up words (the word list is used by `following`)
+ROWS_PER_TASK = 140  # 60 train + 40 validation + 40 test: one held-out row is 2.5 points of a chunk, not 8
+PREF_ROWS = 140      # likewise; made-up words (the word list is used by `following`)
 WORDS = [
     "apple", "river", "garden", "window", "pencil", "basket", "candle", "forest", "island", "ladder", "mirror",
     "pocket", "rabbit", "saddle", "tunnel", "violin", "wallet", "yellow", "zebra", "anchor", "bottle", "button",
