@@ -166,7 +166,8 @@ def _seconds(row: dict) -> str:
 
 
 def merge_line(cfg) -> str:
-    extra = {"linear": "", "regmean": f" (alpha {cfg.search.regmean_alpha})"}
+    extra = {"linear": "", "regmean": f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean "
+                                      f"itself)"}
     return (f"Merges (average, human, auto) use `{cfg.search.merge}`"
             + extra.get(cfg.search.merge, f" (density {cfg.search.density})") + ".")
 
