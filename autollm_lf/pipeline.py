@@ -114,7 +114,7 @@ class Session:
                                             density=search.density, seed=self.cfg.seed, granularity=search.granularity)
             if MERGE_METHODS[search.merge].data_aware:  # RegMean's A rows, from each delta's chunk's Grams
                 use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
-                            search.regmean_alpha)
+                            search.regmean_alpha, MERGE_METHODS[search.merge].data_aware)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
 

@@ -23,7 +23,7 @@ from .pipeline import Session
 from .report import split_by_chunk
 from .search import run_search, seed_points
 
-QUALITY_METHODS = ("linear", "regmean")
+QUALITY_METHODS = ("linear", "regmean", "regmean_core")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
 
 
@@ -71,8 +71,10 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     session = Session(cfg)
     w = session.weighted
     chunk_of = {d: session.specs[d].chunk for d in session.deltas}
-    if "regmean" in methods and not w.has_regmean:
-        use_regmean(cfg, w, chunk_of, cfg.search.regmean_alpha)
+    for method in methods:
+        space = MERGE_METHODS[method].data_aware
+        if space and not w.has_regmean(space):
+            use_regmean(cfg, w, chunk_of, cfg.search.regmean_alpha, space)
     level, n_boot = cfg.report.interval, cfg.report.bootstrap
     chunks = session.row_chunks("test")
     index = resample_index(chunks, n_boot, cfg.seed)

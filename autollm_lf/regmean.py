@@ -49,6 +49,22 @@ def regmean_A(As: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: 
     return [torch.cholesky_solve(C @ A.double().T, factor).T.to(A.dtype) for A, C in zip(As, shrunk)]
 
 
+def regmean_core_A(slices: Sequence[slice], A_u: torch.Tensor, grams: Sequence[torch.Tensor],
+                   diags: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """RegMean restricted to the deltas' own input directions, the rows of A_u (all deltas' A stacked, R x d_in):
+    the least-squares merge of the form M A_u. It needs only R x R matrices per module: G_i = A_u C_i A_u^T and
+    D_i = A_u diag(C_i) A_u^T (so memory does not grow with d_in^2). With G_i' = alpha G_i + (1 - alpha) D_i and
+    S = sum_i G_i', delta i's new A is (G_i'[its rows] S^-1) A_u, of A_i's shape. Equals regmean_A where A_u spans
+    every input direction."""
+    import torch
+    shrunk = [alpha * G.double() + (1.0 - alpha) * D.double() for G, D in zip(grams, diags)]
+    S = torch.stack(shrunk).sum(0)
+    scale = float(torch.diagonal(S).mean()) if S.numel() else 0.0
+    S = S + RIDGE * (scale if scale > 0 else 1.0) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    inverse_rows = [torch.linalg.solve(S, G[sl].T).T for G, sl in zip(shrunk, slices)]  # G_i'[rows] S^-1 (S sym.)
+    return [(M @ A_u.double()).to(A_u.dtype) for M in inverse_rows]
+
+
 def regmean_delta(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
     """The dense reference: (sum_i dW_i C_i') (sum_j C_j' + ridge)^-1, for tests."""
     import torch
@@ -64,34 +80,50 @@ def regmean_delta(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
 
 class GramCollector:
     """Forward pre-hooks on the named linear layers that add X^T X of their inputs (padding left out) into float32
-    accumulators. Layers fed the very same tensor (q/k/v, gate/up) share one Gram: `alias` maps each layer to the
-    one whose Gram it reads."""
+    accumulators. Layers fed the very same tensor object one after the other (q/k/v, gate/up) share one Gram:
+    `alias` maps each layer to the one whose Gram it reads. (Identity, not the data pointer: a freed input's memory
+    is reused by a later layer's input of the same shape.)"""
 
-    def __init__(self, layers: Mapping[str, torch.nn.Module]):
+    def __init__(self, layers: Mapping[str, torch.nn.Module], project: Mapping[str, torch.Tensor] | None = None):
         self.layers = dict(layers)
+        # core space: per layer the A_u [R, d_in] its inputs are projected on; the Gram is then R x R, plus the
+        # diagonal of the full Gram as a vector (`diag:<layer>`), and layers share nothing
+        self.project = dict(project or {})
         self.grams: dict[str, torch.Tensor] = {}
         self.alias: dict[str, str] = {}
         self.mask: torch.Tensor | None = None  # [batch, seq] bool: the real tokens of the batch being run
-        self._seen: dict[tuple, str] = {}
+        self._last: tuple | None = None  # (the input the previous hooked layer got, that layer)
 
     def _hook(self, name: str):
         import torch
 
         def hook(module, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if key in self._seen:  # the same input as an earlier layer of this forward
-                self.alias.setdefault(name, self._seen[key])
+            flat = lambda: (x[self.mask] if self.mask is not None else x.reshape(-1, x.shape[-1])).float()
+            if name in self.project:
+                rows = flat()
+                self._add(f"diag:{name}", rows.square().sum(0))
+                self.alias.setdefault(name, name)
+                rows = rows @ self.project[name].float().T
+                self._add(name, rows.T @ rows)
                 return None
-            self._seen[key] = name
+            if self._last is not None and self._last[0] is x:  # the input the previous layer got
+                self.alias.setdefault(name, self.alias[self._last[1]])
+                return None
+            self._last = (x, name)
             self.alias.setdefault(name, name)
-            rows = x[self.mask] if self.mask is not None else x.reshape(-1, x.shape[-1])
-            rows = rows.float()
+            rows = flat()
             if name not in self.grams:
                 self.grams[name] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
             self.grams[name].addmm_(rows.T, rows)
             return None
         return hook
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        if key in self.grams:
+            self.grams[key].add_(value)
+        else:
+            self.grams[key] = value.clone()
 
     @contextlib.contextmanager
     def hooked(self):
@@ -108,10 +140,10 @@ class GramCollector:
         device = next(model.parameters()).device
         with self.hooked(), torch.no_grad():
             for ids, mask in batches:
-                self._seen.clear()
+                self._last = None
                 self.mask = mask.bool().to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-        self.mask = None
+        self.mask, self._last = None, None
 
 
 def padded_batches(sequences: Sequence[list[int]], pad_id: int, rows: int = 16):
@@ -165,6 +197,10 @@ class GramFiles:
 
     def gram(self, chunk: str, layer: str) -> torch.Tensor:
         return self.files[chunk].get_tensor(self.alias[chunk][layer])
+
+    def diag(self, chunk: str, layer: str) -> torch.Tensor:
+        """Core space: the diagonal of the layer's full Gram (a vector)."""
+        return self.files[chunk].get_tensor(f"diag:{layer}")
 
     def close(self) -> None:
         self._stack.close()

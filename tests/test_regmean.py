@@ -6,7 +6,16 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from autollm_lf.merge import WeightedDeltas
-from autollm_lf.regmean import GramCollector, GramFiles, padded_batches, regmean_A, regmean_delta, save_grams, shrink
+from autollm_lf.regmean import (
+    GramCollector,
+    GramFiles,
+    padded_batches,
+    regmean_A,
+    regmean_core_A,
+    regmean_delta,
+    save_grams,
+    shrink,
+)
 
 torch.manual_seed(0)
 
@@ -159,3 +168,56 @@ def test_exported_regmean_adapter_is_exact(regmean_weighted, tiny_model, tmp_pat
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out)).eval()
         exported = loaded(input_ids=ids).logits
     assert torch.allclose(in_place, exported, atol=5e-5), (in_place - exported).abs().max()
+
+
+def core_inputs(factors, grams):
+    A_u = torch.cat([A for A, _, _ in factors])
+    ends = torch.tensor([0] + [A.shape[0] for A, _, _ in factors]).cumsum(0).tolist()
+    within = [slice(a, b) for a, b in zip(ends, ends[1:])]
+    G = [A_u @ C @ A_u.T for C in grams]
+    D = [A_u @ torch.diag(torch.diagonal(C)) @ A_u.T for C in grams]
+    return A_u, within, G, D
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_core_space_is_the_least_squares_merge_within_the_deltas_input_directions(alpha):
+    factors, grams = random_case(n=3, d_in=20, r=3)  # R = 9 < d_in: a real restriction
+    A_u, within, G, D = core_inputs(factors, grams)
+    new_A = regmean_core_A(within, A_u, G, D, alpha)
+    merged = sum(s * B @ A for (_, B, s), A in zip(factors, new_A))
+    # the dense form: M = (sum_i dW_i C_i' A_u^T)(A_u S A_u^T)^-1, merge M A_u
+    shrunk = [shrink(C, alpha) for C in grams]
+    numerator = sum(s * B @ A @ C @ A_u.T for (A, B, s), C in zip(factors, shrunk))
+    M = numerator @ torch.linalg.inv(A_u @ sum(shrunk) @ A_u.T)
+    assert torch.allclose(merged, M @ A_u, atol=1e-5 * merged.abs().max().item())  # up to the ridge
+    # within the rows of A_u: the projection of the merge off that span is zero
+    Q, _ = torch.linalg.qr(A_u.T)
+    assert torch.allclose(merged - merged @ Q @ Q.T, torch.zeros_like(merged), atol=1e-8)
+
+
+def test_core_space_equals_full_regmean_when_the_deltas_span_every_input():
+    factors, grams = random_case(n=3, d_in=9, r=3)  # R = d_in: A_u is invertible (orthogonal: well conditioned,
+    Q, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))  # so the two ridges agree to rounding)
+    factors = [(Q[3 * i: 3 * i + 3], B, s) for i, (_, B, s) in enumerate(factors)]
+    A_u, within, G, D = core_inputs(factors, grams)
+    core = regmean_core_A(within, A_u, G, D, 0.5)
+    full = regmean_A([A for A, _, _ in factors], grams, 0.5)
+    for a, b in zip(core, full):
+        assert torch.allclose(a, b, atol=1e-5 * b.abs().max().item())
+
+
+def test_core_grams_are_projections_of_the_full_ones(tiny_model, tiny_adapters):
+    w = WeightedDeltas(tiny_model, tiny_adapters, mode="cat", method="linear")
+    names = [w.layer_names[k] for k in w.cat_index]
+    layers = {n: w.layers[k] for n, k in zip(names, w.cat_index)}
+    projections = w.regmean_projections(["a", "b", "c"])
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
+    w.set_weights({d: 0.0 for d in w.names}, method="linear")
+    full, core = GramCollector(layers), GramCollector(layers, projections)
+    full.run(w.model, padded_batches(seqs, 0, 2))
+    core.run(w.model, padded_batches(seqs, 0, 2))
+    for n in names:
+        C, A_u = full.grams[full.alias[n]], projections[n]
+        assert core.grams[n].shape == (A_u.shape[0], A_u.shape[0])
+        assert torch.allclose(core.grams[n], A_u @ C @ A_u.T, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(core.grams[f"diag:{n}"], torch.diagonal(C), rtol=1e-4, atol=1e-4)
