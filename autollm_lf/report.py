@@ -52,8 +52,10 @@ def report_rows(session) -> tuple[list[dict], dict]:
 
 def add_intervals(rows: list[dict], per_row: dict, chunks: dict[str, list[str]], cfg) -> dict:
     """Each row's validation_ci / test_ci / test_by_chunk_ci (cfg.report's coverage, a bootstrap over held-out rows
-    within chunks), and the paired difference auto_merge - train@all overall and per chunk on both splits. With an
-    evaluation.objective the intervals are of the metric's mean over rows (the objective combines parts)."""
+    within chunks), and the paired difference auto_merge - train@all overall and per chunk on both splits. None with
+    an evaluation.objective: it combines parts (and constraints) that a mean over rows does not bound."""
+    if cfg.evaluation.objective:
+        return {}
     level, n_boot, seed = cfg.report.interval, cfg.report.bootstrap, cfg.seed
     index = {split: resample_index(chunks[split], n_boot, seed) for split in ("validation", "test")}
     for row in rows:
