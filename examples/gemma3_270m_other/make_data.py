@@ -11,8 +11,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROWS_PER_TASK = 140  # 60 train + 40 validation + 40 test
 NOUNS = ["stone", "river", "cloud", "table", "horse", "lamp", "shoe", "bread", "chair", "grass", "snow", "wheel",
-         "glass", "coat", "bell", "drum", "fork", "kite", "nest", "road", "sand", "tent", "wolf", "yard", "boat", "cake",
-         "door", "fish", "gate", "hill", "king", "leaf", "milk", "nose", "park", "ring", "salt", "tree", "wind", "bird"]
+         "glass", "coat", "bell", "drum", "fork", "kite", "nest", "road", "sand", "tent", "wolf", "yard", "boat",
+         "cake", "door", "fish", "gate", "hill", "king", "leaf", "milk", "nose", "park", "ring", "salt", "tree", "wind",
+         "bird"]
 ADJECTIVES = ["red", "old", "small", "quiet", "bright", "cold", "heavy", "soft", "round", "tall", "warm", "dark"]
 VERBS = ["sees", "finds", "likes", "moves", "holds", "paints", "keeps", "wants", "needs", "sells"]
 
