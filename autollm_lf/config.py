@@ -17,6 +17,7 @@ from .gguf import PYPI, converted_path
 from .merge import MERGE_METHODS, parse_granularity
 from .methods import METHODS
 from .metrics import METRICS
+from .owned import owned_key_problems
 from .paths import RunDir
 from .train import find_template, template_problem, training_cutoff_len
 from .yamlsafe import load_yaml
@@ -158,8 +159,21 @@ class ToyConfig(Strict):
     base_train_rows: int = Field(4000, ge=10)
     base_args: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("base_args")
+    @classmethod
+    def _no_owned_args(cls, v):
+        return _refuse_owned(v, "")
+
 
 Methods = Union[Literal["auto"], list[str]]
+
+
+def _refuse_owned(args: dict, where: str) -> dict:
+    """LLaMA-Factory keys that decide where data, models and outputs come from and go to are autollm's (owned.py)."""
+    problems = [p.removeprefix(".") for p in owned_key_problems(args, where)]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return args
 
 
 class SharedConfig(Strict):
@@ -167,6 +181,11 @@ class SharedConfig(Strict):
                                                      "and answer (a preference row's chosen answer)")
     args: dict[str, Any] = Field(default_factory=dict, description="LLaMA-Factory keys for this training, over "
                                                                    "train.args and train.method_args.sft")
+
+    @field_validator("args")
+    @classmethod
+    def _no_owned_args(cls, v):
+        return _refuse_owned(v, "")
 
 
 class TrainConfig(Strict):
@@ -185,6 +204,19 @@ class TrainConfig(Strict):
     shared: Optional[SharedConfig] = Field(
         None, description="first train one adapter on a few rows of every chunk (what all of them share, e.g. the "
                           "chat format) and merge it into the base; every delta then trains on that base")
+
+    @field_validator("args")
+    @classmethod
+    def _no_owned_args(cls, v):
+        return _refuse_owned(v, "")
+
+    @field_validator("method_args", "chunk_args")
+    @classmethod
+    def _no_owned_nested_args(cls, v):
+        problems = [p for name, args in v.items() for p in owned_key_problems(args, name)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
     @model_validator(mode="after")
     def _known_methods(self):

@@ -16,6 +16,7 @@ from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
+from .owned import run_entry
 from .paths import SHARED
 from .rows import Record, Row
 from .sources import READERS
@@ -315,7 +316,7 @@ def _records(rows: list[Row], shape: str) -> tuple[list[dict], dict]:
         if any(r["lf_entry"] != rows[0]["lf_entry"] for r in rows):
             raise UserError(f"data: chunk {rows[0]['chunk']!r} mixes LLaMA-Factory datasets of different formats; "
                             f"chunk them by dataset (data.chunk_by: a column name)")
-        entry = {k: v for k, v in rows[0]["lf_entry"].items() if k not in ("file_name", "file_sha1", "hf_hub_url")}
+        entry = run_entry(rows[0]["lf_entry"])  # how to read the file only: no hub, script or cloud keys
         return [r["raw"] for r in rows], entry
     record, entry = FORMATS[shape]
     return [{**record(r), **{k: r[k] for k in PROVENANCE}} for r in rows], entry

@@ -1,0 +1,183 @@
+"""Checked before anything trains (issue 29): keys that move data or outputs are autollm's, a run's
+dataset_info names only its own files, no config value runs code, secrets are masked by the URL parser, and
+what can fail after an hour of training fails at `validate` or `prepare` instead. Each case runs the CLI as a
+user calls it: exit code 2, one line, no traceback, no secret."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autollm_lf.cli import main
+from autollm_lf.errors import UserError
+from autollm_lf.train import DeltaSpec, config_for_delta
+
+
+def make_db(path: Path, n: int = 20, tasks: str = "ab") -> Path:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE examples (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
+        db.executemany("INSERT INTO examples VALUES (?,?,?,?)",
+                       [(i, tasks[i % len(tasks)], f"p{i}", f"r{i}") for i in range(n)])
+    return path
+
+
+def base_config(root: Path, **over) -> dict:
+    (root / "model").mkdir(exist_ok=True)
+    (root / "model" / "config.json").write_text("{}")
+    db = root / "src.sqlite"
+    if not db.exists():
+        make_db(db)
+    cfg = {"name": "t", "run_dir": str(root / "runs"), "base_model": {"path": str(root / "model")},
+           "data": {"sources": [{"type": "sql", "url": f"sqlite:///{db}",
+                                 "query": "SELECT id, task, prompt, response FROM examples"}],
+                    "validation_per_chunk": 2, "test_per_chunk": 2}}
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def cli(root: Path, cfg: dict, command: str, capsys, *extra: str) -> tuple[int, str, str]:
+    path = root / "case.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    code = main([command, str(path), *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(code: int, err: str) -> str:
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def problem_lines(code: int, err: str) -> list[str]:
+    """`validate` lists every problem, one a line."""
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip().splitlines()
+
+
+# ---- 1. keys that decide where data comes from and goes to are autollm's -----------------------------------
+
+OWNED = {"output_dir": "/tmp/elsewhere", "dataset": "a,test", "eval_dataset": "test", "dataset_dir": "/data",
+         "model_name_or_path": "/models/x", "adapter_name_or_path": "/adapters/y", "tokenized_path": "/tok",
+         "media_dir": "/media", "resume_from_checkpoint": "/ckpt", "push_to_hub": True, "hf_hub_token": "hf_x"}
+WHERE = ["train.args", "train.method_args.sft", "train.chunk_args.a", "train.shared.args", "toy.base_args"]
+
+
+@pytest.mark.parametrize("key", list(OWNED))
+@pytest.mark.parametrize("where", WHERE)
+def test_owned_training_keys_refused_at_validate(tmp_path, capsys, key, where):
+    cfg = base_config(tmp_path, **{f"{where}.{key}": OWNED[key]})
+    lines = problem_lines(*cli(tmp_path, cfg, "validate", capsys)[::2])
+    assert len(lines) == 1, lines
+    assert f"autollm sets {key} itself" in lines[0] and where.split(".")[-1] in lines[0], lines
+    assert "hf_x" not in lines[0]  # a value is never echoed (it may be a token)
+
+
+@pytest.mark.parametrize("override", ["train.args.output_dir=/tmp/out", "train.args.dataset=a,test",
+                                      "train.chunk_args.a.dataset_dir=/x", "train.args={output_dir: /tmp/o}"])
+def test_owned_keys_refused_as_overrides(tmp_path, override):
+    cfg = base_config(tmp_path)
+    path = tmp_path / "case.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "validate", str(path), override], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "autollm sets" in res.stderr, res.stderr
+
+
+def fake_cfg(tmp_path):
+    from types import SimpleNamespace
+
+    from autollm_lf.paths import RunDir
+    return SimpleNamespace(out=tmp_path / "run", run=RunDir(tmp_path / "run"), seed=0,
+                           base_model=SimpleNamespace(path=tmp_path / "m", template="default"),
+                           train=SimpleNamespace(template_for=lambda method: "sft_lora.yaml.j2", args={},
+                                                 chunk_args={}))
+
+
+@pytest.mark.parametrize("line,edit", [("dataset: math", "dataset: math,test"),
+                                       ("dataset: math", "dataset: math\neval_dataset: test"),
+                                       ("template: default", "template: default\ntokenized_path: /tmp/tok"),
+                                       ("trust_remote_code: true", "trust_remote_code: true\nadapter_folder: /a")])
+def test_hand_edited_config_may_not_move_data(tmp_path, line, edit):
+    spec = DeltaSpec("math", ["math"])
+    hardware = {"bf16": False, "cpu": True}
+    path, text = config_for_delta(fake_cfg(tmp_path), spec, hardware)
+    assert line in text
+    path.write_text(text.replace(line, edit, 1))
+    with pytest.raises(UserError, match="must stay .*autollm sets it"):
+        config_for_delta(fake_cfg(tmp_path), spec, hardware)
+    path.write_text(text.replace("lora_rank: 8", "lora_rank: 4"))  # an ordinary edit is kept
+    assert "lora_rank: 4" in config_for_delta(fake_cfg(tmp_path), spec, hardware)[1]
+
+
+def lf_dir(root: Path, entry: dict, n: int = 16) -> Path:
+    root.mkdir()
+    (root / "own.json").write_text(json.dumps([{"instruction": f"q{i}", "input": "", "output": f"a{i}"}
+                                               for i in range(n)]))
+    (root / "dataset_info.json").write_text(json.dumps({"own": {"file_name": "own.json", **entry}}))
+    return root
+
+
+@pytest.mark.parametrize("key,value", [("script_url", "evil_loader"), ("hf_hub_url", "someone/data"),
+                                       ("ms_hub_url", "someone/data"), ("om_hub_url", "someone/data"),
+                                       ("cloud_file_name", "s3://bucket/test.json")])
+def test_remote_dataset_keys_refused_at_prepare(tmp_path, capsys, key, value):
+    root = lf_dir(tmp_path / "lf", {key: value})
+    cfg = base_config(tmp_path, **{"data.sources": [{"type": "llamafactory", "dataset_dir": str(root),
+                                                     "datasets": ["own"]}]})
+    err = one_line(*cli(tmp_path, cfg, "prepare", capsys)[::2])
+    assert f"own has {key}" in err and f"remove {key}" in err, err
+    assert not (tmp_path / "runs" / "t" / "data").exists()
+
+
+def test_run_dataset_info_names_only_its_own_files(tmp_path, capsys):
+    entry = {"num_samples": 500, "subset": "x", "split": "test", "folder": "elsewhere", "file_sha1": "0",
+             "columns": {"prompt": "instruction", "response": "output", "images": "img"}, "formatting": "alpaca"}
+    root = lf_dir(tmp_path / "lf", entry)
+    cfg = base_config(tmp_path, **{"data.sources": [{"type": "llamafactory", "dataset_dir": str(root),
+                                                     "datasets": ["own"]}]})
+    code, _, err = cli(tmp_path, cfg, "prepare", capsys)
+    assert code == 0, err
+    data = tmp_path / "runs" / "t" / "data"
+    info = json.loads((data / "dataset_info.json").read_text())
+    for name, e in info.items():
+        assert (data / e["file_name"]).is_file() and set(e) <= {"file_name", "formatting", "ranking", "columns",
+                                                                  "tags"}, e
+    assert info["own"] == {"file_name": "own.json", "formatting": "alpaca",
+                           "columns": {"prompt": "instruction", "response": "output"}}
+
+
+@pytest.mark.slow
+def test_real_training_reads_only_the_runs_rows(tiny_model, tmp_path):
+    """llamafactory-cli trains on the run's own dataset_info.json: the chunk's training rows exactly (the source
+    entry's num_samples: 500 would have resampled it to 500)."""
+    from conftest import autollm
+    root = lf_dir(tmp_path / "lf", {"num_samples": 500, "split": "train"})
+    cfg = base_config(tmp_path, **{
+        "base_model.path": str(tiny_model),
+        "data.sources": [{"type": "llamafactory", "dataset_dir": str(root), "datasets": ["own"]}],
+        "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 1, "logging_steps": 1,
+                           "max_steps": -1}, "train_all": False, "auto_mix": False}})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    res = autollm("train", str(tmp_path / "run.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    run = tmp_path / "runs" / "t"
+    train_rows = json.loads((run / "data" / "own.json").read_text())
+    assert len(train_rows) == 16 - 4
+    log = [json.loads(line) for line in (run / "deltas" / "own-sft" / "trainer_log.jsonl").read_text().splitlines()]
+    assert log[-1]["total_steps"] == len(train_rows), log[-1]
+    held = {r["instruction"] for split in ("validation", "test")
+            for r in json.loads((run / "data" / f"{split}.json").read_text())}
+    assert held and not held & {r["instruction"] for r in train_rows}
