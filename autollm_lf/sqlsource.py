@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .errors import UserError, mask_secrets
+from .errors import UserError, mask_secrets, mask_url, remember_secrets
 from .rows import Record
 
 SELECT_ONLY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
@@ -64,6 +64,7 @@ def parse_url(url: str, where: str):
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    remember_secrets(url)
     try:
         return make_url(url)
     except ArgumentError:
@@ -103,6 +104,7 @@ def read_sql(src, where: str) -> list[Record]:
             engine.dispose()
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(mask_secrets(f"{where}: cannot read {src.url!r} with the query ({first}); check the URL, "
-                                     f"that the database exists, and the SQL (sources are opened read-only)")) from None
+        message = (f"{where}: cannot read {mask_url(src.url)!r} with the query ({first}); check the URL, that the "
+                   f"database exists, and the SQL (sources are opened read-only)")
+        raise UserError(mask_secrets(message)) from None
     return rows
