@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import UserError, mask_secrets, mask_url, remember_secrets, url_secrets
+from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets, url_secrets
 from .evaluate import load_function
 from .gguf import PYPI, converted_path
 from .merge import MERGE_METHODS, parse_granularity
@@ -563,6 +563,8 @@ def _sql_url_problems(src: SqlSource, where: str) -> list[str]:
         url = make_url(src.url)
     except ArgumentError:
         return [f"{where}.url: {mask_secrets(src.url)!r} is not a database URL; write e.g. sqlite:///file.sqlite"]
+    if (problem := raw_at_problem(src.url)) is not None:
+        return [f"{where}.url: {problem}"]
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
         return [f"{where}.url: SQLite file {url.database} not found"]
     return []

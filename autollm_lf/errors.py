@@ -46,7 +46,7 @@ def url_secrets(url: str) -> list[str]:
         if SECRET_PARAM.search(key):
             found += [value] if isinstance(value, str) else list(value)
     if parsed.host and "@" in parsed.host:  # an unencoded '@' in the password: all of it up to the last '@'
-        found.append(f"{parsed.password or ''}@{parsed.host.rsplit('@', 1)[0]}")
+        found += [f"{parsed.password or ''}@{parsed.host.rsplit('@', 1)[0]}", parsed.host.rsplit("@", 1)[0]]
     return [str(s) for s in found if s]
 
 
@@ -55,6 +55,15 @@ def remember_secrets(*urls: str | None) -> None:
     for url in urls:
         for secret in url_secrets(url) if url else []:
             _known.update({secret, quote(secret, safe=""), quote_plus(secret), quote(secret)})
+
+
+def raw_at_problem(url: str) -> str | None:
+    """An unencoded '@' in a URL's password (SQLAlchemy then reads part of the password as the host)."""
+    parsed = _parse(url)
+    if parsed is not None and parsed.host and "@" in parsed.host:
+        return (f"{mask_url(url)!r} has an unencoded '@' in its password (or user name); write it percent-encoded "
+                f"as %40")
+    return None
 
 
 def mask_url(url: str) -> str:

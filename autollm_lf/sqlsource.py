@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from .errors import UserError, mask_secrets, mask_url, remember_secrets
+from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets
 from .rows import Record
 
 SELECT_ONLY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
@@ -65,6 +65,8 @@ def parse_url(url: str, where: str):
     from sqlalchemy.exc import ArgumentError
 
     remember_secrets(url)
+    if (problem := raw_at_problem(url)) is not None:
+        raise UserError(f"{where}.url: {problem}")
     try:
         return make_url(url)
     except ArgumentError:
@@ -102,7 +104,7 @@ def read_sql(src, where: str) -> list[Record]:
                 tx.rollback()
         finally:
             engine.dispose()
-    except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as e:
+    except (SQLAlchemyError, ImportError, ValueError, TypeError, sqlite3.Error) as e:  # TypeError: unknown URL option
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         message = (f"{where}: cannot read {mask_url(src.url)!r} with the query ({first}); check the URL, that the "
                    f"database exists, and the SQL (sources are opened read-only)")
