@@ -599,6 +599,13 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
             problems.append(f"{i}.dataset_dir: {src.dataset_dir} has no dataset_info.json")
         if isinstance(src, SqlSource) and cfg.toy is None:
             problems += _sql_url_problems(src, i)
+    if cfg.cluster and cfg.cluster.storage and not cfg.cluster.storage.is_dir():
+        problems.append(f"cluster.storage: {cfg.cluster.storage} is not a folder here; mount the shared storage at "
+                        f"that path (every node mounts it there) or leave cluster.storage out")
+    uses_lm_eval = cfg.evaluation.metric == "lm_eval" or any(p.metric == "lm_eval" for p in cfg.evaluation.objective)
+    if uses_lm_eval and cfg.evaluation.lm_eval is not None:
+        from .lmeval import lm_eval_problems
+        problems += lm_eval_problems(cfg.evaluation.lm_eval)
     if cfg.evaluation.metric == "python":
         try:
             load_function(cfg.evaluation.function)

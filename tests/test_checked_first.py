@@ -326,3 +326,72 @@ BOMB = "[" + ", ".join(["&a [1,1,1,1,1,1,1,1,1,1]"] + [f"&{c} [{', '.join([f'*{p
 def test_override_values_read_under_the_yaml_guard(tmp_path, capsys, override, expected):
     code, _, err = cli(tmp_path, base_config(tmp_path), "validate", capsys, override)
     assert expected in one_line(code, err) and "override search." in err, err
+
+
+# ---- 4. everything checkable is checked before the first training ---------------------------------------------
+
+def test_lm_eval_tasks_checked_at_validate(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    (tmp_path / "notask.yaml").write_text("dataset_path: json\noutput_type: multiple_choice\n")
+    (tmp_path / "good.yaml").write_text("task: my_local_task\ndataset_path: json\ndoc_to_text: !function u.f\n")
+    cfg = base_config(tmp_path, **{"evaluation": {"metric": "lm_eval", "lm_eval": {
+        "validation": ["no_such_task_xyz", str(tmp_path / "good.yaml"), "my_local_task"],
+        "test": [str(tmp_path / "notask.yaml"), str(tmp_path / "missing.yaml"), "hellaswag"]}}})
+    lines = problem_lines(*cli(tmp_path, cfg, "validate", capsys)[::2])
+    assert len(lines) == 3, lines
+    text = "\n".join(lines)
+    assert "evaluation.lm_eval.validation.0: lm-eval has no task 'no_such_task_xyz'" in text
+    assert "evaluation.lm_eval.test.0: " in text and "notask.yaml: has no `task:` name" in text
+    assert "evaluation.lm_eval.test.1: task file" in text and "missing.yaml not found" in text
+
+
+def test_cluster_storage_checked_at_validate(tmp_path, capsys):
+    cfg = base_config(tmp_path, **{"cluster": {"address": "auto", "storage": str(tmp_path / "not-mounted")}})
+    lines = problem_lines(*cli(tmp_path, cfg, "validate", capsys)[::2])
+    assert lines == [f"error: {tmp_path / 'case.yaml'}: cluster.storage: {tmp_path / 'not-mounted'} is not a folder "
+                     f"here; mount the shared storage at that path (every node mounts it there) or leave "
+                     f"cluster.storage out"], lines
+
+
+def fixed_set(root: Path, name: str, prompts: list[int]) -> dict:
+    path = root / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}", "task": "ab"[i % 2]}) + "\n"
+                            for i in prompts))
+    return {"type": "file", "path": str(path)}
+
+
+def test_fixed_sets_that_empty_a_chunk_fail_at_prepare(tmp_path, capsys):
+    cfg = base_config(tmp_path)
+    del cfg["data"]["validation_per_chunk"], cfg["data"]["test_per_chunk"]
+    cfg["evaluation"] = {"validation": [fixed_set(tmp_path, "val", [0, 2, 4, 6, 8])],
+                         "test": [fixed_set(tmp_path, "test", [10, 12, 14, 16, 18])]}  # every row of chunk a
+    err = one_line(*cli(tmp_path, cfg, "prepare", capsys)[::2])
+    assert "chunk 'a' keeps 0 training rows" in err and "10 whose prompt is in a fixed evaluation set" in err, err
+    cfg["evaluation"]["test"] = [fixed_set(tmp_path, "test", [10, 12, 14, 16])]  # one row left: fine
+    code, out, err = cli(tmp_path, cfg, "prepare", capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("objective,expected", [
+    ([{"chunks": ["a", "nope"]}], "evaluation.objective.0.chunks: nope has no validation rows"),
+    ([{"chunks": ["a"]}, {"chunks": ["scraped"], "weight": 0, "max_drop": 0.1}],
+     "evaluation.objective.1.chunks: scraped has no validation rows"),
+])
+def test_objective_chunks_checked_at_prepare(tmp_path, capsys, objective, expected):
+    db = make_db(tmp_path / "scraped.sqlite", tasks="s")
+    cfg = base_config(tmp_path, **{"evaluation.objective": objective})
+    cfg["data"]["sources"].append({"type": "sql", "url": f"sqlite:///{db}", "train_only": True, "name": "scr",
+                                   "query": "SELECT id, 'scraped' AS task, 'x' || prompt AS prompt, response "
+                                            "FROM examples"})
+    err = one_line(*cli(tmp_path, cfg, "prepare", capsys)[::2])
+    assert expected in err, err
+
+
+def test_train_only_everywhere_leaves_nothing_to_score(tmp_path, capsys):
+    cfg = base_config(tmp_path)
+    cfg["data"]["sources"][0]["train_only"] = True
+    err = one_line(*cli(tmp_path, cfg, "prepare", capsys)[::2])
+    assert "no validation rows: every source is train_only" in err, err
+    cfg["evaluation"] = {"validation": [fixed_set(tmp_path, "val", [100])]}
+    err = one_line(*cli(tmp_path, cfg, "prepare", capsys)[::2])
+    assert "no test rows" in err, err
