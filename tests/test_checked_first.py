@@ -395,3 +395,95 @@ def test_train_only_everywhere_leaves_nothing_to_score(tmp_path, capsys):
     cfg["evaluation"] = {"validation": [fixed_set(tmp_path, "val", [100])]}
     err = one_line(*cli(tmp_path, cfg, "prepare", capsys)[::2])
     assert "no test rows" in err, err
+
+
+# ---- 6. the report tells the truth in every format ------------------------------------------------------------
+
+class _Cells(__import__("html.parser", fromlist=["HTMLParser"]).HTMLParser):
+    """report.html's tables as lists of rows of cell texts, and its notes."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.notes, self._cell, self._note = [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "p" and ("class", "note") in attrs:
+            self._note = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell.strip())
+            self._cell = None
+        elif tag == "p" and self._note is not None:
+            self.notes.append(" ".join(self._note.split()))
+            self._note = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        if self._note is not None:
+            self._note += data
+
+
+def _md_table(md: str, header_start: str) -> list[list[str]]:
+    lines = md.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i:]:
+        if not line.strip():
+            break
+        if not line.startswith("---"):
+            rows.append([c.strip() for c in line.rstrip("|").split("|")])
+    return rows
+
+
+def test_report_html_shows_what_report_md_shows(tmp_path):
+    from autollm_lf.config import RunConfig
+    from autollm_lf.report import _html, _markdown
+    cfg = RunConfig.model_validate({**base_config(tmp_path), "train": {"shared": {"rows_per_chunk": 4}},
+                                    "search": {"granularity": "module_kind", "merge": "ties"}})
+    weights = {"a-sft@attention": 0.2, "a-sft@mlp": 0.6, "b-sft@attention": 1.0, "b-sft@mlp": 0.5}
+    rows = [{"model": "raw", "validation": 0.1, "test": 0.2, "seconds": None, "test_by_chunk": {"a": 0.1, "b": 0.3}},
+            {"model": "auto_merge", "validation": 0.5, "test": 0.4, "seconds": 3.0, "weights": weights,
+             "test_by_chunk": {"a": 0.5, "b": 0.25}}]
+    chunks, deltas = ["a", "b", "scraped"], ["a-sft", "b-sft"]
+    report = {"name": "t", "metric": "exact_match", "rows": rows, "evaluation_stats": {}, "cost": ""}
+    md = _markdown(rows, chunks, deltas, cfg)
+    page = _Cells()
+    page.feed(_html(report, chunks, deltas, None, {}, cfg))
+    weights_md = _md_table(md, "model | a-sft_weight")
+    assert weights_md[1] == ["auto_merge", "0.4", "0.75"]  # means over module groups, not 0
+    assert page.tables[2][1:] == weights_md[1:]
+    by_chunk_md = _md_table(md, "model | a | b | scraped")
+    assert by_chunk_md[1][-1] == "-" and page.tables[1][1:] == by_chunk_md[1:]
+    scores_md = _md_table(md, "model | validation | test")
+    assert page.tables[0][1:] == scores_md[1:]
+    md_notes = " ".join(md.split())
+    for note in page.notes:  # every note the page shows is the markdown's, word for word
+        assert note in md_notes, note
+    assert any("`raw` is that base" in n for n in page.notes)
+    assert any("Chunks without test rows (scraped)" in n for n in page.notes)
+    assert any("means over its module groups" in n for n in page.notes)
+    assert any("ties" in n for n in page.notes)
+
+
+def test_ceiling_own_scores_handles_chunks_without_test_rows_and_several_deltas():
+    from types import SimpleNamespace
+
+    from autollm_lf.bench import ceiling_value, own_scores
+    specs = {"math-sft": "math", "rude-dpo": "rude", "rude-orpo": "rude", "scraped-sft": "scraped",
+             "bad_cases-sft": "bad_cases", "all": None}
+    session = SimpleNamespace(deltas=list(specs), specs={d: SimpleNamespace(chunk=c) for d, c in specs.items()})
+    alone = {"math-sft": {"math": 0.6, "rude": 0.1}, "rude-dpo": {"math": 0.2, "rude": 0.3},
+             "rude-orpo": {"math": 0.2, "rude": 0.5}, "scraped-sft": {"math": 0.4, "rude": 0.2},
+             "bad_cases-sft": {"math": 0.1, "rude": 0.1}, "all": {"math": 0.5, "rude": 0.4}}
+    own, best, no_test = own_scores(session, lambda w: alone[next(iter(w))])
+    assert own == {"math": 0.6, "rude": 0.5} and best == {"math": "math-sft", "rude": "rude-orpo"}
+    assert no_test == ["bad_cases", "scraped"]
+    assert ceiling_value({"math": 0.48, "rude": 0.2}, own) == pytest.approx((1.0 + 0.5) / 2)
