@@ -1,7 +1,8 @@
 #!/bin/sh
 # autollm-lf in one command.
 #   sh autollm.sh          set up .venv if needed, then run the toy example end to end
-#   sh autollm.sh test     set up .venv if needed, then run the test suite (extra args go to pytest)
+#   sh autollm.sh test     set up .venv if needed, then run the whole test suite, slow tests included (RUN_SLOW=1;
+#                          extra args go to pytest); plain `.venv/bin/python -m pytest` is the fast loop
 # The venv is (re)installed only when constraints.txt or pyproject.toml changed since the last install.
 set -eu
 cd "$(dirname "$0")"
@@ -37,6 +38,6 @@ need_test_packages() {
 
 case "${1:-toy}" in
   toy) exec .venv/bin/autollm run examples/toy.yaml ;;
-  test) shift; need_test_packages; exec .venv/bin/python -m pytest "$@" ;;
+  test) shift; need_test_packages; export RUN_SLOW=1; exec .venv/bin/python -m pytest "$@" ;;
   *) echo "usage: sh autollm.sh [test [pytest args]]" >&2; exit 2 ;;
 esac

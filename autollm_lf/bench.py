@@ -46,6 +46,7 @@ from .merge import MERGE_METHODS, WeightedDeltas, delta_weight, load_base, param
 from .metrics import make_evaluator
 from .pipeline import Session
 from .prepare import load_split
+from .quality import bench_quality, quality_lines
 from .search import point_key, run_search
 from .tiny import build_char_tokenizer
 from .train import ALL_DELTA, DONE_MARKER, delta_specs, train_specs
@@ -362,6 +363,8 @@ def quiet_search(search, session_like, params: list[str], seed: int, fp: str) ->
             best = run_search(SimpleNamespace(out=Path(tmp), seed=seed, search=search), session_like, params, fp=fp)
         return best, time.perf_counter() - started
 
+
+QUALITY_BUDGET = 11  # trials per search in `--only quality`: the Gemma example's 8 seed points and 3 fits
 
 SEARCH_BENCH = [  # (merge method, granularity, optimizer): what `--only search` compares, at one budget
     ("linear", "delta", "bayes"),        # the search before the merge-quality work
@@ -750,6 +753,9 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str]
         result["ceiling"] = bench_ceiling(model_cfg, trials=8 if quick else 40, gradient_trials=2 if quick else 6)
     if "scale" in parts:
         result["scale"] = bench_scale(toy_cfg, max_deltas=2 if quick else None)
+    if "quality" in parts:
+        result["quality"] = bench_quality(model_cfg, budget=QUALITY_BUDGET, seeds=1 if quick else 3,
+                                          big_budget=None if quick else 3 * QUALITY_BUDGET)
     result["seconds"] = time.time() - started
     print_table(result)
     if as_json:
@@ -780,6 +786,8 @@ def print_table(r: dict) -> None:
         lines += ceiling_lines(r["ceiling"])
     if "scale" in r:
         lines += scale_lines(r["scale"])
+    if "quality" in r:
+        lines += quality_lines(r["quality"])
     lines.append(f"took {r['seconds']:.0f}s")
     print("\n".join(lines))
 

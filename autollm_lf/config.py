@@ -19,7 +19,7 @@ from .methods import METHODS
 from .metrics import METRICS
 from .owned import owned_key_problems
 from .paths import RunDir
-from .train import find_template, template_problem, training_cutoff_len
+from .train import LORA_INITS, find_template, template_problem, training_cutoff_len
 from .yamlsafe import load_yaml, load_yaml_text
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +214,10 @@ class TrainConfig(Strict):
     auto_mix: bool = Field(True, description="baseline train@auto_mix: "
                                              "retrain on the SFT chunks mixed by the best weights")
     auto_mix_floor: float = Field(0.05, ge=0, lt=1, description="smallest interleave probability a chunk keeps")
+    lora_init: str = Field(
+        "shared", description="how each merged delta's LoRA A starts: shared (the run's seed for all, LLaMA-Factory's "
+                              "default), per_delta (a seed from the delta's name), frozen_a (one A for all, held still "
+                              "through LoRA+'s learning-rate ratio: only B trains)")
     shared: Optional[SharedConfig] = Field(
         None, description="first train one adapter on a few rows of every chunk (what all of them share, e.g. the "
                           "chat format) and merge it into the base; every delta then trains on that base")
@@ -229,6 +233,13 @@ class TrainConfig(Strict):
         problems = [p for name, args in v.items() for p in owned_key_problems(args, name)]
         if problems:
             raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("lora_init")
+    @classmethod
+    def _known_init(cls, v):
+        if v not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init {v!r}; choose one of {', '.join(LORA_INITS)}")
         return v
 
     @model_validator(mode="after")
@@ -261,8 +272,12 @@ class SearchConfig(Strict):
                 "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET)")
     merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
                                              "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
-                                             "count what the deltas share once")
+                                             "count what the deltas share once; regmean: the least-squares merge "
+                                             "of the deltas' outputs on their own chunks' training rows")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
+    regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
+                                                              "of each Gram's off-diagonal part kept (1: plain "
+                                                              "least squares, 0: diagonal only)")
     granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
                                                   "(`module_kind`), per delta and block of layers (`blocks:N`, "
                                                   "N contiguous blocks), or per delta and module (`module`)")
@@ -371,6 +386,12 @@ class EvaluationConfig(Strict):
         return self
 
 
+class ReportConfig(Strict):
+    """How sure each number is: a bootstrap over the held-out rows (resampled within each chunk)."""
+    interval: float = Field(0.95, gt=0, lt=1, description="coverage of every score's interval")
+    bootstrap: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples behind each interval")
+
+
 class ExportConfig(Strict):
     """Where `autollm export` puts the adapters so that LLaMA-Factory's WebUI lists them."""
     saves_dir: Path = Field(Path("saves"), description="the WebUI's saves/ folder "
@@ -436,6 +457,7 @@ class RunConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     cluster: Optional[ClusterConfig] = Field(None, description="run trainings and trials on a Ray cluster")
 
     @field_validator("name")
@@ -473,7 +495,7 @@ class RunConfig(Strict):
                 raise ValueError(f"{key}: unknown metric {metric!r}; choose one of {sorted(METRICS)}")
         if self.evaluation.judge and find_template(self.evaluation.judge.prompt_template) is None:
             raise ValueError(f"evaluation.judge.prompt_template: no template {self.evaluation.judge.prompt_template!r} "
-                             f"in templates/; name a file there or give a path")
+                             f"in autollm_lf/templates/; name a file there or give a path")
         return self
 
     @property
@@ -584,7 +606,7 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
     for key, src in keyed:
         if isinstance(src, GenerateSource):
             if find_template(src.prompt_template) is None:
-                problems.append(f"{key}.prompt_template: no template {src.prompt_template!r} in templates/; "
+                problems.append(f"{key}.prompt_template: no template {src.prompt_template!r} in autollm_lf/templates/; "
                                 f"name a file there or give a path")
             if src.api_key_env and not os.environ.get(src.api_key_env):
                 problems.append(f"{key}.api_key_env: environment variable {src.api_key_env} is not set; "

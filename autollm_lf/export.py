@@ -97,7 +97,7 @@ def _baseline_adapters(session) -> dict[str, Path]:
 # ---- LLaMA-Factory YAMLs ---------------------------------------------------------------------------------
 
 def render_lf_yaml(template_file: str, path: Path, **variables) -> Path:
-    """Render templates/<template_file> to path (only rewritten if its text changed)."""
+    """Render autollm_lf/templates/<template_file> to path (only rewritten if its text changed)."""
     write_if_changed(path, render_template(template_file, {}, yaml_path=path, **variables))
     return path
 

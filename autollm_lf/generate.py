@@ -1,6 +1,6 @@
 """The `generate` source: an LLM writes examples from documents (rows of another source).
 
-One prompt per document, rendered from a jinja2 template (templates/generate.j2 unless the config names
+One prompt per document, rendered from a jinja2 template (autollm_lf/templates/generate.j2 unless the config names
 another), sent to an OpenAI-compatible chat endpoint through the shared client (llm.ChatClient):
 concurrent with a bound, retried on transient errors. Answers are cached on disk by prompt hash, so a
 re-run sends no request at all. An answer must be a JSON list of {prompt, response} objects; a malformed
@@ -67,7 +67,7 @@ def read_generate(src, where: str, cfg, docs: list[dict]) -> list[Record]:
     prints what it cost and what it skipped."""
     path = find_template(src.prompt_template)
     if path is None:
-        raise UserError(f"{where}.prompt_template: no template {src.prompt_template!r} in templates/")
+        raise UserError(f"{where}.prompt_template: no template {src.prompt_template!r} in autollm_lf/templates/")
     try:
         template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(path.read_text(encoding="utf-8"))
     except jinja2.TemplateError as e:

@@ -42,8 +42,8 @@ class GradientOptimizer:
     def __init__(self, params: list[str], bounds, seed: int, session=None):
 
         if session is None or not MERGE_METHODS[session.cfg.search.merge].low_rank:
-            raise UserError("search.optimizer: gradient needs search.merge linear or linear_norm (a low-rank merge "
-                            "whose weights act on the cat factors); pick bayes or cmaes for the others")
+            raise UserError("search.optimizer: gradient needs search.merge linear, linear_norm or regmean (a low-rank "
+                            "merge whose weights act on the cat factors); pick bayes or cmaes for the others")
         self.params, self.bounds, self.seed, self.session = params, tuple(bounds), seed, session
         self.best: tuple[dict, float] | None = None
         self.x = self.adam = None
@@ -146,7 +146,8 @@ def backward_mean_nll(weighted, table: Callable[[], torch.Tensor], batch, budget
             total += loss.item()
         flat = table()
         grad = torch.zeros(flat.shape, dtype=torch.float64)
-        for (A, unit, _), index, scale in zip(weighted.cat_rows, weighted.cat_flat, weighted.cat_scale):
+        for (A, _, _), unit, index, scale in zip(weighted.cat_rows, weighted.trial_units(), weighted.cat_flat,
+                                                 weighted.cat_scale):
             if A.grad is not None:  # None: a module the batch never reached
                 grad.index_add_(0, index.cpu(), (A.grad * unit).sum(1).double().cpu() * scale)
     flat.backward(grad.to(flat.dtype))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .hostmem import load_tokenizer
 from .lazytorch import no_grad
+from .regmean import regmean_A, regmean_core_A
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
     import torch
@@ -193,6 +194,7 @@ class MergeMethod:
     sparsify: str | None  # None, "magnitude" (TIES trim, threshold cached) or "random" (DARE, seeded mask)
     low_rank: bool = False  # applied on the `cat` factors in place, exported exactly; else folded, exported by SVD
     normalize: bool = False  # shared parts counted once (divided by the total weight of the deltas sharing them)
+    data_aware: str | None = None  # RegMean's A rows from the chunks' data: "full" (regmean_A), "core" (regmean_core_A)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {
@@ -204,6 +206,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "linear_norm": MergeMethod(linear_sum, None, low_rank=True, normalize=True),
     "ties_norm": MergeMethod(ties_norm_sum, "magnitude", normalize=True),
     "dare_ties_norm": MergeMethod(ties_norm_sum, "random", normalize=True),
+    # data-aware: RegMean's A_i C_i' S^-1 in place of each A_i (regmean.py), weights on top; all ones is RegMean;
+    # regmean_core: the same least squares within the deltas' own input directions (R x R Grams: any model size)
+    "regmean": MergeMethod(linear_sum, None, low_rank=True, data_aware="full"),
+    "regmean_core": MergeMethod(linear_sum, None, low_rank=True, data_aware="core"),
 }
 
 
@@ -328,7 +334,8 @@ class WeightedDeltas:
         spec = MERGE_METHODS[method]
         # ties/dare merges are not low rank: they are always folded into the base weights; linear_norm changes
         # B_cat per trial, so it needs the `cat` factors
-        mode = "fold" if not spec.low_rank else ("cat" if spec.normalize and mode == "scaling" else mode)
+        mode = "fold" if not spec.low_rank else ("cat" if (spec.normalize or spec.data_aware) and mode == "scaling"
+                                                 else mode)
         self.method, self.density, self.seed = method, density, seed
         self._thresholds: dict[tuple[int, int], float | None] = {}  # TIES trim per (module, delta): weight-free
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -336,6 +343,7 @@ class WeightedDeltas:
         self._norms: dict[int, OutputNorm] = {}  # linear_norm per cat module: weight-free
         self._mask_bytes = 0
         self._b_changed = False  # B_cat holds linear_norm's B', not the unit factors
+        self._aware_units: dict[str, list[torch.Tensor]] = {}  # RegMean's A rows per cat module, by space
         base, self._tokenizer = load_base(base_path)
         self.base_path, self.pad_token_id = Path(base_path), self._tokenizer.pad_token_id
         names = list(adapters)
@@ -484,12 +492,14 @@ class WeightedDeltas:
         if method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {method!r}; choose one of {list(MERGE_METHODS)}")
         spec = MERGE_METHODS[method]
-        if self.mode == "scaling" and spec.low_rank and spec.normalize:
+        if self.mode == "scaling" and spec.low_rank and (spec.normalize or spec.data_aware):
             raise ValueError(f"merge method {method!r} needs search.apply cat or fold")
         if not spec.low_rank:
             self._use_fold()
             if self.mode != "fold":
                 raise ValueError(f"merge method {method!r} needs the deltas folded into the base weights")
+        if spec.data_aware and not self.has_regmean(spec.data_aware):
+            raise ValueError(f"merge method {method!r} needs its data first (use_regmean)")
         self.method, self.density = method, self.density if density is None else density
         self._thresholds.clear()
         self._masks.clear()
@@ -573,7 +583,7 @@ class WeightedDeltas:
         rows = w[self._row_flat] * self._row_scale
         cast: dict[tuple, torch.Tensor] = {}
         start = 0
-        for (A, unit, _), end in zip(self.cat_rows, self._row_ends):
+        for (A, _, _), unit, end in zip(self.cat_rows, self.trial_units(spec), self._row_ends):
             key = (A.device, A.dtype)
             if key not in cast:
                 cast[key] = rows.to(*key)
@@ -583,6 +593,54 @@ class WeightedDeltas:
             self._write_norm_B(w)
         elif self._b_changed:
             self._restore_unit_B()
+
+    def trial_units(self, spec: MergeMethod | None = None) -> list[torch.Tensor]:
+        """Per cat module, the A rows a trial scales by w_i * s_i: the deltas' own, or (data-aware) RegMean's."""
+        spec = spec or MERGE_METHODS[self.method]
+        if spec.data_aware:
+            if not self.has_regmean(spec.data_aware):
+                raise ValueError("merge method regmean needs its data first (use_regmean)")
+            return self._aware_units[spec.data_aware]
+        return [unit for _, unit, _ in self.cat_rows]
+
+    def has_regmean(self, space: str) -> bool:
+        return space in self._aware_units
+
+    def _merged_rows(self, layer, unit: torch.Tensor, deltas) -> tuple[list, torch.Tensor, list[slice]]:
+        """The cat slices of `deltas` in this module, their A rows stacked (A_u) and each one's rows within A_u."""
+        import torch
+        slices = [s for s in self._cat_slices(layer) if s[1] in deltas]
+        A_u = torch.cat([unit[sl] for _, _, sl in slices]) if slices else unit[:0]
+        ends = torch.tensor([0] + [sl.stop - sl.start for _, _, sl in slices]).cumsum(0).tolist()
+        return slices, A_u, [slice(a, b) for a, b in zip(ends, ends[1:])]
+
+    def regmean_projections(self, deltas) -> dict[str, torch.Tensor]:
+        """regmean_core: per cat module (by name), the A_u its inputs are projected on while the Grams are taken."""
+        return {self.layer_names[k]: self._merged_rows(layer, unit, deltas)[1]
+                for k, layer, (_, unit, _) in zip(self.cat_index, self.cat_layers, self.cat_rows)}
+
+    @no_grad
+    def use_regmean(self, grams, chunk_of: Mapping[str, str], alpha: float, space: str = "full") -> None:
+        """RegMean's A rows for every cat module, from `grams` (regmean.GramFiles: each chunk's Gram of each module's
+        input, or in `core` space of its projection on A_u) and each delta's chunk: regmean_A (A_i C_i' S^-1) or
+        regmean_core_A. Deltas not in chunk_of (train@all) keep their A and take no part; the deltas' own A rows
+        stay as trained."""
+        self._aware_units[space] = []
+        for k, (layer, (_, unit, _)) in enumerate(zip(self.cat_layers, self.cat_rows)):
+            name = self.layer_names[self.cat_index[k]]
+            slices, A_u, within = self._merged_rows(layer, unit, chunk_of)
+            chunks = [chunk_of[d] for _, d, _ in slices]
+            if space == "core":
+                diags = [grams.diag(c, name).to(unit.device) for c in chunks]
+                new = regmean_core_A(within, A_u, [grams.gram(c, name).to(unit.device) for c in chunks],
+                                     [(A_u.double() * d.double()) @ A_u.double().T for d in diags], alpha)
+            else:
+                new = regmean_A([unit[sl] for _, _, sl in slices], [grams.gram(c, name).to(unit.device)
+                                                                     for c in chunks], alpha)
+            rows = unit.clone()
+            for (_, _, sl), A in zip(slices, new):
+                rows[sl] = A
+            self._aware_units[space].append(rows)
 
     def _write_norm_B(self, w: torch.Tensor) -> None:
         width = len(self.names) + 1

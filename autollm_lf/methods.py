@@ -25,7 +25,7 @@ SHAPE_WORDS = {
 class Method:
     stage: str                    # LLaMA-Factory `stage`
     shape: str                    # the data shape it trains on
-    template: str                 # default jinja2 template in templates/
+    template: str                 # default jinja2 template in autollm_lf/templates/
     args: dict[str, Any] = field(default_factory=dict)  # the method's own LLaMA-Factory keys
 
 

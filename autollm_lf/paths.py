@@ -16,6 +16,19 @@ from .io import read_json
 # can overwrite them (validation/test/dataset_info are reserved chunk names instead).
 MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"  # package data: in every install, not only a checkout
+SFT_VIEW = "_sft_"  # a preference chunk read as SFT on its chosen answers (train@all's), in dataset_info only
+
+
+def sft_view(chunk: str) -> str:
+    return SFT_VIEW + chunk
+
+
+def dataset_file_stem(dataset: str) -> str:
+    """The data/ file a dataset_info entry reads: a chunk's own, also for its SFT view."""
+    return dataset[len(SFT_VIEW):] if dataset.startswith(SFT_VIEW) else dataset
+
+
 SHARED = "_shared"  # train.shared: its dataset (data/_shared.json), config and delta; no chunk name starts with _
 
 

@@ -14,6 +14,7 @@ from .evaluate import forget_templates
 from .export import export_best
 from .feedback import write_bad_cases
 from .gguf import ensure_converted
+from .grams import use_regmean
 from .hostmem import SEARCH_MMAP_THRESHOLD, free_host_memory, set_mmap_threshold
 from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
 from .judge import JudgeClient
@@ -73,7 +74,7 @@ class Session:
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        found = {n: self.cfg.run.delta(n) for n in self.delta_names}
+        found = {n: self.cfg.run.delta(n) for n in self.delta_names if not self.all_on_user_base(n)}
         missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
         if missing and not self.keep_going:
             raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
@@ -86,6 +87,16 @@ class Session:
         for name, path in found.items():
             check_adapter_base(path, self.cfg.base_model.path)
         return found
+
+    def all_on_user_base(self, name: str) -> bool:
+        """train@all with train.shared: trained from the configured base (the yardstick a user would train), so not
+        loaded beside the deltas on the shared base; the report scores it on its own (train_all_adapter)."""
+        return name == ALL_DELTA and bool(self.cfg.train.shared)
+
+    @property
+    def train_all_adapter(self) -> Path | None:
+        path = self.cfg.run.delta(ALL_DELTA)
+        return path if self.all_on_user_base(ALL_DELTA) and (path / DONE_MARKER).is_file() else None
 
     @property
     def deltas(self) -> list[str]:
@@ -101,6 +112,9 @@ class Session:
                 set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
                                             density=search.density, seed=self.cfg.seed, granularity=search.granularity)
+            if MERGE_METHODS[search.merge].data_aware:  # RegMean's A rows, from each delta's chunk's Grams
+                use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
+                            search.regmean_alpha, MERGE_METHODS[search.merge].data_aware)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
 
@@ -152,14 +166,24 @@ class Session:
         self.weighted.set_weights(weights)
         return scorer.score()
 
-    def score_by_chunk(self, weights: dict[str, float], split: str,
-                       method: str | None = None) -> tuple[float, dict[str, float]]:
-        """Overall score and the score on each chunk's rows (merged with `method`, default search.merge). With an
-        evaluation.objective the overall score is the objective's; the chunks are scored by evaluation.metric."""
+    def scored_rows(self, weights: dict[str, float], split: str,
+                    method: str | None = None) -> tuple[float, list[float]]:
+        """Overall score and every row's score (merged with `method`, default search.merge). With an
+        evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric."""
         scorer = self.scorer(split)
         self.weighted.set_weights(weights, method)
-        overall, by_chunk = split_by_chunk(scorer.row_scores(), [r["chunk"] for r in scorer.rows])
-        return (scorer.score() if self.cfg.evaluation.objective else overall), by_chunk
+        scores = scorer.row_scores()
+        overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
+        return overall, scores
+
+    def row_chunks(self, split: str) -> list[str]:
+        return [r["chunk"] for r in self.scorer(split).rows]
+
+    def score_by_chunk(self, weights: dict[str, float], split: str,
+                       method: str | None = None) -> tuple[float, dict[str, float]]:
+        """Overall score and the score on each chunk's rows (see scored_rows)."""
+        overall, scores = self.scored_rows(weights, split, method)
+        return overall, split_by_chunk(scores, self.row_chunks(split))[1]
 
     def part_scores(self, split: str) -> dict[str, float]:
         """Each objective part's score at the weights last set (empty without an objective)."""
@@ -211,7 +235,10 @@ def stage_train(s: Session) -> None:
     s.delta_names  # a method that does not fit its chunk stops here, before any training
     if s.cfg.train.shared:  # trained on the configured base; the deltas then train on the base it makes
         build_shared_base(s.base_cfg, force="train" in s.force)
-    train_all(s.cfg, s.shapes, force="train" in s.force, keep_going=s.keep_going)
+    specs = delta_specs(s.cfg, s.shapes)
+    own = [spec for spec in specs if s.all_on_user_base(spec.name)]  # train@all from the configured base
+    train_all(s.cfg, [spec for spec in specs if spec not in own], force="train" in s.force, keep_going=s.keep_going)
+    train_all(s.base_cfg, own, force="train" in s.force, keep_going=s.keep_going)
 
 
 def validation_scorer(cfg: RunConfig, keep_going: bool) -> Callable[[dict[str, float]], float]:

@@ -17,7 +17,7 @@ from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 from .owned import run_entry
-from .paths import SHARED
+from .paths import SHARED, sft_view
 from .rows import Record, Row
 from .sources import READERS
 from .train import chunk_methods
@@ -384,6 +384,9 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     for name, items in train.items():
         files[f"{name}.json"], entry = _records(items, shapes[name])
         info[name] = {"file_name": f"{name}.json", **entry}
+        if shapes[name] == "preference" and "raw" not in items[0]:  # train@all learns its chosen answers as SFT
+            info[sft_view(name)] = {"file_name": f"{name}.json",
+                                    "columns": {"prompt": "instruction", "response": "chosen", **CONTEXT_COLUMNS}}
     for split, items in (("validation", val), ("test", test)):
         files[f"{split}.json"] = _eval_records(items)
         info[split] = {"file_name": f"{split}.json", **FORMATS["sft"][1]}

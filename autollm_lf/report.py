@@ -4,18 +4,23 @@ from __future__ import annotations
 import json
 
 from .export import adapter_score
+from .intervals import by_chunk_intervals, fmt, mean_interval, paired_by_chunk, paired_difference, resample_index
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
 from .paths import SHARED, is_fresh
 from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER, find_template
 
+SHARED_BASE_ROW = "shared_base"  # train.shared: the configured base with the shared adapter merged in
 
-def report_rows(session) -> list[dict]:
-    """Every row is a weight vector over the loaded deltas, scored in place on the same model."""
+
+def report_rows(session) -> tuple[list[dict], dict]:
+    """Every row is a weight vector over the loaded deltas, scored in place on the same model; also returns every
+    row's per-row scores ({model: {split: [score per held-out row]}}) for the intervals."""
     cfg, chunks = session.cfg, session.deltas
     best = cfg.run.read_best()
-    rows = [("raw", {c: 0.0 for c in chunks}, False)]
+    shared = bool(cfg.train.shared)
+    rows = [(SHARED_BASE_ROW if shared else "raw", {c: 0.0 for c in chunks}, False)]
     if ALL_DELTA in session.adapters:
         rows.append((f"train@{ALL_DELTA}", {ALL_DELTA: 1.0}, False))
     rows += [(f"train@{c}", {d: float(d == c) for d in chunks}, False) for c in chunks]
@@ -23,20 +28,51 @@ def report_rows(session) -> list[dict]:
     if cfg.search.human_weights:
         rows.append(("human_merge", session.human_weights(), True))
     rows.append(("auto_merge", best["weights"], True))
-    result = []
+    result, per_row = [], {}
+    if shared:  # the yardsticks on the configured base: raw as it is, train@all as trained from it
+        for name, adapter in (("raw", None), (f"train@{ALL_DELTA}", session.train_all_adapter)):
+            if name == "raw" or adapter is not None:
+                row, per_row[name] = _adapter_row(session.base_cfg, name, adapter)
+                result.append(row)
     for name, w, show in rows:
         method = None if show else "linear"  # raw and train@ rows are the models as trained; merges use search.merge
-        validation, _ = session.score_by_chunk(w, "validation", method)
-        parts = {"validation": session.part_scores("validation")}
-        test, test_by_chunk = session.score_by_chunk(w, "test", method)
-        parts["test"] = session.part_scores("test")
-        result.append({"model": name, "validation": validation, "test": test, "test_by_chunk": test_by_chunk,
-                       **({"weights": w} if show else {}), **({"parts": parts} if parts["test"] else {})})
+        row, per_row[name] = {"model": name}, {}
+        for split in ("validation", "test"):
+            row[split], per_row[name][split] = session.scored_rows(w, split, method)
+        row["test_by_chunk"] = split_by_chunk(per_row[name]["test"], session.row_chunks("test"))[1]
+        parts = {split: session.part_scores(split) for split in ("validation", "test")}
+        result.append({**row, **({"weights": w} if show else {}), **({"parts": parts} if parts["test"] else {})})
     mix = _mix_dir(cfg)
     if mix is not None:
-        result.append(_adapter_row(cfg, f"train@{MIX_DELTA}", mix))
+        row, per_row[f"train@{MIX_DELTA}"] = _adapter_row(cfg, f"train@{MIX_DELTA}", mix)
+        result.append(row)
     seconds = row_seconds(session)
-    return [{**r, "seconds": seconds.get(r["model"])} for r in result]
+    return [{**r, "seconds": seconds.get(r["model"])} for r in result], per_row
+
+
+def add_intervals(rows: list[dict], per_row: dict, chunks: dict[str, list[str]], cfg) -> dict:
+    """Each row's validation_ci / test_ci / test_by_chunk_ci (cfg.report's coverage, a bootstrap over held-out rows
+    within chunks), and the paired difference auto_merge - train@all overall and per chunk on both splits. None with
+    an evaluation.objective: it combines parts (and constraints) that a mean over rows does not bound."""
+    if cfg.evaluation.objective:
+        return {}
+    level, n_boot, seed = cfg.report.interval, cfg.report.bootstrap, cfg.seed
+    index = {split: resample_index(chunks[split], n_boot, seed) for split in ("validation", "test")}
+    for row in rows:
+        scores = per_row.get(row["model"])
+        if not scores:
+            continue
+        for split in ("validation", "test"):
+            row[f"{split}_ci"] = mean_interval(scores[split], index[split], level)
+            row[f"{split}_rows"] = len(scores[split])
+        row["test_by_chunk_ci"] = by_chunk_intervals(scores["test"], chunks["test"], n_boot, seed, level)
+    a, b = "auto_merge", f"train@{ALL_DELTA}"
+    if a not in per_row or b not in per_row:
+        return {}
+    return {"a": a, "b": b, "interval": level, "bootstrap": n_boot, **{
+        split: {"overall": paired_difference(per_row[a][split], per_row[b][split], index[split], level),
+                "by_chunk": paired_by_chunk(per_row[a][split], per_row[b][split], chunks[split], n_boot, seed, level)}
+        for split in ("validation", "test")}}
 
 
 def row_seconds(session) -> dict[str, float | None]:
@@ -52,9 +88,13 @@ def row_seconds(session) -> dict[str, float | None]:
     mix = None if auto is None or trained[MIX_DELTA] is None else auto + trained[MIX_DELTA]
     rows = {"raw": 0.0, "average_merge": merge, "human_merge": merge, "auto_merge": auto, f"train@{MIX_DELTA}": mix}
     rows = {**{f"train@{n}": s for n, s in trained.items()}, **rows}
-    # train.shared: every row starts from the shared base, raw included: its training is in each one
+    # train.shared: every row but the configured base's (raw, train@all) starts from the shared base: its training
+    # is in each one
     shared = read_json(run.delta(SHARED) / DONE_MARKER, {}).get("seconds") if session.cfg.train.shared else None
-    return {k: None if v is None else v + (shared or 0.0) for k, v in rows.items()}
+    if shared is None:
+        return rows
+    own = {"raw", f"train@{ALL_DELTA}"}
+    return {k: v if k in own or v is None else v + shared for k, v in {**rows, SHARED_BASE_ROW: 0.0}.items()}
 
 
 def cost_line(rows: list[dict], trials: int) -> str:
@@ -78,15 +118,18 @@ def _mix_dir(cfg):
     return mix if cfg.train.auto_mix and (mix / DONE_MARKER).is_file() else None
 
 
-def _adapter_row(cfg, name: str, adapter_dir) -> dict:
+def _adapter_row(cfg, name: str, adapter_dir) -> tuple[dict, dict]:
     """A row for an adapter the search never loaded: scored on its own, loaded as a user would load it."""
 
-    row = {"model": name}
+    row, per_row = {"model": name}, {}
     for split in ("validation", "test"):
         evaluator = adapter_score(cfg, adapter_dir, split)
-        row[split], by_chunk = split_by_chunk(evaluator.row_scores(), [r["chunk"] for r in evaluator.rows])
+        per_row[split] = evaluator.row_scores()
+        row[split], by_chunk = split_by_chunk(per_row[split], [r["chunk"] for r in evaluator.rows])
+        if cfg.evaluation.objective:
+            row[split] = evaluator.score()
     row["test_by_chunk"] = by_chunk
-    return row
+    return row, per_row
 
 
 def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[str, float]]:
@@ -100,8 +143,9 @@ def eval_sets_line(cfg) -> str:
     summary = read_json(cfg.run.summary, {})
     line = f"Validation: {summary.get('validation_from', '?')}. Test: {summary.get('test_from', '?')}."
     if cfg.train.shared:
-        line += (f" Base: a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) merged "
-                 f"into the configured model ({cfg.run.shared_base}); `raw` is that base, every row starts from it.")
+        line += (f" `raw` is the configured model and `train@all` is trained from it; `{SHARED_BASE_ROW}` is that "
+                 f"model with a shared adapter ({cfg.train.shared.rows_per_chunk} training rows of every chunk) "
+                 f"merged in ({cfg.run.shared_base}): every delta and merge starts from it.")
     return line
 
 
@@ -123,14 +167,45 @@ def _seconds(row: dict) -> str:
     return "-" if row.get("seconds") is None else f"{row['seconds']:.0f}"
 
 
-def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost: str = "") -> str:
+def merge_line(cfg) -> str:
+    extra = {"linear": "", "regmean": f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean "
+                                      f"itself)"}
+    return (f"Merges (average, human, auto) use `{cfg.search.merge}`"
+            + extra.get(cfg.search.merge, f" (density {cfg.search.density})") + ".")
+
+
+def interval_line(rows: list[dict], cfg) -> str:
+    counted = next((r for r in rows if "test_rows" in r), None)
+    if counted is None:
+        return ""
+    return (f"[low, high]: {cfg.report.interval:.0%} interval, bootstrap over the held-out rows within chunks "
+            f"({cfg.report.bootstrap} resamples; {counted['validation_rows']} validation and {counted['test_rows']} "
+            f"test rows).")
+
+
+def paired_lines(paired: dict) -> list[str]:
+    """auto_merge - train@all on the same rows, overall and per chunk, with whether the interval excludes 0."""
+    if not paired:
+        return []
+    said = lambda d: ("ahead" if d["interval"][0] > 0 else "behind") if d["excludes_zero"] else "not told apart"
+    lines = ["", f"Paired difference {paired['a']} - {paired['b']} (same rows; {paired['interval']:.0%} interval):", "",
+             "split | chunk | difference | interval | rows | verdict |", "---|---|---|---|---|---|"]
+    for split in ("validation", "test"):
+        parts = [("all", paired[split]["overall"])] + list(paired[split]["by_chunk"].items())
+        lines += [f"{split} | {c} | {d['difference']:+.3f} | [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] | "
+                  f"{d['rows']} | {said(d)} |" for c, d in parts]
+    return lines
+
+
+def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost: str = "",
+              paired: dict | None = None) -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
-             eval_sets_line(cfg),
-             f"Merges (average, human, auto) use `{cfg.search.merge}`"
-             + (f" (density {cfg.search.density})." if cfg.search.merge != "linear" else "."), "",
+             eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg), "",
              "model | validation | test | seconds |", "---|---|---|---|"]
-    lines += [f"{r['model']} | {r['validation']:.4f} | {r['test']:.4f} | {_seconds(r)} |" for r in rows]
+    lines += [f"{r['model']} | {fmt(r['validation'], r.get('validation_ci'))} | {fmt(r['test'], r.get('test_ci'))} | "
+              f"{_seconds(r)} |" for r in rows]
+    lines += paired_lines(paired or {})
     lines += ["", cost] if cost else []
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
@@ -223,19 +298,22 @@ def train_only_note(rows: list[dict], chunks: list[str]) -> str:
 
 
 def html_view(report: dict, chunks: list[str], deltas: list[str], cfg) -> dict:
-    """What report.html shows, from the same numbers and notes as report.md: the weights table per delta (means
-    over module groups when search.granularity is not `delta`), '-' for chunks without test rows, the shared-base
-    and evaluation-set notes."""
+    """What report.html shows, from the same numbers and notes as report.md: scores with their intervals, the
+    paired difference, '-' for chunks without test rows, the weights per delta (means over module groups when
+    search.granularity is not `delta`), the shared-base, evaluation-set, merge and interval notes."""
     rows = report["rows"]
     notes = [f"Metric: {report['metric']}. Validation is what the search tuned on; test was never tuned on.",
-             eval_sets_line(cfg),
-             f"Merges (average, human, auto) use `{cfg.search.merge}`"
-             + (f" (density {cfg.search.density})." if cfg.search.merge != "linear" else ".")]
-    notes += [note] if (note := train_only_note(rows, chunks)) else []
+             eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg)]
     weight_note = (f"Weights per delta are means over its module groups (search.granularity: "
                    f"{cfg.search.granularity}); search/best.json holds each." if cfg.search.granularity != "delta"
                    else "")
-    return {"notes": notes, "weight_note": weight_note,
+    paired = [line.strip("|").split(" | ") for line in paired_lines(report.get("paired") or {})[4:]
+              if line and not line.startswith("---")]
+    return {"notes": [n for n in notes if n], "weight_note": weight_note, "chunk_note": train_only_note(rows, chunks),
+            "scores": [(r["model"], fmt(r["validation"], r.get("validation_ci")), fmt(r["test"], r.get("test_ci")),
+                        _seconds(r)) for r in rows],
+            "paired_title": (paired_lines(report["paired"])[1] if report.get("paired") else ""),
+            "paired": [[c.strip() for c in p] for p in paired],
             "by_chunk": [(r["model"], [f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
                                        for c in chunks]) for r in rows],
             "weights": [(r["model"], [f"{per_delta(r['weights']).get(d, 0.0):.4g}" for d in deltas])
@@ -275,7 +353,8 @@ def write_report(session, force: bool = False) -> str:
         print(f"report: {run.report} up to date")
     else:
         report = _write_report_files(session, fp)
-    md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""))  # the line report.json holds
+    md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""),  # the line report.json holds
+                   report.get("paired") or {})
     print(md.split("\n\n![")[0])
     if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
         md += ("\nEvaluator counts (over every row scored for this report): "
@@ -285,13 +364,18 @@ def write_report(session, force: bool = False) -> str:
 
 def _write_report_files(session, fp: str) -> dict:
     cfg, run = session.cfg, session.cfg.run
-    rows = report_rows(session)
+    rows, per_row = report_rows(session)
+    chunks = {split: session.row_chunks(split) for split in ("validation", "test")}
+    paired = add_intervals(rows, per_row, chunks, cfg)
+    write_json(run.report / "row_scores.json", {"chunks": chunks, "scores": per_row})
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
     trials = read_jsonl(run.trials)
     report = {"name": cfg.name, "metric": cfg.evaluation.metric, "rows": rows,
               "merge": {"method": cfg.search.merge, "density": cfg.search.density},
-              "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"]},
+              "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"],
+                       "validation_ci": auto.get("validation_ci"), "test_ci": auto.get("test_ci")},
+              "paired": paired,
               "evaluation_stats": stats, "cost": cost_line(rows, len(trials)), "fingerprint": fp}
     write_json(run.report_json, report)
     images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}

@@ -1,6 +1,6 @@
 """Continual rounds. Round 1 is an ordinary run in runs/<name>/. Round K >= 2 lives in runs/<name>/round-K/:
 its base model is round K-1's best merge merged into full weights (`llamafactory-cli export`, rendered from
-templates/export.yaml.j2 into round K-1's export.yaml, the same as `autollm export --full` of that round:
+autollm_lf/templates/export.yaml.j2 into round K-1's export.yaml, the same as `autollm export --full` of that round:
 runs/<name>[/round-<K-1>]/merged_full/), and its data are data.sources + round K-1's bad cases +
 rounds.sources. Its report ends with the score across rounds."""
 from __future__ import annotations

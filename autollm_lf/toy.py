@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .io import atomic_write_text, fingerprint, read_json, write_json
-from .paths import is_fresh
+from .paths import TEMPLATES_DIR, is_fresh
 from .tiny import make_tiny_llama
 from .train import hardware_defaults, render_template, run_llamafactory
 
@@ -147,7 +147,7 @@ def ensure_toy(cfg) -> None:
     examples_fp = fingerprint(toy.seed, toy.rows_per_task, ALPHABET, [inspect.getsource(f) for f in TASKS.values()])
     base_fp = fingerprint("base", toy.seed, toy.base_train_rows, toy.base_args, examples_fp,
                           inspect.getsource(_base_corpus),
-                          (Path(__file__).parent.parent / "templates" / "toy_base_full.yaml.j2").read_text())
+                          (TEMPLATES_DIR / "toy_base_full.yaml.j2").read_text())
     if is_fresh(read_json(base / "autollm_toy.json", {}), base_fp):
         return
     print(f"toy: building base model {base} (random tiny Llama + one short full fine-tune)")

@@ -20,10 +20,8 @@ from .io import atomic_write_text, file_digest, fingerprint, read_json, write_js
 from .lfcli import apply_overrides, run_llamafactory
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 from .owned import OWNED_TRAIN_KEYS
-from .paths import ADAPTER_FILE, is_fresh
+from .paths import ADAPTER_FILE, TEMPLATES_DIR, dataset_file_stem, is_fresh, sft_view
 from .scheduler import device_groups, run_on_devices, visible_gpus
-
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 DONE_MARKER = "autollm_delta.json"
 ALL_DELTA = "all"
@@ -36,6 +34,7 @@ class DeltaSpec:
     datasets: list[str]
     method: str = "sft"
     args: dict[str, Any] = field(default_factory=dict)
+    merged: bool = False  # one of the deltas the search merges (train.lora_init applies to these only)
 
     @property
     def chunk(self) -> str | None:
@@ -82,7 +81,7 @@ def template_problem(template_file: str, method: str) -> str | None:
     found at `validate`, not when the first training starts. Rendered once with sample values."""
     path = find_template(template_file)
     if path is None:
-        return f"no template {template_file!r} in templates/; name a file there or give a path"
+        return f"no template {template_file!r} in autollm_lf/templates/; name a file there or give a path"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
         env.from_string(path.read_text(encoding="utf-8")).render(**TEMPLATE_SAMPLE, **METHODS[method].args)
@@ -121,18 +120,53 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# ---- train.lora_init: how each merged delta's LoRA starts (its keys over the rendered config) -------------------
+# LLaMA-Factory draws a LoRA's A from the run's `seed`: with one seed every delta starts from the same A and, at
+# these learning rates, barely moves it (cosine .985 across the Gemma example's deltas), so all deltas read the same
+# input directions.
+
+FROZEN_A_RATIO = 10_000.0  # frozen_a: B learns at learning_rate, A at learning_rate / this (LoRA+'s param groups)
+
+
+def delta_seed(seed: int, name: str) -> int:
+    """A seed of the delta's own, fixed by the run's seed and the delta's name."""
+    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16)
+
+
+def _per_delta_init(seed: int, name: str, learning_rate: float) -> dict[str, Any]:
+    return {"seed": delta_seed(seed, name)}
+
+
+def _frozen_a_init(seed: int, name: str, learning_rate: float) -> dict[str, Any]:
+    """One A for every delta (the run's seed), held still: LoRA+'s B/A learning-rate ratio at FROZEN_A_RATIO with
+    the learning rate divided by it, so B trains as configured and A moves by ~1e-4 of itself (LoRA-FA / LoRI)."""
+    return {"learning_rate": learning_rate / FROZEN_A_RATIO, "loraplus_lr_ratio": FROZEN_A_RATIO}
+
+
+LORA_INITS: dict[str, Any] = {
+    "shared": lambda seed, name, learning_rate: {},  # LLaMA-Factory's default: the run's seed for every delta
+    "per_delta": _per_delta_init,
+    "frozen_a": _frozen_a_init,
+}
+
+
 def config_for_delta(cfg, spec: DeltaSpec,
                      hardware: dict[str, Any] | None = None) -> tuple[Path, str]:
     """Render configs/<delta>.yaml unless the user edited it since we last rendered it (then keep theirs)."""
     run = cfg.run
     path, state_path = run.config(spec.name), run.rendered
     state = read_json(state_path, {})
-    rendered = render_template(
-        cfg.train.template_for(spec.method), {**cfg.train.args, **spec.args}, **METHODS[spec.method].args,
+    render = lambda overrides: render_template(
+        cfg.train.template_for(spec.method), overrides, **METHODS[spec.method].args,
         delta=spec.name, model_name_or_path=str(cfg.base_model.path), template=cfg.base_model.template,
         dataset_dir=str(run.data), dataset=",".join(spec.datasets), output_dir=str(run.delta(spec.name)),
         seed=cfg.seed, **(hardware or hardware_defaults()),
     )
+    rendered = render({**cfg.train.args, **spec.args})
+    if spec.merged and cfg.train.lora_init != "shared":
+        learning_rate = float(yaml.safe_load(rendered).get("learning_rate", 5e-5))
+        init = LORA_INITS[cfg.train.lora_init](cfg.seed, spec.name, learning_rate)
+        rendered = render({**cfg.train.args, **spec.args, **init})
     if path.exists() and _sha(path.read_text(encoding="utf-8")) != state.get(spec.name):
         print(f"keeping hand-edited {path} (delete it to go back to the template)")
         text = path.read_text(encoding="utf-8")
@@ -162,8 +196,16 @@ def chunk_methods(cfg, chunk: str, shape: str) -> list[str]:
     return AUTO_METHODS[shape] if chosen == "auto" else list(chosen)
 
 
+def train_all_datasets(cfg, shapes: dict[str, str]) -> list[str]:
+    """What train@all trains on: every SFT chunk and every preference chunk prepare gave an SFT view (its chosen
+    answers); KTO and pretraining chunks have no SFT form and stay out."""
+    info = read_json(cfg.run.dataset_info, {})
+    return ([c for c, shape in shapes.items() if shape == "sft"]
+            + [sft_view(c) for c, shape in shapes.items() if shape == "preference" and sft_view(c) in info])
+
+
 def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
-    """One delta per (chunk, method), named <chunk>-<method>, plus train@all (SFT on the SFT chunks).
+    """One delta per (chunk, method), named <chunk>-<method>, plus train@all (SFT on every chunk it can read).
 
     A method that does not fit a chunk's data is an error here, before anything trains."""
     specs = []
@@ -176,10 +218,9 @@ def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
             name = f"{chunk}-{m}"
             args = {**cfg.train.method_args.get(m, {}), **cfg.train.chunk_args.get(chunk, {}),
                     **cfg.train.chunk_args.get(name, {})}
-            specs.append(DeltaSpec(name, [chunk], m, args))
-    sft_chunks = [c for c, shape in shapes.items() if shape == "sft"]
-    if cfg.train.train_all and sft_chunks:
-        specs.append(DeltaSpec(ALL_DELTA, sft_chunks, "sft", cfg.train.method_args.get("sft", {})))
+            specs.append(DeltaSpec(name, [chunk], m, args, merged=True))
+    if cfg.train.train_all and (everything := train_all_datasets(cfg, shapes)):
+        specs.append(DeltaSpec(ALL_DELTA, everything, "sft", cfg.train.method_args.get("sft", {})))
     return specs
 
 
@@ -198,8 +239,10 @@ class TrainingJob:
 def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict[str, Any]) -> TrainingJob | None:
     """The job for one delta, or None when it is already trained with the same config text, data and base."""
     cfg_path, text = config_for_delta(cfg, spec, hardware)
-    data_files = [cfg.run.split(d) for d in spec.datasets] + [cfg.run.dataset_info]
-    fp = fingerprint(text, file_digest(data_files), base_fp)
+    data_files = [cfg.run.split(dataset_file_stem(d)) for d in spec.datasets] + [cfg.run.dataset_info]
+    info = read_json(cfg.run.dataset_info, {})
+    # the delta's own dataset_info entries, not the whole file: an entry added for another delta retrains nothing
+    fp = fingerprint(text, file_digest(data_files[:-1]), {d: info.get(d) for d in spec.datasets}, base_fp)
     delta_dir = cfg.run.delta(spec.name)
     if not force and is_fresh(read_json(delta_dir / DONE_MARKER, {}), fp, delta_dir / ADAPTER_FILE):
         print(f"delta {spec.name}: up to date, not retrained")
@@ -318,7 +361,9 @@ def check_template(name: str, model_dir: Path) -> None:
                     f"(a text-only model; LLaMA-Factory would stop with 'Processor was not found'); {instead}")
 
 
-def train_all(cfg, shapes: dict[str, str], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
-    """Train the deltas, train@all included."""
+def train_all(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
+    """Train these deltas (delta_specs) on cfg's base."""
+    if not specs:
+        return {}
     check_template(cfg.base_model.template, cfg.base_model.path)
-    return train_specs(cfg, delta_specs(cfg, shapes), force, keep_going)
+    return train_specs(cfg, specs, force, keep_going)

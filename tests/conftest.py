@@ -27,6 +27,17 @@ torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """Plain `pytest` is the fast loop: tests marked slow (real trainings, servers, a real model) run only with
+    RUN_SLOW=1, LLaMA-Factory's own convention (`sh autollm.sh test` sets it and runs everything)."""
+    if os.environ.get("RUN_SLOW", "").lower() in ("1", "true", "yes"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 @pytest.fixture
 def run_autollm():
     """`autollm run` on a config dict (written to cwd), through the real CLI; returns the run dir."""

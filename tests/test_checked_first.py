@@ -449,25 +449,34 @@ def test_report_html_shows_what_report_md_shows(tmp_path):
     cfg = RunConfig.model_validate({**base_config(tmp_path), "train": {"shared": {"rows_per_chunk": 4}},
                                     "search": {"granularity": "module_kind", "merge": "ties"}})
     weights = {"a-sft@attention": 0.2, "a-sft@mlp": 0.6, "b-sft@attention": 1.0, "b-sft@mlp": 0.5}
-    rows = [{"model": "raw", "validation": 0.1, "test": 0.2, "seconds": None, "test_by_chunk": {"a": 0.1, "b": 0.3}},
+    counts = {"validation_rows": 40, "test_rows": 40}
+    rows = [{"model": "raw", "validation": 0.1, "test": 0.2, "seconds": None, "test_by_chunk": {"a": 0.1, "b": 0.3},
+             "validation_ci": [0.05, 0.15], "test_ci": [0.1, 0.3], **counts},
             {"model": "auto_merge", "validation": 0.5, "test": 0.4, "seconds": 3.0, "weights": weights,
-             "test_by_chunk": {"a": 0.5, "b": 0.25}}]
+             "test_by_chunk": {"a": 0.5, "b": 0.25}, "validation_ci": [0.4, 0.6], "test_ci": [0.3, 0.5], **counts}]
+    diff = {"difference": 0.2, "interval": [0.05, 0.35], "rows": 40, "excludes_zero": True}
+    paired = {"a": "auto_merge", "b": "raw", "interval": 0.95,
+              **{s: {"overall": diff, "by_chunk": {"a": diff, "b": {**diff, "excludes_zero": False}}}
+                 for s in ("validation", "test")}}
     chunks, deltas = ["a", "b", "scraped"], ["a-sft", "b-sft"]
-    report = {"name": "t", "metric": "exact_match", "rows": rows, "evaluation_stats": {}, "cost": ""}
-    md = _markdown(rows, chunks, deltas, cfg)
+    report = {"name": "t", "metric": "exact_match", "rows": rows, "evaluation_stats": {}, "cost": "",
+              "paired": paired}
+    md = _markdown(rows, chunks, deltas, cfg, "", paired)
     page = _Cells()
     page.feed(_html(report, chunks, deltas, None, {}, cfg))
+    scores, paired_table, by_chunk, weights_table = page.tables
     weights_md = _md_table(md, "model | a-sft_weight")
     assert weights_md[1] == ["auto_merge", "0.4", "0.75"]  # means over module groups, not 0
-    assert page.tables[2][1:] == weights_md[1:]
+    assert weights_table[1:] == weights_md[1:]
     by_chunk_md = _md_table(md, "model | a | b | scraped")
-    assert by_chunk_md[1][-1] == "-" and page.tables[1][1:] == by_chunk_md[1:]
+    assert by_chunk_md[1][-1] == "-" and by_chunk[1:] == by_chunk_md[1:]
     scores_md = _md_table(md, "model | validation | test")
-    assert page.tables[0][1:] == scores_md[1:]
+    assert "[" in scores_md[1][1] and scores[1:] == scores_md[1:]  # with their intervals
+    assert paired_table[1:] == [[c.replace("\\|", "|") for c in r] for r in _md_table(md, "split | chunk")[1:]]
     md_notes = " ".join(md.split())
     for note in page.notes:  # every note the page shows is the markdown's, word for word
         assert note in md_notes, note
-    assert any("`raw` is that base" in n for n in page.notes)
+    assert any("shared adapter" in n and "every delta and merge starts from it" in n for n in page.notes)
     assert any("Chunks without test rows (scraped)" in n for n in page.notes)
     assert any("means over its module groups" in n for n in page.notes)
     assert any("ties" in n for n in page.notes)

@@ -64,6 +64,16 @@ def test_report_and_search_contents(first_run):
             assert auto["validation"] >= r["validation"]  # they were all seeds of the search
     export = json.loads((run / "merged" / "autollm_export.json").read_text())
     assert export["exported_validation"] == best["validation"]
+    for r in report["rows"]:  # every score with its interval, on the rows it rests on
+        for split in ("validation", "test"):
+            low, high = r[f"{split}_ci"]
+            assert low <= r[split] <= high and r[f"{split}_rows"] > 0
+    paired = report["paired"]["test"]
+    auto_all = [next(r for r in report["rows"] if r["model"] == m)["test"] for m in ("auto_merge", "train@all")]
+    assert paired["overall"]["difference"] == pytest.approx(auto_all[0] - auto_all[1])
+    assert set(paired["by_chunk"]) == {"code", "math"}
+    md = (run / "report" / "report.md").read_text()
+    assert "Paired difference auto_merge - train@all" in md and "95% interval" in md
 
 
 def test_second_run_retrains_nothing_and_hand_edit_retrains_one(tiny_model, tmp_path):
@@ -238,3 +248,20 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert fitted["value"] == pytest.approx(ceiling_value(fitted["by_chunk"], own))
     assert "ceiling (weights searched on TEST itself" in res.stdout
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before
+
+
+def test_bench_quality_on_a_finished_run(first_run):
+    """`autollm bench --only quality`: every merge method x optimiser searched at one budget; each picked point
+    scored on test with its interval and per chunk against the chunk's own delta."""
+    tmp, cfg, _ = first_run
+    res = autollm("bench", "--only", "quality", "--quick", "--model-run", str(cfg), "--json", cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    quality = json.loads(res.stdout.strip().splitlines()[-1])["quality"]
+    combos = {(r["merge"], r["optimizer"]) for r in quality["results"]}
+    assert combos == {(m, o) for m in ("linear", "regmean", "regmean_core") for o in ("gradient", "cmaes")}
+    for r in quality["results"]:
+        run = r["runs"][0]
+        assert run["test_ci"][0] <= run["test"] <= run["test_ci"][1]
+        assert set(run["of_own"]) == set(quality["own_delta"])
+        assert run["validation"] >= 0 and r["trials"] == 11
+    assert "quality (" in res.stdout and "regmean/gradient" in res.stdout

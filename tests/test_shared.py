@@ -7,6 +7,7 @@ import yaml
 from conftest import autollm, write_config
 
 from autollm_lf.config import load_config
+from autollm_lf.export import adapter_score
 from autollm_lf.prepare import prepare
 
 
@@ -31,7 +32,7 @@ def test_prepare_writes_a_seeded_sample_of_every_chunk(tiny_model, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_shared_base_is_trained_merged_and_every_delta_starts_from_it(tiny_model, tmp_path):
+def test_shared_base_is_trained_merged_and_every_delta_starts_from_it(tiny_model, tmp_path, monkeypatch):
     path = write_config(tmp_path, tiny_model, name="sh")
     raw = yaml.safe_load(path.read_text())
     raw["train"]["shared"] = {"rows_per_chunk": 4, "args": {"num_train_epochs": 2.0}}
@@ -46,14 +47,24 @@ def test_shared_base_is_trained_merged_and_every_delta_starts_from_it(tiny_model
         "base_model_name_or_path"] == str(tiny_model)
     rendered = yaml.safe_load((run / "configs" / "_shared.yaml").read_text())
     assert rendered["dataset"] == "_shared" and rendered["num_train_epochs"] == 2.0
-    for delta in ("math-sft", "code-sft", "all"):
+    for delta in ("math-sft", "code-sft"):
         adapter_cfg = json.loads((run / "deltas" / delta / "adapter_config.json").read_text())
         assert adapter_cfg["base_model_name_or_path"] == str(base), delta
+    # the yardstick a user would train: train@all from the configured model, not from the shared base
+    assert json.loads((run / "deltas" / "all" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(tiny_model)
     assert yaml.safe_load((run / "export.yaml").read_text())["model_name_or_path"] == str(base)
     assert "shared adapter (4 training rows of every chunk)" in (run / "report" / "report.md").read_text()
     report = json.loads((run / "report" / "report.json").read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows)[:3] == ["raw", "train@all", "shared_base"]
     shared_seconds = json.loads((run / "deltas" / "_shared" / "autollm_delta.json").read_text())["seconds"]
-    assert next(r for r in report["rows"] if r["model"] == "raw")["seconds"] == shared_seconds > 0
+    assert rows["shared_base"]["seconds"] == shared_seconds > 0 and rows["raw"]["seconds"] == 0
+    # raw is the configured model: scored as a user loads it, it is what the plain model scores
+    monkeypatch.chdir(tmp_path)  # the config's run_dir is relative, as a user writes it
+    cfg = load_config(path)
+    assert rows["raw"]["test"] == pytest.approx(adapter_score(cfg, None, "test").score())
+    assert rows["train@all"]["test"] == pytest.approx(adapter_score(cfg, run / "deltas" / "all", "test").score())
 
     again = autollm("run", str(path), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]

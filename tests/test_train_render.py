@@ -71,3 +71,22 @@ def test_failed_training_shows_log_tail(tmp_path, monkeypatch):
     assert "training delta math failed (exit 3)" in str(e.value)
     assert "lora_rank must be positive" in str(e.value)
     assert (tmp_path / "out" / "train.log").read_text().startswith("starting")
+
+
+@pytest.mark.parametrize("init", ["shared", "per_delta", "frozen_a"])
+def test_lora_init_sets_its_keys_on_merged_deltas_only(tmp_path, init):
+    from autollm_lf.train import FROZEN_A_RATIO, delta_seed
+    cfg = fake_cfg(tmp_path, learning_rate=0.002)
+    cfg.train.lora_init = init
+    math, code = (yaml.safe_load(config_for_delta(cfg, DeltaSpec(n, [c], merged=True))[1])
+                  for n, c in (("math-sft", "math"), ("code-sft", "code")))
+    baseline = yaml.safe_load(config_for_delta(cfg, DeltaSpec("all", ["math", "code"]))[1])
+    assert baseline["seed"] == 0 and baseline["learning_rate"] == 0.002 and "loraplus_lr_ratio" not in baseline
+    if init == "shared":
+        assert math["seed"] == code["seed"] == 0 and math["learning_rate"] == 0.002
+    elif init == "per_delta":
+        assert math["seed"] == delta_seed(0, "math-sft") != code["seed"] == delta_seed(0, "code-sft")
+        assert math["learning_rate"] == 0.002
+    else:  # one A for all, held still: B's learning rate (lr x ratio) is the configured one
+        assert math["seed"] == code["seed"] == 0 and math["loraplus_lr_ratio"] == FROZEN_A_RATIO
+        assert math["learning_rate"] * math["loraplus_lr_ratio"] == pytest.approx(0.002)

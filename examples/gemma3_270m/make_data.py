@@ -9,8 +9,8 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROWS_PER_TASK = 84   # 60 train + 12 validation + 12 test
-PREF_ROWS = 72       # 48 train + 12 validation + 12 test
+ROWS_PER_TASK = 140  # 60 train + 40 validation + 40 test: one held-out row is 2.5 points of a chunk, not 8
+PREF_ROWS = 140      # likewise; made-up words (the word list is used by `following`)
 WORDS = [
     "apple", "river", "garden", "window", "pencil", "basket", "candle", "forest", "island", "ladder", "mirror",
     "pocket", "rabbit", "saddle", "tunnel", "violin", "wallet", "yellow", "zebra", "anchor", "bottle", "button",
@@ -56,6 +56,20 @@ def generation_task(rng):
     return f'Write an instruction whose answer is "{w.upper()}".', following_task(w)[0]
 
 
+SYLLABLES = ["ba", "ko", "mi", "lu", "re", "sa", "to", "vi", "ne", "da", "fo", "gu", "pe", "ri", "zo", "ha"]
+
+
+def made_up_words(n, rng, taken):
+    """Pronounceable words of three syllables not in `taken` (there are 4096)."""
+    words = []
+    while len(words) < n:
+        w = "".join(rng.choice(SYLLABLES) for _ in range(3))
+        if w not in taken:
+            taken.add(w)
+            words.append(w)
+    return words
+
+
 def unique(make, n, rng):
     rows, seen = [], set()
     while len(rows) < n:
@@ -70,8 +84,9 @@ def main():
     rng = random.Random(0)
     words = sorted(set(WORDS))
     rng.shuffle(words)
-    following, preferred = words[:ROWS_PER_TASK], words[ROWS_PER_TASK:ROWS_PER_TASK + PREF_ROWS]
-    assert len(preferred) == PREF_ROWS, "add words to WORDS"
+    following = words[:ROWS_PER_TASK]
+    assert len(following) == ROWS_PER_TASK, "add words to WORDS"
+    preferred = made_up_words(PREF_ROWS, rng, set(words))
     tasks = {"math": unique(math_task, ROWS_PER_TASK, rng), "code": unique(code_task, ROWS_PER_TASK, rng),
              "following": [following_task(w) for w in following],
              "generation": unique(generation_task, ROWS_PER_TASK, rng)}

@@ -1,0 +1,151 @@
+"""`autollm bench --only quality`: merge quality on a finished (real-model) run.
+
+Every merge method x optimiser runs the real search loop on validation at the same trial budget, with several
+seeds; the weights each picks are scored on test, with the bootstrap interval over test rows, and per chunk as a
+fraction of that chunk's own delta's test score (on the chunks that delta learned: its score above the base's with
+an interval that excludes 0). One larger budget shows what more trials buy. One loaded model: methods are switched
+in place, the seeds' baseline points are scored once per method."""
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .config import load_config
+from .grams import use_regmean
+from .intervals import mean_interval, paired_difference, resample_index
+from .io import read_json
+from .merge import MERGE_METHODS
+from .pipeline import Session
+from .report import split_by_chunk
+from .search import run_search, seed_points
+
+QUALITY_METHODS = ("linear", "regmean", "regmean_core")
+QUALITY_OPTIMIZERS = ("gradient", "cmaes")
+
+
+class _MethodSession:
+    """The run's Session seen with another search config (merge method, optimiser, budget): the same loaded model
+    and scorers; `score` remembers the points it has scored (the baselines are the same for every seed)."""
+
+    def __init__(self, session: Session, search):
+        self._session = session
+        self.cfg = session.cfg.model_copy(update={"search": search})
+        self.weighted = session.weighted
+        self.scorer = session.scorer
+        self._seen: dict[tuple, float] = {}
+
+    def score(self, weights: dict[str, float], split: str) -> float:
+        key = (split, tuple(sorted(weights.items())))
+        if key not in self._seen:
+            self._seen[key] = self._session.score(weights, split)
+        return self._seen[key]
+
+
+def _search(session: Session, search, params: list[str], seed: int) -> tuple[dict, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        target = _MethodSession(session, search)
+        with contextlib.redirect_stdout(io.StringIO()):
+            best = run_search(target.cfg.model_copy(update={"run_dir": Path(tmp), "seed": seed}), target,
+                              params, fp=f"quality-{search.merge}-{search.optimizer}-{seed}",
+                              human=session.human_weights() if search.human_weights else {})
+        return best, time.perf_counter() - started
+
+
+def _test_summary(session: Session, weights: dict, method: str, own: dict, index, level: float) -> dict:
+    overall, scores = session.scored_rows(weights, "test", method)
+    by_chunk = split_by_chunk(scores, session.row_chunks("test"))[1]
+    return {"test": overall, "test_ci": mean_interval(scores, index, level), "test_by_chunk": by_chunk,
+            "of_own": {c: by_chunk[c] / own[c] for c in own if own[c] > 0}, "scores": scores}
+
+
+def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_budget: int | None = None,
+                  methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS) -> dict:
+    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
+    if cfg is None or not cfg.run.best.exists():
+        return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
+    session = Session(cfg)
+    w = session.weighted
+    chunk_of = {d: session.specs[d].chunk for d in session.deltas}
+    for method in methods:
+        space = MERGE_METHODS[method].data_aware
+        if space and not w.has_regmean(space):
+            use_regmean(cfg, w, chunk_of, cfg.search.regmean_alpha, space)
+    level, n_boot = cfg.report.interval, cfg.report.bootstrap
+    chunks = session.row_chunks("test")
+    index = resample_index(chunks, n_boot, cfg.seed)
+    base_overall, base_scores = session.scored_rows({d: 0.0 for d in session.deltas}, "test", "linear")
+    own, learned = {}, {}
+    for d, c in chunk_of.items():
+        _, scores = session.scored_rows({d: 1.0}, "test", "linear")
+        cols = [i for i, k in enumerate(chunks) if k == c]
+        if not cols:
+            continue  # a training-only chunk: nothing to score it on
+        own[c] = sum(scores[i] for i in cols) / len(cols)
+        learned[c] = paired_difference([scores[i] for i in cols], [base_scores[i] for i in cols],
+                                       resample_index([c] * len(cols), n_boot, cfg.seed), level)
+    learned_chunks = [c for c, d in learned.items() if d["excludes_zero"] and d["difference"] > 0]
+    report = read_json(cfg.run.report_json, {})
+    yardsticks = {r["model"]: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
+                  for r in report.get("rows", []) if r["model"] in ("raw", "train@all", "shared_base")}
+    n_seed_points = len(seed_points(session.search_params, cfg.search.bounds, cfg.search.human_weights))
+    results = []
+    for method in methods:
+        w.use_method(method, cfg.search.density)
+        for optimizer in optimizers:
+            if optimizer == "gradient" and not MERGE_METHODS[method].low_rank:
+                continue
+            runs = []
+            for seed in range(seeds):
+                search = cfg.search.model_copy(update={"merge": method, "optimizer": optimizer, "init_points": 0,
+                                                       "n_iter": max(budget - n_seed_points, 0), "patience": None})
+                best, seconds = _search(session, search, session.search_params, seed)
+                summary = _test_summary(session, best["weights"], method, own, index, level)
+                runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary})
+            results.append(_combine(method, optimizer, budget, runs, learned_chunks))
+    if big_budget:
+        method, optimizer = cfg.search.merge, cfg.search.optimizer
+        w.use_method(method, cfg.search.density)
+        search = cfg.search.model_copy(update={"merge": method, "optimizer": optimizer, "init_points": 0,
+                                               "n_iter": max(big_budget - n_seed_points, 0), "patience": None})
+        best, seconds = _search(session, search, session.search_params, 0)
+        summary = _test_summary(session, best["weights"], method, own, index, level)
+        results.append(_combine(method, optimizer, big_budget, [{"seed": 0, "validation": best["validation"],
+                                                                 "seconds": seconds, **summary}], learned_chunks))
+    w.use_method(cfg.search.merge, cfg.search.density)
+    for r in results:
+        for run in r["runs"]:
+            run.pop("scores")
+    return {"run": str(cfg.run.root), "test_rows": len(chunks), "interval": level, "seed_points": n_seed_points,
+            "own_delta": own, "learned": learned_chunks, "base_test": base_overall, "yardsticks": yardsticks,
+            "results": results}
+
+
+def _combine(method: str, optimizer: str, budget: int, runs: list[dict], learned: list[str]) -> dict:
+    mean = lambda key: statistics.mean(r[key] for r in runs)
+    worst_of_own = [min((r["of_own"][c] for c in learned if c in r["of_own"]), default=float("nan")) for r in runs]
+    return {"merge": method, "optimizer": optimizer, "trials": budget, "runs": runs,
+            "validation_mean": mean("validation"), "test_mean": mean("test"), "seconds_mean": mean("seconds"),
+            "worst_learned_chunk_of_own_mean": statistics.mean(worst_of_own)}
+
+
+def quality_lines(r: dict) -> list[str]:
+    if "skipped" in r:
+        return ["quality: " + r["skipped"]]
+    lines = [f"quality ({r['run']}, {r['test_rows']} test rows, {r['interval']:.0%} intervals; chunks the deltas "
+             f"learned: {', '.join(r['learned'])}):"]
+    for name, y in r["yardsticks"].items():
+        ci = y.get("test_ci") or [float("nan")] * 2
+        lines.append(f"  {name:<28} test {y['test']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    for x in r["results"]:
+        runs = "; ".join(f"seed {run['seed']}: {run['test']:.3f} [{run['test_ci'][0]:.3f}, {run['test_ci'][1]:.3f}]"
+                         for run in x["runs"])
+        lines.append(f"  {x['merge']}/{x['optimizer']} ({x['trials']} trials)".ljust(30)
+                     + f"validation {x['validation_mean']:.3f}  test {x['test_mean']:.3f}  worst learned chunk "
+                       f"{x['worst_learned_chunk_of_own_mean']:.0%} of its delta  ({runs}; {x['seconds_mean']:.0f}s)")
+    return lines
+
