@@ -171,8 +171,9 @@ def test_real_training_reads_only_the_runs_rows(tiny_model, tmp_path):
         "train": {"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 1, "logging_steps": 1,
                            "max_steps": -1}, "train_all": False, "auto_mix": False}})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    res = autollm("train", str(tmp_path / "run.yaml"), cwd=tmp_path)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for stage in ("prepare", "train"):
+        res = autollm(stage, str(tmp_path / "run.yaml"), cwd=tmp_path)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     run = tmp_path / "runs" / "t"
     train_rows = json.loads((run / "data" / "own.json").read_text())
     assert len(train_rows) == 16 - 4
