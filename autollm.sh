@@ -21,17 +21,18 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; th
 fi
 
 # System packages the tests drive for real: Debian's chromium + chromium-driver (the WebUI test, headless) and
-# postgresql (the read-only PostgreSQL source test starts its own server on 127.0.0.1).
+# postgresql and mariadb-server (the read-only database source tests start their own servers on 127.0.0.1).
 need_test_packages() {
   missing=""
   { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing="chromium chromium-driver"
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+  command -v mariadb-install-db >/dev/null 2>&1 || missing="$missing mariadb-server"
   [ -n "$missing" ] || return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing $missing (apt-get) for the tests"
     apt-get install -y -q $missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null; }
   else
-    echo "warning: the WebUI and PostgreSQL tests need Debian's packages: sudo apt-get install $missing" >&2
+    echo "warning: the WebUI, PostgreSQL and MariaDB tests need Debian's packages: sudo apt-get install $missing" >&2
   fi
 }
 

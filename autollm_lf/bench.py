@@ -498,6 +498,22 @@ def gradient_ceiling(session, by_chunk, own: dict[str, float], trials: int, star
             "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}}
 
 
+def own_scores(session, by_chunk) -> tuple[dict[str, float], dict[str, str], list[str]]:
+    """Each chunk's own score: the best of its deltas alone (a chunk may train several: sft, dpo, ...) on its test
+    rows; chunks without test rows (train_only sources, bad cases) have none and are listed apart."""
+    own, best, no_test = {}, {}, set()
+    for d in session.deltas:
+        chunk = session.specs[d].chunk
+        if chunk is None:  # train@all, train@auto_mix
+            continue
+        scores = by_chunk({d: 1.0})
+        if chunk not in scores:
+            no_test.add(chunk)
+        elif chunk not in own or scores[chunk] > own[chunk]:
+            own[chunk], best[chunk] = scores[chunk], d
+    return own, best, sorted(no_test - set(own))
+
+
 def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: float = CEILING_SHARE) -> float:
     """Mean over chunks of how far the merge gets towards `share` of the chunk's own delta (1 = there or beyond):
     the largest value, len(own) / len(own) = 1, means every chunk meets the goal at once."""
@@ -520,9 +536,10 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     w = session.weighted
     if w.mode == "scaling":
         return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}
-    chunk_of = {d: session.specs[d].chunk for d in session.deltas}
     by_chunk = lambda weights: session.score_by_chunk(weights, "test", "linear")[1]
-    own = {chunk_of[d]: by_chunk({d: 1.0})[chunk_of[d]] for d in session.deltas}
+    own, best_delta, no_test = own_scores(session, by_chunk)
+    if not own:
+        return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}
     yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
     if ALL_DELTA in w.names:
         yardsticks["train@all"] = by_chunk({ALL_DELTA: 1.0})
@@ -546,7 +563,8 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     w.use_granularity(cfg.search.granularity)
     if MERGE_METHODS[cfg.search.merge].low_rank and gradient_trials:
         results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
-    return {"share": CEILING_SHARE, "own_delta": own, "rows_per_chunk": cfg.data.test_per_chunk,
+    return {"share": CEILING_SHARE, "own_delta": own, "own_delta_name": best_delta, "no_test_rows": no_test,
+            "rows_per_chunk": cfg.data.test_per_chunk,
             "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own)} for k, v in yardsticks.items()},
             "results": results}
 
@@ -683,6 +701,9 @@ def ceiling_lines(r: dict) -> list[str]:
              f"  {'':<34}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
              row("own delta", r["own_delta"]),
              row(f"{r['share']:.0%} of it", {c: r["share"] * v for c, v in r["own_delta"].items()})]
+    named = r.get("own_delta_name", {})
+    lines += [f"  (own delta: the best of the chunk's deltas alone: {', '.join(named.values())})"] if named else []
+    lines += [f"  (no test rows, not scored: {', '.join(r['no_test_rows'])})"] if r.get("no_test_rows") else []
     lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"]) for k, y in r["yardsticks"].items()]
     for x in r["results"]:
         lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"]))

@@ -11,15 +11,16 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import UserError, mask_secrets
+from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets, url_secrets
 from .evaluate import load_function
 from .gguf import PYPI, converted_path
 from .merge import MERGE_METHODS, parse_granularity
 from .methods import METHODS
 from .metrics import METRICS
+from .owned import owned_key_problems
 from .paths import RunDir
 from .train import LORA_INITS, find_template, template_problem, training_cutoff_len
-from .yamlsafe import load_yaml
+from .yamlsafe import load_yaml, load_yaml_text
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,6 +64,14 @@ class LlamaFactorySource(SourceBase):
 DocumentSource = Annotated[Union[SqlSource, FileSource], Field(discriminator="type")]
 
 
+def _no_credentials(url: str) -> str:
+    """Endpoints take their key from api_key_env (read from the environment, never written), not in the URL."""
+    if url_secrets(url):
+        raise ValueError(f"{mask_url(url)!r} carries a password or key; give the endpoint's URL without it and "
+                         f"the key's environment variable as api_key_env")
+    return url
+
+
 class GenerateSource(SourceBase):
     """An LLM writes examples from documents (rows of another source) through an OpenAI-compatible chat endpoint."""
     type: Literal["generate"]
@@ -83,6 +92,11 @@ class GenerateSource(SourceBase):
     temperature: float = Field(0.0, ge=0)
     cache_dir: Optional[Path] = Field(None, description="answers cached by prompt hash "
                                                         "(default runs/<name>/cache/generate)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v):
+        return _no_credentials(v)
 
 
 class BadCasesSource(SourceBase):
@@ -158,8 +172,21 @@ class ToyConfig(Strict):
     base_train_rows: int = Field(4000, ge=10)
     base_args: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("base_args")
+    @classmethod
+    def _no_owned_args(cls, v):
+        return _refuse_owned(v, "")
+
 
 Methods = Union[Literal["auto"], list[str]]
+
+
+def _refuse_owned(args: dict, where: str) -> dict:
+    """LLaMA-Factory keys that decide where data, models and outputs come from and go to are autollm's (owned.py)."""
+    problems = [p.removeprefix(".") for p in owned_key_problems(args, where)]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return args
 
 
 class SharedConfig(Strict):
@@ -167,6 +194,11 @@ class SharedConfig(Strict):
                                                      "and answer (a preference row's chosen answer)")
     args: dict[str, Any] = Field(default_factory=dict, description="LLaMA-Factory keys for this training, over "
                                                                    "train.args and train.method_args.sft")
+
+    @field_validator("args")
+    @classmethod
+    def _no_owned_args(cls, v):
+        return _refuse_owned(v, "")
 
 
 class TrainConfig(Strict):
@@ -189,6 +221,19 @@ class TrainConfig(Strict):
     shared: Optional[SharedConfig] = Field(
         None, description="first train one adapter on a few rows of every chunk (what all of them share, e.g. the "
                           "chat format) and merge it into the base; every delta then trains on that base")
+
+    @field_validator("args")
+    @classmethod
+    def _no_owned_args(cls, v):
+        return _refuse_owned(v, "")
+
+    @field_validator("method_args", "chunk_args")
+    @classmethod
+    def _no_owned_nested_args(cls, v):
+        problems = [p for name, args in v.items() for p in owned_key_problems(args, name)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
 
     @field_validator("lora_init")
     @classmethod
@@ -277,6 +322,11 @@ class JudgeConfig(Strict):
     retries: int = Field(2, ge=0, le=10)
     timeout: float = Field(60.0, gt=0)
     max_tokens: int = Field(64, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v):
+        return _no_credentials(v)
 
 
 class LmEvalConfig(Strict):
@@ -535,6 +585,8 @@ def _sql_url_problems(src: SqlSource, where: str) -> list[str]:
         url = make_url(src.url)
     except ArgumentError:
         return [f"{where}.url: {mask_secrets(src.url)!r} is not a database URL; write e.g. sqlite:///file.sqlite"]
+    if (problem := raw_at_problem(src.url)) is not None:
+        return [f"{where}.url: {problem}"]
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
         return [f"{where}.url: SQLite file {url.database} not found"]
     return []
@@ -569,6 +621,13 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
             problems.append(f"{i}.dataset_dir: {src.dataset_dir} has no dataset_info.json")
         if isinstance(src, SqlSource) and cfg.toy is None:
             problems += _sql_url_problems(src, i)
+    if cfg.cluster and cfg.cluster.storage and not cfg.cluster.storage.is_dir():
+        problems.append(f"cluster.storage: {cfg.cluster.storage} is not a folder here; mount the shared storage at "
+                        f"that path (every node mounts it there) or leave cluster.storage out")
+    uses_lm_eval = cfg.evaluation.metric == "lm_eval" or any(p.metric == "lm_eval" for p in cfg.evaluation.objective)
+    if uses_lm_eval and cfg.evaluation.lm_eval is not None:
+        from .lmeval import lm_eval_problems
+        problems += lm_eval_problems(cfg.evaluation.lm_eval)
     if cfg.evaluation.metric == "python":
         try:
             load_function(cfg.evaluation.function)
@@ -592,10 +651,7 @@ def override_keys(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise UserError(f"{item!r}: {'.'.join(parts[:i + 1])} is not a mapping in the config; "
                                 f"override it whole instead")
-        try:
-            node[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserError(f"{item!r}: the value is not valid YAML; quote it") from None
+        node[parts[-1]] = load_yaml_text(text, f"override {key}")  # the same guard as a config file
     return raw
 
 
@@ -624,10 +680,37 @@ def load_config(path: str | Path, round: int | None = None, overrides: list[str]
         raise UserError(f"{path}: {e}") from None
     if cfg.evaluation.cutoff_len is None:  # evaluate rows as the deltas were trained on them
         cfg.evaluation.cutoff_len = training_cutoff_len(cfg)
+    remember_secrets(*source_urls(cfg))
     check_paths(cfg, path)
     return cfg
 
 
+def source_urls(cfg: RunConfig) -> list[str]:
+    """Every database URL the config names (sources, fixed evaluation sets, generate's documents)."""
+    sources = cfg.all_sources
+    return [s.url for s in sources + [s.documents for s in sources if isinstance(s, GenerateSource)]
+            if isinstance(s, SqlSource)]
+
+
+def _mask_urls(node):
+    if isinstance(node, dict):
+        return {k: (mask_url(v) if k in ("url", "base_url") and isinstance(v, str) else _mask_urls(v))
+                for k, v in node.items()}
+    return [_mask_urls(v) for v in node] if isinstance(node, list) else node
+
+
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML, with every URL's password masked (it is written beside the outputs)."""
-    return mask_secrets(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    """The resolved config as YAML, every URL rendered by SQLAlchemy with its password and secret parameters
+    hidden (it is written beside the outputs), and any remembered secret masked wherever else it appears."""
+    return mask_secrets(yaml.safe_dump(_mask_urls(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True))
+
+
+def without_secrets(cfg: RunConfig) -> RunConfig:
+    """A copy whose database URLs are masked: what travels to other processes (Ray actors) that only read the
+    prepared data."""
+    copy = cfg.model_copy(deep=True)
+    sources = copy.all_sources
+    for src in sources + [s.documents for s in sources if isinstance(s, GenerateSource)]:
+        if isinstance(src, SqlSource):
+            src.url = mask_url(src.url)
+    return copy

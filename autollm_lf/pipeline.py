@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from .cluster import TrialPool
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, without_secrets
 from .errors import UserError
 from .evaluate import forget_templates
 from .export import export_best
@@ -257,7 +257,7 @@ def trial_pool(s: Session) -> TrialPool | None:
     search = s.cfg.search.model_copy(update={"apply": s.weighted.mode})
     cfg = s.base_cfg.model_copy(update={"search": search})
     reads = [s.cfg.base_model.path, s.cfg.out]
-    return TrialPool(cluster, validation_scorer, (cfg, s.keep_going), reads)
+    return TrialPool(cluster, validation_scorer, (without_secrets(cfg), s.keep_going), reads)  # no password to Ray
 
 
 def stage_search(s: Session) -> None:

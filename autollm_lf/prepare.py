@@ -16,6 +16,7 @@ from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
+from .owned import run_entry
 from .paths import SHARED, sft_view
 from .rows import Record, Row
 from .sources import READERS
@@ -281,7 +282,33 @@ def split_chunks(rows: list[Row], cfg: RunConfig, fixed: dict[str, list[Row]] | 
         removed["in_fixed_eval"] += sum(prompt_key(r) in in_fixed for r in items)
         removed["duplicates"] += sum(prompt_key(r) in held_out and prompt_key(r) not in in_fixed for r in items)
         train[name] = kept
+        if len(kept) < d.min_train_per_chunk:  # checked after the removal: the training rows that are left
+            gone = sum(prompt_key(r) in in_fixed for r in items)
+            raise UserError(f"data: chunk {name!r} keeps {len(kept)} training rows after its held-out rows and the "
+                            f"{gone} whose prompt is in a fixed evaluation set (evaluation.validation/test) are "
+                            f"removed; it needs data.min_train_per_chunk = {d.min_train_per_chunk}: add rows to it, "
+                            f"take them out of the fixed set, or lower validation_per_chunk/test_per_chunk")
     return train, shapes, val, test, removed
+
+
+def check_scorable(cfg: RunConfig, val: list[Row], test: list[Row]) -> None:
+    """Something to score on each split, and every chunk an evaluation.objective part names among its rows:
+    checked here, not after every delta has trained."""
+    uses_rows = cfg.evaluation.metric != "lm_eval" or any(p.metric not in (None, "lm_eval")
+                                                          for p in cfg.evaluation.objective)
+    for split, rows in (("validation", val), ("test", test)):
+        if uses_rows and not rows:
+            raise UserError(f"data: no {split} rows: every source is train_only or its chunks hold out none; give "
+                            f"evaluation.{split} (a fixed set) or a source without train_only: true")
+        present = {r["chunk"] for r in rows}
+        for i, part in enumerate(cfg.evaluation.objective):
+            if (part.metric or cfg.evaluation.metric) == "lm_eval":
+                continue
+            unknown = sorted(set(part.chunks) - present)
+            if unknown:
+                raise UserError(f"evaluation.objective.{i}.chunks: {', '.join(unknown)} has no {split} rows (its "
+                                f"{split} rows' chunks are {', '.join(sorted(present)) or 'none'}); name chunks "
+                                f"that are held out, not train_only ones")
 
 
 PROVENANCE = ("chunk", "source", "row_id")
@@ -315,7 +342,7 @@ def _records(rows: list[Row], shape: str) -> tuple[list[dict], dict]:
         if any(r["lf_entry"] != rows[0]["lf_entry"] for r in rows):
             raise UserError(f"data: chunk {rows[0]['chunk']!r} mixes LLaMA-Factory datasets of different formats; "
                             f"chunk them by dataset (data.chunk_by: a column name)")
-        entry = {k: v for k, v in rows[0]["lf_entry"].items() if k not in ("file_name", "file_sha1", "hf_hub_url")}
+        entry = run_entry(rows[0]["lf_entry"])  # how to read the file only: no hub, script or cloud keys
         return [r["raw"] for r in rows], entry
     record, entry = FORMATS[shape]
     return [{**record(r), **{k: r[k] for k in PROVENANCE}} for r in rows], entry
@@ -350,6 +377,7 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
         raise UserError("data.sources: no rows; check the query or file")
     fixed = {split: fixed_eval_rows(cfg, split) for split in ("validation", "test")}
     train, shapes, val, test, removed = split_chunks(rows, cfg, fixed)
+    check_scorable(cfg, val, test)
     if cfg.evaluation.metric == "choice":
         _check_choices(val + test)
     files, info = {}, {}

@@ -211,6 +211,7 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost:
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
                                               for c in chunks) + " |"  # "-": a training-only chunk (bad cases)
               for r in rows]
+    lines += ["", note] if (note := train_only_note(rows, chunks)) else []
     lines += _parts_table(rows, cfg)
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
     lines += [f"{r['model']} | " + " | ".join(f"{per_delta(r['weights']).get(d, 0.0):.4g}" for d in deltas) + " |"
@@ -289,7 +290,37 @@ def _plot_heatmap(weights: dict[str, float], deltas: list[str], path) -> None:
     plt.close(fig)
 
 
-def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | None, images: dict) -> str:
+def train_only_note(rows: list[dict], chunks: list[str]) -> str:
+    """The chunks without test rows (train_only sources, bad cases): their test cells say '-', not 0."""
+    missing = [c for c in chunks if any(c not in r["test_by_chunk"] for r in rows)]
+    return (f"Chunks without test rows ({', '.join(missing)}): training rows only (train_only sources, bad cases); "
+            f"'-' is no score, not 0." if missing else "")
+
+
+def html_view(report: dict, chunks: list[str], deltas: list[str], cfg) -> dict:
+    """What report.html shows, from the same numbers and notes as report.md: scores with their intervals, the
+    paired difference, '-' for chunks without test rows, the weights per delta (means over module groups when
+    search.granularity is not `delta`), the shared-base, evaluation-set, merge and interval notes."""
+    rows = report["rows"]
+    notes = [f"Metric: {report['metric']}. Validation is what the search tuned on; test was never tuned on.",
+             eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg)]
+    weight_note = (f"Weights per delta are means over its module groups (search.granularity: "
+                   f"{cfg.search.granularity}); search/best.json holds each." if cfg.search.granularity != "delta"
+                   else "")
+    paired = [line.strip("|").split(" | ") for line in paired_lines(report.get("paired") or {})[4:]
+              if line and not line.startswith("---")]
+    return {"notes": [n for n in notes if n], "weight_note": weight_note, "chunk_note": train_only_note(rows, chunks),
+            "scores": [(r["model"], fmt(r["validation"], r.get("validation_ci")), fmt(r["test"], r.get("test_ci")),
+                        _seconds(r)) for r in rows],
+            "paired_title": (paired_lines(report["paired"])[1] if report.get("paired") else ""),
+            "paired": [[c.strip() for c in p] for p in paired],
+            "by_chunk": [(r["model"], [f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
+                                       for c in chunks]) for r in rows],
+            "weights": [(r["model"], [f"{per_delta(r['weights']).get(d, 0.0):.4g}" for d in deltas])
+                        for r in rows if "weights" in r]}
+
+
+def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | None, images: dict, cfg) -> str:
     """report.html: self-contained (plots inlined as data: URIs), readable offline."""
     import base64
 
@@ -300,8 +331,8 @@ def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | 
             for title, path in images.items()]
     stats = report["evaluation_stats"] if any(report["evaluation_stats"].values()) else None
     return env.from_string(find_template("report.html.j2").read_text(encoding="utf-8")).render(
-        name=report["name"], metric=report["metric"], rows=report["rows"], chunks=chunks, deltas=deltas,
-        mix_probs=mix_probs, images=uris, evaluation_stats=stats, cost=report.get("cost", ""))
+        name=report["name"], rows=report["rows"], chunks=chunks, deltas=deltas, mix_probs=mix_probs, images=uris,
+        evaluation_stats=stats, cost=report.get("cost", ""), **html_view(report, chunks, deltas, cfg))
 
 
 def report_fingerprint(session) -> str:
@@ -354,5 +385,5 @@ def _write_report_files(session, fp: str) -> dict:
         images["Weights per module group"] = run.report / "weights_heatmap.png"
         _plot_heatmap(auto["weights"], session.deltas, images["Weights per module group"])
     mix = mix_spec(cfg, session.shapes, auto["weights"]) if _mix_dir(cfg) else None
-    atomic_write_text(run.report_html, _html(report, session.chunks, session.deltas, mix and mix[1], images))
+    atomic_write_text(run.report_html, _html(report, session.chunks, session.deltas, mix and mix[1], images, cfg))
     return report

@@ -19,6 +19,7 @@ from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, write_json
 from .lfcli import apply_overrides, run_llamafactory
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
+from .owned import OWNED_TRAIN_KEYS
 from .paths import ADAPTER_FILE, TEMPLATES_DIR, dataset_file_stem, is_fresh, sft_view
 from .scheduler import device_groups, run_on_devices, visible_gpus
 
@@ -169,7 +170,7 @@ def config_for_delta(cfg, spec: DeltaSpec,
     if path.exists() and _sha(path.read_text(encoding="utf-8")) != state.get(spec.name):
         print(f"keeping hand-edited {path} (delete it to go back to the template)")
         text = path.read_text(encoding="utf-8")
-        _check_user_yaml(path, text, run.delta(spec.name))
+        _check_user_yaml(path, text, run.delta(spec.name), yaml.safe_load(rendered))
         return path, text
     atomic_write_text(path, rendered)
     state[spec.name] = _sha(rendered)
@@ -177,13 +178,17 @@ def config_for_delta(cfg, spec: DeltaSpec,
     return path, rendered
 
 
-def _check_user_yaml(path: Path, text: str, output_dir: Path) -> None:
+def _check_user_yaml(path: Path, text: str, output_dir: Path, rendered: dict) -> None:
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({e}); fix it or delete it to re-render from the template") from None
     if not isinstance(parsed, dict) or Path(str(parsed.get("output_dir", ""))) != output_dir:
         raise UserError(f"{path}: output_dir must stay {output_dir} (autollm reads the delta from there)")
+    changed = [k for k in OWNED_TRAIN_KEYS if parsed.get(k) != rendered.get(k)]  # data, model, outputs: autollm's
+    if changed:
+        raise UserError(f"{path}: {changed[0]} must stay {rendered.get(changed[0])!r} (autollm sets it; "
+                        f"{OWNED_TRAIN_KEYS[changed[0]]}); undo the edit or delete the file to re-render it")
 
 
 def chunk_methods(cfg, chunk: str, shape: str) -> list[str]:

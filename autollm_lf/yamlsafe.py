@@ -25,6 +25,11 @@ def load_yaml(path: Path):
         raise UserError(f"{path}: cannot read it ({e.strerror})") from None
     if "\0" in text:
         raise UserError(f"{path}: binary data, not YAML; give a YAML text file")
+    return load_yaml_text(text, path)
+
+
+def load_yaml_text(text: str, path):
+    """YAML text's data (a file's or a `KEY=VALUE` override's, `path` naming it), under the same guard."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()

@@ -272,8 +272,15 @@ def test_bad_input(workspace, capsys, case_id, edits, command, expected):
     assert snapshot(workspace) == before
 
 
-def test_at_least_25_cases():
-    assert len(CASES) >= 25
+def test_the_good_config_passes(workspace, capsys):
+    """The control: every case is good_config with one edit, so good_config itself must pass validate (else every
+    case would fail for the same reason), and each case must change it."""
+    path = workspace / "cases" / "good.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(good_config(workspace)))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    assert all(expected for *_, expected in CASES)
 
 
 def test_adapters_of_a_different_base_are_refused(workspace, capsys):

@@ -36,6 +36,10 @@ def test_cluster_keys_are_checked(tmp_path, tiny_model, monkeypatch):
     assert "cluster.cpus_per_delta: Input should be greater than or equal to 1" in str(e.value)
     with pytest.raises(UserError, match="search_actors > 1 through Ray Client needs cluster.storage"):
         load_config(cluster_config(tmp_path, tiny_model, {"address": "ray://head:10001", "search_actors": 2}))
+    with pytest.raises(UserError, match="cluster.storage: .*shared is not a folder here"):  # checked at validate
+        load_config(cluster_config(tmp_path, tiny_model, {"address": "ray://head:10001", "search_actors": 2,
+                                                          "storage": "shared"}))
+    (tmp_path / "shared").mkdir()
     cfg = load_config(cluster_config(tmp_path, tiny_model, {"address": "ray://head:10001", "search_actors": 2,
                                                             "storage": "shared"}))
     assert cfg.cluster.storage == (tmp_path / "shared").resolve()  # relative to the working directory

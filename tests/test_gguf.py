@@ -134,7 +134,17 @@ def test_second_call_reuses_the_cache(gemma_folder, monkeypatch):
 # ---- the cache with a stand-in conversion (fast) -------------------------------------------------------------
 
 def fake_gguf(path: Path, payload: bytes) -> Path:
-    path.write_bytes(gguf.GGUF_MAGIC + payload)
+    """A small but whole GGUF file (validate reads its header and tensor table); `payload` makes its contents."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_string("test.payload", payload.decode())
+    writer.add_tensor("t", np.arange(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
 
 
@@ -178,7 +188,7 @@ def write_config(tmp_path: Path, base_model: dict) -> Path:
 @pytest.mark.parametrize("base_model, expected", [
     ({"gguf": "missing.gguf"}, "base_model.gguf: {tmp}/missing.gguf not found"),
     ({"gguf": "notes.txt"}, "is not a GGUF file"),
-    ({"gguf": "pypi:no-such-gguf-package"}, "package 'no-such-gguf-package' is not installed"),
+    ({"gguf": "pypi:no-such-gguf-package"}, "no distribution 'no-such-gguf-package' is installed"),
     ({"gguf": "m.gguf", "path": "model"}, "give exactly one of base_model.path"),
     ({"template": "gemma"}, "give exactly one of base_model.path"),
 ])

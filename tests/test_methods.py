@@ -138,10 +138,12 @@ def test_messages_column_gives_multi_turn_sft_and_preference(tmp_path):
         convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hi {i}"},
                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": f"count {i}"}]
         rows.append({"task": "chat", "messages": convo + [{"role": "assistant", "content": str(i)}]})
-        rows.append({"task": "chatpref", "messages": convo, "chosen": str(i), "rejected": "many"})
+        pref = [*convo[:-1], {"role": "user", "content": f"pick {i}"}]  # its own prompts: chat keeps training rows
+        rows.append({"task": "chatpref", "messages": pref, "chosen": str(i), "rejected": "many"})
     cfg = make_cfg(tmp_path, write_source(tmp_path, rows))
     assert prepare(cfg) == {"chat": "sft", "chatpref": "preference"}
     chat = json.loads((cfg.out / "data" / "chat.json").read_text())
+    assert len(chat) == 12 - 6  # (with the same prompts in both chunks, chatpref's held-out ones emptied it)
     assert all(r["history"] == [[r["history"][0][0], "hello"]] and r["system"] == "be brief" for r in chat)
     assert all(r["instruction"].startswith("count ") and r["output"] == r["instruction"].split()[1] for r in chat)
     pref = json.loads((cfg.out / "data" / "chatpref.json").read_text())

@@ -4,12 +4,7 @@ prepare atomic, bookkeeping files out of the chunks' namespace, endpoint failure
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -92,97 +87,7 @@ def test_unknown_dialect_refused_unless_trusted(tmp_path, capsys):
     assert "S3cret" not in err
 
 
-# ---- a real PostgreSQL server, started by the test ------------------------------------------------------------
-
-def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return found[-1].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's postgresql package; `sh autollm.sh test` installs it)."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin); apt-get install postgresql")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="autollm-pg-"))
-    if as_user:
-        shutil.chown(root, "postgres")
-    data, port = root / "data", _free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "owner", "--auth=trust"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-h 127.0.0.1 -p {port} -k {root}", "start"], check=True, capture_output=True)
-    import psycopg
-
-    conn = psycopg.connect(host="127.0.0.1", port=port, user="owner", dbname="postgres", autocommit=True)
-    with conn.cursor() as cur:
-        cur.execute("CREATE TABLE examples (id int, task text, prompt text, response text)")
-        cur.execute("INSERT INTO examples SELECT i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, 'p' || i, 'r' || i "
-                    "FROM generate_series(0, 19) i")
-        cur.execute("CREATE TABLE log (n int)")
-        cur.execute("CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS 'INSERT INTO log VALUES (1) RETURNING 1'")
-    try:
-        yield {"port": port, "conn": conn, "root": root}
-    finally:
-        conn.close()
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _pg_counts(pg) -> tuple[int, int]:
-    with pg["conn"].cursor() as cur:
-        cur.execute("SELECT (SELECT count(*) FROM examples), (SELECT count(*) FROM log)")
-        return cur.fetchone()
-
-
-PG_WRITES = {
-    "writing CTE": "WITH d AS (DELETE FROM examples RETURNING *) SELECT id, task, prompt, response FROM d",
-    "function that writes": "SELECT id, task, prompt, response, bump() AS b FROM examples",
-    "set_config to read-write": "SELECT id, task, prompt, response, set_config('transaction_read_only', 'off', true) "
-                                "AS x FROM examples",
-}
-
-
-@pytest.mark.parametrize("case", list(PG_WRITES))
-def test_postgres_is_read_only(tmp_path, capsys, postgres, case):
-    url = f"postgresql+psycopg://owner:S3cret@127.0.0.1:{postgres['port']}/postgres"
-    cfg = config(tmp_path, [{"type": "sql", "url": url, "query": PG_WRITES[case]}])
-    err = one_line_error(*run_cli(tmp_path, cfg, capsys=capsys))
-    assert "read-only transaction" in err or "read-write mode" in err, err
-    assert "S3cret" not in err and "owner:***@" in err
-    assert _pg_counts(postgres) == (20, 0)
-
-
-def test_postgres_copy_to_refused(tmp_path, capsys, postgres):
-    target = postgres["root"] / "copied.csv"
-    url = f"postgresql://owner@127.0.0.1:{postgres['port']}/postgres"
-    for query in (f"COPY examples TO '{target}'", f"WITH x AS (SELECT 1) SELECT 1; COPY examples TO '{target}'"):
-        cfg = config(tmp_path, [{"type": "sql", "url": url, "query": query}])
-        err = one_line_error(*run_cli(tmp_path, cfg, capsys=capsys))
-        assert "sources are read-only" in err
-    assert not target.exists()
-
-
-def test_postgres_reads_and_masks_the_password_everywhere(tmp_path, capsys, postgres):
-    url = f"postgresql://owner:S3cret@127.0.0.1:{postgres['port']}/postgres"
-    cfg = config(tmp_path, [{"type": "sql", "url": url, "query": "SELECT id, task, prompt, response FROM examples"}])
-    code, err = run_cli(tmp_path, cfg, capsys=capsys)
-    assert code == 0, err
-    run = tmp_path / "runs" / "t"
-    assert len(json.loads((run / "data" / "validation.json").read_text())) == 4
-    written = [p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file()]
-    assert not any("S3cret" in text for text in written)
-    assert "owner:***@127.0.0.1" in (run / "config.resolved.yaml").read_text()
-    assert _pg_counts(postgres) == (20, 0)
+# ---- real PostgreSQL and MariaDB servers: tests/test_db_servers.py ----------------------------------------
 
 
 @pytest.mark.parametrize("text,masked", [
