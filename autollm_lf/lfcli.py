@@ -33,20 +33,30 @@ def llamafactory_cli() -> str:
     return found
 
 
+def yaml_value(value: Any) -> str:
+    """JSON, which is valid YAML and keeps e.g. "no" a string; a float in exponent form gets the dot YAML 1.1 needs
+    (PyYAML, and so LLaMA-Factory, reads `1e-07` as a string, `1.0e-07` as a float)."""
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+    return text
+
+
 def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
     """Replace top-level `key: value` lines in place (keeping the template's comments); append new keys.
 
-    Values are written as JSON, which is valid YAML and keeps e.g. "no" a string.
+    Values are written by yaml_value.
     """
     remaining = dict(overrides)
     lines = text.splitlines()
     for i, line in enumerate(lines):
         m = TOP_LEVEL_KEY.match(line)
         if m and m.group(1) in remaining:
-            lines[i] = f"{m.group(1)}: {json.dumps(remaining.pop(m.group(1)))}"
+            lines[i] = f"{m.group(1)}: {yaml_value(remaining.pop(m.group(1)))}"
     if remaining:
         lines += ["", "### overrides from the autollm config"]
-        lines += [f"{k}: {json.dumps(v)}" for k, v in remaining.items()]
+        lines += [f"{k}: {yaml_value(v)}" for k, v in remaining.items()]
     return "\n".join(lines) + "\n"
 
 

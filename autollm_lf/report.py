@@ -80,7 +80,8 @@ def row_seconds(session) -> dict[str, float | None]:
     search's shared set-up (model and deltas loaded once) and, for auto_merge, its trials; train@auto_mix
     adds its own training to auto_merge's."""
     run = session.cfg.run
-    trained = {n: read_json(run.delta(n) / DONE_MARKER, {}).get("seconds") for n in [*session.adapters, MIX_DELTA]}
+    trained = {n: read_json(run.delta(n) / DONE_MARKER, {}).get("seconds")
+               for n in dict.fromkeys([*session.adapters, ALL_DELTA, MIX_DELTA])}
     deltas = [trained[d] for d in session.deltas]
     merge = None if None in deltas else sum(deltas) + read_json(run.search_cost, {}).get("setup_seconds", 0.0)
     search = sum(t.get("seconds", t.get("eval_seconds", 0.0)) for t in read_jsonl(run.trials))

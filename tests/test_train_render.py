@@ -90,3 +90,10 @@ def test_lora_init_sets_its_keys_on_merged_deltas_only(tmp_path, init):
     else:  # one A for all, held still: B's learning rate (lr x ratio) is the configured one
         assert math["seed"] == code["seed"] == 0 and math["loraplus_lr_ratio"] == FROZEN_A_RATIO
         assert math["learning_rate"] * math["loraplus_lr_ratio"] == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("value", [1e-07, 2.5e-07, 1e20, 0.003, 3.0, 1.0e-4])
+def test_float_overrides_stay_floats_for_pyyaml(value):
+    out = apply_overrides("learning_rate: 1.0e-4\n", {"learning_rate": value, "extra": value})
+    parsed = yaml.safe_load(out)
+    assert parsed == {"learning_rate": value, "extra": value} and isinstance(parsed["extra"], float)
