@@ -39,7 +39,8 @@ def yaml_value(value: Any) -> str:
     text = json.dumps(value)
     if isinstance(value, float) and "e" in text:
         mantissa, exponent = text.split("e")
-        text = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+        mantissa = mantissa if "." in mantissa else mantissa + ".0"
+        text = f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
     return text
 
 
