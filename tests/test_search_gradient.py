@@ -182,7 +182,7 @@ class _Called:
 
 
 def test_gradient_needs_a_low_rank_merge(weighted):
-    with pytest.raises(UserError, match="linear or linear_norm"):
+    with pytest.raises(UserError, match="linear, linear_norm or regmean"):
         from autollm_lf.gradient import GradientOptimizer
         GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge="ties"))
 
