@@ -13,29 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from cli_cases import config, run_cli
 
-from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
 from autollm_lf.errors import UserError
 
 pytestmark = pytest.mark.slow  # real servers (about 15 s for both)
-
-def config(root: Path, sources: list[dict], **data) -> dict:
-    (root / "model").mkdir(exist_ok=True)
-    (root / "model" / "config.json").write_text("{}")
-    return {"name": "t", "run_dir": str(root / "runs"), "base_model": {"path": str(root / "model")},
-            "data": {"sources": sources, "validation_per_chunk": 2, "test_per_chunk": 2, **data}}
-
-
-def run_cli(root: Path, cfg: dict, command: str = "prepare", capsys=None) -> tuple[int, str]:
-    path = root / "case.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    if capsys:
-        capsys.readouterr()
-    code = main([command, str(path)])
-    return code, capsys.readouterr().err if capsys else ""
-
 
 def one_line_error(code: int, err: str) -> str:
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err

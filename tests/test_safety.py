@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from cli_cases import config, run_cli
 from conftest import chat_stub
 
 from autollm_lf.cli import main
@@ -23,22 +23,6 @@ def make_db(path: Path, n: int = 20) -> Path:
         db.execute("CREATE TABLE examples (id INTEGER, task TEXT, prompt TEXT, response TEXT)")
         db.executemany("INSERT INTO examples VALUES (?,?,?,?)", [(i, "ab"[i % 2], f"p{i}", f"r{i}") for i in range(n)])
     return path
-
-
-def config(root: Path, sources: list[dict], **data) -> dict:
-    (root / "model").mkdir(exist_ok=True)
-    (root / "model" / "config.json").write_text("{}")
-    return {"name": "t", "run_dir": str(root / "runs"), "base_model": {"path": str(root / "model")},
-            "data": {"sources": sources, "validation_per_chunk": 2, "test_per_chunk": 2, **data}}
-
-
-def run_cli(root: Path, cfg: dict, command: str = "prepare", capsys=None) -> tuple[int, str]:
-    path = root / "case.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    if capsys:
-        capsys.readouterr()
-    code = main([command, str(path)])
-    return code, capsys.readouterr().err if capsys else ""
 
 
 def one_line_error(code: int, err: str) -> str:
