@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets, url_secrets
 from .evaluate import load_function
 from .gguf import PYPI, converted_path
+from .lmeval import lm_eval_problems
 from .merge import MERGE_METHODS, parse_granularity
 from .methods import METHODS
 from .metrics import METRICS
@@ -626,7 +627,6 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
                         f"that path (every node mounts it there) or leave cluster.storage out")
     uses_lm_eval = cfg.evaluation.metric == "lm_eval" or any(p.metric == "lm_eval" for p in cfg.evaluation.objective)
     if uses_lm_eval and cfg.evaluation.lm_eval is not None:
-        from .lmeval import lm_eval_problems
         problems += lm_eval_problems(cfg.evaluation.lm_eval)
     if cfg.evaluation.metric == "python":
         try:
