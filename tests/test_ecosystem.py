@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import autollm, write_config
 
+from autollm_lf.intervals import fmt
 from autollm_lf.mix import mix_probs
 
 pytestmark = pytest.mark.slow  # real llamafactory-cli runs
@@ -124,8 +125,9 @@ def test_report_html_is_self_contained(exported):
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     report = json.loads((run / "report" / "report.json").read_text())
-    for r in report["rows"]:
-        assert f"<td>{r['model']}</td><td>{r['validation']:.4f}</td><td>{r['test']:.4f}</td>" in html
+    for r in report["rows"]:  # the same score and interval as report.md shows
+        validation, test = fmt(r["validation"], r.get("validation_ci")), fmt(r["test"], r.get("test_ci"))
+        assert f"<td>{r['model']}</td><td>{validation}</td><td>{test}</td>" in html
 
 
 def test_mix_probs_properties():
