@@ -21,7 +21,7 @@ from .io import read_json
 from .merge import MERGE_METHODS
 from .pipeline import Session
 from .report import split_by_chunk
-from .search import run_search, seed_points
+from .search import point_key, run_search, seed_points
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
@@ -39,7 +39,7 @@ class _MethodSession:
         self._seen: dict[tuple, float] = {}
 
     def score(self, weights: dict[str, float], split: str) -> float:
-        key = (split, tuple(sorted(weights.items())))
+        key = (split, point_key(weights))
         if key not in self._seen:
             self._seen[key] = self._session.score(weights, split)
         return self._seen[key]
@@ -93,29 +93,23 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     yardsticks = {r["model"]: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
                   for r in report.get("rows", []) if r["model"] in ("raw", "train@all", "shared_base")}
     n_seed_points = len(seed_points(session.search_params, cfg.search.bounds, cfg.search.human_weights))
-    results = []
-    for method in methods:
-        w.use_method(method, cfg.search.density)
-        for optimizer in optimizers:
-            if optimizer == "gradient" and not MERGE_METHODS[method].low_rank:
-                continue
-            runs = []
-            for seed in range(seeds):
-                search = cfg.search.model_copy(update={"merge": method, "optimizer": optimizer, "init_points": 0,
-                                                       "n_iter": max(budget - n_seed_points, 0), "patience": None})
-                best, seconds = _search(session, search, session.search_params, seed)
-                summary = _test_summary(session, best["weights"], method, own, index, level)
-                runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary})
-            results.append(_combine(method, optimizer, budget, runs, learned_chunks))
-    if big_budget:
-        method, optimizer = cfg.search.merge, cfg.search.optimizer
+
+    def measured(method: str, optimizer: str, trials: int, seed_count: int) -> dict:
+        """`seed_count` searches of `trials` trials each (the seed points, then the optimiser), scored on test."""
         w.use_method(method, cfg.search.density)
         search = cfg.search.model_copy(update={"merge": method, "optimizer": optimizer, "init_points": 0,
-                                               "n_iter": max(big_budget - n_seed_points, 0), "patience": None})
-        best, seconds = _search(session, search, session.search_params, 0)
-        summary = _test_summary(session, best["weights"], method, own, index, level)
-        results.append(_combine(method, optimizer, big_budget, [{"seed": 0, "validation": best["validation"],
-                                                                 "seconds": seconds, **summary}], learned_chunks))
+                                               "n_iter": max(trials - n_seed_points, 0), "patience": None})
+        runs = []
+        for seed in range(seed_count):
+            best, seconds = _search(session, search, session.search_params, seed)
+            summary = _test_summary(session, best["weights"], method, own, index, level)
+            runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary})
+        return _combine(method, optimizer, trials, runs, learned_chunks)
+
+    results = [measured(method, optimizer, budget, seeds) for method in methods for optimizer in optimizers
+               if optimizer != "gradient" or MERGE_METHODS[method].low_rank]
+    if big_budget:
+        results.append(measured(cfg.search.merge, cfg.search.optimizer, big_budget, 1))
     w.use_method(cfg.search.merge, cfg.search.density)
     for r in results:
         for run in r["runs"]:

@@ -35,16 +35,20 @@ def shrink(C: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * C + (1.0 - alpha) * torch.diag(torch.diagonal(C))
 
 
+def ridged_sum(shrunk: Sequence[torch.Tensor]) -> torch.Tensor:
+    """S = sum of the shrunk Grams, plus RIDGE times its mean diagonal on the diagonal (so it is always solvable)."""
+    import torch
+    S = torch.stack(list(shrunk)).sum(0)
+    scale = float(torch.diagonal(S).mean()) if S.numel() else 0.0
+    return S + RIDGE * (scale if scale > 0 else 1.0) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+
+
 def regmean_A(As: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
     """Each delta's new A_i~ = A_i C_i' S^-1 (float64 solve, returned in A_i's dtype); grams[i] is delta i's
     chunk's Gram (several deltas of one chunk share it)."""
     import torch
     shrunk = [shrink(C.double(), alpha) for C in grams]
-    S = torch.stack(shrunk).sum(0)
-    d = S.shape[0]
-    scale = float(torch.diagonal(S).mean()) if d else 0.0
-    S = S + RIDGE * (scale if scale > 0 else 1.0) * torch.eye(d, dtype=S.dtype, device=S.device)
-    factor = torch.linalg.cholesky(S)
+    factor = torch.linalg.cholesky(ridged_sum(shrunk))
     # A~ = A C' S^-1  <=>  S A~^T = C' A^T (S and C' symmetric)
     return [torch.cholesky_solve(C @ A.double().T, factor).T.to(A.dtype) for A, C in zip(As, shrunk)]
 
@@ -58,9 +62,7 @@ def regmean_core_A(slices: Sequence[slice], A_u: torch.Tensor, grams: Sequence[t
     every input direction."""
     import torch
     shrunk = [alpha * G.double() + (1.0 - alpha) * D.double() for G, D in zip(grams, diags)]
-    S = torch.stack(shrunk).sum(0)
-    scale = float(torch.diagonal(S).mean()) if S.numel() else 0.0
-    S = S + RIDGE * (scale if scale > 0 else 1.0) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    S = ridged_sum(shrunk)
     inverse_rows = [torch.linalg.solve(S, G[sl].T).T for G, sl in zip(shrunk, slices)]  # G_i'[rows] S^-1 (S sym.)
     return [(M @ A_u.double()).to(A_u.dtype) for M in inverse_rows]
 
@@ -69,9 +71,7 @@ def regmean_delta(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
     """The dense reference: (sum_i dW_i C_i') (sum_j C_j' + ridge)^-1, for tests."""
     import torch
     shrunk = [shrink(C.double(), alpha) for C in grams]
-    S = torch.stack(shrunk).sum(0)
-    scale = float(torch.diagonal(S).mean())
-    S = S + RIDGE * (scale if scale > 0 else 1.0) * torch.eye(S.shape[0], dtype=S.dtype)
+    S = ridged_sum(shrunk)
     numerator = sum(d.double() @ C for d, C in zip(deltas, shrunk))
     return torch.linalg.solve(S, numerator.T).T
 
