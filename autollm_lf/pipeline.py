@@ -29,7 +29,7 @@ from .rounds import check_round_base, ensure_round_base, rounds_section
 from .search import run_search, search_fingerprint
 from .shared import build_shared_base, on_shared_base
 from .toy import ensure_toy
-from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs, train_all
+from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs, train_deltas
 
 
 class Session:
@@ -112,9 +112,10 @@ class Session:
                 set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
                                             density=search.density, seed=self.cfg.seed, granularity=search.granularity)
-            if MERGE_METHODS[search.merge].data_aware:  # RegMean's A rows, from each delta's chunk's Grams
+            space = MERGE_METHODS[search.merge].data_aware
+            if space:  # RegMean's A rows, from each delta's chunk's Grams
                 use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
-                            search.regmean_alpha, MERGE_METHODS[search.merge].data_aware)
+                            search.regmean_alpha, space)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
 
@@ -237,8 +238,8 @@ def stage_train(s: Session) -> None:
         build_shared_base(s.base_cfg, force="train" in s.force)
     specs = delta_specs(s.cfg, s.shapes)
     own = [spec for spec in specs if s.all_on_user_base(spec.name)]  # train@all from the configured base
-    train_all(s.cfg, [spec for spec in specs if spec not in own], force="train" in s.force, keep_going=s.keep_going)
-    train_all(s.base_cfg, own, force="train" in s.force, keep_going=s.keep_going)
+    train_deltas(s.cfg, [spec for spec in specs if spec not in own], force="train" in s.force, keep_going=s.keep_going)
+    train_deltas(s.base_cfg, own, force="train" in s.force, keep_going=s.keep_going)
 
 
 def validation_scorer(cfg: RunConfig, keep_going: bool) -> Callable[[dict[str, float]], float]:

@@ -361,7 +361,7 @@ def check_template(name: str, model_dir: Path) -> None:
                     f"(a text-only model; LLaMA-Factory would stop with 'Processor was not found'); {instead}")
 
 
-def train_all(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
+def train_deltas(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bool = False) -> dict[str, Path]:
     """Train these deltas (delta_specs) on cfg's base."""
     if not specs:
         return {}
