@@ -15,7 +15,8 @@ from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_
 from .evaluate import load_function
 from .gguf import PYPI, converted_path
 from .lmeval import lm_eval_problems
-from .merge import MERGE_METHODS, parse_granularity
+from .granularity import parse_granularity
+from .merge import MERGE_METHODS
 from .methods import METHODS
 from .metrics import METRICS
 from .owned import owned_key_problems

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .hostmem import load_tokenizer
 from .lazytorch import no_grad
+from .granularity import GRANULARITIES, Granularity, module_groups, param_delta, param_name, parse_granularity  # noqa: F401 (re-exported)
 from .regmean import regmean_A, regmean_core_A
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
@@ -211,67 +212,6 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     "regmean": MergeMethod(linear_sum, None, low_rank=True, data_aware="full"),
     "regmean_core": MergeMethod(linear_sum, None, low_rank=True, data_aware="core"),
 }
-
-
-# ---- granularity: which weight a LoRA module takes (search.granularity) ---------------------------------
-# A weight is named `<delta>` (granularity `delta`: every module) or `<delta>@<group>`; a module of group g takes
-# `<delta>@<g>` if given, else `<delta>`, else 0, so per-delta weights (baselines, human weights) work at every
-# granularity.
-
-ATTENTION_PARTS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")
-
-
-def module_kind(name: str, n_layers: int, n_blocks: int) -> str:
-    """`attn` for attention projections, `mlp` for the rest."""
-    return "attn" if any(part in ATTENTION_PARTS for part in name.split(".")) else "mlp"
-
-
-def layer_block(name: str, n_layers: int, n_blocks: int) -> str:
-    """`b<j>`: the j-th of n_blocks contiguous blocks of layers (`blocks:N`); modules outside layers: `other`."""
-    index = layer_index(name)
-    return "other" if index is None else f"b{index * n_blocks // max(n_layers, 1)}"
-
-
-def each_module(name: str, n_layers: int, n_blocks: int) -> str:
-    """`<layer>.<module>` (3.q_proj): every LoRA module its own weight (the finest; AdaMerging's layer-wise)."""
-    index = layer_index(name)
-    return name.rsplit(".", 1)[-1] if index is None else f"{index}.{name.rsplit('.', 1)[-1]}"
-
-
-GRANULARITIES: dict[str, Callable[[str, int, int], str]] = {
-    "delta": lambda name, n_layers, n_blocks: "",
-    "module_kind": module_kind,
-    "blocks": layer_block,
-    "module": each_module,
-}
-
-
-def parse_granularity(text: str) -> tuple[str, int]:
-    """'delta' | 'module_kind' | 'blocks:N' -> (kind, N); ValueError naming the choices otherwise."""
-    kind, _, n = text.partition(":")
-    if kind not in GRANULARITIES or (kind == "blocks") != bool(n) or (n and not (n.isdigit() and int(n) >= 1)):
-        raise ValueError(f"unknown granularity {text!r}; choose delta, module_kind, blocks:N (N >= 1 blocks of layers) "
-                         f"or module")
-    return kind, int(n or 1)
-
-
-def layer_index(name: str) -> int | None:
-    """The first integer component of a module name (model.layers.3.mlp.up_proj -> 3)."""
-    return next((int(part) for part in name.split(".") if part.isdigit()), None)
-
-
-def module_groups(names: Sequence[str], granularity: str) -> list[str]:
-    kind, n_blocks = parse_granularity(granularity)
-    n_layers = 1 + max((i for i in map(layer_index, names) if i is not None), default=0)
-    return [GRANULARITIES[kind](name, n_layers, n_blocks) for name in names]
-
-
-def param_name(delta: str, group: str) -> str:
-    return f"{delta}@{group}" if group else delta
-
-
-def param_delta(param: str) -> str:
-    return param.split("@", 1)[0]
 
 
 def dare_seed(seed: int, module: int, delta: int) -> int:

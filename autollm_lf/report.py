@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .export import adapter_score
+from .granularity import param_group, param_name
 from .intervals import by_chunk_intervals, fmt, mean_interval, paired_by_chunk, paired_difference, resample_index
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .mix import MIX_DELTA, mix_spec
@@ -278,8 +279,8 @@ def _plot_heatmap(weights: dict[str, float], deltas: list[str], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(k.split("@", 1)[1] for k in weights if "@" in k))
-    grid = [[weights.get(f"{d}@{g}", float("nan")) for g in groups] for d in deltas]
+    groups = list(dict.fromkeys(g for g in map(param_group, weights) if g is not None))
+    grid = [[weights.get(param_name(d, g), float("nan")) for g in groups] for d in deltas]
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(groups) + 3), 0.5 * len(deltas) + 2))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(groups)), groups, rotation=90, fontsize=7)

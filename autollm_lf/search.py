@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .gradient import GradientOptimizer
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
-from .merge import param_delta
+from .granularity import param_delta
 from .paths import RunDir
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
