@@ -87,7 +87,7 @@ def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_row
     encoded = session.scorer("validation").encoded
     mode = weighted.mode
     if mode == "fold":
-        weighted._use_cat()
+        weighted.use_mode("cat")
     lo, hi = bounds
     budget = session.cfg.evaluation.logits_budget
     lean = session.cfg.search.memory == "lean"
@@ -105,7 +105,7 @@ def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_row
                     x.clamp_(lo, hi)
     finally:
         if mode == "fold":
-            weighted._use_fold()
+            weighted.use_mode("fold")
 
 
 def full_table(weighted, params: list[str], x: torch.Tensor) -> torch.Tensor:

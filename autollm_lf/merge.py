@@ -427,6 +427,12 @@ class WeightedDeltas:
             self.model.base_model.enable_adapter_layers()
         self.base_copies, self.mode = None, "cat"
 
+    def use_mode(self, mode: str) -> str:
+        """Apply weights by `cat` or `fold` from now on (the gradient fit needs `cat`; the bench times both). Returns
+        the mode in use: `fold` stays `cat` on transposed (fan_in_fan_out) weights."""
+        {"cat": self._use_cat, "fold": self._use_fold}[mode]()
+        return self.mode
+
     def use_method(self, method: str, density: float | None = None) -> None:
         """Switch the merge method on the loaded model (the bench compares them without reloading)."""
         if method not in MERGE_METHODS:
