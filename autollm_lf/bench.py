@@ -138,7 +138,8 @@ def trial_costs(base: Path, adapters: dict[str, Path], ids, plain, repeats: int,
     w = WeightedDeltas(base, adapters, mode="cat")
     rng = random.Random(0)
     weights = lambda: {n: rng.uniform(0, 1) for n in w.names}
-    ways = [("cat", lambda: w.use_mode("cat"), 5, repeats), ("fold", lambda: w.use_mode("fold"), 3, repeats)]  # linear: the goals are on these
+    # linear: the goals are on these two
+    ways = [("cat", lambda: w.use_mode("cat"), 5, repeats), ("fold", lambda: w.use_mode("fold"), 3, repeats)]
     ways += [(m, lambda m=m: w.use_method(m, density), 1, 1) for m in MERGE_BENCH]
     quarters = ids.split(max(1, ids.shape[0] // 4))
     result = {}

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets, url_secrets
 from .evaluate import load_function
 from .gguf import PYPI, converted_path
-from .lmeval import lm_eval_problems
 from .granularity import parse_granularity
+from .lmeval import lm_eval_problems
 from .merge import MERGE_METHODS
 from .methods import METHODS
 from .metrics import METRICS

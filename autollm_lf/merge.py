@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
+from .granularity import GRANULARITIES, Granularity, module_groups, param_delta, param_name, parse_granularity  # noqa: F401 (re-exported)
 from .hostmem import load_tokenizer
 from .lazytorch import no_grad
-from .granularity import GRANULARITIES, Granularity, module_groups, param_delta, param_name, parse_granularity  # noqa: F401 (re-exported)
 from .regmean import regmean_A, regmean_core_A
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light

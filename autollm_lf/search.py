@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .gradient import GradientOptimizer
-from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .granularity import param_delta
+from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .paths import RunDir
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
