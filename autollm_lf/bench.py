@@ -114,7 +114,7 @@ def reload_trial(weighted, weights: dict, base: Path, tmp: Path):
             key = name.removeprefix("base_model.model.") + ".weight"
             for d in weighted.names:
                 state[key] += weights[d] * delta_weight(module.lora_A[d].weight, module.lora_B[d].weight,
-                                                        weighted.unit_scaling[0][d])
+                                                        weighted.bank.unit_scaling[0][d])
     plain.load_state_dict(state)
     plain.save_pretrained(tmp / "merged")
     return AutoModelForCausalLM.from_pretrained(tmp / "merged").eval()

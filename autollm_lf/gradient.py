@@ -146,10 +146,9 @@ def backward_mean_nll(weighted, table: Callable[[], torch.Tensor], batch, budget
             total += loss.item()
         flat = table()
         grad = torch.zeros(flat.shape, dtype=torch.float64)
-        for (A, _, _), unit, index, scale in zip(weighted.cat_rows, weighted.trial_units(), weighted.cat_flat,
-                                                 weighted.cat_scale):
-            if A.grad is not None:  # None: a module the batch never reached
-                grad.index_add_(0, index.cpu(), (A.grad * unit).sum(1).double().cpu() * scale)
+        for m, unit, index in zip(weighted.bank.cat, weighted.trial_units(), weighted.bank.row_index):
+            if m.A.grad is not None:  # None: a module the batch never reached
+                grad.index_add_(0, index.cpu(), (m.A.grad * unit).sum(1).double().cpu() * m.scale)
     flat.backward(grad.to(flat.dtype))
     return total
 
@@ -161,7 +160,7 @@ def differentiable_cat(weighted, checkpointed: bool):
     from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    A_all = [A for A, _, _ in weighted.cat_rows]
+    A_all = [m.A for m in weighted.bank.cat]
     layers = [m for m in weighted.model.modules() if isinstance(m, GradientCheckpointingLayer)] if checkpointed else []
     for A in A_all:
         A.requires_grad_(True)

@@ -52,7 +52,7 @@ def ensure_grams(cfg, weighted, chunks: list[str], space: str = "full", deltas=(
     A rows changed). Core space: each module's input projected on the A rows of `deltas`."""
     suffix = "" if space == "full" else f".{space}"
     paths = {c: cfg.run.search / "grams" / f"{c}{suffix}.safetensors" for c in chunks}
-    names = [weighted.layer_names[k] for k in weighted.cat_index]
+    names = [weighted.layer_names[k] for k in weighted.bank.cat_index]
     projections = weighted.regmean_projections(deltas) if space == "core" else None
     fps = {c: grams_fingerprint(cfg, c, names, projections) for c in chunks}
     todo = [c for c in chunks if cached_fingerprint(paths[c]) != fps[c]]
@@ -65,7 +65,8 @@ def ensure_grams(cfg, weighted, chunks: list[str], space: str = "full", deltas=(
         if not sequences:
             raise UserError(f"search.merge: regmean needs training rows of chunk {chunk!r}; "
                             f"{cfg.run.split(chunk)} has none")
-        collector = GramCollector({n: weighted.layers[k] for n, k in zip(names, weighted.cat_index)}, projections)
+        layers = {n: weighted.bank.layers[k] for n, k in zip(names, weighted.bank.cat_index)}
+        collector = GramCollector(layers, projections)
         collector.run(weighted.model, padded_batches(sequences, weighted.pad_token_id or 0, batch_rows))
         save_grams(paths[chunk], collector, fps[chunk], len(sequences))
         size = sum(g.nbytes for g in collector.grams.values())

@@ -158,7 +158,7 @@ class Session:
         elif self.cfg.search.apply == "auto":
             w = self.weighted
             mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
-            why = "" if w.fold_fits() else (f"; `fold` would copy {w.fold_copy_bytes() / 2**20:.0f} MB of base "
+            why = "" if w.fold_fits() else (f"; `fold` would copy {w.bank.fold_copy_bytes() / 2**20:.0f} MB of base "
                                             f"weights: search.apply: fold to use it anyway")
             print(f"search: applying weights with `{mode}` (search.apply: auto{why})")
 

@@ -7,6 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.merge import WeightedDeltas
+from autollm_lf.merge.apply import FoldMode
 
 INPUT = torch.tensor([[5, 17, 33, 40, 71, 2, 9, 60, 61, 62], [40, 41, 42, 5, 6, 7, 8, 9, 10, 11]])
 
@@ -97,23 +98,23 @@ def test_unknown_delta_name_is_refused(weighted):
 def test_auto_mode_tries_fold_only_where_its_copy_fits(tiny_base, tiny_adapters, monkeypatch):
     """`fold` copies the target modules' base weights: `auto` never makes that copy (the search's peak memory)
     unless it fits merge.FOLD_COPY_BUDGET of the model and adapters."""
-    import autollm_lf.merge as merge
+    import autollm_lf.merge.weighted as merge
     weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="auto")
     base = sum(p.nbytes for n, p in weighted.model.named_parameters() if "lora_" not in n)
-    assert 0 < weighted.fold_copy_bytes() < base < weighted.held_bytes()
-    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.fold_copy_bytes() / weighted.held_bytes() * 0.99)
+    assert 0 < weighted.bank.fold_copy_bytes() < base < weighted.bank.held_bytes()
+    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.bank.fold_copy_bytes() / weighted.bank.held_bytes() * 0.99)
     copies = []
-    monkeypatch.setattr(WeightedDeltas, "_use_fold", lambda self: copies.append(1))
+    monkeypatch.setattr(FoldMode, "enter", lambda self: copies.append(1) or False)
     assert not weighted.fold_fits()
     assert weighted.pick_mode(lambda: logits(weighted.model), {"a": 0.5}) == "cat" and copies == []
-    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.fold_copy_bytes() / weighted.held_bytes() * 1.01)
+    monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.bank.fold_copy_bytes() / weighted.bank.held_bytes() * 1.01)
     assert weighted.fold_fits()
     weighted.pick_mode(lambda: logits(weighted.model), {"a": 0.5})
     assert copies  # timed both ways
 
 
 def test_auto_mode_picks_a_mode_and_stays_exact(tiny_base, tiny_adapters, monkeypatch):
-    import autollm_lf.merge as merge
+    import autollm_lf.merge.weighted as merge
     monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", 10.0)  # both modes timed
     weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="auto")
     weights = {"a": 0.8, "b": -0.3, "c": 0.5}
@@ -122,7 +123,7 @@ def test_auto_mode_picks_a_mode_and_stays_exact(tiny_base, tiny_adapters, monkey
     reference = peft_reference(tiny_base, tiny_adapters, weights)
     weighted.set_weights(weights)
     torch.testing.assert_close(logits(weighted.model), reference, atol=atol(weighted.model), rtol=0)
-    weighted._use_cat() if mode == "fold" else weighted._use_fold()  # switching back and forth keeps it exact
+    weighted.use_mode("cat" if mode == "fold" else "fold")  # switching back and forth keeps it exact
     weighted.set_weights(weights)
     torch.testing.assert_close(logits(weighted.model), reference, atol=atol(weighted.model), rtol=0)
 
@@ -133,12 +134,13 @@ def test_the_deltas_are_held_once_as_views_of_the_cat_factors(tiny_base, tiny_ad
     times w_i * s_i."""
     weighted = WeightedDeltas(tiny_base, tiny_adapters, mode="cat")
     alone = WeightedDeltas(tiny_base, tiny_adapters, mode="scaling")
-    naive = sum(p.nbytes for p in weighted.model.parameters()) + sum(u.nbytes for _, u, _ in weighted.cat_rows)
-    assert weighted.held_bytes() < naive
+    naive = sum(p.nbytes for p in weighted.model.parameters()) + sum(m.unit.nbytes for m in weighted.bank.cat)
+    assert weighted.bank.held_bytes() < naive
     weights = {n: 0.25 * (i + 1) for i, n in enumerate(weighted.names)}
     weighted.set_weights(weights)
-    for layer, k, (A_cat, unit, _) in zip(weighted.cat_layers, weighted.cat_index, weighted.cat_rows):
-        B_cat, own = layer.lora_B[weighted.CAT].weight, alone.layers[k]
+    for m in weighted.bank.cat:
+        layer, k, A_cat, unit = m.layer, m.index, m.A, m.unit
+        B_cat, own = m.B, alone.bank.layers[k]
         names = [n for n in weighted.names if n in layer.lora_A]
         for name in names:
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight

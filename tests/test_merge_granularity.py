@@ -60,7 +60,7 @@ def per_module_reference(base_path, adapters, weighted, weights):
         model.add_weighted_adapter(names, w, f"ref_{g}", combination_type="cat")
     model.add_weighted_adapter(names, [1.0] * 3, "ref", combination_type="cat")
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "ref" in m.lora_A}
-    groups = dict(zip(weighted.layer_names, weighted.groups))
+    groups = dict(zip(weighted.layer_names, weighted.bank.groups))
     with torch.no_grad():
         for name, layer in layers.items():
             g = groups[name]
@@ -124,7 +124,7 @@ def dense_norm_model(base_path, adapters, weighted, weights):
     peft = PeftModel.from_pretrained(load(base_path), str(adapters["a"]), adapter_name="a")
     for name in ("b", "c"):
         peft.load_adapter(str(adapters[name]), adapter_name=name)
-    groups = dict(zip(weighted.layer_names, weighted.groups))
+    groups = dict(zip(weighted.layer_names, weighted.bank.groups))
     deltas = {}
     for name, layer in peft.named_modules():
         if not (hasattr(layer, "lora_A") and name in groups):

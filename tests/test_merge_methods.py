@@ -93,12 +93,12 @@ def test_merge_equals_dense_reference(weighted):
     """Each module's weight - W0 is the reference merge of its dense true deltas (DARE with the same seeds)."""
     weights = {"a": 0.8, "b": -0.6, "c": 1.3}
     weighted.set_weights(weights)
-    for k, (layer, w0) in enumerate(zip(weighted.cat_layers, weighted.base_copies)):
+    for k, (layer, w0) in enumerate(zip(weighted.bank.cat_layers, weighted.modes["fold"].base_copies)):
         idx = [i for i, n in enumerate(weighted.names) if n in layer.lora_A]
-        deltas = [weighted.cat_scaling[k][weighted.names[i]] * (layer.lora_B[weighted.names[i]].weight
+        deltas = [weighted.bank.cat[k].scaling[weighted.names[i]] * (layer.lora_B[weighted.names[i]].weight
                   @ layer.lora_A[weighted.names[i]].weight).detach() for i in idx]
         expected = ref_merge(deltas, [weights[weighted.names[i]] for i in idx], weighted.method, weighted.density,
-                             [dare_seed(weighted.seed, k, i) for i in idx])
+                             [dare_seed(weighted.dense.seed, k, i) for i in idx])
         torch.testing.assert_close(layer.get_base_layer().weight - w0, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -144,25 +144,25 @@ def test_export_records_its_error(weighted, tiny_model, tmp_path):
     # the recorded error is the real one: compare the saved adapter's dW with the in-place merge per module
     errors = []
     saved = [m for m in loaded.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
-    for layer, w0, m in zip(weighted.cat_layers, weighted.base_copies, saved):
+    for layer, w0, m in zip(weighted.bank.cat_layers, weighted.modes["fold"].base_copies, saved):
         true = layer.get_base_layer().weight - w0
         got = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
         errors.append(((got - true).norm() / true.norm()).item())
-    assert len(saved) == len(weighted.cat_layers)
+    assert len(saved) == len(weighted.bank.cat)
     assert abs(max(errors) - info["relative_frobenius_error_max"]) < 1e-4
     assert 0 < info["relative_frobenius_error_mean"] < 1
 
 
 def test_dare_masks_remade_from_their_seed_equal_the_cached_ones(tiny_model, tiny_adapters, monkeypatch):
     """Past DARE_CACHE_BYTES the masks are remade each trial from the same seeds: the same merge."""
-    import autollm_lf.merge as merge
+    import autollm_lf.merge.dense as merge
 
     weights = {"a": 0.6, "b": 0.3, "c": -0.9}
     cached = WeightedDeltas(tiny_model, tiny_adapters, method="dare_ties", density=0.4, seed=5)
     cached.set_weights(weights)
-    assert cached._masks
+    assert cached.dense.masks
     monkeypatch.setattr(merge, "DARE_CACHE_BYTES", 0)
     remade = WeightedDeltas(tiny_model, tiny_adapters, method="dare_ties", density=0.4, seed=5)
     remade.set_weights(weights)
-    assert not remade._masks
+    assert not remade.dense.masks
     torch.testing.assert_close(logits(remade.model), logits(cached.model), atol=0, rtol=0)

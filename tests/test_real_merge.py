@@ -97,13 +97,13 @@ def test_every_merge_method_equals_its_dense_reference(method, folded):
     weighted.use_method(method, 0.5)
     weighted.set_weights(WEIGHTS)
     checked = [k for k, name in enumerate(weighted.layer_names) if ".layers.0." in name or ".layers.5." in name]
-    for k in [k for k in checked if weighted.layers[k] in weighted.cat_layers]:
-        c = weighted.cat_layers.index(weighted.layers[k])
-        layer, w0 = weighted.cat_layers[c], weighted.base_copies[c]
-        deltas = [weighted.cat_scaling[c][n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight).detach()
+    for k in [k for k in checked if weighted.bank.layers[k] in weighted.bank.cat_layers]:
+        c = weighted.bank.cat_layers.index(weighted.bank.layers[k])
+        layer, w0 = weighted.bank.cat_layers[c], weighted.modes["fold"].base_copies[c]
+        deltas = [weighted.bank.cat[c].scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight).detach()
                   for n in weighted.names]
         expected = ref_merge(deltas, list(WEIGHTS.values()), method, weighted.density,
-                             [dare_seed(weighted.seed, c, i) for i in range(len(weighted.names))])
+                             [dare_seed(weighted.dense.seed, c, i) for i in range(len(weighted.names))])
         off = ((layer.get_base_layer().weight - w0) - expected).abs() > 1e-5 + 1e-4 * expected.abs()
         # TIES keeps the top `density` share by magnitude: two float32 products of the same factors can order
         # the entries at that boundary differently, so one entry in 10^5 may be kept by one and dropped by the

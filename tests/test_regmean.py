@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from autollm_lf.merge import WeightedDeltas
+from autollm_lf.merge import CAT, WeightedDeltas
 from autollm_lf.regmean import (
     GramCollector,
     GramFiles,
@@ -92,10 +92,10 @@ def regmean_weighted(tiny_model, tiny_adapters, tmp_path_factory):
     """The tiny model with the three adapters, RegMean rows from Grams of three different token sets."""
     w = WeightedDeltas(tiny_model, tiny_adapters, mode="cat", method="regmean")
     root = tmp_path_factory.mktemp("grams")
-    names = [w.layer_names[k] for k in w.cat_index]
+    names = [w.layer_names[k] for k in w.bank.cat_index]
     paths = {}
     for i, chunk in enumerate(("ca", "cb", "cc")):
-        collector = GramCollector({n: w.layers[k] for n, k in zip(names, w.cat_index)})
+        collector = GramCollector({n: w.bank.layers[k] for n, k in zip(names, w.bank.cat_index)})
         w.set_weights({d: 0.0 for d in w.names}, method="linear")
         seqs = [[(7 * i + 3 * j + t) % 90 + 3 for t in range(6 + j % 4)] for j in range(12)]
         collector.run(w.model, padded_batches(seqs, 0, 4))
@@ -111,13 +111,13 @@ def regmean_weighted(tiny_model, tiny_adapters, tmp_path_factory):
 def dense_reference(w, files, chunk_of, weights):
     """Per targeted module: sum_i w_i times delta i's term of (sum_i dW_i C_i')(sum C_i')^-1, built densely."""
     out = {}
-    for k, layer in zip(w.cat_index, w.cat_layers):
+    for k, layer in zip(w.bank.cat_index, w.bank.cat_layers):
         name = w.layer_names[k]
         present = [d for d in w.names if d in layer.lora_A]
         grams = [files.gram(chunk_of[d], name).double() for d in present]
         terms = []
         for j, d in enumerate(present):
-            delta = layer.scaling.get(d, 0) and w.unit_scaling[k][d] * (
+            delta = layer.scaling.get(d, 0) and w.bank.unit_scaling[k][d] * (
                 layer.lora_B[d].weight.double() @ layer.lora_A[d].weight.double())
             only = [delta if jj == j else torch.zeros_like(delta) for jj in range(len(present))]
             terms.append(weights[d] * regmean_delta(only, grams, 0.5))
@@ -131,14 +131,14 @@ def test_in_place_regmean_equals_the_dense_reference(regmean_weighted):
     w.set_weights(weights)
     reference = dense_reference(w, files, chunk_of, weights)
     checked = 0
-    for k, layer in zip(w.cat_index, w.cat_layers):
-        B, A = layer.lora_B[w.CAT].weight.double(), layer.lora_A[w.CAT].weight.double()
-        got = layer.scaling[w.CAT] * B @ A
+    for k, layer in zip(w.bank.cat_index, w.bank.cat_layers):
+        B, A = layer.lora_B[CAT].weight.double(), layer.lora_A[CAT].weight.double()
+        got = layer.scaling[CAT] * B @ A
         want = reference[w.layer_names[k]]
         assert want.abs().max() > 1e-3  # a real delta, not zeros
         assert torch.allclose(got, want, atol=1e-5 * want.abs().max().item()), w.layer_names[k]
         checked += 1
-    assert checked == len(w.cat_layers) > 0
+    assert checked == len(w.bank.cat_layers) > 0
 
 
 def test_regmean_is_not_the_plain_sum_and_deltas_alone_stay_as_trained(regmean_weighted, tiny_model, tiny_adapters):
@@ -208,8 +208,8 @@ def test_core_space_equals_full_regmean_when_the_deltas_span_every_input():
 
 def test_core_grams_are_projections_of_the_full_ones(tiny_model, tiny_adapters):
     w = WeightedDeltas(tiny_model, tiny_adapters, mode="cat", method="linear")
-    names = [w.layer_names[k] for k in w.cat_index]
-    layers = {n: w.layers[k] for n, k in zip(names, w.cat_index)}
+    names = [w.layer_names[k] for k in w.bank.cat_index]
+    layers = {n: w.bank.layers[k] for n, k in zip(names, w.bank.cat_index)}
     projections = w.regmean_projections(["a", "b", "c"])
     seqs = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
     w.set_weights({d: 0.0 for d in w.names}, method="linear")

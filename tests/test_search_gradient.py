@@ -102,11 +102,11 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
     batch = [session.scorer("validation").encoded[i] for i in opt.fit_rows]
 
     def loss(point):
-        weighted._use_cat()
+        weighted.use_mode("cat")
         weighted.set_weights(point)
         with torch.no_grad():
             value = gradient.answer_nll(weighted, batch)
-        weighted._use_fold()
+        weighted.use_mode("fold")
         return value.item() / sum(len(t) for _, t in batch)
 
     start = {p: 0.5 for p in weighted.params}
@@ -136,7 +136,7 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
     encoded = session.scorer("validation").encoded  # prompts and answers of different lengths: padding, spans
     batch = [(p[: 2 + i % 4], t[: 1 + i % 3]) for i, (p, t) in enumerate(encoded[:6])]
     start = [0.3 + 0.1 * (i % 5) for i in range(len(weighted.params))]
-    weighted._use_cat()
+    weighted.use_mode("cat")
     try:
         weighted.set_weights(dict(zip(weighted.params, start)))
         results = []
@@ -151,13 +151,14 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
         x = torch.tensor(start, requires_grad=True)
         flat = gradient.full_table(weighted, weighted.params, x)
         override = {names[id(A)]: unit * (flat.double()[index] * scale).to(unit.dtype).unsqueeze(1)
-                    for (A, unit, _), index, scale in zip(weighted.cat_rows, weighted.cat_flat, weighted.cat_scale)}
+                    for (A, unit, scale), index in zip([(c.A, c.unit, c.scale) for c in weighted.bank.cat],
+                                                         weighted.bank.row_index)}
         with monkeypatch.context() as m:
-            m.setattr(weighted, "model", _Called(weighted.model, override))
+            m.setattr(weighted.bank, "model", _Called(weighted.model, override))
             (gradient.answer_nll(weighted, batch) / sum(len(t) for _, t in batch)).backward()
-        assert all(A.grad is None and not A.requires_grad for A, _, _ in weighted.cat_rows)  # left as it was
+        assert all(A.grad is None and not A.requires_grad for A in [m.A for m in weighted.bank.cat])  # left as it was
     finally:
-        weighted._use_fold()
+        weighted.use_mode("fold")
     (whole, g_whole), (sliced, g_sliced), (checkpointed, g_checkpointed) = results
     assert g_whole.abs().sum() > 0
     assert sliced == pytest.approx(whole, rel=1e-5) and checkpointed == pytest.approx(whole, rel=1e-6)

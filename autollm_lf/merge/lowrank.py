@@ -1,0 +1,115 @@
+"""Low-rank merges written into the cat factors: `linear`, `linear_norm` (B' per trial) and the data-aware `regmean`
+and `regmean_core` (RegMean's A rows in place of the deltas' own). Exact LoRA: the export is the same adapter."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+from ..lazytorch import no_grad
+from ..regmean import regmean_A, regmean_core_A
+from .bank import DeltaBank
+from .maths import OutputNorm
+from .methods import MergeMethod
+
+if TYPE_CHECKING:
+    import torch
+
+    from .bank import CatModule
+
+
+class LowRankWriter:
+    """Writes a low-rank method's merge into the bank's cat factors: A_cat's rows are the unit rows (the deltas' own,
+    or RegMean's) times their delta's weight in their module and its LoRA scaling; a normalised method also replaces
+    B_cat by OutputNorm's B'. Holds what is weight-free and built once: the OutputNorms, RegMean's rows."""
+
+    def __init__(self, bank: DeltaBank):
+        self.bank = bank
+        self.norms: dict[int, OutputNorm] = {}  # linear_norm per cat module
+        self.b_changed = False  # B_cat holds linear_norm's B', not the unit factors
+        self.aware_units: dict[str, list[torch.Tensor]] = {}  # RegMean's A rows per cat module, by space
+
+    @no_grad
+    def write(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
+        import torch
+        bank = self.bank
+        w = bank.flat_table(weights)
+        rows = w[bank.row_flat] * bank.row_scale
+        # every module's rows are cast at once per (device, dtype), not module by module (~7 us a cast, times modules)
+        cast: dict[tuple, torch.Tensor] = {}
+        start = 0
+        for m, unit, end in zip(bank.cat, self.trial_units(spec), bank.row_ends):
+            key = (m.A.device, m.A.dtype)
+            if key not in cast:
+                cast[key] = rows.to(*key)
+            torch.mul(unit, cast[key][start:end].unsqueeze(1), out=m.A)
+            start = end
+        if spec.normalize:
+            self._write_norm_B(w)
+        elif self.b_changed:
+            self._restore_unit_B()
+
+    def trial_units(self, spec: MergeMethod) -> list[torch.Tensor]:
+        """Per cat module, the A rows a trial scales by w_i * s_i: the deltas' own, or (data-aware) RegMean's."""
+        if spec.data_aware:
+            if not self.has_regmean(spec.data_aware):
+                raise ValueError("merge method regmean needs its data first (use_regmean)")
+            return self.aware_units[spec.data_aware]
+        return [m.unit for m in self.bank.cat]
+
+    def has_regmean(self, space: str) -> bool:
+        return space in self.aware_units
+
+    def merged_rows(self, m: CatModule, deltas) -> tuple[list, torch.Tensor, list[slice]]:
+        """The cat slices of `deltas` in this module, their A rows stacked (A_u) and each one's rows within A_u."""
+        import torch
+        slices = [s for s in m.slices(self.bank.names) if s[1] in deltas]
+        A_u = torch.cat([m.unit[sl] for _, _, sl in slices]) if slices else m.unit[:0]
+        ends = torch.tensor([0] + [sl.stop - sl.start for _, _, sl in slices]).cumsum(0).tolist()
+        return slices, A_u, [slice(a, b) for a, b in zip(ends, ends[1:])]
+
+    @no_grad
+    def use_regmean(self, grams, chunk_of: Mapping[str, str], alpha: float, space: str = "full") -> None:
+        """RegMean's A rows for every cat module, from `grams` (regmean.GramFiles: each chunk's Gram of each module's
+        input, or in `core` space of its projection on A_u) and each delta's chunk: regmean_A (A_i C_i' S^-1) or
+        regmean_core_A. Deltas not in chunk_of (train@all) keep their A and take no part; the deltas' own A rows
+        stay as trained."""
+        self.aware_units[space] = []
+        for m in self.bank.cat:
+            name = self.bank.layer_names[m.index]
+            slices, A_u, within = self.merged_rows(m, chunk_of)
+            chunks = [chunk_of[d] for _, d, _ in slices]
+            grams_of = [grams.gram(c, name).to(m.unit.device) for c in chunks]
+            if space == "core":
+                diags = [grams.diag(c, name).to(m.unit.device) for c in chunks]
+                new = regmean_core_A(within, A_u, grams_of,
+                                     [(A_u.double() * d.double()) @ A_u.double().T for d in diags], alpha)
+            else:
+                new = regmean_A([m.unit[sl] for _, _, sl in slices], grams_of, alpha)
+            rows = m.unit.clone()
+            for (_, _, sl), A in zip(slices, new):
+                rows[sl] = A
+            self.aware_units[space].append(rows)
+
+    def _write_norm_B(self, w: torch.Tensor) -> None:
+        bank = self.bank
+        width = len(bank.names) + 1
+        index = {g: i for i, g in enumerate(bank.group_names)}
+        for k, m in enumerate(bank.cat):
+            B = m.B
+            if k not in self.norms:  # built once per module, from the unit B_cat (still in place at first use)
+                self.norms[k] = OutputNorm(B.detach().clone(), m.owner.cpu(), len(bank.names))
+                self._unshare_B(m)
+            start = width * index[bank.groups[m.index]]
+            B.copy_(self.norms[k].apply(w[start:start + width - 1]).to(B.dtype))
+        self.b_changed = True
+
+    def _unshare_B(self, m: CatModule) -> None:
+        """B_cat is about to hold B', not the deltas' B side by side: their B become views of a copy instead."""
+        unit_B = m.B.detach().clone()
+        for _, name, rows in m.slices(self.bank.names):
+            m.layer.lora_B[name].weight.data = unit_B[:, rows]
+
+    def _restore_unit_B(self) -> None:
+        """B_cat back to the unit factors after a normalised method wrote B' there."""
+        for k, m in enumerate(self.bank.cat):
+            m.B.copy_(self.norms[k].B.to(m.B.dtype))
+        self.b_changed = False
