@@ -37,8 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .checks import load_config
 from .choice import Choice
-from .config import ClusterConfig, EvaluationConfig, SearchConfig, load_config
+from .config import ClusterConfig, EvaluationConfig, SearchConfig
 from .evaluate import ExactMatch, greedy_generate
 from .gradient import GradientOptimizer
 from .io import read_json
@@ -223,7 +224,7 @@ def status(key):  # MB; VmHWM is this process's own peak (ru_maxrss of a child a
 runtime = status("VmRSS")
 base, adapters, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 if mode == "run":  # what `autollm search` holds on this run (argv[1]: its config): trials, and a gradient fit
-    from autollm_lf.config import load_config
+    from autollm_lf.checks import load_config
     from autollm_lf.gradient import GradientOptimizer
     from autollm_lf.pipeline import Session
     import time

@@ -6,7 +6,7 @@ import os
 import sys
 
 from .bench import run_bench
-from .config import load_config
+from .checks import load_config
 from .errors import UserError, mask_secrets
 from .pipeline import STAGES, run_stages
 from .rounds import apply_round

@@ -6,22 +6,15 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets, url_secrets
-from .evaluate import load_function
-from .gguf import PYPI, converted_path
 from .granularity import parse_granularity
-from .lmeval import lm_eval_problems
-from .merge import MERGE_METHODS
-from .methods import METHODS
-from .metrics import METRICS
 from .owned import owned_key_problems
 from .paths import RunDir
-from .train import LORA_INITS, find_template, template_problem, training_cutoff_len
 from .yamlsafe import load_yaml, load_yaml_text
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -237,33 +230,6 @@ class TrainConfig(Strict):
             raise ValueError("; ".join(problems))
         return v
 
-    @field_validator("lora_init")
-    @classmethod
-    def _known_init(cls, v):
-        if v not in LORA_INITS:
-            raise ValueError(f"unknown LoRA init {v!r}; choose one of {', '.join(LORA_INITS)}")
-        return v
-
-    @model_validator(mode="after")
-    def _known_methods(self):
-        named = [("train.methods", m) for m in (self.methods if isinstance(self.methods, list) else [])]
-        named += [(f"train.chunk_methods.{c}", m)
-                  for c, ms in self.chunk_methods.items() if isinstance(ms, list) for m in ms]
-        named += ([(f"train.templates.{m}", m) for m in self.templates]
-                  + [(f"train.method_args.{m}", m) for m in self.method_args])
-        bad = [f"{key}: unknown method {m!r}" for key, m in named if m not in METHODS]
-        if bad:
-            raise ValueError("; ".join(bad) + f" (methods: {', '.join(METHODS)})")
-        bad += [f"train.templates.{m}: {problem}" for m in METHODS
-                if (problem := template_problem(self.template_for(m), m)) is not None]
-        if bad:
-            raise ValueError("; ".join(bad) + f" (methods: {', '.join(METHODS)})")
-        return self
-
-    def template_for(self, method: str) -> str:
-        return self.templates.get(method, METHODS[method].template)
-
-
 class SearchConfig(Strict):
     bounds: tuple[float, float] = (0.0, 1.0)
     init_points: int = Field(5, ge=0)
@@ -283,7 +249,7 @@ class SearchConfig(Strict):
     granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
                                                   "(`module_kind`), per delta and block of layers (`blocks:N`, "
                                                   "N contiguous blocks), or per delta and module (`module`)")
-    optimizer: Literal["auto", "bayes", "cmaes", "gradient", "random"] = Field(
+    optimizer: str = Field(
         "auto", description="what proposes the trials after the seeds (search.OPTIMIZERS); auto: bayes up to "
                             "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
                             "validation (linear and linear_norm merges)")
@@ -297,13 +263,6 @@ class SearchConfig(Strict):
     @classmethod
     def _known_granularity(cls, v):
         parse_granularity(v)
-        return v
-
-    @field_validator("merge")
-    @classmethod
-    def _known_merge(cls, v):
-        if v not in MERGE_METHODS:
-            raise ValueError(f"unknown merge method {v!r}; choose one of {', '.join(MERGE_METHODS)}")
         return v
 
     @field_validator("bounds")
@@ -486,20 +445,6 @@ class RunConfig(Strict):
                              f"give each source its own name (it labels where each row came from)")
         return self
 
-    @model_validator(mode="after")
-    def _known_names(self):
-
-        named = [("evaluation.metric", self.evaluation.metric)]
-        named += [(f"evaluation.objective.{i}.metric", p.metric)
-                  for i, p in enumerate(self.evaluation.objective) if p.metric]
-        for key, metric in named:
-            if metric not in METRICS:
-                raise ValueError(f"{key}: unknown metric {metric!r}; choose one of {sorted(METRICS)}")
-        if self.evaluation.judge and find_template(self.evaluation.judge.prompt_template) is None:
-            raise ValueError(f"evaluation.judge.prompt_template: no template {self.evaluation.judge.prompt_template!r} "
-                             f"in autollm_lf/templates/; name a file there or give a path")
-        return self
-
     @property
     def out(self) -> Path:
         """runs/<name>/ for round 1 (as ever), runs/<name>/round-<K>/ for round K >= 2."""
@@ -540,14 +485,8 @@ def _format_errors(err: ValidationError, file: Path) -> str:
 def _resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make paths absolute (relative ones are relative to the working directory, as in LLaMA-Factory)."""
     cfg.run_dir = cfg.run_dir.resolve()
-    if cfg.base_model.gguf:  # the run sees the converted folder (converted by pipeline.run_stages if not yet)
-        if not cfg.base_model.gguf.startswith(PYPI):
-            cfg.base_model.gguf = str(Path(cfg.base_model.gguf).expanduser().resolve())
-        converted = converted_path(cfg.base_model.gguf)
-        if cfg.base_model.path is not None and cfg.base_model.path.resolve() != converted:
-            raise UserError(f"base_model: {ONE_BASE}")
-        cfg.base_model.path = converted
-    cfg.base_model.path = cfg.base_model.path.resolve()
+    if cfg.base_model.path is not None:  # a GGUF base's folder is set by checks.resolve_gguf
+        cfg.base_model.path = cfg.base_model.path.resolve()
     cfg.export.saves_dir = cfg.export.saves_dir.resolve()
     if cfg.cluster and cfg.cluster.storage:
         cfg.cluster.storage = cfg.cluster.storage.resolve()
@@ -594,8 +533,9 @@ def _sql_url_problems(src: SqlSource, where: str) -> list[str]:
     return []
 
 
-def check_paths(cfg: RunConfig, file: Path) -> None:
-    """Problems pydantic cannot see: files that must exist before anything runs (all reported at once)."""
+def path_problems(cfg: RunConfig) -> list[str]:
+    """Problems pydantic cannot see: files that must exist before anything runs (checks.load_config reports them
+    with the stage checks', all at once)."""
     problems = []
     if cfg.run_dir.exists() and not cfg.run_dir.is_dir():
         problems.append(f"run_dir: {cfg.run_dir} is a file, not a folder; name a folder for the runs")
@@ -607,9 +547,6 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
     named = keyed + [(f"{key}.documents", src.documents) for key, src in keyed if isinstance(src, GenerateSource)]
     for key, src in keyed:
         if isinstance(src, GenerateSource):
-            if find_template(src.prompt_template) is None:
-                problems.append(f"{key}.prompt_template: no template {src.prompt_template!r} in autollm_lf/templates/; "
-                                f"name a file there or give a path")
             if src.api_key_env and not os.environ.get(src.api_key_env):
                 problems.append(f"{key}.api_key_env: environment variable {src.api_key_env} is not set; "
                                 f"export it with the endpoint's API key")
@@ -626,16 +563,7 @@ def check_paths(cfg: RunConfig, file: Path) -> None:
     if cfg.cluster and cfg.cluster.storage and not cfg.cluster.storage.is_dir():
         problems.append(f"cluster.storage: {cfg.cluster.storage} is not a folder here; mount the shared storage at "
                         f"that path (every node mounts it there) or leave cluster.storage out")
-    uses_lm_eval = cfg.evaluation.metric == "lm_eval" or any(p.metric == "lm_eval" for p in cfg.evaluation.objective)
-    if uses_lm_eval and cfg.evaluation.lm_eval is not None:
-        problems += lm_eval_problems(cfg.evaluation.lm_eval)
-    if cfg.evaluation.metric == "python":
-        try:
-            load_function(cfg.evaluation.function)
-        except UserError as e:
-            problems.append(str(e))
-    if problems:
-        raise UserError("\n".join(f"{file}: {p}" for p in problems))
+    return problems
 
 
 def override_keys(raw: dict, overrides: list[str]) -> dict:
@@ -656,10 +584,11 @@ def override_keys(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path, round: int | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load and validate a config (as round `round`, over its `round:` key; `key=value` overrides over its keys);
-    raise UserError listing every problem. A round K >= 2 is then made from it by rounds.apply_round (its base and
-    data depend on round K-1)."""
+def parse_config(path: str | Path, round: int | None = None, overrides: list[str] = (),
+                 name_problems: Callable[[dict], list[str]] = lambda raw: []) -> RunConfig:
+    """Load a config and check its shape (as round `round`, over its `round:` key; `key=value` overrides over its
+    keys); raise UserError listing every schema problem, with those `name_problems` finds in the same mapping (the
+    names only stages know: checks.load_config, the entry point every command uses, passes them in)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found; pass the path of a run YAML (e.g. examples/toy.yaml)")
@@ -667,22 +596,19 @@ def load_config(path: str | Path, round: int | None = None, overrides: list[str]
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
     raw = override_keys(raw, list(overrides))
+    names = [f"{path}: {p}" for p in name_problems(raw)]
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_errors(e, path)) from None
+        raise UserError("\n".join([_format_errors(e, path), *names])) from None
+    if names:
+        raise UserError("\n".join(names))
     if round is not None:
         if round < 1:
             raise UserError(f"--round: {round} is not a round; rounds count from 1")
         cfg.round = round
-    try:
-        cfg = _resolve_paths(cfg)
-    except UserError as e:  # base_model.gguf: a file that is not there or not a GGUF
-        raise UserError(f"{path}: {e}") from None
-    if cfg.evaluation.cutoff_len is None:  # evaluate rows as the deltas were trained on them
-        cfg.evaluation.cutoff_len = training_cutoff_len(cfg)
+    cfg = _resolve_paths(cfg)
     remember_secrets(*source_urls(cfg))
-    check_paths(cfg, path)
     return cfg
 
 

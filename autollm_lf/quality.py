@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import load_config
+from .checks import load_config
 from .grams import use_regmean
 from .intervals import mean_interval, paired_difference, resample_index
 from .io import read_json

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import BadCasesSource, RunConfig, check_paths, round_dir
+from .config import BadCasesSource, RunConfig, path_problems, round_dir
 from .errors import UserError
 from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
 from .io import read_json, write_json
@@ -39,7 +39,9 @@ def apply_round(cfg: RunConfig, file) -> RunConfig:
         added.append(BadCasesSource(type="bad_cases", name=f"bad_cases:round-{k - 1}", run=prev_dir,
                                     rejected=cfg.rounds.rejected, chunk=cfg.rounds.chunk))
     cfg.data.sources = cfg.data.sources + added + [s.model_copy(deep=True) for s in cfg.rounds.sources]
-    check_paths(cfg, file)  # the sources this round added
+    problems = path_problems(cfg)  # the sources this round added
+    if problems:
+        raise UserError("\n".join(f"{file}: {p}" for p in problems))
     return cfg
 
 

@@ -51,9 +51,14 @@ def training_cutoff_len(cfg) -> int:
     for args in (cfg.train.method_args.get("sft", {}), cfg.train.args):
         if "cutoff_len" in args:
             return int(args["cutoff_len"])
-    path = find_template(cfg.train.template_for("sft"))
+    path = find_template(method_template(cfg, "sft"))
     found = CUTOFF_LINE.search(path.read_text(encoding="utf-8")) if path else None
     return int(found.group(1)) if found else LF_DEFAULT_CUTOFF
+
+
+def method_template(cfg, method: str) -> str:
+    """The LLaMA-Factory config template `method` renders: train.templates' choice, else the method's own."""
+    return cfg.train.templates.get(method, METHODS[method].template)
 
 
 def find_template(name: str) -> Path | None:
@@ -157,7 +162,7 @@ def config_for_delta(cfg, spec: DeltaSpec,
     path, state_path = run.config(spec.name), run.rendered
     state = read_json(state_path, {})
     render = lambda overrides: render_template(
-        cfg.train.template_for(spec.method), overrides, **METHODS[spec.method].args,
+        method_template(cfg, spec.method), overrides, **METHODS[spec.method].args,
         delta=spec.name, model_name_or_path=str(cfg.base_model.path), template=cfg.base_model.template,
         dataset_dir=str(run.data), dataset=",".join(spec.datasets), output_dir=str(run.delta(spec.name)),
         seed=cfg.seed, **(hardware or hardware_defaults()),

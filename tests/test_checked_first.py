@@ -102,7 +102,7 @@ def fake_cfg(tmp_path):
     from autollm_lf.paths import RunDir
     return SimpleNamespace(out=tmp_path / "run", run=RunDir(tmp_path / "run"), seed=0,
                            base_model=SimpleNamespace(path=tmp_path / "m", template="default"),
-                           train=SimpleNamespace(template_for=lambda method: "sft_lora.yaml.j2", args={},
+                           train=SimpleNamespace(templates={}, args={},
                                                  chunk_args={}))
 
 
@@ -287,7 +287,8 @@ def test_password_never_printed(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("case", list(SECRET_URLS))
 def test_password_never_written(tmp_path, case):
-    from autollm_lf.config import dump_config, load_config, without_secrets
+    from autollm_lf.checks import load_config
+    from autollm_lf.config import dump_config, without_secrets
     url, secret = SECRET_URLS[case]
     cfg = base_config(tmp_path, **{"evaluation.test": [{"type": "sql", "url": url, "query": "SELECT 1"}]})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))

@@ -13,8 +13,9 @@ import yaml
 from conftest import write_config
 from test_search import DELTAS, FakeSession
 
+from autollm_lf.checks import load_config
 from autollm_lf.cluster import bring_back, pack, unpack
-from autollm_lf.config import SearchConfig, load_config
+from autollm_lf.config import SearchConfig
 from autollm_lf.errors import UserError
 from autollm_lf.search import run_search
 

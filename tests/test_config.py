@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autollm_lf.config import load_config
+from autollm_lf.checks import load_config
 from autollm_lf.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -88,7 +88,7 @@ def test_chat_yaml_loads_in_chatmodel_and_answers_like_our_greedy_decoding(expor
     from llamafactory.chat import ChatModel
     from peft import PeftModel
 
-    from autollm_lf.config import load_config
+    from autollm_lf.checks import load_config
     from autollm_lf.merge import load_base
     from autollm_lf.metrics import make_evaluator
     from autollm_lf.prepare import load_split

@@ -203,7 +203,8 @@ def test_bad_gguf_is_one_line_exit_2(tmp_path, monkeypatch, capsys, base_model, 
 
 
 def test_gguf_config_resolves_to_the_cache_folder(tmp_path, monkeypatch):
-    from autollm_lf.config import dump_config, load_config
+    from autollm_lf.checks import load_config
+    from autollm_lf.config import dump_config
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOLLM_LF_CACHE", str(tmp_path / "cache"))

@@ -98,7 +98,8 @@ def test_templates_per_stage(method, stage, extra):
     from autollm_lf.methods import METHODS
 
     train = TrainConfig()
-    text = render_template(train.template_for(method), {"pref_beta": 0.25}, **METHODS[method].args, delta="d",
+    template = train.templates.get(method, METHODS[method].template)
+    text = render_template(template, {"pref_beta": 0.25}, **METHODS[method].args, delta="d",
                            model_name_or_path="/m", template="default", dataset_dir="/d", dataset="c",
                            output_dir="/o", seed=0, bf16=False, cpu=True)
     cfg = yaml.safe_load(text)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import autollm, write_config
 
-from autollm_lf.config import load_config
+from autollm_lf.checks import load_config
 from autollm_lf.export import adapter_score
 from autollm_lf.prepare import prepare
 

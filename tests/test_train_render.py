@@ -33,7 +33,7 @@ def test_rendered_template_is_valid_llamafactory_yaml(tmp_path):
 def fake_cfg(tmp_path, **args):
     return SimpleNamespace(out=tmp_path / "run", run=RunDir(tmp_path / "run"), seed=0,
                            base_model=SimpleNamespace(path=tmp_path / "m", template="default"),
-                           train=SimpleNamespace(template_for=lambda method: "sft_lora.yaml.j2", args=args,
+                           train=SimpleNamespace(templates={}, args=args,
                                                  chunk_args={}))
 
 
