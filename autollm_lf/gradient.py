@@ -26,6 +26,7 @@ from .errors import UserError
 from .evaluate import ChunkedHead, logits_bytes, logsumexp_and_label_logits, rows_per_call
 from .hostmem import FIT_MMAP_THRESHOLD, mmap_threshold
 from .merge import MERGE_METHODS, param_name
+from .protocols import FitSession
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
     import torch
@@ -39,9 +40,8 @@ FIT_FRACTION = 0.5  # of the validation rows: the fit's; the rest is the holdout
 class GradientOptimizer:
     parallel = False  # one Adam trajectory: each point starts from the one before, scored here (evaluate)
 
-    def __init__(self, params: list[str], bounds, seed: int, session=None):
-
-        if session is None or not MERGE_METHODS[session.cfg.search.merge].low_rank:
+    def __init__(self, params: list[str], bounds, seed: int, session: FitSession):
+        if not MERGE_METHODS[session.cfg.search.merge].low_rank:
             raise UserError("search.optimizer: gradient needs search.merge linear, linear_norm or regmean (a low-rank "
                             "merge whose weights act on the cat factors); pick bayes or cmaes for the others")
         self.params, self.bounds, self.seed, self.session = params, tuple(bounds), seed, session
@@ -80,7 +80,7 @@ class GradientOptimizer:
         return float(np.mean(scores)), {"holdout": float(np.mean([scores[i] for i in self.holdout_rows]))}
 
 
-def fit_steps(session, params: list[str], x: torch.Tensor, adam, bounds, fit_rows: list[int], rng) -> None:
+def fit_steps(session: FitSession, params: list[str], x: torch.Tensor, adam, bounds, fit_rows: list[int], rng) -> None:
     """STEPS projected Adam steps of x (the weights, in `params` order) on the teacher-forced loss."""
     import torch
     weighted = session.weighted

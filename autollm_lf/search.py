@@ -16,7 +16,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -25,6 +25,10 @@ from .gradient import GradientOptimizer
 from .granularity import param_delta
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .paths import RunDir
+from .protocols import Optimizer, SearchSession
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
 
@@ -85,8 +89,8 @@ def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], valida
                        cfg.seed, deltas, delta_fps, validation_fp)
 
 
-# ---- optimisers: suggest(trial number, pending points) -> weights; register(weights, score, own);
-# replay(logged trial). `parallel = False`: one point at a time, scored by the optimiser's own evaluate().
+# ---- optimisers (protocols.Optimizer): suggest(trial number, pending points) -> weights; register(weights, score,
+# own); replay(logged trial). `parallel = False`: one point at a time, scored by the optimiser's own evaluate().
 
 @contextlib.contextmanager
 def quiet():
@@ -96,10 +100,18 @@ def quiet():
         yield
 
 
-class BayesOptimizer:
+class PooledOptimizer:
+    """An optimiser whose points the search loop scores, several at once where a pool is given."""
+    parallel = True
+
+    def evaluate(self, weights: dict) -> tuple[float, dict]:
+        raise TypeError(f"{type(self).__name__}: the search loop scores its points (parallel = True)")
+
+
+class BayesOptimizer(PooledOptimizer):
     """bayes_opt's Gaussian process with expected improvement, fed every trial (seeds included)."""
 
-    def __init__(self, params: list[str], bounds, seed: int, session=None):
+    def __init__(self, params: list[str], bounds, seed: int, session: SearchSession):
         from bayes_opt import BayesianOptimization
         self.seed = seed
         self.opt = BayesianOptimization(f=None, pbounds={p: tuple(bounds) for p in params}, random_state=seed,
@@ -127,12 +139,12 @@ class BayesOptimizer:
         self.register(trial["weights"], trial["validation"], own)
 
 
-class CmaesOptimizer:
+class CmaesOptimizer(PooledOptimizer):
     """CMA-ES (the `cma` package, as mergekit-evolve), started at the best point registered before its first
     suggestion, step 0.3 of the bounds' width, bounded. Generation g is asked under numpy seed (seed, g), so a
     replay asks the same populations; a replayed own trial is told its logged score."""
 
-    def __init__(self, params: list[str], bounds, seed: int, session=None):
+    def __init__(self, params: list[str], bounds, seed: int, session: SearchSession):
         self.params, self.bounds, self.seed = params, tuple(bounds), seed
         self.es, self.best, self.generation = None, None, 0
         self.queue, self.asked, self.told_x, self.told_y = [], [], [], []
@@ -175,10 +187,10 @@ class CmaesOptimizer:
         self.register(trial["weights"], trial["validation"], own)
 
 
-class RandomOptimizer:
+class RandomOptimizer(PooledOptimizer):
     """Uniform random points (the baseline every optimiser must beat)."""
 
-    def __init__(self, params: list[str], bounds, seed: int, session=None):
+    def __init__(self, params: list[str], bounds, seed: int, session: SearchSession):
         self.params, self.bounds, self.seed = params, bounds, seed
 
     def suggest(self, number: int, pending: list[dict] = ()) -> dict:
@@ -191,8 +203,8 @@ class RandomOptimizer:
         pass
 
 
-OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer,
-              "gradient": GradientOptimizer}
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": GradientOptimizer}
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
@@ -200,7 +212,7 @@ OPTIMIZERS = {"bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": Random
 Scores = Callable[[list[dict]], list[tuple[float, float]]]  # points -> (validation score, eval seconds) each
 
 
-def score_here(session) -> Scores:
+def score_here(session: SearchSession) -> Scores:
     """Trials scored one after the other by this process's session."""
     def score(points: list[dict]) -> list[tuple[float, float]]:
         results = []
@@ -211,7 +223,7 @@ def score_here(session) -> Scores:
     return score
 
 
-def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
+def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: str, force: bool = False,
                human: dict[str, float] | None = None, pool=None) -> dict:
     """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
     best = {weights, validation, trial}. With a pool (cluster.TrialPool) up to pool.size trials run at once:
@@ -249,7 +261,7 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
             batch = _next_batch(plan, number, width, opt, seen, params, bounds, cfg.seed)
             replaced += sum("replaces" in trial for trial, _ in batch)
             own = batch[0][0]["kind"] == name
-            if own and not getattr(opt, "parallel", True):  # gradient: also the metric on the half it did not fit
+            if own and not opt.parallel:  # gradient: also the metric on the half it did not fit
                 started = time.perf_counter()
                 value, extra = opt.evaluate(batch[0][1])
                 results = [(value, time.perf_counter() - started, extra)]
@@ -281,12 +293,13 @@ def run_search(cfg, session, deltas: list[str], fp: str, force: bool = False,
     return best
 
 
-def _next_batch(plan, number: int, width: int, opt, seen: dict, params, bounds, seed) -> list[tuple[dict, dict]]:
+def _next_batch(plan, number: int, width: int, opt: Optimizer, seen: dict, params, bounds,
+                seed) -> list[tuple[dict, dict]]:
     """Up to `width` trials from `number` on, all planned points or all the optimiser's (it starts from every
     seed's score), each new: a repeated suggestion is replaced by a seeded random point, counted. Marks every
     point seen."""
     planned = plan[number][1] is not None
-    limit = width if planned or getattr(opt, "parallel", True) else 1
+    limit = width if planned or opt.parallel else 1
     batch: list[tuple[dict, dict]] = []
     for n in range(number, min(number + limit, len(plan))):
         kind, weights = plan[n]

@@ -1,0 +1,129 @@
+"""What the best weights could reach on the per-chunk goal, measured from above by oracles tuned on TEST itself."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from ..checks import load_config
+from ..config import SearchConfig
+from ..gradient import GradientOptimizer
+from ..merge import MERGE_METHODS, param_delta
+from ..pipeline import Session
+from ..scored import ScoredMerge
+from ..search import point_key
+from ..train import ALL_DELTA
+from .searches import quiet_search
+
+CEILING_SHARE = 0.8  # the merge-quality goal: on every chunk, this share of what that chunk's own delta scores
+
+
+def gradient_ceiling(session: Session, by_chunk, own: dict[str, float], trials: int,
+                     start_scores: dict[str, float]) -> dict:
+    """The gradient oracle of bench_ceiling: Adam on every test row's teacher-forced loss, from the run's best
+    weights (whose per-chunk test scores are `start_scores`), each point scored by ceiling_value on test."""
+    test = session.scorer("test")
+    on_test = ScoredMerge(session.cfg, session.weighted, {"validation": test, "test": test})  # fits and scores test
+    opt = GradientOptimizer(session.search_params, session.cfg.search.bounds, session.cfg.seed, on_test)
+    opt.fit_rows = list(range(len(test.rows)))  # all of test: an oracle, not a search
+    start = session.cfg.run.read_best()["weights"]
+    opt.register(start, 0.0, own=False)  # the trajectory starts at the run's best point
+    started, seen = time.perf_counter(), [start_scores]
+    for number in range(1, trials + 1):
+        seen.append(by_chunk(opt.suggest(number)))
+    values = [ceiling_value(scores, own) for scores in seen]
+    best = max(range(len(values)), key=values.__getitem__)
+    return {"granularity": f"{session.cfg.search.granularity}, gradient", "weights": len(start),
+            "trials": len(seen), "value": values[best], "by_chunk": seen[best], "start_value": values[0],
+            "seconds": time.perf_counter() - started,
+            "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}}
+
+
+def own_scores(session: Session, by_chunk) -> tuple[dict[str, float], dict[str, str], list[str]]:
+    """Each chunk's own score: the best of its deltas alone (a chunk may train several: sft, dpo, ...) on its test
+    rows; chunks without test rows (train_only sources, bad cases) have none and are listed apart."""
+    own, best, no_test = {}, {}, set()
+    for d in session.deltas:
+        chunk = session.specs[d].chunk
+        if chunk is None:  # train@all, train@auto_mix
+            continue
+        scores = by_chunk({d: 1.0})
+        if chunk not in scores:
+            no_test.add(chunk)
+        elif chunk not in own or scores[chunk] > own[chunk]:
+            own[chunk], best[chunk] = scores[chunk], d
+    return own, best, sorted(no_test - set(own))
+
+
+def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: float = CEILING_SHARE) -> float:
+    """Mean over chunks of how far the merge gets towards `share` of the chunk's own delta (1 = there or beyond):
+    the largest value, len(own) / len(own) = 1, means every chunk meets the goal at once."""
+    return statistics.mean(min(1.0, by_chunk[c] / (share * own[c])) if own[c] > 0 else 1.0 for c in own)
+
+
+def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int = 6, seed: int = 0) -> dict:
+    """What the best weights could reach on the per-chunk goal, measured from above, by two oracles that tune on the
+    TEST split itself (which no real search may see): the search loop (cmaes, `trials`, one weight per delta)
+    maximising ceiling_value (every chunk towards 80% of its own delta's test score), and the gradient optimiser
+    at the run's granularity fitted on all of test's reference answers, from the run's best weights
+    (`gradient_trials` trials of its Adam steps; the best point by ceiling_value). If neither meets the goal on
+    every chunk, a search tuned on validation is not likely to; train@all's ratios are shown beside them."""
+    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
+    if cfg is None or not cfg.run.best.exists():
+        return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
+    session = Session(cfg)
+    w = session.weighted
+    if w.mode == "scaling":
+        return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}
+    by_chunk = lambda weights: session.score_by_chunk(weights, "test", "linear")[1]
+    own, best_delta, no_test = own_scores(session, by_chunk)
+    if not own:
+        return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}
+    yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
+    if ALL_DELTA in w.names:
+        yardsticks["train@all"] = by_chunk({ALL_DELTA: 1.0})
+    w.use_method("linear")
+    w.use_granularity("delta")
+    params = [p for p in w.params if param_delta(p) in session.deltas]
+    search = SearchConfig(bounds=cfg.search.bounds, init_points=3, n_iter=max(trials - 5 - len(params), 0),
+                          optimizer="cmaes", granularity="delta", merge="linear")
+    seen = {}  # point -> its per-chunk test scores (the search scores no point twice)
+
+    def oracle(weights):
+        seen[point_key(weights)] = scores = by_chunk(weights)
+        return ceiling_value(scores, own)
+
+    best, seconds = quiet_search(ScoredMerge(cfg.model_copy(update={"search": search}), w, {}, objective=oracle),
+                                 params, seed, fp="ceiling")
+    results = [{"granularity": "delta", "weights": len(params), "trials": len(seen), "value": best["validation"],
+                "by_chunk": seen[point_key(best["weights"])], "seconds": seconds,
+                "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
+    w.use_method(cfg.search.merge, cfg.search.density)
+    w.use_granularity(cfg.search.granularity)
+    if MERGE_METHODS[cfg.search.merge].low_rank and gradient_trials:
+        results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
+    return {"share": CEILING_SHARE, "own_delta": own, "own_delta_name": best_delta, "no_test_rows": no_test,
+            "rows_per_chunk": cfg.data.test_per_chunk,
+            "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own)} for k, v in yardsticks.items()},
+            "results": results}
+
+
+def ceiling_lines(r: dict) -> list[str]:
+    if "skipped" in r:
+        return ["ceiling: " + r["skipped"]]
+    chunks = list(r["own_delta"])
+    row = lambda name, scores: f"  {name:<34}" + "".join(f"{scores[c]:>{max(8, len(c) + 2)}.2f}" for c in chunks)
+    lines = [f"ceiling (weights searched on TEST itself, {r['rows_per_chunk']} rows per chunk; goal: every chunk "
+             f">= {r['share']:.0%} of its own delta):",
+             f"  {'':<34}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
+             row("own delta", r["own_delta"]),
+             row(f"{r['share']:.0%} of it", {c: r["share"] * v for c, v in r["own_delta"].items()})]
+    named = r.get("own_delta_name", {})
+    lines += [f"  (own delta: the best of the chunk's deltas alone: {', '.join(named.values())})"] if named else []
+    lines += [f"  (no test rows, not scored: {', '.join(r['no_test_rows'])})"] if r.get("no_test_rows") else []
+    lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"]) for k, y in r["yardsticks"].items()]
+    for x in r["results"]:
+        lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"]))
+        lines.append(row("  best chunk by chunk", x["best_per_chunk_any_trial"]))
+        lines.append(f"    ({x['weights']} weights, {x['trials']} trials, {x['seconds']:.0f}s)")
+    return lines
