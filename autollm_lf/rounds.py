@@ -24,7 +24,7 @@ def _command(file, k: int) -> str:
 def apply_round(cfg: RunConfig, file) -> RunConfig:
     """Turn a loaded config into round cfg.round's: new base, bad cases and new sources added."""
     k = cfg.round
-    cfg._first_base = cfg.base_model.path
+    cfg.record_first_base()
     prev_dir = round_dir(cfg, k - 1)
     prev_run = RunDir(prev_dir)
     needed = [prev_run.merged / ADAPTER_FILE, prev_run.merged / "autollm_export.json", prev_run.bad_cases]
@@ -49,7 +49,7 @@ def previous(cfg: RunConfig) -> RunConfig:
     """Round K-1's config (its base: the first base, or round K-2's full merge)."""
     prev = cfg.model_copy(deep=True)
     prev.round = cfg.round - 1
-    prev.base_model.path = cfg._first_base if prev.round == 1 else round_dir(cfg, prev.round - 1) / FULL_DIR
+    prev.base_model.path = cfg.first_base if prev.round == 1 else round_dir(cfg, prev.round - 1) / FULL_DIR
     return prev
 
 
