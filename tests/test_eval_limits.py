@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig
 from autollm_lf.errors import UserError
-from autollm_lf.evaluate import ExactMatch, NegativeLoss, _template, encode_turns
+from autollm_lf.evaluate import ExactMatch, NegativeLoss, chat_template, encode_turns
 
 ROWS = [
     {"prompt": "ab", "response": "cd"},                                   # fits
@@ -23,7 +23,7 @@ def lf_training_ids(tok, row, cutoff_len):
     from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
     from llamafactory.hparams import DataArguments
 
-    template = _template(tok, "default")
+    template = chat_template(tok, "default")
     processor = SupervisedDatasetProcessor(template, tok, None,
                                            DataArguments(template="default", cutoff_len=cutoff_len))
     messages = list(row.get("history", [])) + [{"role": "user", "content": row["prompt"]}]

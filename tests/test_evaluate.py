@@ -216,7 +216,7 @@ def test_a_logits_budget_gives_the_same_scores_over_vocabulary_slices_or_row_sli
     rows = [{"prompt": f"{c * (i % 5 + 1)}", "response": "ab" * (i % 3 + 1), "system": SYSTEM[:48]}
             for i, c in enumerate("abcdabcdabcd")]
     model = _tiny("llama", tok)
-    monkeypatch.setattr("autollm_lf.evaluate.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
+    monkeypatch.setattr("autollm_lf.evaluate.logits.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
     for metric, kind in (("loss", NegativeLoss), ("exact_match", ExactMatch)):
         whole = kind(model, tok, "default", rows, EvaluationConfig(metric=metric, batch_size=6, logits_budget=1.0))
         expected = torch.tensor(whole.row_scores())
@@ -259,8 +259,7 @@ def test_the_search_frees_the_tokenizer_only_when_its_scorers_need_none(tiny_mod
     import gc
     import weakref
 
-    from autollm_lf import evaluate
-    from autollm_lf.evaluate import Contains
+    from autollm_lf.evaluate import Contains, encode
     from autollm_lf.merge import WeightedDeltas
     from autollm_lf.pipeline import release_tokenizer
 
@@ -273,6 +272,6 @@ def test_the_search_frees_the_tokenizer_only_when_its_scorers_need_none(tiny_mod
     before = em.row_scores()
     release_tokenizer(w, [em])
     gc.collect()
-    assert freed() is None and em.tokenizer is None and not evaluate._templates
+    assert freed() is None and em.tokenizer is None and not encode._templates
     assert em.row_scores() == before  # trials run on token ids
     assert w.tokenizer.pad_token_id == w.pad_token_id  # loaded again when something needs it (the report)

@@ -130,7 +130,7 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
     straight through A_cat = unit * s * w[owner] (torch.func.functional_call)."""
 
     from autollm_lf import gradient
-    monkeypatch.setattr("autollm_lf.evaluate.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
+    monkeypatch.setattr("autollm_lf.evaluate.logits.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
 
     session = TinySession(weighted)
     encoded = session.scorer("validation").encoded  # prompts and answers of different lengths: padding, spans
