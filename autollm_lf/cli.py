@@ -8,6 +8,7 @@ import sys
 from .bench import run_bench
 from .checks import load_config
 from .errors import UserError, mask_secrets
+from .log import get_logger, run_log, set_verbosity
 from .pipeline import STAGES, run_stages
 from .rounds import apply_round
 
@@ -22,6 +23,8 @@ STAGE_HELP = {
 }
 
 
+logger = get_logger(__name__)
+
 FORCEABLE = ["train", "search", "mix", "report", "export"]
 # what `autollm bench` measures; --only picks some
 BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model", "ceiling", "scale", "quality"]
@@ -34,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Improve an LLM from new data without guessing mixing ratios: one LoRA delta per data chunk "
                     "(trained with LLaMA-Factory), merge weights found by Bayesian optimisation on validation.",
         epilog="Start with: autollm run examples/toy.yaml   (outputs go to runs/<name>/, re-runs skip finished work)")
+    p.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
+                   help="print only warnings and errors (the run's autollm.log keeps every line)")
+    p.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
+                   help="print debug lines too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="every stage in order: " + ", ".join(STAGE_HELP))
     stages = {"run": run, **{name: sub.add_parser(name, help=text) for name, text in STAGE_HELP.items()}}
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides += extra
+    set_verbosity(args.verbosity)
     if not sys.stderr.isatty():  # logs and pipes get one line per step, not progress-bar redraws
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     try:
@@ -98,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: ok")
             return 0
 
-        run_stages(cfg, list(STAGES) if args.command == "run" else [args.command], frozenset(args.force),
-                   args.keep_going, getattr(args, "full", False))
+        with run_log(cfg.run.log):
+            try:
+                run_stages(cfg, list(STAGES) if args.command == "run" else [args.command], frozenset(args.force),
+                           args.keep_going, getattr(args, "full", False))
+            except UserError as e:  # in the run's log too, if the run got as far as writing one
+                if cfg.run.log.parent.is_dir():
+                    logger.error("error: %s", mask_secrets(str(e)), extra={"console": False})
+                raise
         return 0
     except UserError as e:
         print(f"error: {mask_secrets(str(e))}", file=sys.stderr)

@@ -26,6 +26,9 @@ import yaml
 
 from .errors import UserError
 from .lfcli import apply_overrides, run_llamafactory
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 SKIP_BACK = ("checkpoint-",)  # LLaMA-Factory's intermediate checkpoints stay on the node
@@ -173,9 +176,9 @@ class RayCluster:
 
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n["Alive"])
-        print(f"train: {len(jobs)} deltas as Ray tasks on {nodes} node(s), "
-              f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs: "
-              + ", ".join(job.spec.name for job in jobs), flush=True)
+        logger.info(f"train: {len(jobs)} deltas as Ray tasks on {nodes} node(s), "
+                    f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs: "
+                    + ", ".join(job.spec.name for job in jobs))
         models: dict[Path, Any] = {}
         # the largest trainings first (train@all), so no long one starts last while the other nodes sit idle
         by_size = sorted(jobs, key=lambda job: -sum(p.stat().st_size for p in job.data))
@@ -191,13 +194,13 @@ class RayCluster:
                     for other in running:
                         ray.cancel(other, force=True)
                     raise
-                print(f"error: {e}", flush=True)
+                logger.info(f"error: {e}")
                 failed.append(job.spec.name)
                 continue
             where = {"node": result["node"], "node_id": result["node_id"]}
             done[job.spec.name] = record(job, result["seconds"], where)
-            print(f"delta {job.spec.name}: trained on {result['node']} ({result['node_id'][:8]}) in "
-                  f"{result['seconds']:.0f} s", flush=True)
+            logger.info(f"delta {job.spec.name}: trained on {result['node']} ({result['node_id'][:8]}) in "
+                        f"{result['seconds']:.0f} s")
         return done, failed
 
     def _outcome(self, job: Job, ref) -> dict[str, Any]:
@@ -250,8 +253,7 @@ class TrialPool:
                                                **self._placement(settings, reads, gpus))
         self.actors = [actor.remote(make_scorer, *args) for _ in range(self.size)]
         nodes = set(self._get([a.node.remote() for a in self.actors]))  # every actor has loaded the model
-        print(f"search: {self.size} trials at once on Ray actors ({len(nodes)} node{'s' * (len(nodes) > 1)})",
-              flush=True)
+        logger.info(f"search: {self.size} trials at once on Ray actors ({len(nodes)} node{'s' * (len(nodes) > 1)})")
 
     def _placement(self, settings, reads: list[Path], gpus: int) -> dict[str, Any]:
         """Anywhere when every file the actors read is on cluster.storage; else on the driver's node, which must

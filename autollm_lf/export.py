@@ -10,6 +10,7 @@ import yaml
 
 from .errors import UserError
 from .io import file_digest, fingerprint, read_json, write_if_changed, write_json
+from .log import get_logger
 from .merge import MERGE_METHODS, load_base
 from .metrics import make_evaluator
 from .mix import MIX_DELTA
@@ -17,6 +18,8 @@ from .objective import Objective
 from .paths import ADAPTER_FILE, is_fresh
 from .prepare import load_split
 from .train import render_template, run_llamafactory
+
+logger = get_logger(__name__)
 
 EXPORT_MARKER = "autollm_export.json"
 FULL_MARKER = "autollm_full.json"
@@ -53,7 +56,7 @@ def export_best(session, force: bool = False) -> dict:
     fp = fingerprint(best["weights"], session.search_fingerprint())
     done = read_json(merged / EXPORT_MARKER, {})
     if not force and is_fresh(done, fp, merged / ADAPTER_FILE):
-        print(f"export: {merged} up to date")
+        logger.info(f"export: {merged} up to date")
         info = done
     else:
         info = _export_adapter(session, best, merged, fp)
@@ -74,15 +77,15 @@ def _export_adapter(session, best: dict, merged: Path, fp: str) -> dict:
     write_json(merged / EXPORT_MARKER, info)
     if not MERGE_METHODS[cfg.search.merge].low_rank:  # a truncated SVD of a full-rank merge: report the loss
         m = info["merge"]
-        print(f"export: {merged} ({cfg.search.merge} as rank <= {m['rank_max']} SVD: relative error per module "
-              f"max {m['relative_frobenius_error_max']:.3g}, mean {m['relative_frobenius_error_mean']:.3g}; "
-              f"validation {score:.4f} vs the search's {best['validation']:.4f})")
+        logger.info(f"export: {merged} ({cfg.search.merge} as rank <= {m['rank_max']} SVD: relative error per module "
+                    f"max {m['relative_frobenius_error_max']:.3g}, mean {m['relative_frobenius_error_mean']:.3g}; "
+                    f"validation {score:.4f} vs the search's {best['validation']:.4f})")
         return info
     if not math.isclose(score, best["validation"], rel_tol=1e-4, abs_tol=1e-6):  # one flipped row is far more
         raise UserError(f"exported adapter scores {score:.4f} on validation, "
                         f"the search found {best['validation']:.4f}; "
                         f"the merge is not exact for these adapters (see {merged / EXPORT_MARKER})")
-    print(f"export: {merged} (validation {score:.4f}, same as the search's best)")
+    logger.info(f"export: {merged} (validation {score:.4f}, same as the search's best)")
     return info
 
 
@@ -126,7 +129,7 @@ def full_export_checked(cfg, adapter_dir: Path, yaml_path: Path, adapter_validat
     fp = fingerprint(file_digest([adapter_dir / f for f in ADAPTER_FILES]), yaml_path.read_text(encoding="utf-8"))
     done = read_json(export_dir / FULL_MARKER, {})
     if is_fresh(done, fp, export_dir / "config.json"):
-        print(f"export --full: {export_dir} up to date (validation {done['full_validation']:.4f})")
+        logger.info(f"export --full: {export_dir} up to date (validation {done['full_validation']:.4f})")
         return done
     full_export(yaml_path, export_dir)
     score = adapter_score(cfg, None, model_dir=export_dir).score()
@@ -137,7 +140,7 @@ def full_export_checked(cfg, adapter_dir: Path, yaml_path: Path, adapter_validat
                         f"the adapter {adapter_validation:.4f}; "
                         f"check the export log {export_dir / 'export.log'}")
     write_json(export_dir / FULL_MARKER, info)
-    print(f"export --full: {export_dir} (validation {score:.4f}, same as the adapter)")
+    logger.info(f"export --full: {export_dir} (validation {score:.4f}, same as the adapter)")
     return info
 
 
@@ -168,8 +171,9 @@ def place_in_webui(cfg, adapters: dict[str, Path]) -> list[Path]:
             _copy_if_changed(src / f, dst / f)
         placed.append(dst)
     _point_webui_at_base(cfg.export.saves_dir.parent / WEBUI_CONFIG, label, cfg.base_model.path)
-    print(f"export: WebUI checkpoints in {lora_dir} ({', '.join(p.name for p in placed)}); start "
-          f"`llamafactory-cli webui` in {cfg.export.saves_dir.parent}, pick model {label}, finetuning method lora")
+    logger.info(f"export: WebUI checkpoints in {lora_dir} ({', '.join(p.name for p in placed)}); start "
+                f"`llamafactory-cli webui` in {cfg.export.saves_dir.parent}, pick model {label}, "
+                f"finetuning method lora")
     return placed
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 from .errors import UserError
 from .evaluate import Contains, ExactMatch
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
+from .log import get_logger
 from .paths import is_fresh
 from .rows import Row
+
+logger = get_logger(__name__)
 
 MARKER = "report/bad_cases.json"
 SECTION = "\n## Bad cases (validation)\n"
@@ -54,7 +57,7 @@ def write_bad_cases(session, force: bool = False) -> str:
         atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases))
         write_json(cfg.run.root / MARKER, {"fingerprint": fp, "bad_cases": len(cases), "validation_rows": len(scores),
                                       "split": "validation", "weights": best["weights"]})
-    print(f"bad cases: {len(cases)} validation rows the best merge got wrong -> {path}")
+    logger.info(f"bad cases: {len(cases)} validation rows the best merge got wrong -> {path}")
     return bad_cases_section(cases, path.relative_to(cfg.run.root))
 
 

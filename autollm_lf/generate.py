@@ -19,8 +19,11 @@ import jinja2
 from .errors import UserError, mask_secrets
 from .io import append_jsonl, read_json, write_json
 from .llm import ChatClient
+from .log import get_logger
 from .rows import Record
 from .train import find_template
+
+logger = get_logger(__name__)
 
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 ALIASES = {"prompt": ("prompt", "question", "instruction"), "response": ("response", "answer", "output")}
@@ -129,8 +132,9 @@ def read_generate(src, where: str, cfg, docs: list[dict]) -> list[Record]:
                          **({"chunk_fixed": src.chunk} if src.chunk else {})})
     stats = {"documents": len(docs), "requests": client.requests if client else 0, "cached": len(set(keys)) - len(todo),
              "examples": len(rows), "malformed_answers": malformed, "malformed_items": bad_items, "failed": errors}
-    print(f"generate ({where}): {len(docs)} documents, {stats['requests']} requests, {stats['cached']} answers from "
-          f"the cache, {len(rows)} examples; skipped {malformed} malformed answers, {bad_items} malformed items, "
-          f"{errors} failed requests" + (f" (see {cache / 'malformed.jsonl'})" if malformed or errors else ""))
+    logger.info(f"generate ({where}): {len(docs)} documents, {stats['requests']} requests, {stats['cached']} "
+                f"answers from the cache, {len(rows)} examples; skipped {malformed} malformed answers, "
+                f"{bad_items} malformed items, "
+                f"{errors} failed requests" + (f" (see {cache / 'malformed.jsonl'})" if malformed or errors else ""))
     write_json(cache / "last_stats.json", stats)
     return rows

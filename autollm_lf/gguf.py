@@ -36,6 +36,9 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import fingerprint, read_json, write_json
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 CONVERTER_VERSION = 1  # bump when the conversion's output changes: cached folders are then rebuilt
 MARKER = "autollm_gguf.json"
@@ -229,7 +232,7 @@ def ensure_converted(spec: str) -> Path:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.perf_counter()
-    print(f"{KEY}: converting {spec} into {target} (once; dequantised, tokenizer rebuilt as BPE)")
+    logger.info(f"{KEY}: converting {spec} into {target} (once; dequantised, tokenizer rebuilt as BPE)")
     try:
         scratch = tmp / ".gguf"
         scratch.mkdir(parents=True)
@@ -245,7 +248,7 @@ def ensure_converted(spec: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{KEY}: converted in {time.perf_counter() - started:.0f} s")
+    logger.info(f"{KEY}: converted in {time.perf_counter() - started:.0f} s")
     return target
 
 

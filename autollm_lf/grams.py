@@ -10,8 +10,11 @@ from typing import Mapping
 from .errors import UserError
 from .evaluate import encode_turns
 from .io import file_digest, fingerprint, read_json
+from .log import get_logger
 from .regmean import GramCollector, GramFiles, cached_fingerprint, padded_batches, save_grams
 from .train import model_fingerprint, training_cutoff_len
+
+logger = get_logger(__name__)
 
 
 def training_sequences(cfg, tokenizer, chunk: str) -> list[list[int]]:
@@ -70,8 +73,8 @@ def ensure_grams(cfg, weighted, chunks: list[str], space: str = "full", deltas=(
         collector.run(weighted.model, padded_batches(sequences, weighted.pad_token_id or 0, batch_rows))
         save_grams(paths[chunk], collector, fps[chunk], len(sequences))
         size = sum(g.nbytes for g in collector.grams.values())
-        print(f"search: regmean ({space}) Grams of {chunk}: {len(sequences)} rows, {len(collector.grams)} matrices, "
-              f"{size / 2**20:.1f} MB, {time.perf_counter() - started:.0f} s")
+        logger.info(f"search: regmean ({space}) Grams of {chunk}: {len(sequences)} rows, "
+                    f"{len(collector.grams)} matrices, {size / 2**20:.1f} MB, {time.perf_counter() - started:.0f} s")
     return paths
 
 

@@ -18,6 +18,9 @@ from typing import Any
 
 from .errors import UserError
 from .io import read_jsonl
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
 
@@ -99,7 +102,7 @@ def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: st
         raise UserError(f"{desc} failed (exit {proc.returncode}); see {log_path}, last lines:\n{_tail(log_path)}")
     seconds = time.perf_counter() - started
     if bar.disable:
-        print(f"{desc}: done in {seconds:.0f} s{_last_loss(progress_path)}")
+        logger.info(f"{desc}: done in {seconds:.0f} s{_last_loss(progress_path)}")
     return seconds
 
 

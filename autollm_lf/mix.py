@@ -7,8 +7,11 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 """
 from __future__ import annotations
 
+from .log import get_logger
 from .search import per_delta
 from .train import DeltaSpec, delta_specs, train_one
+
+logger = get_logger(__name__)
 
 MIX_DELTA = "auto_mix"
 
@@ -50,8 +53,8 @@ def train_auto_mix(session, force: bool = False) -> None:
     best = cfg.run.read_best()
     planned = mix_spec(cfg, session.shapes, best["weights"])
     if planned is None:
-        print("mix: fewer than two SFT chunks with a delta; no train@auto_mix")
+        logger.info("mix: fewer than two SFT chunks with a delta; no train@auto_mix")
         return
     spec, probs = planned
-    print("mix: interleave_probs " + ", ".join(f"{c} {p:.3f}" for c, p in probs.items()))
+    logger.info("mix: interleave_probs " + ", ".join(f"{c} {p:.3f}" for c, p in probs.items()))
     train_one(cfg, spec, force=force)

@@ -140,6 +140,11 @@ class RunDir:
 
     # ---- the run itself ----
     @property
+    def log(self) -> Path:
+        """Everything the run printed (debug lines too), with times: appended by each command on this run."""
+        return self.root / "autollm.log"
+
+    @property
     def resolved_config(self) -> Path:
         return self.root / "config.resolved.yaml"
 

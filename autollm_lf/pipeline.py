@@ -18,6 +18,7 @@ from .grams import use_regmean
 from .hostmem import SEARCH_MMAP_THRESHOLD, free_host_memory, set_mmap_threshold
 from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
 from .judge import JudgeClient
+from .log import get_logger
 from .merge import MERGE_METHODS, WeightedDeltas, param_delta
 from .metrics import make_evaluator
 from .mix import train_auto_mix
@@ -30,6 +31,8 @@ from .search import run_search, search_fingerprint
 from .shared import build_shared_base, on_shared_base
 from .toy import ensure_toy
 from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs, train_deltas
+
+logger = get_logger(__name__)
 
 
 class Session:
@@ -80,7 +83,7 @@ class Session:
             raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
                             f"(or pass --keep-going to search over the others)")
         if missing:
-            print(f"left out (not trained): {', '.join(missing)}")
+            logger.info(f"left out (not trained): {', '.join(missing)}")
         found = {n: p for n, p in found.items() if n not in missing}
         if not [n for n in found if n != ALL_DELTA]:
             raise UserError("no trained chunk delta to search over; see the training errors above")
@@ -153,14 +156,14 @@ class Session:
     def pick_apply_mode(self) -> None:
         """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
         if not MERGE_METHODS[self.cfg.search.merge].low_rank:
-            print(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), "
-                  f"folded into the base weights")
+            logger.info(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), "
+                        f"folded into the base weights")
         elif self.cfg.search.apply == "auto":
             w = self.weighted
             mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
             why = "" if w.fold_fits() else (f"; `fold` would copy {w.bank.fold_copy_bytes() / 2**20:.0f} MB of base "
                                             f"weights: search.apply: fold to use it anyway")
-            print(f"search: applying weights with `{mode}` (search.apply: auto{why})")
+            logger.info(f"search: applying weights with `{mode}` (search.apply: auto{why})")
 
     def score(self, weights: dict[str, float], split: str) -> float:
         scorer = self.scorer(split)  # built first: an objective's constraints measure the raw model once
@@ -269,7 +272,7 @@ def stage_search(s: Session) -> None:
                           human=s.human_weights() if s.cfg.search.human_weights else {}, pool=pool)
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})
-    print(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
+    logger.info(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
 
 
 def stage_mix(s: Session) -> None:
@@ -321,7 +324,7 @@ def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozen
         raise UserError(f"train.shared: {cfg.run.shared_base} is not built yet; run `autollm train` (or `run`) first")
     session = Session(cfg, force, keep_going, full)
     for name in stages:
-        print(f"== {name}")
+        logger.info(f"== {name}")
         STAGES[name](session)
         # Saved next to the outputs once a stage has produced some, never by a run that failed at once.
         atomic_write_text(cfg.run.resolved_config, dump_config(cfg))

@@ -15,12 +15,15 @@ from .choice import choice_problem
 from .config import RunConfig
 from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
+from .log import get_logger
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
 from .owned import run_entry
 from .paths import SHARED, sft_view
 from .rows import Record, Row
 from .sources import READERS
 from .train import chunk_methods
+
+logger = get_logger(__name__)
 
 RESERVED_CHUNK_NAMES = {"all", "validation", "test", "dataset_info"}
 
@@ -458,13 +461,13 @@ def eval_origin(cfg: RunConfig, split: str, fixed: dict[str, list[Row]]) -> str:
 
 
 def _print_table(table: list[dict], removed: dict[str, int]) -> None:
-    print(f"{'chunk':<20} {'rows':>6} {'shape':<11} {'methods':<14} {'train':>6} {'validation':>10} {'test':>6}")
+    logger.info(f"{'chunk':<20} {'rows':>6} {'shape':<11} {'methods':<14} {'train':>6} {'validation':>10} {'test':>6}")
     for t in table:
-        print(f"{t['chunk']:<20} {t['rows']:>6} {t['shape']:<11} {','.join(t['methods']):<14} {t['train']:>6} "
-              f"{t['validation']:>10} {t['test']:>6}")
-    print(f"duplicates across splits removed: {removed['duplicates']} training rows whose prompt is also in validation "
-          f"or test" + (f"; {removed['in_fixed_eval']} whose prompt is in a fixed evaluation set"
-                        if removed["in_fixed_eval"] else ""))
+        logger.info(f"{t['chunk']:<20} {t['rows']:>6} {t['shape']:<11} {','.join(t['methods']):<14} {t['train']:>6} "
+                    f"{t['validation']:>10} {t['test']:>6}")
+    logger.info(f"duplicates across splits removed: {removed['duplicates']} training rows whose prompt is also in "
+                f"validation or test" + (f"; {removed['in_fixed_eval']} whose prompt is in a fixed evaluation set"
+                              if removed["in_fixed_eval"] else ""))
 
 
 def load_split(cfg: RunConfig, split: str) -> list[Row]:

@@ -7,10 +7,13 @@ from .export import adapter_score
 from .granularity import param_group, param_name
 from .intervals import by_chunk_intervals, fmt, mean_interval, paired_by_chunk, paired_difference, resample_index
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
+from .log import get_logger
 from .mix import MIX_DELTA, mix_spec
 from .paths import SHARED, is_fresh
 from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER, find_template
+
+logger = get_logger(__name__)
 
 SHARED_BASE_ROW = "shared_base"  # train.shared: the configured base with the shared adapter merged in
 
@@ -352,12 +355,12 @@ def write_report(session, force: bool = False) -> str:
     fp = report_fingerprint(session)
     report = read_json(run.report_json, {})
     if not force and is_fresh(report, fp, run.report_html):
-        print(f"report: {run.report} up to date")
+        logger.info(f"report: {run.report} up to date")
     else:
         report = _write_report_files(session, fp)
     md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""),  # the line report.json holds
                    report.get("paired") or {})
-    print(md.split("\n\n![")[0])
+    logger.info(md.split("\n\n![")[0])
     if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
         md += ("\nEvaluator counts (over every row scored for this report): "
                + json.dumps(report["evaluation_stats"]) + "\n")

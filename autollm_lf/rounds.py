@@ -11,7 +11,10 @@ from .config import BadCasesSource, RunConfig, path_problems, round_dir
 from .errors import UserError
 from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
 from .io import read_json, write_json
+from .log import get_logger
 from .paths import ADAPTER_FILE, RunDir
+
+logger = get_logger(__name__)
 
 FULL_DIR = "merged_full"
 SECTION = "\n## Score across rounds\n"
@@ -113,5 +116,5 @@ def rounds_section(cfg: RunConfig) -> str:
               f"{r['test_rows_shared_with_round_1']} | {f(r, 'raw_validation')} | {f(r, 'raw_test')} | "
               f"{f(r, 'train@all_test')} | {f(r, 'auto_merge_validation')} | {f(r, 'auto_merge_test')} |"
               for r in table]
-    print("\n".join(lines[3:]))
+    logger.info("\n".join(lines[3:]))
     return "\n".join(lines) + "\n"

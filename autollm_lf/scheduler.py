@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .errors import UserError
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 SKIPPED = object()  # a job not started because an earlier one failed
 
@@ -70,7 +72,7 @@ def run_on_devices(jobs: dict[str, Callable[[dict[str, str]], object]], groups: 
                 if not keep_going:
                     first_error = first_error or e
                     continue
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                logger.warning(f"error: {e}")
                 failed.append(name)
                 continue
             if result is not SKIPPED:

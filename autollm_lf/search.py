@@ -24,11 +24,14 @@ from tqdm import tqdm
 from .gradient import GradientOptimizer
 from .granularity import param_delta
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
+from .log import get_logger
 from .paths import RunDir
 from .protocols import Optimizer, SearchSession
 
 if TYPE_CHECKING:
     from .config import RunConfig
+
+logger = get_logger(__name__)
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
 
@@ -243,19 +246,19 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
     best, stale = _best(trials), _stale(trials, name)
     seeds = sum(1 for _, w in plan if w is not None)
     if len(trials) < len(plan) and not _patience_hit(stale, patience):
-        print(f"search: budget {len(plan)} trials over {len(params)} weights ({len(set(map(param_delta, params)))} "
-              f"deltas, granularity {cfg.search.granularity}): {seeds} seeds and random points, then "
-              f"{len(plan) - seeds} from {name}"
-              + (f", stopping after {patience} without a new best" if patience else "")
-              + (f"; {len(trials)} done before" if trials else ""))
+        n_deltas = len(set(map(param_delta, params)))
+        logger.info(f"search: budget {len(plan)} trials over {len(params)} weights ({n_deltas} "
+                    f"deltas, granularity {cfg.search.granularity}): {seeds} seeds and random points, then "
+                    f"{len(plan) - seeds} from {name}"
+                    + (f", stopping after {patience} without a new best" if patience else "")
+                    + (f"; {len(trials)} done before" if trials else ""))
     replaced = sum(1 for t in trials if "replaces" in t)
     number = len(trials)
     with tqdm(total=len(plan), initial=len(trials), desc="search", unit="trial", disable=None) as bar:
         while number < len(plan):
             if _patience_hit(stale, patience):
-                bar.write(f"search: stopped after {stale} {name} trials without a new best "
-                          f"(search.patience: {patience}), "
-                          f"{number} of {len(plan)} trials run")
+                logger.info(f"search: stopped after {stale} {name} trials without a new best "
+                            f"(search.patience: {patience}), {number} of {len(plan)} trials run")
                 break
             suggested = time.perf_counter()
             batch = _next_batch(plan, number, width, opt, seen, params, bounds, cfg.seed)
@@ -278,7 +281,7 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
                 if best is None or value > best["validation"]:
                     best = {"weights": weights, "validation": value, "trial": trial["trial"], "kind": trial["kind"]}
                     write_json(best_path, best)
-                    bar.write(f"  trial {trial['trial']:>3} {trial['kind']:<14} validation {value:.4f}  (new best)")
+                    logger.info(f"  trial {trial['trial']:>3} {trial['kind']:<14} validation {value:.4f}  (new best)")
                     stale = 0
                 elif trial["kind"] == name:
                     stale += 1
@@ -286,7 +289,8 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
                 bar.update()
             number += len(batch)
     if replaced:
-        print(f"search: {replaced} repeated suggestion(s) replaced by random points (no point is evaluated twice)")
+        logger.info(f"search: {replaced} repeated suggestion(s) replaced by random points "
+                    f"(no point is evaluated twice)")
     if read_json(best_path) != best:
         write_json(best_path, best)
     warn_on_bounds(best, bounds)
@@ -327,8 +331,8 @@ def warn_on_bounds(best: dict, bounds) -> list[str]:
           if abs(w - hi) < 1e-9 or abs(w - lo) < 1e-9]
     if at:
         shown = ", ".join(at[:6]) + (f" and {len(at) - 6} more" if len(at) > 6 else "")
-        print(f"search: warning: {len(at)} of the best weights sit on a bound: {shown}; widen search.bounds "
-              f"(now [{lo:g}, {hi:g}]) if a weight beyond it may be better")
+        logger.info(f"search: warning: {len(at)} of the best weights sit on a bound: {shown}; widen search.bounds "
+                    f"(now [{lo:g}, {hi:g}]) if a weight beyond it may be better")
     return at
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 from .config import RunConfig
 from .export import full_export, render_lf_yaml
 from .io import fingerprint, read_json, write_json
+from .log import get_logger
 from .paths import SHARED, is_fresh
 from .train import DONE_MARKER, DeltaSpec, train_one
+
+logger = get_logger(__name__)
 
 MARKER = "autollm_shared.json"
 
@@ -35,8 +38,8 @@ def build_shared_base(cfg: RunConfig, force: bool = False) -> None:
                                template=cfg.base_model.template, export_dir=target)
     fp = fingerprint(read_json(adapter / DONE_MARKER)["fingerprint"], yaml_path.read_text(encoding="utf-8"))
     if not force and is_fresh(read_json(target / MARKER, {}), fp, target / "config.json"):
-        print(f"shared base: {target} up to date")
+        logger.info(f"shared base: {target} up to date")
         return
     full_export(yaml_path, target)
     write_json(target / MARKER, {"fingerprint": fp, "adapter": str(adapter)})
-    print(f"shared base: {adapter} merged into {target}; the deltas train on it")
+    logger.info(f"shared base: {adapter} merged into {target}; the deltas train on it")

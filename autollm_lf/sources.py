@@ -10,9 +10,12 @@ from .errors import UserError
 from .generate import read_generate
 from .io import read_jsonl
 from .lfdata import read_llamafactory
+from .log import get_logger
 from .paths import RunDir
 from .rows import Record, Row
 from .sqlsource import read_sql
+
+logger = get_logger(__name__)
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -61,8 +64,8 @@ def read_bad_cases(src: BadCasesSource, where: str) -> list[Record]:
         else:
             row["response"] = c["reference"]
         rows.append(row)
-    print(f"bad_cases ({where}): {len(rows)} rows from {path}"
-          + (f"; {skipped} without a usable wrong answer skipped" if skipped else ""))
+    logger.info(f"bad_cases ({where}): {len(rows)} rows from {path}"
+                + (f"; {skipped} without a usable wrong answer skipped" if skipped else ""))
     return rows
 
 

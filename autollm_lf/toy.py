@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 from .io import atomic_write_text, fingerprint, read_json, write_json
+from .log import get_logger
 from .paths import TEMPLATES_DIR, is_fresh
 from .tiny import make_tiny_llama
 from .train import hardware_defaults, render_template, run_llamafactory
+
+logger = get_logger(__name__)
 
 Example = tuple[str, str]
 
@@ -139,7 +142,7 @@ def ensure_toy(cfg) -> None:
                                                          build_source_db)])
     db_marker = toy.database.with_suffix(".json")
     if not toy.database.exists() or read_json(db_marker, {}).get("fingerprint") != db_fp:
-        print(f"toy: building source database {toy.database}")
+        logger.info(f"toy: building source database {toy.database}")
         build_source_db(toy.database, toy.seed, toy.rows_per_task, toy.preference_rows, toy.scraped_rows)
         write_json(db_marker, {"fingerprint": db_fp})
 
@@ -150,7 +153,7 @@ def ensure_toy(cfg) -> None:
                           (TEMPLATES_DIR / "toy_base_full.yaml.j2").read_text())
     if is_fresh(read_json(base / "autollm_toy.json", {}), base_fp):
         return
-    print(f"toy: building base model {base} (random tiny Llama + one short full fine-tune)")
+    logger.info(f"toy: building base model {base} (random tiny Llama + one short full fine-tune)")
     work = base.parent / f"{base.name}.build"
     shutil.rmtree(work, ignore_errors=True)
     init = make_tiny_llama(work / "init", seed=toy.seed, hidden_size=128, num_layers=4, num_heads=4,

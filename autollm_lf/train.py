@@ -6,7 +6,6 @@ import difflib
 import hashlib
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,13 @@ from .cluster import RayCluster
 from .errors import UserError
 from .io import atomic_write_text, file_digest, fingerprint, read_json, write_json
 from .lfcli import apply_overrides, run_llamafactory
+from .log import get_logger
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 from .owned import OWNED_TRAIN_KEYS
 from .paths import ADAPTER_FILE, TEMPLATES_DIR, dataset_file_stem, is_fresh, sft_view
 from .scheduler import device_groups, run_on_devices, visible_gpus
+
+logger = get_logger(__name__)
 
 DONE_MARKER = "autollm_delta.json"
 ALL_DELTA = "all"
@@ -173,7 +175,7 @@ def config_for_delta(cfg, spec: DeltaSpec,
         init = LORA_INITS[cfg.train.lora_init](cfg.seed, spec.name, learning_rate)
         rendered = render({**cfg.train.args, **spec.args, **init})
     if path.exists() and _sha(path.read_text(encoding="utf-8")) != state.get(spec.name):
-        print(f"keeping hand-edited {path} (delete it to go back to the template)")
+        logger.info(f"keeping hand-edited {path} (delete it to go back to the template)")
         text = path.read_text(encoding="utf-8")
         _check_user_yaml(path, text, run.delta(spec.name), yaml.safe_load(rendered))
         return path, text
@@ -250,7 +252,7 @@ def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict
     fp = fingerprint(text, file_digest(data_files[:-1]), {d: info.get(d) for d in spec.datasets}, base_fp)
     delta_dir = cfg.run.delta(spec.name)
     if not force and is_fresh(read_json(delta_dir / DONE_MARKER, {}), fp, delta_dir / ADAPTER_FILE):
-        print(f"delta {spec.name}: up to date, not retrained")
+        logger.info(f"delta {spec.name}: up to date, not retrained")
         return None
     return TrainingJob(spec, cfg_path, text, fp, delta_dir, Path(cfg.base_model.path), data_files)
 
@@ -284,8 +286,8 @@ class LocalTrainer:
 
     def run(self, jobs: list[TrainingJob], keep_going: bool) -> tuple[dict[str, Path], list[str]]:
         if len(self.groups) > 1 and len(jobs) > 1:
-            print(f"train: {len(jobs)} deltas on {len(self.groups)} device groups "
-                  f"({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in self.groups)})")
+            logger.info(f"train: {len(jobs)} deltas on {len(self.groups)} device groups "
+                        f"({', '.join(g['CUDA_VISIBLE_DEVICES'] for g in self.groups)})")
         work = {job.spec.name: (lambda devices, job=job: run_here(job, devices or None)) for job in jobs}
         return run_on_devices(work, self.groups, keep_going)
 
@@ -320,7 +322,7 @@ def train_specs(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bo
             jobs.append(job)
     trained, failed = trainer.run(jobs, keep_going) if jobs else ({}, [])
     if failed:
-        print(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas", file=sys.stderr)
+        logger.warning(f"left out (training failed): {', '.join(failed)}; the search uses the other deltas")
     found = {**done, **trained}
     return {s.name: found[s.name] for s in specs if s.name in found}
 

@@ -249,8 +249,9 @@ def in_workspace(value, workspace: Path):
 
 
 def snapshot(root: Path) -> dict[str, str]:
+    """Every file but the cases and the runs' autollm.log, which records the failure (see test_bad_input)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "cases" not in p.parts}
+            for p in sorted(root.rglob("*")) if p.is_file() and "cases" not in p.parts and p.name != "autollm.log"}
 
 
 @pytest.mark.parametrize("case_id,edits,command,expected", CASES, ids=[c[0] for c in CASES])
@@ -262,6 +263,7 @@ def test_bad_input(workspace, capsys, case_id, edits, command, expected):
     case_file.parent.mkdir(exist_ok=True)
     case_file.write_text(yaml.safe_dump(cfg))
     before = snapshot(workspace)
+    logged = {log: log.read_text() for log in workspace.rglob("autollm.log")}
     capsys.readouterr()
     assert main([command, str(case_file)]) == 2
     err = capsys.readouterr().err
@@ -270,6 +272,9 @@ def test_bad_input(workspace, capsys, case_id, edits, command, expected):
     if expected:
         assert in_workspace(expected, workspace) in err, err
     assert snapshot(workspace) == before
+    for log in workspace.rglob("autollm.log"):  # a run's log this case wrote to ends with the same error line
+        if log.read_text() != logged.get(log):
+            assert log.read_text().splitlines()[-1].endswith(err.strip()), (log, err)
 
 
 def test_the_good_config_passes(workspace, capsys):
