@@ -14,8 +14,9 @@ from .lmeval import lm_eval_problems
 from .merge import MERGE_METHODS
 from .methods import METHODS
 from .metrics import METRICS
+from .paths import find_template
 from .search import OPTIMIZERS
-from .train import LORA_INITS, find_template, method_template, template_problem, training_cutoff_len
+from .train import LORA_INITS, method_template, template_problem, training_cutoff_len
 
 
 def load_config(path: str | Path, round: int | None = None, overrides: list[str] = ()) -> RunConfig:

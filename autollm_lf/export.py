@@ -15,7 +15,7 @@ from .merge import MERGE_METHODS, load_base
 from .metrics import make_evaluator
 from .mix import MIX_DELTA
 from .objective import Objective
-from .paths import ADAPTER_FILE, is_fresh
+from .paths import ADAPTER_FILE, RunDir, is_fresh
 from .prepare import load_split
 from .train import render_template, run_llamafactory
 
@@ -166,7 +166,7 @@ def place_in_webui(cfg, adapters: dict[str, Path]) -> list[Path]:
     lora_dir = cfg.export.saves_dir / label / "lora"
     placed = []
     for name, src in adapters.items():
-        dst = lora_dir / f"{cfg.run_label}-{name}"
+        dst = lora_dir / RunDir.webui_name(cfg.run_label, name)
         for f in ADAPTER_FILES:
             _copy_if_changed(src / f, dst / f)
         placed.append(dst)

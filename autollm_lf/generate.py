@@ -20,8 +20,8 @@ from .errors import UserError, mask_secrets
 from .io import append_jsonl, read_json, write_json
 from .llm import ChatClient
 from .log import get_logger
+from .paths import find_template
 from .rows import Record
-from .train import find_template
 
 logger = get_logger(__name__)
 

@@ -19,7 +19,7 @@ import jinja2
 from .errors import UserError, mask_secrets
 from .evaluate import Generated
 from .llm import TRANSIENT, ChatClient  # noqa: F401  (TRANSIENT re-exported)
-from .train import find_template
+from .paths import find_template
 
 JSON_OBJECT = re.compile(r"\{[^{}]*\}")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,13 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import UserError
 from .io import read_jsonl
 from .log import get_logger
 
 logger = get_logger(__name__)
-
-TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):")
 
 
 def llamafactory_cli() -> str:
@@ -47,20 +46,43 @@ def yaml_value(value: Any) -> str:
     return text
 
 
-def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
-    """Replace top-level `key: value` lines in place (keeping the template's comments); append new keys.
+def last_line(node: yaml.Node) -> int:
+    """The line a YAML value ends on: its last scalar's (a block collection's own end is the next key's line)."""
+    while isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.value and not node.flow_style:
+        last = node.value[-1]
+        node = last[1] if isinstance(last, tuple) else last
+    return node.end_mark.line - 1 if node.end_mark.column == 0 else node.end_mark.line
 
-    Values are written by yaml_value.
-    """
-    remaining = dict(overrides)
+
+def top_level_lines(text: str) -> dict[str, tuple[int, int]]:
+    """Each top-level key of a YAML mapping -> the first and last line its `key: value` spans (PyYAML's composer:
+    a value written over several lines, a block list say, is one span). The first of a repeated key counts."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise UserError(f"a rendered LLaMA-Factory config is not valid YAML ({e}); fix its template") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise UserError("a rendered LLaMA-Factory config is not a mapping of keys; fix its template")
+    spans = {}
+    for key, value in root.value:
+        spans.setdefault(key.value, (key.start_mark.line, max(key.start_mark.line, last_line(value))))
+    return spans
+
+
+def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
+    """Replace top-level keys' `key: value` in place (keeping the template's comments and key order); append new
+    keys. Values are written by yaml_value, so a config renders to the same text as ever (its fingerprint too)."""
     lines = text.splitlines()
-    for i, line in enumerate(lines):
-        m = TOP_LEVEL_KEY.match(line)
-        if m and m.group(1) in remaining:
-            lines[i] = f"{m.group(1)}: {yaml_value(remaining.pop(m.group(1)))}"
-    if remaining:
+    spans = top_level_lines(text)
+    found = sorted(((spans[k], k) for k in overrides if k in spans), reverse=True)
+    for (first, last), key in found:  # from the bottom up: earlier spans keep their line numbers
+        lines[first:last + 1] = [f"{key}: {yaml_value(overrides[key])}"]
+    added = [k for k in overrides if k not in spans]
+    if added:
         lines += ["", "### overrides from the autollm config"]
-        lines += [f"{k}: {yaml_value(v)}" for k, v in remaining.items()]
+        lines += [f"{k}: {yaml_value(overrides[k])}" for k in added]
     return "\n".join(lines) + "\n"
 
 

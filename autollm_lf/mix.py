@@ -8,12 +8,11 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 from __future__ import annotations
 
 from .log import get_logger
+from .paths import MIX_DELTA
 from .search import per_delta
 from .train import DeltaSpec, delta_specs, train_one
 
 logger = get_logger(__name__)
-
-MIX_DELTA = "auto_mix"
 
 
 def mix_probs(weights: dict[str, float], floor: float) -> dict[str, float]:

@@ -30,11 +30,42 @@ def dataset_file_stem(dataset: str) -> str:
 
 
 SHARED = "_shared"  # train.shared: its dataset (data/_shared.json), config and delta; no chunk name starts with _
+ALL_DELTA = "all"  # train@all: one adapter on every chunk it can read
+MIX_DELTA = "auto_mix"  # train@auto_mix: one adapter on the SFT chunks mixed by the best weights
+
+
+def find_template(name: str) -> Path | None:
+    """A template file: the path as given, else the package's templates/ (None if neither is a file)."""
+    for candidate in (Path(name), TEMPLATES_DIR / name):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+
+    # ---- names: where a run and its adapters are named ----
+    @classmethod
+    def of(cls, run_dir: Path, name: str, round: int = 1) -> RunDir:
+        """runs/<name>/ for round 1 (as ever), runs/<name>/round-<K>/ for round K >= 2."""
+        return cls(run_dir / name if round == 1 else run_dir / name / f"round-{round}")
+
+    @staticmethod
+    def label(name: str, round: int = 1) -> str:
+        """The run's label in reports and the WebUI: <name>, or <name>-round<K> for round K >= 2."""
+        return name if round == 1 else f"{name}-round{round}"
+
+    @staticmethod
+    def delta_name(chunk: str, method: str) -> str:
+        """A chunk's delta trained with one method: <chunk>-<method> (its deltas/ folder and configs/ file)."""
+        return f"{chunk}-{method}"
+
+    @staticmethod
+    def webui_name(label: str, adapter: str) -> str:
+        """An adapter's folder under the WebUI's saves/<model>/lora/: <label>-<adapter> (e.g. toy-best)."""
+        return f"{label}-{adapter}"
 
     # ---- prepare: LLaMA-Factory's dataset_dir ----
     @property

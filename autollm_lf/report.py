@@ -9,9 +9,9 @@ from .intervals import by_chunk_intervals, fmt, mean_interval, paired_by_chunk, 
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger
 from .mix import MIX_DELTA, mix_spec
-from .paths import SHARED, is_fresh
+from .paths import SHARED, find_template, is_fresh
 from .search import per_delta
-from .train import ALL_DELTA, DONE_MARKER, find_template
+from .train import ALL_DELTA, DONE_MARKER
 
 logger = get_logger(__name__)
 

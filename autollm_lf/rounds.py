@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import BadCasesSource, RunConfig, path_problems, round_dir
+from .config import BadCasesSource, RunConfig, path_problems
 from .errors import UserError
 from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
 from .io import read_json, write_json
@@ -16,7 +16,6 @@ from .paths import ADAPTER_FILE, RunDir
 
 logger = get_logger(__name__)
 
-FULL_DIR = "merged_full"
 SECTION = "\n## Score across rounds\n"
 
 
@@ -28,14 +27,14 @@ def apply_round(cfg: RunConfig, file) -> RunConfig:
     """Turn a loaded config into round cfg.round's: new base, bad cases and new sources added."""
     k = cfg.round
     cfg.record_first_base()
-    prev_dir = round_dir(cfg, k - 1)
-    prev_run = RunDir(prev_dir)
+    prev_run = cfg.round_run(k - 1)
+    prev_dir = prev_run.root
     needed = [prev_run.merged / ADAPTER_FILE, prev_run.merged / "autollm_export.json", prev_run.bad_cases]
     missing = [p for p in needed if not p.exists()]
     if missing:
         raise UserError(f"{file}: round {k} starts from round {k - 1}'s best merge, but round {k - 1} is not finished "
                         f"({missing[0]} missing); run `{_command(file, k - 1)}` first")
-    cfg.base_model.path = prev_dir / FULL_DIR
+    cfg.base_model.path = prev_run.merged_full
     cfg.toy = None  # the toy's database and base were built by round 1
     added = []
     if cfg.rounds.bad_cases:
@@ -52,7 +51,7 @@ def previous(cfg: RunConfig) -> RunConfig:
     """Round K-1's config (its base: the first base, or round K-2's full merge)."""
     prev = cfg.model_copy(deep=True)
     prev.round = cfg.round - 1
-    prev.base_model.path = cfg.first_base if prev.round == 1 else round_dir(cfg, prev.round - 1) / FULL_DIR
+    prev.base_model.path = cfg.first_base if prev.round == 1 else cfg.round_run(prev.round - 1).merged_full
     return prev
 
 
@@ -73,17 +72,17 @@ def check_round_base(cfg: RunConfig) -> None:
                         f"`autollm prepare CONFIG --round {cfg.round}` (or `run`) first")
 
 
-def _prompts(out: Path, split: str) -> set:
-    return {r["instruction"] for r in read_json(RunDir(out).split(split), [])}
+def _prompts(run: RunDir, split: str) -> set:
+    return {r["instruction"] for r in read_json(run.split(split), [])}
 
 
 def rounds_table(cfg: RunConfig) -> list[dict]:
     """One row per finished round 1..K: its raw base, train@all and auto_merge on its own validation and test."""
-    first_test = _prompts(round_dir(cfg, 1), "test")
+    first_test = _prompts(cfg.round_run(1), "test")
     table = []
     for k in range(1, cfg.round + 1):
-        out = round_dir(cfg, k)
-        report = read_json(RunDir(out).report_json)
+        out = cfg.round_run(k)
+        report = read_json(out.report_json)
         if report is None:
             continue
         rows = {r["model"]: r for r in report["rows"]}

@@ -20,13 +20,12 @@ from .lfcli import apply_overrides, run_llamafactory
 from .log import get_logger
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
 from .owned import OWNED_TRAIN_KEYS
-from .paths import ADAPTER_FILE, TEMPLATES_DIR, dataset_file_stem, is_fresh, sft_view
+from .paths import ADAPTER_FILE, ALL_DELTA, TEMPLATES_DIR, RunDir, dataset_file_stem, find_template, is_fresh, sft_view
 from .scheduler import device_groups, run_on_devices, visible_gpus
 
 logger = get_logger(__name__)
 
 DONE_MARKER = "autollm_delta.json"
-ALL_DELTA = "all"
 
 
 @dataclass
@@ -61,13 +60,6 @@ def training_cutoff_len(cfg) -> int:
 def method_template(cfg, method: str) -> str:
     """The LLaMA-Factory config template `method` renders: train.templates' choice, else the method's own."""
     return cfg.train.templates.get(method, METHODS[method].template)
-
-
-def find_template(name: str) -> Path | None:
-    for candidate in (Path(name), TEMPLATES_DIR / name):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def hardware_defaults() -> dict[str, Any]:
@@ -150,7 +142,7 @@ def _frozen_a_init(seed: int, name: str, learning_rate: float) -> dict[str, Any]
     return {"learning_rate": learning_rate / FROZEN_A_RATIO, "loraplus_lr_ratio": FROZEN_A_RATIO}
 
 
-LORA_INITS: dict[str, Any] = {
+LORA_INITS: dict[str, Any] = {  # keyed by registry.LORA_INITS (tests/test_registry.py)
     "shared": lambda seed, name, learning_rate: {},  # LLaMA-Factory's default: the run's seed for every delta
     "per_delta": _per_delta_init,
     "frozen_a": _frozen_a_init,
@@ -222,7 +214,7 @@ def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
                 raise UserError(f"train: method {m!r} does not fit chunk {chunk!r}: its data is {SHAPE_WORDS[shape]}, "
                                 f"{m} needs {SHAPE_WORDS[METHODS[m].shape]}; set train.chunk_methods.{chunk} "
                                 f"(e.g. {AUTO_METHODS[shape]}) or give the chunk such data")
-            name = f"{chunk}-{m}"
+            name = RunDir.delta_name(chunk, m)
             args = {**cfg.train.method_args.get(m, {}), **cfg.train.chunk_args.get(chunk, {}),
                     **cfg.train.chunk_args.get(name, {})}
             specs.append(DeltaSpec(name, [chunk], m, args, merged=True))

@@ -8,7 +8,7 @@ Parts: sources.py (the `data:` section and every source type), sections.py (the 
 (RunConfig), load.py (reading a file, path checks, writing the resolved config).
 """
 from .load import dump_config, override_keys, parse_config, path_problems, source_urls, without_secrets
-from .run import RunConfig, round_dir
+from .run import RunConfig
 from .sections import (
     ONE_BASE,
     ClusterConfig,
@@ -39,4 +39,4 @@ __all__ = ["ONE_BASE", "PACKAGE_ROOT", "BadCasesSource", "ClusterConfig", "DataC
            "ExportConfig", "FileSource", "GenerateSource", "JudgeConfig", "LlamaFactorySource", "LmEvalConfig",
            "ModelConfig", "ObjectivePart", "ReportConfig", "RoundsConfig", "RunConfig", "SearchConfig", "SharedConfig",
            "SqlSource", "ToyConfig", "TrainConfig", "dump_config", "override_keys", "parse_config", "path_problems",
-           "round_dir", "source_urls", "without_secrets"]
+           "source_urls", "without_secrets"]

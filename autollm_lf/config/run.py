@@ -75,7 +75,7 @@ class RunConfig(Strict):
     @property
     def out(self) -> Path:
         """runs/<name>/ for round 1 (as ever), runs/<name>/round-<K>/ for round K >= 2."""
-        return round_dir(self, self.round)
+        return self.round_run(self.round).root
 
     @property
     def all_sources(self) -> list:
@@ -89,8 +89,8 @@ class RunConfig(Strict):
 
     @property
     def run_label(self) -> str:
-        return self.name if self.round == 1 else f"{self.name}-round{self.round}"
+        return RunDir.label(self.name, self.round)
 
-
-def round_dir(cfg: RunConfig, k: int) -> Path:
-    return cfg.run_dir / cfg.name if k == 1 else cfg.run_dir / cfg.name / f"round-{k}"
+    def round_run(self, k: int) -> RunDir:
+        """Round k's run folder (runs/<name>/ or runs/<name>/round-<k>/)."""
+        return RunDir.of(self.run_dir, self.name, k)
