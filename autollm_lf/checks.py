@@ -8,9 +8,7 @@ from pathlib import Path
 
 from .config import ONE_BASE, GenerateSource, RunConfig, parse_config, path_problems
 from .errors import UserError
-from .evaluate import load_function
 from .gguf import PYPI, converted_path
-from .lmeval import lm_eval_problems
 from .merge import MERGE_METHODS
 from .methods import METHODS
 from .metrics import METRICS
@@ -96,14 +94,8 @@ def template_problems(cfg: RunConfig) -> list[str]:
 
 
 def evaluation_problems(cfg: RunConfig) -> list[str]:
-    """lm-eval's tasks (is the harness there, are the tasks known) and evaluation.function (does it load)."""
-    evaluation, problems = cfg.evaluation, []
-    uses_lm_eval = evaluation.metric == "lm_eval" or any(p.metric == "lm_eval" for p in evaluation.objective)
-    if uses_lm_eval and evaluation.lm_eval is not None:
-        problems += lm_eval_problems(evaluation.lm_eval)
-    if evaluation.metric == "python":
-        try:
-            load_function(evaluation.function)
-        except UserError as e:
-            problems.append(str(e))
-    return problems
+    """What each metric in use needs of the evaluation section and cannot use (lm-eval's tasks, a Python
+    function that does not load: the metric's config_problems)."""
+    evaluation = cfg.evaluation
+    used = dict.fromkeys([evaluation.metric] + [p.metric for p in evaluation.objective if p.metric])
+    return [problem for metric in used for problem in METRICS[metric].config_problems(evaluation)]

@@ -25,6 +25,8 @@ def choice_problem(row: Row) -> str | None:
 
 
 class Choice(TeacherForced):
+    needs_choices = True
+
     def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg, **kwargs):
         for n, row in enumerate(rows):
             if (problem := choice_problem(row)) is not None:

@@ -17,6 +17,7 @@ from .errors import UserError
 from .evaluate import Contains, ExactMatch
 from .io import atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger
+from .metrics import METRICS
 from .paths import is_fresh
 from .rows import Row
 
@@ -43,7 +44,7 @@ def write_bad_cases(session, force: bool = False) -> str:
         scorer = session.scorer("validation")
         session.weighted.set_weights(best["weights"])
         scores = scorer.row_scores()
-        if cfg.evaluation.metric == "loss":  # no notion of right or wrong: use exact match
+        if not METRICS[cfg.evaluation.metric].right_or_wrong:  # loss: use exact match
             correct = ExactMatch(scorer.model, session.weighted.tokenizer, cfg.base_model.template, scorer.rows,
                                  cfg.evaluation).correct()
         else:

@@ -86,6 +86,11 @@ def lm_eval_problems(cfg, key: str = "evaluation.lm_eval") -> list[str]:
 
 class LmEval:
     """Evaluator-like: `score()`, `row_scores()` and, once scored, `rows` (one per task sample)."""
+    trials_need_tokenizer, scores_rows, right_or_wrong, needs_choices = True, False, True, False
+
+    @classmethod
+    def config_problems(cls, evaluation) -> list[str]:
+        return lm_eval_problems(evaluation.lm_eval) if evaluation.lm_eval is not None else []
 
     def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg

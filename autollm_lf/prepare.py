@@ -17,6 +17,7 @@ from .errors import UserError
 from .io import atomic_write_text, json_text, read_json
 from .log import get_logger
 from .methods import SHAPE_FIELDS, SHAPE_WORDS
+from .metrics import METRICS
 from .owned import run_entry
 from .paths import SHARED, sft_view
 from .rows import Record, Row
@@ -297,15 +298,15 @@ def split_chunks(rows: list[Row], cfg: RunConfig, fixed: dict[str, list[Row]] | 
 def check_scorable(cfg: RunConfig, val: list[Row], test: list[Row]) -> None:
     """Something to score on each split, and every chunk an evaluation.objective part names among its rows:
     checked here, not after every delta has trained."""
-    uses_rows = cfg.evaluation.metric != "lm_eval" or any(p.metric not in (None, "lm_eval")
-                                                          for p in cfg.evaluation.objective)
+    scores_rows = lambda metric: METRICS[metric or cfg.evaluation.metric].scores_rows
+    uses_rows = scores_rows(None) or any(scores_rows(p.metric) for p in cfg.evaluation.objective)
     for split, rows in (("validation", val), ("test", test)):
         if uses_rows and not rows:
             raise UserError(f"data: no {split} rows: every source is train_only or its chunks hold out none; give "
                             f"evaluation.{split} (a fixed set) or a source without train_only: true")
         present = {r["chunk"] for r in rows}
         for i, part in enumerate(cfg.evaluation.objective):
-            if (part.metric or cfg.evaluation.metric) == "lm_eval":
+            if not scores_rows(part.metric):
                 continue
             unknown = sorted(set(part.chunks) - present)
             if unknown:
@@ -381,7 +382,7 @@ def prepare(cfg: RunConfig) -> dict[str, str]:
     fixed = {split: fixed_eval_rows(cfg, split) for split in ("validation", "test")}
     train, shapes, val, test, removed = split_chunks(rows, cfg, fixed)
     check_scorable(cfg, val, test)
-    if cfg.evaluation.metric == "choice":
+    if METRICS[cfg.evaluation.metric].needs_choices:
         _check_choices(val + test)
     files, info = {}, {}
     for name, items in train.items():

@@ -26,6 +26,14 @@ class Evaluator:
     """Base: `row_scores()` gives one score per row (higher is better); `score()` their mean."""
 
     trials_need_tokenizer = True  # False: once the rows are token ids, scoring never encodes or decodes again
+    scores_rows = True  # False: it scores a benchmark of its own (lm_eval), not the run's held-out rows
+    right_or_wrong = True  # False: a row's score is no 0/1 verdict (loss); the bad cases then use exact match
+    needs_choices = False  # True: every held-out row must carry `choices` (choice)
+
+    @classmethod
+    def config_problems(cls, evaluation) -> list[str]:
+        """What this metric needs of the evaluation section that cannot be used (checks.py: before any work)."""
+        return []
 
     def __init__(self, model, tokenizer, template_name: str, rows: list[Row], cfg):
         self.model, self.tokenizer, self.rows, self.cfg = model, tokenizer, rows, cfg

@@ -91,6 +91,14 @@ def load_function(spec: str) -> Callable:
 class Python(Generated):
     """The user's `module:function(predictions, references, rows)` returning one score per row."""
 
+    @classmethod
+    def config_problems(cls, evaluation) -> list[str]:
+        try:
+            load_function(evaluation.function)
+        except UserError as e:
+            return [str(e)]
+        return []
+
     def row_scores(self):
         scores = load_function(self.cfg.function)(self.predictions(), [r["response"] for r in self.rows], self.rows)
         scores = list(scores)

@@ -178,6 +178,8 @@ class ExactMatch(TeacherForced):
 
 
 class NegativeLoss(TeacherForced):
+    right_or_wrong = False
+
     """Minus the mean token NLL of the reference (higher is better)."""
 
     def per_row(self, slices, b):
