@@ -45,7 +45,7 @@ def write_bad_cases(session, force: bool = False) -> str:
         session.weighted.set_weights(best["weights"])
         scores = scorer.row_scores()
         if not METRICS[cfg.evaluation.metric].right_or_wrong:  # loss: use exact match
-            correct = ExactMatch(scorer.model, session.weighted.tokenizer, cfg.base_model.template, scorer.rows,
+            correct = ExactMatch(scorer.model, session.tokenizer, cfg.base_model.template, scorer.rows,
                                  cfg.evaluation).correct()
         else:
             correct = [s >= 1.0 for s in scores]
@@ -67,7 +67,7 @@ def _greedy(session, rows: list[Row]) -> list[str]:
     if not rows:
         return []
 
-    gen = Contains(session.weighted.model, session.weighted.tokenizer, session.cfg.base_model.template, rows,
+    gen = Contains(session.weighted.model, session.tokenizer, session.cfg.base_model.template, rows,
                    session.cfg.evaluation)
     return gen.predictions()
 

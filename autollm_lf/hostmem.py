@@ -70,3 +70,24 @@ def load_tokenizer(path: Path | str):
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-tokenizer") as pool:
         return pool.submit(AutoTokenizer.from_pretrained, path).result()
+
+
+class HeldTokenizer:
+    """A model folder's tokenizer, loaded when first asked for (load_tokenizer) and dropped by `release` when nothing
+    needs it (a search whose trials run on token ids): asked for again, it is loaded again. The session holds it and
+    shares it with what it loads (merge.WeightedDeltas), so there is one copy to drop."""
+
+    def __init__(self, path: Path | str):
+        self.path, self._tokenizer = path, None
+
+    def get(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def loaded(self) -> bool:
+        return self._tokenizer is not None
+
+    def release(self) -> None:
+        self._tokenizer = None

@@ -15,7 +15,7 @@ from .export import export_best
 from .feedback import write_bad_cases
 from .gguf import ensure_converted
 from .grams import use_regmean
-from .hostmem import SEARCH_MMAP_THRESHOLD, free_host_memory, set_mmap_threshold
+from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
 from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
 from .judge import JudgeClient
 from .log import get_logger
@@ -46,6 +46,7 @@ class Session:
         self.keep_going = keep_going
         self.full = full  # export also merges into full weights with `llamafactory-cli export` and checks them
         self._weighted = None
+        self.held_tokenizer = HeldTokenizer(self.cfg.base_model.path)  # shared with the loaded deltas
         self.setup_seconds: float | None = None
         self._scorers: dict[str, object] = {}
 
@@ -114,13 +115,19 @@ class Session:
             if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
                 set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
-                                            density=search.density, seed=self.cfg.seed, granularity=search.granularity)
+                                            density=search.density, seed=self.cfg.seed, granularity=search.granularity,
+                                            tokenizer=self.held_tokenizer)
             space = MERGE_METHODS[search.merge].data_aware
             if space:  # RegMean's A rows, from each delta's chunk's Grams
                 use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
                             search.regmean_alpha, space)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
+
+    @property
+    def tokenizer(self):
+        """The base's tokenizer, loaded again after release_tokenizer if something needs it (the report's answers)."""
+        return self.held_tokenizer.get()
 
     @property
     def search_params(self) -> list[str]:
@@ -132,8 +139,8 @@ class Session:
         if split not in self._scorers:
             w, rows = self.weighted, load_split(self.cfg, split)
             raw = lambda objective: self._raw_constraints(objective, split)
-            self._scorers[split] = Objective(self.cfg, w.model, w.tokenizer, rows, raw) \
-                if self.cfg.evaluation.objective else make_evaluator(self.cfg, w.model, w.tokenizer, rows)
+            self._scorers[split] = Objective(self.cfg, w.model, self.tokenizer, rows, raw) \
+                if self.cfg.evaluation.objective else make_evaluator(self.cfg, w.model, self.tokenizer, rows)
         return self._scorers[split]
 
     def release_tokenizer(self) -> None:

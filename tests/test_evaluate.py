@@ -267,8 +267,8 @@ def test_the_search_frees_the_tokenizer_only_when_its_scorers_need_none(tiny_mod
     rows = [{"prompt": "ab" * (i % 4 + 1), "response": "ba"} for i in range(6)]
     em = ExactMatch(w.model, w.tokenizer, "default", rows, EvaluationConfig(batch_size=4))
     release_tokenizer(w, [em, Contains(w.model, w.tokenizer, "default", rows, EvaluationConfig(metric="contains"))])
-    assert w._tokenizer is not None and em.tokenizer is not None
-    freed = weakref.ref(w._tokenizer)
+    assert w.held.loaded and em.tokenizer is not None
+    freed = weakref.ref(w.tokenizer)
     before = em.row_scores()
     release_tokenizer(w, [em])
     gc.collect()

@@ -76,7 +76,7 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     validation = load_split(cfg, "validation")
     rows = min(rows or len(validation), len(validation))
     subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), rows))]
-    scorer = make_evaluator(cfg, session.weighted.model, session.weighted.tokenizer, subset)
+    scorer = make_evaluator(cfg, session.weighted.model, session.tokenizer, subset)
     deltas, (lo, hi) = session.deltas, cfg.search.bounds
 
     def f(weights):
@@ -145,7 +145,7 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
     validation = load_split(cfg, "validation")
     rows = min(rows or len(validation), len(validation))
     subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), rows))]
-    sub_scorer = make_evaluator(cfg, w.model, w.tokenizer, subset)
+    sub_scorer = make_evaluator(cfg, w.model, session.tokenizer, subset)
     full = {split: session.scorer(split) for split in ("validation", "test")}
 
     def scores(weights, method="linear"):

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..hostmem import load_tokenizer
+from ..hostmem import HeldTokenizer
 from ..lazytorch import no_grad
 from .apply import APPLY_MODES, FOLD_COPY_BUDGET
-from .bank import DeltaBank, load_base
+from .bank import DeltaBank, load_model
 from .dense import DenseMerger
 from .export import export_adapter
 from .lowrank import LowRankWriter
@@ -27,7 +27,9 @@ class WeightedDeltas:
     not low rank: their merge is computed module by module from the factors and always folded."""
 
     def __init__(self, base_path: Path, adapters: Mapping[str, Path], mode: str = "cat", method: str = "linear",
-                 density: float = 1.0, seed: int = 0, granularity: str = "delta"):
+                 density: float = 1.0, seed: int = 0, granularity: str = "delta",
+                 tokenizer: HeldTokenizer | None = None):
+        """`tokenizer`: the session's (pipeline.Session holds it); without one, this object holds its own."""
         if mode not in tuple(APPLY_MODES) + ("auto",):
             raise ValueError(f"unknown apply mode {mode!r}; choose one of {tuple(APPLY_MODES)}")
         spec = self._method_spec(method)
@@ -35,8 +37,9 @@ class WeightedDeltas:
         # change the cat factors per trial, so they need them
         mode = "fold" if not spec.low_rank else ("cat" if (spec.normalize or spec.data_aware) and mode == "scaling"
                                                  else mode)
-        base, self._tokenizer = load_base(base_path)
-        self.base_path, self.pad_token_id = Path(base_path), self._tokenizer.pad_token_id
+        base = load_model(base_path)  # then the tokenizer, as from_pretrained leaves the heap (hostmem)
+        self.held = tokenizer or HeldTokenizer(base_path)
+        self.base_path, self.pad_token_id = Path(base_path), self.held.get().pad_token_id
         self.bank = DeltaBank(base, adapters, granularity)
         self.lowrank = LowRankWriter(self.bank)
         self.dense = DenseMerger(self.bank, density, seed)
@@ -66,15 +69,13 @@ class WeightedDeltas:
 
     @property
     def tokenizer(self):
-        """The base's tokenizer, loaded again if release_tokenizer dropped it."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base_path)
-        return self._tokenizer
+        """The session's tokenizer (hostmem.HeldTokenizer), loaded again if it was released."""
+        return self.held.get()
 
     def release_tokenizer(self) -> None:
-        """Drops this object's tokenizer: a search whose trials only run token ids needs none, and a 262k-token
-        vocabulary holds ~0.45 GB of host memory (measured on Gemma 3 270M), 0.4x of that model."""
-        self._tokenizer = None
+        """A search whose trials only run token ids needs no tokenizer, and a 262k-token vocabulary holds ~0.45 GB
+        of host memory (measured on Gemma 3 270M), 0.4x of that model."""
+        self.held.release()
 
     def use_granularity(self, granularity: str) -> None:
         self.bank.use_granularity(granularity)
