@@ -19,7 +19,7 @@ import yaml
 
 from .errors import UserError
 from .io import read_jsonl
-from .log import get_logger
+from .log import get_logger, progress
 
 logger = get_logger(__name__)
 
@@ -103,8 +103,6 @@ def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: st
                      devices: dict[str, str] | None = None) -> float:
     """`llamafactory-cli COMMAND CONFIG` as an argument list, output to <output_dir>/<command>.log; returns its
     wall seconds. Progress comes from trainer_log.jsonl: a bar on a terminal, one line at the end otherwise."""
-    from tqdm import tqdm
-
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / f"{command}.log"
     progress_path = output_dir / "trainer_log.jsonl"
@@ -112,8 +110,8 @@ def run_llamafactory(config_path: Path, output_dir: Path, desc: str, command: st
                DISABLE_VERSION_CHECK="1", **(devices or {}))
     parallel = bool(devices)  # trainings side by side: one line each at the end, no bars drawn over each other
     started = time.perf_counter()
-    with open(log_path, "w") as log, tqdm(total=None, desc=desc, unit="step", leave=True,
-                                          disable=True if parallel else None) as bar:
+    with open(log_path, "w") as log, progress(total=None, desc=desc, unit="step", leave=True,
+                                              disable=True if parallel else None) as bar:
         proc = subprocess.Popen([llamafactory_cli(), command, str(config_path)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         while proc.poll() is None:

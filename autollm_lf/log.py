@@ -28,6 +28,13 @@ class Console(logging.Handler):
             stream.flush()
 
 
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar with its ETA on stderr: drawn on a terminal only, never under -q (lines for logs and pipes)."""
+    disable = True if CONSOLE.level > logging.INFO else kwargs.pop("disable", None)
+    kwargs.pop("disable", None)
+    return tqdm(iterable, file=sys.stderr, disable=disable, dynamic_ncols=True, **kwargs)
+
+
 def get_logger(module: str) -> logging.Logger:
     """`get_logger(__name__)`: a child of autollm_lf's logger, so -q/-v and the run's log file see it."""
     return logging.getLogger(module)

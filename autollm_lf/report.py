@@ -7,7 +7,7 @@ from .export import adapter_score
 from .granularity import param_group, param_name
 from .intervals import by_chunk_intervals, fmt, mean_interval, paired_by_chunk, paired_difference, resample_index
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
-from .log import get_logger
+from .log import get_logger, progress
 from .mix import MIX_DELTA, mix_spec
 from .paths import SHARED, find_template, is_fresh
 from .search import per_delta
@@ -38,7 +38,7 @@ def report_rows(session) -> tuple[list[dict], dict]:
             if name == "raw" or adapter is not None:
                 row, per_row[name] = _adapter_row(session.base_cfg, name, adapter)
                 result.append(row)
-    for name, w, show in rows:
+    for name, w, show in progress(rows, desc="report", unit="model", leave=False):
         method = None if show else "linear"  # raw and train@ rows are the models as trained; merges use search.merge
         row, per_row[name] = {"model": name}, {}
         for split in ("validation", "test"):

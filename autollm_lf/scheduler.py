@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from .errors import UserError
-from .log import get_logger
+from .log import get_logger, progress
 
 logger = get_logger(__name__)
 
@@ -63,20 +63,22 @@ def run_on_devices(jobs: dict[str, Callable[[dict[str, str]], object]], groups: 
             free.put(env)
 
     results, failed, first_error = {}, [], None
-    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+    with ThreadPoolExecutor(max_workers=len(groups)) as pool, \
+            progress(total=len(jobs), desc="train", unit="delta", disable=len(jobs) < 2 or None) as bar:
         futures = {name: pool.submit(run, name) for name in jobs}
         for name, future in futures.items():
             try:
-                result = future.result()
+                result, error = future.result(), None
             except UserError as e:
-                if not keep_going:
-                    first_error = first_error or e
-                    continue
-                logger.warning(f"error: {e}")
-                failed.append(name)
-                continue
-            if result is not SKIPPED:
+                result, error = None, e
+            bar.update()
+            if error is None and result is not SKIPPED:
                 results[name] = result
+            elif error is not None and not keep_going:
+                first_error = first_error or error
+            elif error is not None:
+                logger.warning(f"error: {error}")
+                failed.append(name)
     if first_error is not None:
         raise first_error
     return results, failed

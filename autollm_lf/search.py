@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from .gradient import GradientOptimizer
 from .granularity import param_delta
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
-from .log import get_logger
+from .log import get_logger, progress
 from .paths import RunDir
 from .protocols import Optimizer, SearchSession
 
@@ -254,7 +253,7 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
                     + (f"; {len(trials)} done before" if trials else ""))
     replaced = sum(1 for t in trials if "replaces" in t)
     number = len(trials)
-    with tqdm(total=len(plan), initial=len(trials), desc="search", unit="trial", disable=None) as bar:
+    with progress(total=len(plan), initial=len(trials), desc="search", unit="trial") as bar:
         while number < len(plan):
             if _patience_hit(stale, patience):
                 logger.info(f"search: stopped after {stale} {name} trials without a new best "

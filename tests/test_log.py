@@ -72,3 +72,14 @@ def test_a_failing_stage_is_in_the_log_once_the_run_exists(tmp_path, tiny_model,
     assert err.startswith("error: search.human_weights: unknown chunk 'nope'")
     last = (tmp_path / "runs" / "fails" / "autollm.log").read_text().splitlines()[-1]
     assert last.endswith(err.strip()) and " ERROR autollm_lf.cli: " in last
+
+
+def test_progress_bars_are_never_drawn_under_quiet():
+    from autollm_lf.log import progress
+
+    set_verbosity(-1)
+    with progress(total=3, desc="x") as bar:
+        assert bar.disable
+    set_verbosity(0)
+    with progress(total=3, desc="x", disable=False) as bar:  # the caller's choice holds when not quiet
+        assert not bar.disable
