@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -18,6 +19,9 @@ from .objective import Objective
 from .paths import ADAPTER_FILE, RunDir, is_fresh
 from .prepare import load_split
 from .train import render_template, run_llamafactory
+
+if TYPE_CHECKING:
+    from .pipeline import Session
 
 logger = get_logger(__name__)
 
@@ -49,7 +53,7 @@ def read_raw_constraints(cfg, split: str) -> dict[str, float]:
     return read_json(path)
 
 
-def export_best(session, force: bool = False) -> dict:
+def export_best(session: Session, force: bool = False) -> dict:
     cfg = session.cfg
     best = cfg.run.read_best()
     merged = cfg.run.merged
@@ -67,7 +71,7 @@ def export_best(session, force: bool = False) -> dict:
     return info
 
 
-def _export_adapter(session, best: dict, merged: Path, fp: str) -> dict:
+def _export_adapter(session: Session, best: dict, merged: Path, fp: str) -> dict:
     cfg = session.cfg
     session.weighted.export(best["weights"], merged)
     score = adapter_score(cfg, merged).score()
@@ -89,7 +93,7 @@ def _export_adapter(session, best: dict, merged: Path, fp: str) -> dict:
     return info
 
 
-def _baseline_adapters(session) -> dict[str, Path]:
+def _baseline_adapters(session: Session) -> dict[str, Path]:
     """Every delta of this config (train@all included) and train@auto_mix, when export.deltas is on."""
     if not session.cfg.export.deltas:
         return {}

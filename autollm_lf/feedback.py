@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .evaluate import Contains, ExactMatch
@@ -21,13 +22,16 @@ from .metrics import METRICS
 from .paths import is_fresh
 from .rows import Row
 
+if TYPE_CHECKING:
+    from .pipeline import Session
+
 logger = get_logger(__name__)
 
 MARKER = "report/bad_cases.json"
 SECTION = "\n## Bad cases (validation)\n"
 
 
-def write_bad_cases(session, force: bool = False) -> str:
+def write_bad_cases(session: Session, force: bool = False) -> str:
     """Score the best merge per validation row, generate greedy answers for the wrong ones, write
     report/bad_cases.jsonl (skipped when up to date); returns report.md's bad-case section."""
     cfg = session.cfg
@@ -62,7 +66,7 @@ def write_bad_cases(session, force: bool = False) -> str:
     return bad_cases_section(cases, path.relative_to(cfg.run.root))
 
 
-def _greedy(session, rows: list[Row]) -> list[str]:
+def _greedy(session: Session, rows: list[Row]) -> list[str]:
     """The best merge's greedy answers (what the user would see), batched."""
     if not rows:
         return []

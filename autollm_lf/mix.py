@@ -7,10 +7,15 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .log import get_logger
 from .paths import MIX_DELTA
 from .search import per_delta
 from .train import DeltaSpec, delta_specs, train_one
+
+if TYPE_CHECKING:
+    from .pipeline import Session
 
 logger = get_logger(__name__)
 
@@ -45,7 +50,7 @@ def mix_spec(cfg, shapes: dict[str, str], best_weights: dict[str, float]):
     return DeltaSpec(MIX_DELTA, list(probs), "sft", args), probs
 
 
-def train_auto_mix(session, force: bool = False) -> None:
+def train_auto_mix(session: Session, force: bool = False) -> None:
     cfg = session.cfg
     if not cfg.train.auto_mix:
         return

@@ -78,19 +78,8 @@ class Session:
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        found = {n: self.cfg.run.delta(n) for n in self.delta_names if not self.all_on_user_base(n)}
-        missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
-        if missing and not self.keep_going:
-            raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
-                            f"(or pass --keep-going to search over the others)")
-        if missing:
-            logger.info(f"left out (not trained): {', '.join(missing)}")
-        found = {n: p for n, p in found.items() if n not in missing}
-        if not [n for n in found if n != ALL_DELTA]:
-            raise UserError("no trained chunk delta to search over; see the training errors above")
-        for name, path in found.items():
-            check_adapter_base(path, self.cfg.base_model.path)
-        return found
+        names = [n for n in self.delta_names if not self.all_on_user_base(n)]
+        return trained_adapters(self.cfg, names, self.keep_going)
 
     def all_on_user_base(self, name: str) -> bool:
         """train@all with train.shared: trained from the configured base (the yardstick a user would train), so not
@@ -151,7 +140,7 @@ class Session:
         no trial needs it, the apply mode picked (that runs the model: by then only what trials hold is loaded)."""
         self.scorer("validation")
         self.release_tokenizer()
-        self.pick_apply_mode()
+        pick_apply_mode(self)
 
     def _raw_constraints(self, objective, split: str) -> dict[str, float]:
         """The raw model's score on each constraint part (every weight 0), recorded for reloaded adapters."""
@@ -159,18 +148,6 @@ class Session:
         scores = objective.constraint_scores()
         write_json(self.cfg.run.raw_constraints(split), scores)
         return scores
-
-    def pick_apply_mode(self) -> None:
-        """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-        if not MERGE_METHODS[self.cfg.search.merge].low_rank:
-            logger.info(f"search: merge {self.cfg.search.merge} (density {self.cfg.search.density}), "
-                        f"folded into the base weights")
-        elif self.cfg.search.apply == "auto":
-            w = self.weighted
-            mode = w.pick_mode(self.scorer("validation").score, {n: 0.5 for n in self.deltas})
-            why = "" if w.fold_fits() else (f"; `fold` would copy {w.bank.fold_copy_bytes() / 2**20:.0f} MB of base "
-                                            f"weights: search.apply: fold to use it anyway")
-            logger.info(f"search: applying weights with `{mode}` (search.apply: auto{why})")
 
     def score(self, weights: dict[str, float], split: str) -> float:
         scorer = self.scorer(split)  # built first: an objective's constraints measure the raw model once
@@ -205,6 +182,19 @@ class Session:
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
         return search_fingerprint(self.cfg, self.deltas, delta_fps,
                                   file_digest([self.cfg.run.split("validation")]))
+
+
+def pick_apply_mode(s: Session) -> None:
+    """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
+    if not MERGE_METHODS[s.cfg.search.merge].low_rank:
+        logger.info(f"search: merge {s.cfg.search.merge} (density {s.cfg.search.density}), "
+                    f"folded into the base weights")
+    elif s.cfg.search.apply == "auto":
+        w = s.weighted
+        mode = w.pick_mode(s.scorer("validation").score, {n: 0.5 for n in s.deltas})
+        why = "" if w.fold_fits() else (f"; `fold` would copy {w.bank.fold_copy_bytes() / 2**20:.0f} MB of base "
+                                        f"weights: search.apply: fold to use it anyway")
+        logger.info(f"search: applying weights with `{mode}` (search.apply: auto{why})")
 
 
 def release_tokenizer(weighted: WeightedDeltas, scorers: list) -> None:
@@ -308,6 +298,24 @@ STAGES: dict[str, Callable[[Session], None]] = {
     "report": stage_report,
     "export": stage_export,
 }
+
+
+def trained_adapters(cfg: RunConfig, names: list[str], keep_going: bool) -> dict[str, Path]:
+    """The deltas `names` that are trained, each checked to be trained on cfg's base; one not trained stops the run
+    unless keep_going (then it is left out, saying so)."""
+    found = {n: cfg.run.delta(n) for n in names}
+    missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
+    if missing and not keep_going:
+        raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
+                        f"(or pass --keep-going to search over the others)")
+    if missing:
+        logger.info(f"left out (not trained): {', '.join(missing)}")
+    found = {n: p for n, p in found.items() if n not in missing}
+    if not [n for n in found if n != ALL_DELTA]:
+        raise UserError("no trained chunk delta to search over; see the training errors above")
+    for path in found.values():
+        check_adapter_base(path, cfg.base_model.path)
+    return found
 
 
 def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:

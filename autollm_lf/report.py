@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from .export import adapter_score
 from .granularity import param_group, param_name
@@ -13,12 +14,15 @@ from .paths import SHARED, find_template, is_fresh
 from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER
 
+if TYPE_CHECKING:
+    from .pipeline import Session
+
 logger = get_logger(__name__)
 
 SHARED_BASE_ROW = "shared_base"  # train.shared: the configured base with the shared adapter merged in
 
 
-def report_rows(session) -> tuple[list[dict], dict]:
+def report_rows(session: Session) -> tuple[list[dict], dict]:
     """Every row is a weight vector over the loaded deltas, scored in place on the same model; also returns every
     row's per-row scores ({model: {split: [score per held-out row]}}) for the intervals."""
     cfg, chunks = session.cfg, session.deltas
@@ -79,7 +83,7 @@ def add_intervals(rows: list[dict], per_row: dict, chunks: dict[str, list[str]],
         for split in ("validation", "test")}}
 
 
-def row_seconds(session) -> dict[str, float | None]:
+def row_seconds(session: Session) -> dict[str, float | None]:
     """Wall seconds behind each row: its training for train@ rows; for merges every delta's training, the
     search's shared set-up (model and deltas loaded once) and, for auto_merge, its trials; train@auto_mix
     adds its own training to auto_merge's."""
@@ -340,7 +344,7 @@ def _html(report: dict, chunks: list[str], deltas: list[str], mix_probs: dict | 
         evaluation_stats=stats, cost=report.get("cost", ""), **html_view(report, chunks, deltas, cfg))
 
 
-def report_fingerprint(session) -> str:
+def report_fingerprint(session: Session) -> str:
     cfg = session.cfg
     mix = _mix_dir(cfg)
     return fingerprint(session.search_fingerprint(), read_json(cfg.run.best),
@@ -348,7 +352,7 @@ def report_fingerprint(session) -> str:
                        read_json(mix / DONE_MARKER) if mix else None)
 
 
-def write_report(session, force: bool = False) -> str:
+def write_report(session: Session, force: bool = False) -> str:
     """report.json, report.html and the plots (unless up to date); returns report.md's main section, which the
     report stage writes together with the sections of rounds and bad cases."""
     cfg, chunks, run = session.cfg, session.chunks, session.cfg.run
@@ -367,7 +371,7 @@ def write_report(session, force: bool = False) -> str:
     return md
 
 
-def _write_report_files(session, fp: str) -> dict:
+def _write_report_files(session: Session, fp: str) -> dict:
     cfg, run = session.cfg, session.cfg.run
     rows, per_row = report_rows(session)
     chunks = {split: session.row_chunks(split) for split in ("validation", "test")}
