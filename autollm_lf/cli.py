@@ -31,20 +31,26 @@ BENCH_PARTS = ["merge", "exact_match", "bo", "search", "model", "ceiling", "scal
 BENCH_DEFAULT = BENCH_PARTS[:-1]  # quality runs searches by the dozen on a real model (hours on a CPU): asked for only
 
 
+def add_verbosity(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """-q/-v before the command (`autollm -q run x.yaml`) or after it (a subcommand's default leaves the first)."""
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=default,
+                        help="print only warnings and errors (the run's autollm.log keeps every line)")
+    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=default,
+                        help="print debug lines too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autollm",
         description="Improve an LLM from new data without guessing mixing ratios: one LoRA delta per data chunk "
                     "(trained with LLaMA-Factory), merge weights found by Bayesian optimisation on validation.",
         epilog="Start with: autollm run examples/toy.yaml   (outputs go to runs/<name>/, re-runs skip finished work)")
-    p.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
-                   help="print only warnings and errors (the run's autollm.log keeps every line)")
-    p.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
-                   help="print debug lines too")
+    add_verbosity(p, default=0)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="every stage in order: " + ", ".join(STAGE_HELP))
     stages = {"run": run, **{name: sub.add_parser(name, help=text) for name, text in STAGE_HELP.items()}}
     for stage in stages.values():
+        add_verbosity(stage)
         stage.add_argument("config", help="run YAML, e.g. examples/toy.yaml")
         stage.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                            help="config keys over the YAML's, as llamafactory-cli takes them: "
