@@ -21,7 +21,7 @@ from .prepare import load_split
 from .train import render_template, run_llamafactory
 
 if TYPE_CHECKING:
-    from .pipeline import Session
+    from .session import Session
 
 logger = get_logger(__name__)
 

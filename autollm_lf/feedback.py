@@ -23,7 +23,7 @@ from .paths import is_fresh
 from .rows import Row
 
 if TYPE_CHECKING:
-    from .pipeline import Session
+    from .session import Session
 
 logger = get_logger(__name__)
 

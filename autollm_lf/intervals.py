@@ -63,3 +63,9 @@ def paired_by_chunk(a: Sequence[float], b: Sequence[float], chunks: Sequence[str
 def fmt(value: float, interval: Sequence[float] | None) -> str:
     """`.450 [.41, .49]`: a score and its interval as the report prints them."""
     return f"{value:.3f}" if not interval else f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[str, float]]:
+    """Mean score overall and on each chunk's rows."""
+    by_chunk = {c: sum(f for f, k in zip(scores, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
+    return sum(scores) / max(len(scores), 1), by_chunk

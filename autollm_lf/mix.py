@@ -15,7 +15,7 @@ from .search import per_delta
 from .train import DeltaSpec, delta_specs, train_one
 
 if TYPE_CHECKING:
-    from .pipeline import Session
+    from .session import Session
 
 logger = get_logger(__name__)
 

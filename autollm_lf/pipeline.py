@@ -2,212 +2,28 @@
 from __future__ import annotations
 
 import contextlib
-import time
-from functools import cached_property
-from pathlib import Path
 from typing import Callable
 
 from .cluster import TrialPool
 from .config import RunConfig, dump_config, without_secrets
 from .errors import UserError
-from .evaluate import forget_templates
 from .export import export_best
 from .feedback import write_bad_cases
 from .gguf import ensure_converted
-from .grams import use_regmean
-from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
-from .io import atomic_write_text, file_digest, read_json, write_if_changed, write_json
+from .io import atomic_write_text, write_if_changed, write_json
 from .judge import JudgeClient
 from .log import get_logger
-from .merge import MERGE_METHODS, WeightedDeltas, param_delta
-from .metrics import make_evaluator
 from .mix import train_auto_mix
-from .objective import Objective
-from .paths import ADAPTER_FILE
-from .prepare import load_split, prepare
-from .report import split_by_chunk, write_report
+from .prepare import prepare
+from .report import write_report
 from .rounds import check_round_base, ensure_round_base, rounds_section
-from .search import run_search, search_fingerprint
-from .shared import build_shared_base, on_shared_base
+from .search import run_search
+from .session import Session
+from .shared import build_shared_base
 from .toy import ensure_toy
-from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs, train_deltas
+from .train import ALL_DELTA, delta_specs, train_deltas
 
 logger = get_logger(__name__)
-
-
-class Session:
-    """One run's state: config, chunks, deltas and (lazily) the base model with every delta loaded."""
-
-    def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False,
-                 full: bool = False):
-        self.base_cfg = cfg  # prepare's: the base as configured
-        self.cfg = on_shared_base(cfg) if cfg.train.shared else cfg  # every later stage's (train.shared)
-        self.force = force
-        self.keep_going = keep_going
-        self.full = full  # export also merges into full weights with `llamafactory-cli export` and checks them
-        self._weighted = None
-        self.held_tokenizer = HeldTokenizer(self.cfg.base_model.path)  # shared with the loaded deltas
-        self.setup_seconds: float | None = None
-        self._scorers: dict[str, object] = {}
-
-    @property
-    def shapes(self) -> dict[str, str]:
-        manifest = read_json(self.cfg.run.manifest)
-        if manifest is None:
-            raise UserError(f"{self.cfg.run.data} has no prepared data; run `autollm prepare` first")
-        return manifest["shapes"]
-
-    @property
-    def chunks(self) -> list[str]:
-        return list(self.shapes)
-
-    @cached_property
-    def specs(self) -> dict[str, DeltaSpec]:
-        """Every delta the config asks for, by name: <chunk>-<method>, then train@all's."""
-        return {spec.name: spec for spec in delta_specs(self.cfg, self.shapes)}
-
-    @property
-    def delta_names(self) -> list[str]:
-        return list(self.specs)
-
-    def human_weights(self) -> dict[str, float]:
-        """search.human_weights keyed by delta, or by chunk for all of its deltas."""
-        human = self.cfg.search.human_weights
-        return {d: float(human.get(d, human.get(self.specs[d].chunk, 0.0))) for d in self.deltas}
-
-    @cached_property
-    def adapters(self) -> dict[str, Path]:
-        """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        names = [n for n in self.delta_names if not self.all_on_user_base(n)]
-        return trained_adapters(self.cfg, names, self.keep_going)
-
-    def all_on_user_base(self, name: str) -> bool:
-        """train@all with train.shared: trained from the configured base (the yardstick a user would train), so not
-        loaded beside the deltas on the shared base; the report scores it on its own (train_all_adapter)."""
-        return name == ALL_DELTA and bool(self.cfg.train.shared)
-
-    @property
-    def train_all_adapter(self) -> Path | None:
-        path = self.cfg.run.delta(ALL_DELTA)
-        return path if self.all_on_user_base(ALL_DELTA) and (path / DONE_MARKER).is_file() else None
-
-    @property
-    def deltas(self) -> list[str]:
-        """The chunk deltas the search weighs (train@all is a baseline, not a search dimension)."""
-        return [d for d in self.delta_names if d != ALL_DELTA and d in self.adapters]
-
-    @property
-    def weighted(self):
-        if self._weighted is None:
-            search = self.cfg.search
-            started = time.perf_counter()
-            if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
-                set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
-            self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
-                                            density=search.density, seed=self.cfg.seed, granularity=search.granularity,
-                                            tokenizer=self.held_tokenizer)
-            space = MERGE_METHODS[search.merge].data_aware
-            if space:  # RegMean's A rows, from each delta's chunk's Grams
-                use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
-                            search.regmean_alpha, space)
-            self.setup_seconds = time.perf_counter() - started
-        return self._weighted
-
-    @property
-    def tokenizer(self):
-        """The base's tokenizer, loaded again after release_tokenizer if something needs it (the report's answers)."""
-        return self.held_tokenizer.get()
-
-    @property
-    def search_params(self) -> list[str]:
-        """The weights the search sets: one per chunk delta, or per delta and module group (search.granularity)."""
-        return [p for p in self.weighted.params if param_delta(p) in self.deltas]
-
-    def scorer(self, split: str):
-        """The split's evaluator: evaluation.metric on every row, or the evaluation.objective over its parts."""
-        if split not in self._scorers:
-            w, rows = self.weighted, load_split(self.cfg, split)
-            raw = lambda objective: self._raw_constraints(objective, split)
-            self._scorers[split] = Objective(self.cfg, w.model, self.tokenizer, rows, raw) \
-                if self.cfg.evaluation.objective else make_evaluator(self.cfg, w.model, self.tokenizer, rows)
-        return self._scorers[split]
-
-    def release_tokenizer(self) -> None:
-        release_tokenizer(self.weighted, list(self._scorers.values()))
-
-    def ready_for_trials(self) -> None:
-        """What the search does before its first trial: the validation rows as token ids, the tokenizer freed if
-        no trial needs it, the apply mode picked (that runs the model: by then only what trials hold is loaded)."""
-        self.scorer("validation")
-        self.release_tokenizer()
-        pick_apply_mode(self)
-
-    def _raw_constraints(self, objective, split: str) -> dict[str, float]:
-        """The raw model's score on each constraint part (every weight 0), recorded for reloaded adapters."""
-        self.weighted.set_weights({d: 0.0 for d in self.deltas})
-        scores = objective.constraint_scores()
-        write_json(self.cfg.run.raw_constraints(split), scores)
-        return scores
-
-    def score(self, weights: dict[str, float], split: str) -> float:
-        scorer = self.scorer(split)  # built first: an objective's constraints measure the raw model once
-        self.weighted.set_weights(weights)
-        return scorer.score()
-
-    def scored_rows(self, weights: dict[str, float], split: str,
-                    method: str | None = None) -> tuple[float, list[float]]:
-        """Overall score and every row's score (merged with `method`, default search.merge). With an
-        evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric."""
-        scorer = self.scorer(split)
-        self.weighted.set_weights(weights, method)
-        scores = scorer.row_scores()
-        overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
-        return overall, scores
-
-    def row_chunks(self, split: str) -> list[str]:
-        return [r["chunk"] for r in self.scorer(split).rows]
-
-    def score_by_chunk(self, weights: dict[str, float], split: str,
-                       method: str | None = None) -> tuple[float, dict[str, float]]:
-        """Overall score and the score on each chunk's rows (see scored_rows)."""
-        overall, scores = self.scored_rows(weights, split, method)
-        return overall, split_by_chunk(scores, self.row_chunks(split))[1]
-
-    def part_scores(self, split: str) -> dict[str, float]:
-        """Each objective part's score at the weights last set (empty without an objective)."""
-        scorer = self.scorer(split)
-        return scorer.part_scores() if self.cfg.evaluation.objective else {}
-
-    def search_fingerprint(self) -> str:
-        delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
-        return search_fingerprint(self.cfg, self.deltas, delta_fps,
-                                  file_digest([self.cfg.run.split("validation")]))
-
-
-def pick_apply_mode(s: Session) -> None:
-    """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-    if not MERGE_METHODS[s.cfg.search.merge].low_rank:
-        logger.info(f"search: merge {s.cfg.search.merge} (density {s.cfg.search.density}), "
-                    f"folded into the base weights")
-    elif s.cfg.search.apply == "auto":
-        w = s.weighted
-        mode = w.pick_mode(s.scorer("validation").score, {n: 0.5 for n in s.deltas})
-        why = "" if w.fold_fits() else (f"; `fold` would copy {w.bank.fold_copy_bytes() / 2**20:.0f} MB of base "
-                                        f"weights: search.apply: fold to use it anyway")
-        logger.info(f"search: applying weights with `{mode}` (search.apply: auto{why})")
-
-
-def release_tokenizer(weighted: WeightedDeltas, scorers: list) -> None:
-    """Frees the tokenizer when every scorer has its rows as token ids and needs no tokenizer to score them
-    (teacher-forced metrics): ~0.45 GB of host memory for a 262k vocabulary, which would otherwise sit beside the
-    model for the whole search. Whatever needs it later (the report's generations) loads it again."""
-    if any(getattr(scorer, "trials_need_tokenizer", True) for scorer in scorers):
-        return
-    for scorer in scorers:
-        scorer.tokenizer = None
-    weighted.release_tokenizer()
-    forget_templates()
-    free_host_memory()
 
 
 def stage_prepare(s: Session) -> None:
@@ -298,32 +114,6 @@ STAGES: dict[str, Callable[[Session], None]] = {
     "report": stage_report,
     "export": stage_export,
 }
-
-
-def trained_adapters(cfg: RunConfig, names: list[str], keep_going: bool) -> dict[str, Path]:
-    """The deltas `names` that are trained, each checked to be trained on cfg's base; one not trained stops the run
-    unless keep_going (then it is left out, saying so)."""
-    found = {n: cfg.run.delta(n) for n in names}
-    missing = [n for n, p in found.items() if not (p / DONE_MARKER).exists() or not (p / ADAPTER_FILE).exists()]
-    if missing and not keep_going:
-        raise UserError(f"deltas not trained: {', '.join(missing)}; run `autollm train` first "
-                        f"(or pass --keep-going to search over the others)")
-    if missing:
-        logger.info(f"left out (not trained): {', '.join(missing)}")
-    found = {n: p for n, p in found.items() if n not in missing}
-    if not [n for n in found if n != ALL_DELTA]:
-        raise UserError("no trained chunk delta to search over; see the training errors above")
-    for path in found.values():
-        check_adapter_base(path, cfg.base_model.path)
-    return found
-
-
-def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:
-    cfg = read_json(adapter_dir / "adapter_config.json", {})
-    trained_on = cfg.get("base_model_name_or_path")
-    if trained_on and Path(trained_on).resolve() != Path(base_path).resolve():
-        raise UserError(f"{adapter_dir} was trained on {trained_on}, not on base_model.path {base_path}; "
-                        f"run `autollm train` to retrain it on this base")
 
 
 def run_stages(cfg: RunConfig, stages: list[str], force: frozenset[str] = frozenset(),

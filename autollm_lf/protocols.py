@@ -1,5 +1,5 @@
 """The seams between the search and what it drives, as Protocols (like cluster.Job): what the search needs of a
-session, what the gradient optimiser needs besides, and what every optimiser offers the loop. pipeline.Session and
+session, what the gradient optimiser needs besides, and what every optimiser offers the loop. session.Session and
 bench's ScoredMerge are sessions; search.OPTIMIZERS holds the optimisers."""
 from __future__ import annotations
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from .checks import load_config
 from .grams import use_regmean
-from .intervals import mean_interval, paired_difference, resample_index
+from .intervals import mean_interval, paired_difference, resample_index, split_by_chunk
 from .io import read_json
 from .merge import MERGE_METHODS
-from .pipeline import Session
-from .report import split_by_chunk
 from .search import point_key, run_search, seed_points
+from .session import Session
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")

@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING
 
 from .export import adapter_score
 from .granularity import param_group, param_name
-from .intervals import by_chunk_intervals, fmt, mean_interval, paired_by_chunk, paired_difference, resample_index
+from .intervals import (
+    by_chunk_intervals,
+    fmt,
+    mean_interval,
+    paired_by_chunk,
+    paired_difference,
+    resample_index,
+    split_by_chunk,
+)
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger, progress
 from .mix import MIX_DELTA, mix_spec
@@ -15,7 +23,7 @@ from .search import per_delta
 from .train import ALL_DELTA, DONE_MARKER
 
 if TYPE_CHECKING:
-    from .pipeline import Session
+    from .session import Session
 
 logger = get_logger(__name__)
 
@@ -139,12 +147,6 @@ def _adapter_row(cfg, name: str, adapter_dir) -> tuple[dict, dict]:
             row[split] = evaluator.score()
     row["test_by_chunk"] = by_chunk
     return row, per_row
-
-
-def split_by_chunk(scores: list[float], chunks: list[str]) -> tuple[float, dict[str, float]]:
-    """Mean score overall and on each chunk's rows."""
-    by_chunk = {c: sum(f for f, k in zip(scores, chunks) if k == c) / chunks.count(c) for c in dict.fromkeys(chunks)}
-    return sum(scores) / max(len(scores), 1), by_chunk
 
 
 def eval_sets_line(cfg) -> str:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 @dataclass
 class ScoredMerge:
     cfg: RunConfig                     # the run's config, usually with the search section the bench tries
-    weighted: WeightedDeltas           # the run's loaded deltas (a pipeline.Session's)
+    weighted: WeightedDeltas           # the run's loaded deltas (a session.Session's)
     scorers: Mapping[str, Evaluator]   # by split
     objective: Callable[[Mapping[str, float]], float] | None = None  # an oracle: scores a point itself
 

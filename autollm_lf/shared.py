@@ -21,12 +21,6 @@ logger = get_logger(__name__)
 MARKER = "autollm_shared.json"
 
 
-def on_shared_base(cfg: RunConfig) -> RunConfig:
-    """The config every stage after prepare uses: its base is the shared base (where it is built)."""
-    base = cfg.base_model.model_copy(update={"path": cfg.run.shared_base, "gguf": None})
-    return cfg.model_copy(update={"base_model": base})  # private state (round K's first base) comes along
-
-
 def build_shared_base(cfg: RunConfig, force: bool = False) -> None:
     """Train deltas/_shared on the base, then merge it into runs/<name>/shared_base/ (once per adapter)."""
     shared = cfg.train.shared

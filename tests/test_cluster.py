@@ -171,7 +171,8 @@ def kill_worker_once_it_trains(ray_cluster, killed):
 @pytest.mark.slow
 def test_deltas_and_search_on_a_two_node_ray_cluster(ray_cluster, tiny_model, tmp_path, tmp_path_factory, monkeypatch,
                                                      capsys):
-    from autollm_lf.pipeline import Session, run_stages
+    from autollm_lf.pipeline import run_stages
+    from autollm_lf.session import Session
 
     deltas = ["math-sft", "code-sft"]
     # the reference: the same run trained here, one thread as a Ray task of 1 CPU has

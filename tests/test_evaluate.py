@@ -269,7 +269,7 @@ def test_the_search_frees_the_tokenizer_only_when_its_scorers_need_none(tiny_mod
 
     from autollm_lf.evaluate import Contains, encode
     from autollm_lf.merge import WeightedDeltas
-    from autollm_lf.pipeline import release_tokenizer
+    from autollm_lf.session import release_tokenizer
 
     w = WeightedDeltas(tiny_model, tiny_adapters)
     rows = [{"prompt": "ab" * (i % 4 + 1), "response": "ba"} for i in range(6)]

@@ -9,9 +9,9 @@ from ..checks import load_config
 from ..config import SearchConfig
 from ..gradient import GradientOptimizer
 from ..merge import MERGE_METHODS, param_delta
-from ..pipeline import Session
 from ..scored import ScoredMerge
 from ..search import point_key
+from ..session import Session
 from ..train import ALL_DELTA
 from .searches import quiet_search
 

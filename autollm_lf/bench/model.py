@@ -8,8 +8,8 @@ from pathlib import Path
 from ..checks import load_config
 from ..choice import Choice
 from ..metrics import make_evaluator
-from ..pipeline import Session
 from ..prepare import load_split
+from ..session import Session
 from .cost import search_process_rss, timed
 
 

@@ -19,7 +19,7 @@ from ..config import EvaluationConfig
 from ..evaluate import ExactMatch
 from ..gradient import GradientOptimizer
 from ..merge import WeightedDeltas
-from ..pipeline import Session, release_tokenizer
+from ..session import Session, release_tokenizer
 
 
 def status(key: str) -> float:

@@ -15,10 +15,10 @@ from ..config import EvaluationConfig, SearchConfig
 from ..evaluate import ExactMatch, greedy_generate
 from ..merge import load_base, param_delta
 from ..metrics import make_evaluator
-from ..pipeline import Session
 from ..prepare import load_split
 from ..scored import ScoredMerge
 from ..search import run_search
+from ..session import Session
 from ..train import ALL_DELTA
 from .cost import timed
 

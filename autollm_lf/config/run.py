@@ -91,6 +91,12 @@ class RunConfig(Strict):
     def run_label(self) -> str:
         return RunDir.label(self.name, self.round)
 
+    def on_shared_base(self) -> RunConfig:
+        """The config every stage after prepare uses with train.shared: its base is the shared base (where it is
+        built); private state (round K's first base) comes along."""
+        base = self.base_model.model_copy(update={"path": self.run.shared_base, "gguf": None})
+        return self.model_copy(update={"base_model": base})
+
     def round_run(self, k: int) -> RunDir:
         """Round k's run folder (runs/<name>/ or runs/<name>/round-<k>/)."""
         return RunDir.of(self.run_dir, self.name, k)

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 from ..hostmem import HeldTokenizer
 from ..lazytorch import no_grad
 from .apply import APPLY_MODES, FOLD_COPY_BUDGET
-from .bank import DeltaBank, load_model
+from .bank import CAT, DeltaBank, load_model
 from .dense import DenseMerger
 from .export import export_adapter
 from .lowrank import LowRankWriter
@@ -29,7 +29,7 @@ class WeightedDeltas:
     def __init__(self, base_path: Path, adapters: Mapping[str, Path], mode: str = "cat", method: str = "linear",
                  density: float = 1.0, seed: int = 0, granularity: str = "delta",
                  tokenizer: HeldTokenizer | None = None):
-        """`tokenizer`: the session's (pipeline.Session holds it); without one, this object holds its own."""
+        """`tokenizer`: the session's (session.Session holds it); without one, this object holds its own."""
         if mode not in tuple(APPLY_MODES) + ("auto",):
             raise ValueError(f"unknown apply mode {mode!r}; choose one of {tuple(APPLY_MODES)}")
         spec = self._method_spec(method)
@@ -146,5 +146,9 @@ class WeightedDeltas:
 
     def export(self, weights: Mapping[str, float], out_dir: Path) -> Path:
         """Save the merge as one ordinary PEFT adapter (merge/export.py); `export_info` says how it was made."""
-        self.export_info = export_adapter(self, weights, out_dir)
+        self.export_info = export_adapter(self.bank, self.lowrank, self.dense, self.method, weights, out_dir)
+        self.bank.model.base_model.set_adapter(self.bank.names if self.mode == "scaling" else CAT)
+        if self.mode == "fold":
+            self.bank.model.base_model.disable_adapter_layers()
+        self.set_weights(weights)
         return Path(out_dir)
