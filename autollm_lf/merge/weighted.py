@@ -105,6 +105,9 @@ class WeightedDeltas:
     def use_regmean(self, grams, chunk_of: Mapping[str, str], alpha: float, space: str = "full") -> None:
         self.lowrank.use_regmean(grams, chunk_of, alpha, space)
 
+    def has_regmean(self, space: str) -> bool:
+        return self.lowrank.has_regmean(space)
+
     def regmean_projections(self, deltas) -> dict:
         """regmean_core: per cat module (by name), the A_u its inputs are projected on while the Grams are taken."""
         return {self.bank.layer_names[m.index]: self.lowrank.merged_rows(m, deltas)[1] for m in self.bank.cat}
