@@ -30,8 +30,9 @@ class Console(logging.Handler):
 
 def progress(iterable=None, **kwargs) -> tqdm:
     """A tqdm bar with its ETA on stderr: drawn on a terminal only, never under -q (lines for logs and pipes)."""
-    disable = True if CONSOLE.level > logging.INFO else kwargs.pop("disable", None)
-    kwargs.pop("disable", None)
+    disable = kwargs.pop("disable", None)
+    if CONSOLE.level > logging.INFO:
+        disable = True
     return tqdm(iterable, file=sys.stderr, disable=disable, dynamic_ncols=True, **kwargs)
 
 

@@ -39,7 +39,7 @@ class WeightedDeltas:
                                                  else mode)
         base = load_model(base_path)  # then the tokenizer, as from_pretrained leaves the heap (hostmem)
         self.held = tokenizer or HeldTokenizer(base_path)
-        self.base_path, self.pad_token_id = Path(base_path), self.held.get().pad_token_id
+        self.pad_token_id = self.held.get().pad_token_id
         self.bank = DeltaBank(base, adapters, granularity)
         self.lowrank = LowRankWriter(self.bank)
         self.dense = DenseMerger(self.bank, density, seed)
