@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ONE_BASE, GenerateSource, RunConfig, parse_config, path_problems
 from .errors import UserError
 from .gguf import PYPI, converted_path
-from .merge import MERGE_METHODS
+from .merge import MERGE_METHODS, row_scaled_methods
 from .methods import METHODS
 from .metrics import METRICS
 from .paths import find_template
@@ -71,6 +71,10 @@ def name_problems(raw: dict) -> list[str]:
     problems += [p for key, m in methods for p in unknown(key, "method", m, METHODS)]
     problems += unknown("search.merge", "merge method", search.get("merge"), MERGE_METHODS)
     problems += unknown("search.optimizer", "optimizer", search.get("optimizer"), ["auto", *OPTIMIZERS])
+    merge = search.get("merge", "linear")
+    if search.get("optimizer") == "gradient" and merge in MERGE_METHODS and not MERGE_METHODS[merge].row_scaled:
+        problems.append(f"search.optimizer: gradient cannot fit search.merge {merge!r} (its weights do not scale "
+                        f"the deltas' rows); use it with {', '.join(row_scaled_methods())}, or pick bayes or cmaes")
     parts = evaluation.get("objective") if isinstance(evaluation.get("objective"), list) else []
     metrics = [("evaluation.metric", evaluation.get("metric"))]
     metrics += [(f"evaluation.objective.{i}.metric", part.get("metric"))

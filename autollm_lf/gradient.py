@@ -25,7 +25,7 @@ import numpy as np
 from .errors import UserError
 from .evaluate import ChunkedHead, logits_bytes, logsumexp_and_label_logits, rows_per_call
 from .hostmem import FIT_MMAP_THRESHOLD, mmap_threshold
-from .merge import MERGE_METHODS, param_name
+from .merge import MERGE_METHODS, param_name, row_scaled_methods
 from .protocols import FitSession
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
@@ -41,9 +41,9 @@ class GradientOptimizer:
     parallel = False  # one Adam trajectory: each point starts from the one before, scored here (evaluate)
 
     def __init__(self, params: list[str], bounds, seed: int, session: FitSession):
-        if not MERGE_METHODS[session.cfg.search.merge].low_rank:
-            raise UserError("search.optimizer: gradient needs search.merge linear, linear_norm or regmean (a low-rank "
-                            "merge whose weights act on the cat factors); pick bayes or cmaes for the others")
+        if not MERGE_METHODS[session.cfg.search.merge].row_scaled:
+            raise UserError(f"search.optimizer: gradient needs a search.merge whose weights scale the cat factors' "
+                            f"rows ({', '.join(row_scaled_methods())}); pick bayes or cmaes for the others")
         self.params, self.bounds, self.seed, self.session = params, tuple(bounds), seed, session
         self.best: tuple[dict, float] | None = None
         self.x = self.adam = None

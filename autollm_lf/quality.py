@@ -106,7 +106,7 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
         return _combine(method, optimizer, trials, runs, learned_chunks)
 
     results = [measured(method, optimizer, budget, seeds) for method in methods for optimizer in optimizers
-               if optimizer != "gradient" or MERGE_METHODS[method].low_rank]
+               if optimizer != "gradient" or MERGE_METHODS[method].row_scaled]
     if big_budget:
         results.append(measured(cfg.search.merge, cfg.search.optimizer, big_budget, 1))
     w.use_method(cfg.search.merge, cfg.search.density)

@@ -207,6 +207,30 @@ def ref_random(d, density, seed):
     return d * keep / density
 
 
+def ref_svd(d, tol=1e-6):
+    """Dense SVD without the zero singular values (float64 products of float32 factors: zeros below 1e-6)."""
+    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+    keep = S > S.max() * tol
+    return U[:, keep], S[keep], Vh[keep]
+
+
+def ref_tsv(deltas, weights):
+    """TSV-M on the full d_out x d_in deltas (Gargiulo et al. 2025, every nonzero singular vector kept)."""
+    svds = [(U, S * w, Vh) for d, w in zip(deltas, weights) if w != 0 for U, S, Vh in [ref_svd(d)]]
+    U, _, Vh = torch.linalg.svd(torch.cat([u for u, _, _ in svds], 1), full_matrices=False)
+    P, _, Qh = torch.linalg.svd(torch.cat([v for _, _, v in svds], 0).T, full_matrices=False)
+    return (U @ Vh) @ torch.diag(torch.cat([s for _, s, _ in svds])) @ (P @ Qh).T
+
+
+def ref_iso_c(deltas, weights):
+    """Iso-C on the full deltas (Marczak et al. 2025): the sum's nonzero spectrum replaced by its mean."""
+    U, S, Vh = ref_svd(sum(d * w for d, w in zip(deltas, weights)))
+    return S.mean() * U @ Vh
+
+
+SPECTRAL_REFERENCES = {"tsv": ref_tsv, "iso_c": ref_iso_c}
+
+
 def ref_merge(deltas, weights, method, density=1.0, seeds=None):
     sparsify = MERGE_METHODS[method].sparsify
     if sparsify == "magnitude":
@@ -223,6 +247,8 @@ def ref_merge(deltas, weights, method, density=1.0, seeds=None):
             gram = gram + abs(wi) * U @ U.T
         lam, E = torch.linalg.eigh(gram)
         return ((E * (1 / lam.clamp(min=1))) @ E.T @ weighted.sum(0).double()).to(weighted.dtype)
+    if method in SPECTRAL_REFERENCES:
+        return SPECTRAL_REFERENCES[method]([d.double() for d in deltas], weights).to(deltas[0].dtype)
     if MERGE_METHODS[method].combine in (ties_sum, ties_norm_sum):
         majority = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
         mask = weighted.sign() == majority

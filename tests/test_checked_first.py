@@ -498,3 +498,12 @@ def test_ceiling_own_scores_handles_chunks_without_test_rows_and_several_deltas(
     assert own == {"math": 0.6, "rude": 0.5} and best == {"math": "math-sft", "rude": "rude-orpo"}
     assert no_test == ["bad_cases", "scraped"]
     assert ceiling_value({"math": 0.48, "rude": 0.2}, own) == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_gradient_with_a_spectral_merge_fails_at_validate(tmp_path, capsys):
+    """The gradient optimiser fits row scales of A_cat; tsv's weights are not that: refused before any training,
+    with the merges it can fit named."""
+    cfg = base_config(tmp_path, **{"search": {"merge": "tsv", "optimizer": "gradient"}})
+    lines = problem_lines(*cli(tmp_path, cfg, "validate", capsys)[::2])
+    assert len(lines) == 1 and "search.optimizer: gradient cannot fit search.merge 'tsv'" in lines[0], lines
+    assert "regmean" in lines[0] and "iso_c" not in lines[0]

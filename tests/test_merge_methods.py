@@ -81,7 +81,7 @@ def test_zero_weights_give_base(weighted, base_logits):
     torch.testing.assert_close(logits(weighted.model), base_logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "iso_c"])  # Iso-C flattens even one delta's spectrum
 def test_one_hot_at_density_one_is_that_delta(method, tiny_model, tiny_adapters):
     w = WeightedDeltas(tiny_model, tiny_adapters, method=method, density=1.0)
     single = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tiny_adapters["b"])).eval()
@@ -138,10 +138,8 @@ def test_export_records_its_error(weighted, tiny_model, tmp_path):
     torch.testing.assert_close(logits(weighted.model), expected, atol=0, rtol=0)  # export left the weights as set
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out)).eval()
     info = weighted.export_info
-    if MERGE_METHODS[weighted.method].low_rank:  # linear, linear_norm: the cat factors as they stand, exact
-        torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=0)
-        return
-    # the recorded error is the real one: compare the saved adapter's dW with the in-place merge per module
+    # compare the saved adapter's dW with the in-place merge per module (logits would mix in the float32 rounding
+    # of a folded pass against a LoRA pass: up to 2e-4 on these deltas of norm ~500)
     errors = []
     saved = [m for m in loaded.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     for layer, w0, m in zip(weighted.bank.cat_layers, weighted.modes["fold"].base_copies, saved):
@@ -149,6 +147,9 @@ def test_export_records_its_error(weighted, tiny_model, tmp_path):
         got = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
         errors.append(((got - true).norm() / true.norm()).item())
     assert len(saved) == len(weighted.bank.cat)
+    if MERGE_METHODS[weighted.method].low_rank:  # linear, linear_norm, tsv, iso_c: the cat factors, exact
+        assert max(errors) < 1e-6 and "relative_frobenius_error_max" not in info
+        return
     assert abs(max(errors) - info["relative_frobenius_error_max"]) < 1e-4
     assert 0 < info["relative_frobenius_error_mean"] < 1
 

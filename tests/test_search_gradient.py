@@ -182,10 +182,11 @@ class _Called:
         return self.model.parameters()
 
 
-def test_gradient_needs_a_low_rank_merge(weighted):
-    with pytest.raises(UserError, match="linear, linear_norm or regmean"):
+@pytest.mark.parametrize("merge", ["ties", "tsv"])
+def test_gradient_needs_a_row_scaled_merge(weighted, merge):
+    with pytest.raises(UserError, match=r"\(linear, linear_norm, regmean, regmean_core\)"):
         from autollm_lf.gradient import GradientOptimizer
-        GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge="ties"))
+        GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge=merge))
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

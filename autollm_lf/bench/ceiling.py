@@ -100,7 +100,7 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
                 "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
     w.use_method(cfg.search.merge, cfg.search.density)
     w.use_granularity(cfg.search.granularity)
-    if MERGE_METHODS[cfg.search.merge].low_rank and gradient_trials:
+    if MERGE_METHODS[cfg.search.merge].row_scaled and gradient_trials:
         results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
     return {"share": CEILING_SHARE, "own_delta": own, "own_delta_name": best_delta, "no_test_rows": no_test,
             "rows_per_chunk": cfg.data.test_per_chunk,

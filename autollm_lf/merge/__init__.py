@@ -5,8 +5,8 @@ computes y = W0 x + sum_i scaling_i * B_i A_i x, so setting scaling_i = w_i * s_
 no weight copies, no reloads, one float per adapter per layer per trial.
 
 Parts: maths.py (pure functions), methods.py (the merge methods' registry), bank.py (base and adapters loaded
-once, the cat factors), apply.py (one object per apply mode), lowrank.py and dense.py (what a trial writes),
-export.py (one PEFT adapter), weighted.py (WeightedDeltas, the one object the pipeline holds).
+once, the cat factors), apply.py (one object per apply mode), lowrank.py, spectral.py and dense.py (what a trial
+writes), export.py (one PEFT adapter), weighted.py (WeightedDeltas, the one object the pipeline holds).
 """
 from ..granularity import GRANULARITIES, Granularity, module_groups, param_delta, param_name, parse_granularity
 from .apply import APPLY_MODES, FOLD_COPY_BUDGET
@@ -29,11 +29,13 @@ from .maths import (
     trim,
     weighted_delta,
 )
-from .methods import MERGE_METHODS, MergeMethod
+from .methods import MERGE_METHODS, MergeMethod, row_scaled_methods
+from .spectral import CoreSpace, iso_c_merge, tsv_merge
 from .weighted import WeightedDeltas
 
 __all__ = [
     "APPLY_MODES", "CAT", "DARE_CACHE_BYTES", "FOLD_COPY_BUDGET", "GRANULARITIES", "MERGE_METHODS", "CatModule",
+    "CoreSpace", "iso_c_merge", "row_scaled_methods", "tsv_merge",
     "DeltaBank", "Granularity", "MergeMethod", "OutputNorm", "WeightedDeltas", "cat_factors", "dare_drop", "dare_mask",
     "dare_seed", "delta_weight", "linear_sum", "load_base", "magnitude_threshold", "module_groups", "normalized_delta",
     "output_basis", "param_delta", "param_name", "parse_granularity", "svd_factors", "ties_norm_sum", "ties_sum",

@@ -1,5 +1,6 @@
-"""Low-rank merges written into the cat factors: `linear`, `linear_norm` (B' per trial) and the data-aware `regmean`
-and `regmean_core` (RegMean's A rows in place of the deltas' own). Exact LoRA: the export is the same adapter."""
+"""Low-rank merges written into the cat factors: `linear`, `linear_norm` (B' per trial), the data-aware `regmean`
+and `regmean_core` (RegMean's A rows in place of the deltas' own) and the spectral `tsv` and `iso_c` (A_cat = Q_A^T,
+B_cat = Q_B M*: spectral.py). Exact LoRA: the export is the same adapter."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping
@@ -9,6 +10,7 @@ from ..regmean import regmean_A, regmean_core_A
 from .bank import DeltaBank
 from .maths import OutputNorm
 from .methods import MergeMethod
+from .spectral import CoreSpace
 
 if TYPE_CHECKING:
     import torch
@@ -19,18 +21,24 @@ if TYPE_CHECKING:
 class LowRankWriter:
     """Writes a low-rank method's merge into the bank's cat factors: A_cat's rows are the unit rows (the deltas' own,
     or RegMean's) times their delta's weight in their module and its LoRA scaling; a normalised method also replaces
-    B_cat by OutputNorm's B'. Holds what is weight-free and built once: the OutputNorms, RegMean's rows."""
+    B_cat by OutputNorm's B'; a spectral one writes both factors from its core space. Holds what is weight-free and
+    built once: the OutputNorms, RegMean's rows, the core spaces."""
 
     def __init__(self, bank: DeltaBank):
         self.bank = bank
         self.norms: dict[int, OutputNorm] = {}  # linear_norm per cat module
-        self.b_changed = False  # B_cat holds linear_norm's B', not the unit factors
+        self.spaces: dict[int, CoreSpace] = {}  # tsv, iso_c per cat module
+        self.unit_B: dict[int, torch.Tensor] = {}  # the unit B_cat, kept once B_cat has held a B'
+        self.b_changed = False  # B_cat holds a B' (linear_norm's, a spectral one's), not the unit factors
         self.aware_units: dict[str, list[torch.Tensor]] = {}  # RegMean's A rows per cat module, by space
 
     @no_grad
     def write(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
         import torch
         bank = self.bank
+        if spec.spectral:
+            self._write_spectral(weights, spec)
+            return
         w = bank.flat_table(weights)
         rows = w[bank.row_flat] * bank.row_scale
         # every module's rows are cast at once per (device, dtype), not module by module (~7 us a cast, times modules)
@@ -94,22 +102,33 @@ class LowRankWriter:
         width = len(bank.names) + 1
         index = {g: i for i, g in enumerate(bank.group_names)}
         for k, m in enumerate(bank.cat):
-            B = m.B
-            if k not in self.norms:  # built once per module, from the unit B_cat (still in place at first use)
-                self.norms[k] = OutputNorm(B.detach().clone(), m.owner.cpu(), len(bank.names))
-                self._unshare_B(m)
+            if k not in self.norms:  # built once per module, from the unit B_cat
+                self.norms[k] = OutputNorm(self._keep_unit_B(k, m), m.owner.cpu(), len(bank.names))
             start = width * index[bank.groups[m.index]]
-            B.copy_(self.norms[k].apply(w[start:start + width - 1]).to(B.dtype))
+            m.B.copy_(self.norms[k].apply(w[start:start + width - 1]).to(m.B.dtype))
         self.b_changed = True
 
-    def _unshare_B(self, m: CatModule) -> None:
-        """B_cat is about to hold B', not the deltas' B side by side: their B become views of a copy instead."""
-        unit_B = m.B.detach().clone()
-        for _, name, rows in m.slices(self.bank.names):
-            m.layer.lora_B[name].weight.data = unit_B[:, rows]
+    def _write_spectral(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
+        for k, (m, w) in enumerate(zip(self.bank.cat, self.bank.cat_module_weights(weights))):
+            if k not in self.spaces:  # built once per module, from the unit factors
+                self.spaces[k] = CoreSpace(m.unit, self._keep_unit_B(k, m), m.owner, m.scale, len(self.bank.names))
+            space = self.spaces[k]
+            rows = space.A_rows.shape[0]
+            m.A.zero_()[:rows] = space.A_rows
+            m.B.zero_()[:, :rows] = space.merged_B(spec.spectral, w)
+        self.b_changed = True
+
+    def _keep_unit_B(self, k: int, m: CatModule) -> torch.Tensor:
+        """The unit B_cat, copied before B_cat first holds a B': the deltas' B become views of the copy."""
+        if k not in self.unit_B:
+            self.unit_B[k] = m.B.detach().clone()
+            for _, name, rows in m.slices(self.bank.names):
+                m.layer.lora_B[name].weight.data = self.unit_B[k][:, rows]
+        return self.unit_B[k]
 
     def _restore_unit_B(self) -> None:
-        """B_cat back to the unit factors after a normalised method wrote B' there."""
+        """B_cat back to the unit factors after a method wrote a B' there."""
         for k, m in enumerate(self.bank.cat):
-            m.B.copy_(self.norms[k].B.to(m.B.dtype))
+            if k in self.unit_B:
+                m.B.copy_(self.unit_B[k])
         self.b_changed = False

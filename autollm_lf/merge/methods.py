@@ -5,11 +5,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .maths import linear_sum, ties_norm_sum, ties_sum
+from .spectral import iso_c_core, tsv_core
 
 if TYPE_CHECKING:
     import torch
 
     from .maths import Pairs
+    from .spectral import CoreSpace
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,17 @@ class MergeMethod:
     low_rank: bool = False  # applied on the `cat` factors in place, exported exactly; else folded, exported by SVD
     normalize: bool = False  # shared parts counted once (divided by the total weight of the deltas sharing them)
     data_aware: str | None = None  # RegMean's A rows from the chunks' data: "full" (regmean_A), "core" (regmean_core_A)
+    spectral: Callable[[CoreSpace, list[float]], torch.Tensor | None] | None = None  # the merged core (spectral.py)
+
+    @property
+    def row_scaled(self) -> bool:
+        """A weight scales its delta's rows of A_cat (what the gradient optimiser differentiates through)."""
+        return self.low_rank and self.spectral is None
+
+    @property
+    def needs_cat(self) -> bool:
+        """Writes more than the adapters' scalings: needs search.apply cat or fold."""
+        return self.low_rank and bool(self.normalize or self.data_aware or self.spectral)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {
@@ -34,4 +47,12 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     # regmean_core: the same least squares within the deltas' own input directions (R x R Grams: any model size)
     "regmean": MergeMethod(linear_sum, None, low_rank=True, data_aware="full"),
     "regmean_core": MergeMethod(linear_sum, None, low_rank=True, data_aware="core"),
+    # spectral, in the deltas' core space (spectral.py): exact LoRA; the weights scale each delta before the merge
+    "tsv": MergeMethod(linear_sum, None, low_rank=True, spectral=tsv_core),
+    "iso_c": MergeMethod(linear_sum, None, low_rank=True, spectral=iso_c_core),
 }
+
+
+def row_scaled_methods() -> list[str]:
+    """The methods whose weights scale their deltas' rows of A_cat: those the gradient optimiser can fit."""
+    return [name for name, spec in MERGE_METHODS.items() if spec.row_scaled]

@@ -22,8 +22,8 @@ from .methods import MERGE_METHODS
 
 class WeightedDeltas:
     """`mode`: `scaling`, `cat` or `fold` (apply.py); `auto` starts as `cat` and `pick_mode` times one trial of
-    `cat` and of `fold` and keeps the cheaper. Low-rank methods (`linear`, `linear_norm`, `regmean`) work on the
-    `cat` factors and are exported exactly; `linear_norm` and `regmean` need `cat` or `fold`. The other methods are
+    `cat` and of `fold` and keeps the cheaper. Low-rank methods (`linear`, `linear_norm`, `regmean`, `tsv`, `iso_c`)
+    work on the `cat` factors and are exported exactly; all but `linear` need `cat` or `fold`. The other methods are
     not low rank: their merge is computed module by module from the factors and always folded."""
 
     def __init__(self, base_path: Path, adapters: Mapping[str, Path], mode: str = "cat", method: str = "linear",
@@ -33,10 +33,9 @@ class WeightedDeltas:
         if mode not in tuple(APPLY_MODES) + ("auto",):
             raise ValueError(f"unknown apply mode {mode!r}; choose one of {tuple(APPLY_MODES)}")
         spec = self._method_spec(method)
-        # ties/dare merges are not low rank: they are always folded into the base weights; linear_norm and regmean
-        # change the cat factors per trial, so they need them
-        mode = "fold" if not spec.low_rank else ("cat" if (spec.normalize or spec.data_aware) and mode == "scaling"
-                                                 else mode)
+        # ties/dare merges are not low rank: they are always folded into the base weights; linear_norm, regmean and
+        # the spectral merges change the cat factors per trial, so they need them
+        mode = "fold" if not spec.low_rank else ("cat" if spec.needs_cat and mode == "scaling" else mode)
         base = load_model(base_path)  # then the tokenizer, as from_pretrained leaves the heap (hostmem)
         self.held = tokenizer or HeldTokenizer(base_path)
         self.pad_token_id = self.held.get().pad_token_id
@@ -93,7 +92,7 @@ class WeightedDeltas:
     def use_method(self, method: str, density: float | None = None) -> None:
         """Switch the merge method on the loaded model (the bench compares them without reloading)."""
         spec = self._method_spec(method)
-        if self.mode == "scaling" and spec.low_rank and (spec.normalize or spec.data_aware):
+        if self.mode == "scaling" and spec.needs_cat:
             raise ValueError(f"merge method {method!r} needs search.apply cat or fold")
         if not spec.low_rank and self.use_mode("fold") != "fold":
             raise ValueError(f"merge method {method!r} needs the deltas folded into the base weights")
