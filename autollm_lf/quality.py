@@ -22,7 +22,7 @@ from .merge import MERGE_METHODS
 from .search import point_key, run_search, seed_points
 from .session import Session
 
-QUALITY_METHODS = ("linear", "regmean", "regmean_core")
+QUALITY_METHODS = ("linear", "regmean", "regmean_core", "tsv", "iso_c", "iso_cts")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
 
 

@@ -207,6 +207,13 @@ def ref_random(d, density, seed):
     return d * keep / density
 
 
+def true_delta(layer, name, scaling, method):
+    """s * B @ A of one loaded delta, as the references take it: in float64 for the spectral merges, whose top-k
+    cuts and polar factors amplify the rounding of a float32 product (Iso-CTS: 1e-4 relative on the tiny deltas)."""
+    dtype = torch.float64 if MERGE_METHODS[method].spectral else layer.lora_A[name].weight.dtype
+    return (scaling * (layer.lora_B[name].weight.to(dtype) @ layer.lora_A[name].weight.to(dtype))).detach()
+
+
 def ref_svd(d, tol=1e-6):
     """Dense SVD without the zero singular values (float64 products of float32 factors: zeros below 1e-6)."""
     U, S, Vh = torch.linalg.svd(d, full_matrices=False)
@@ -228,7 +235,20 @@ def ref_iso_c(deltas, weights):
     return S.mean() * U @ Vh
 
 
-SPECTRAL_REFERENCES = {"tsv": ref_tsv, "iso_c": ref_iso_c}
+def ref_iso_cts(deltas, weights, common_share=0.8):
+    """Iso-CTS on the full deltas: the sum's top 80% directions, each delta's top share outside them, whitened."""
+    kept = [d * w for d, w in zip(deltas, weights) if w != 0]
+    U, S, Vh = ref_svd(sum(kept))
+    s = max(1, round((1 - common_share) * S.numel() / len(kept)))
+    k = max(1, S.numel() - s * len(kept))
+    outside = torch.eye(U.shape[0], dtype=U.dtype) - U[:, :k] @ U[:, :k].T
+    parts = [(U[:, :k], S[:k], Vh[:k])] + [(u[:, :s], v[:s], h[:s]) for d in kept for u, v, h in [ref_svd(outside @ d)]]
+    left, _, lh = torch.linalg.svd(torch.cat([u for u, _, _ in parts], 1), full_matrices=False)
+    right, _, rh = torch.linalg.svd(torch.cat([h for _, _, h in parts], 0).T, full_matrices=False)
+    return torch.cat([v for _, v, _ in parts]).mean() * (left @ lh) @ (right @ rh).T
+
+
+SPECTRAL_REFERENCES = {"tsv": ref_tsv, "iso_c": ref_iso_c, "iso_cts": ref_iso_cts}
 
 
 def ref_merge(deltas, weights, method, density=1.0, seeds=None):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ref_merge
+from conftest import ref_merge, true_delta
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,10 +100,9 @@ def test_every_merge_method_equals_its_dense_reference(method, folded):
     for k in [k for k in checked if weighted.bank.layers[k] in weighted.bank.cat_layers]:
         c = weighted.bank.cat_layers.index(weighted.bank.layers[k])
         layer, w0 = weighted.bank.cat_layers[c], weighted.modes["fold"].base_copies[c]
-        deltas = [weighted.bank.cat[c].scaling[n] * (layer.lora_B[n].weight @ layer.lora_A[n].weight).detach()
-                  for n in weighted.names]
+        deltas = [true_delta(layer, n, weighted.bank.cat[c].scaling[n], method) for n in weighted.names]
         expected = ref_merge(deltas, list(WEIGHTS.values()), method, weighted.density,
-                             [dare_seed(weighted.dense.seed, c, i) for i in range(len(weighted.names))])
+                             [dare_seed(weighted.dense.seed, c, i) for i in range(len(weighted.names))]).to(w0.dtype)
         off = ((layer.get_base_layer().weight - w0) - expected).abs() > 1e-5 + 1e-4 * expected.abs()
         # TIES keeps the top `density` share by magnitude: two float32 products of the same factors can order
         # the entries at that boundary differently, so one entry in 10^5 may be kept by one and dropped by the

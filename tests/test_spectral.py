@@ -1,12 +1,12 @@
 """The spectral merges in the LoRA core space (merge/spectral.py) against the same merges on the full deltas
-(conftest.ref_tsv / ref_iso_c), and their properties: weight 0 is the base, one delta alone under TSV-M is that
-delta, deltas in orthogonal subspaces merge as their sum, Iso-C's spectrum is flat."""
+(conftest.ref_tsv / ref_iso_c / ref_iso_cts), and their properties: weight 0 is the base, one delta alone under
+TSV-M is that delta, deltas in orthogonal subspaces merge as their sum, the isotropic spectra are flat."""
 import pytest
 import torch
-from conftest import ref_iso_c, ref_tsv
+from conftest import ref_iso_c, ref_iso_cts, ref_tsv
 
 from autollm_lf.merge import CoreSpace, iso_c_merge, tsv_merge
-from autollm_lf.merge.spectral import iso_c_core, kept_svd, polar, tsv_core
+from autollm_lf.merge.spectral import iso_c_core, iso_cts_core, kept_svd, polar, tsv_core
 
 
 def lora_deltas(seed, ranks=(3, 2, 4), d_out=14, d_in=11, shared_A=0.0):
@@ -37,7 +37,8 @@ def dense(factors):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("merge,reference", [(tsv_core, ref_tsv), (iso_c_core, ref_iso_c)])
+@pytest.mark.parametrize("merge,reference", [(tsv_core, ref_tsv), (iso_c_core, ref_iso_c),
+                                             (iso_cts_core, ref_iso_cts)])
 @pytest.mark.parametrize("shared_A", [0.0, 0.9])
 def test_core_space_equals_the_merge_of_the_full_deltas(seed, merge, reference, shared_A):
     factors = lora_deltas(seed, shared_A=shared_A)
@@ -45,7 +46,7 @@ def test_core_space_equals_the_merge_of_the_full_deltas(seed, merge, reference, 
     torch.testing.assert_close(merged(core_space(factors), merge, weights), reference(dense(factors), weights))
 
 
-@pytest.mark.parametrize("merge", [tsv_core, iso_c_core])
+@pytest.mark.parametrize("merge", [tsv_core, iso_c_core, iso_cts_core])
 def test_weight_zero_is_the_base_and_drops_the_delta(merge):
     factors = lora_deltas(1)
     space = core_space(factors)
@@ -82,6 +83,18 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
     assert S.numel() == S_sum.numel() == 9
     torch.testing.assert_close(S, torch.full_like(S, S_sum.mean().item()))
     torch.testing.assert_close(merged(core_space(factors), iso_c_core, [2 * w for w in weights]), 2 * out)
+
+
+def test_iso_cts_keeps_a_direction_for_a_delta_the_sum_drowns():
+    """A rank-1 delta at weight .05 beside three rank-3 ones: the sum's top directions (the common subspace, 6 of
+    10) leave it out, its own share outside them brings it back; one singular value for all 10 directions."""
+    factors = lora_deltas(3, ranks=(3, 3, 3, 1))
+    out = merged(core_space(factors), iso_cts_core, [1.0, 1.0, 1.0, 0.05])
+    U, S, _ = kept_svd(out, 1e-6)
+    assert S.numel() == 10
+    torch.testing.assert_close(S, torch.full_like(S, S[0].item()))
+    small = kept_svd(dense(factors)[3], 1e-6)[0][:, 0]
+    assert (small @ U).norm() > 0.99  # its output direction lies in the merge's
 
 
 def test_polar_is_orthonormal_and_the_pure_merges_skip_zero_weights():

@@ -118,7 +118,8 @@ class SearchConfig(Strict):
                                              "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
                                              "count what the deltas share once; regmean: the least-squares merge "
                                              "of the deltas' outputs on their own chunks' training rows; tsv, "
-                                             "iso_c: spectral merges (TSV-M, Iso-C) in the deltas' core space")
+                                             "iso_c, iso_cts: spectral merges (TSV-M, Iso-C, Iso-CTS) in the "
+                                             "deltas' core space")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
     regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
                                                               "of each Gram's off-diagonal part kept (1: plain "

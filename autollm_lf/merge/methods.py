@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .maths import linear_sum, ties_norm_sum, ties_sum
-from .spectral import iso_c_core, tsv_core
+from .spectral import iso_c_core, iso_cts_core, tsv_core
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +50,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     # spectral, in the deltas' core space (spectral.py): exact LoRA; the weights scale each delta before the merge
     "tsv": MergeMethod(linear_sum, None, low_rank=True, spectral=tsv_core),
     "iso_c": MergeMethod(linear_sum, None, low_rank=True, spectral=iso_c_core),
+    "iso_cts": MergeMethod(linear_sum, None, low_rank=True, spectral=iso_cts_core),
 }
 
 

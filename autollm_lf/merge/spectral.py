@@ -1,5 +1,6 @@
-"""Spectral merges in the LoRA core space: TSV-M (task singular vectors, Gargiulo et al. 2025) and Iso-C (isotropic
-merging, Marczak et al. 2025), each an exact LoRA adapter (the "core space" of Panariello et al. 2025).
+"""Spectral merges in the LoRA core space: TSV-M (task singular vectors, Gargiulo et al. 2025), Iso-C and Iso-CTS
+(isotropic merging, with task-specific subspaces: Marczak et al. 2025), each an exact LoRA adapter (the "core
+space" of Panariello et al. 2025).
 
 Every delta of a module reads within the span of the stacked A rows (A_u) and writes within that of the side-by-side
 B columns (B_u). With orthonormal bases Q_A, Q_B of those spans, dW_i = Q_B M_i Q_A^T, where the core
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     Spectrum = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, Vh of one core, nonzero part only
 
 RANK_TOL = 1e-9  # singular values below this share of the largest count as zero (float64 cores)
+ISO_CTS_COMMON = 0.8  # Iso-CTS: share of the merged rank given to the common subspace (the paper's default)
 
 
 # ---- pure functions (tests/test_spectral.py; tests/conftest.py's ref_merge is the dense reference) ---------------
@@ -68,6 +70,30 @@ def iso_c_merge(cores: Sequence[torch.Tensor], weights: Sequence[float]) -> torc
     return S.mean() * U @ Vh if S.numel() else None
 
 
+def iso_cts_merge(cores: Sequence[torch.Tensor], weights: Sequence[float],
+                  common_share: float = ISO_CTS_COMMON) -> torch.Tensor | None:
+    """Iso-CTS: the weighted sum's top `common_share` of singular directions (the common subspace), plus, for each
+    weighted delta, the top directions of what it writes outside that subspace (an equal share each of the rest
+    of the sum's rank), the left and the right sets each made orthonormal (polar), all with one singular value, the
+    mean of the ones kept: directions only one delta writes are not crowded out by the common ones."""
+    import torch
+    kept = [M * w for M, w in zip(cores, weights) if w != 0 and M.any()]  # a delta not in the module: no share
+    if not kept:
+        return None
+    U, S, Vh = kept_svd(sum(kept))
+    # every delta gets at least one direction of its own (a core space is small: R = 32 for 4 rank-8 deltas)
+    per_delta = max(1, round((1 - common_share) * S.numel() / len(kept)))
+    common = max(1, S.numel() - per_delta * len(kept))
+    lefts, rights, values = [U[:, :common]], [Vh[:common]], [S[:common]]
+    if S.numel() > common:
+        project = torch.eye(U.shape[0], dtype=U.dtype) - U[:, :common] @ U[:, :common].T
+        for M in kept:
+            U_i, S_i, Vh_i = kept_svd(project @ M)
+            lefts.append(U_i[:, :per_delta]), rights.append(Vh_i[:per_delta]), values.append(S_i[:per_delta])
+    sigma = torch.cat(values).mean()
+    return sigma * polar(torch.cat(lefts, dim=1)) @ polar(torch.cat(rights, dim=0).T).T
+
+
 # ---- one module's core space, built once from the unit factors -------------------------------------------------
 
 def tsv_core(space: CoreSpace, weights: Sequence[float]) -> torch.Tensor | None:
@@ -76,6 +102,10 @@ def tsv_core(space: CoreSpace, weights: Sequence[float]) -> torch.Tensor | None:
 
 def iso_c_core(space: CoreSpace, weights: Sequence[float]) -> torch.Tensor | None:
     return iso_c_merge(space.cores, weights)
+
+
+def iso_cts_core(space: CoreSpace, weights: Sequence[float]) -> torch.Tensor | None:
+    return iso_cts_merge(space.cores, weights)
 
 
 class CoreSpace:
