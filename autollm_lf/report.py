@@ -17,6 +17,7 @@ from .intervals import (
 )
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger, progress
+from .merge import MERGE_METHODS
 from .mix import MIX_DELTA, mix_spec
 from .paths import SHARED, find_template, is_fresh
 from .search import per_delta
@@ -179,10 +180,11 @@ def _seconds(row: dict) -> str:
 
 
 def merge_line(cfg) -> str:
-    extra = {"linear": "", "regmean": f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean "
-                                      f"itself)"}
-    return (f"Merges (average, human, auto) use `{cfg.search.merge}`"
-            + extra.get(cfg.search.merge, f" (density {cfg.search.density})") + ".")
+    spec = MERGE_METHODS[cfg.search.merge]
+    extra = (f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean itself)"
+             if spec.data_aware else " (average_merge, every weight 1, is the method itself at scale 1)"
+             if spec.spectral else f" (density {cfg.search.density})" if spec.sparsify else "")
+    return f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}."
 
 
 def interval_line(rows: list[dict], cfg) -> str:

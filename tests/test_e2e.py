@@ -217,6 +217,28 @@ def test_ties_merge_searches_reports_and_exports_with_its_error(own_run):
     assert "exported_validation" in export and "search_validation" in export
 
 
+def test_spectral_merge_searches_reports_and_exports_exactly(own_run):
+    """search.merge: iso_cts on the same deltas with cmaes: a new search, the report says the merge, and the
+    exported adapter, loaded by PEFT afresh, scores what the search scored in place (exact LoRA, no SVD error)."""
+    tmp, cfg = own_run
+    run = tmp / "runs" / "e2e"
+    raw = yaml.safe_load(cfg.read_text())
+    raw["search"].update(merge="iso_cts", optimizer="cmaes", n_iter=4)
+    raw["train"]["auto_mix"] = False
+    spectral_cfg = tmp / "e2e-iso_cts.yaml"
+    spectral_cfg.write_text(yaml.safe_dump(raw))
+    res = autollm("run", str(spectral_cfg), cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["merge"]["method"] == "iso_cts"
+    md = (run / "report" / "report.md").read_text()
+    assert "use `iso_cts` (average_merge, every weight 1, is the method itself" in md
+    export = json.loads((run / "merged" / "autollm_export.json").read_text())
+    best = json.loads((run / "search" / "best.json").read_text())
+    assert export["merge"]["method"] == "iso_cts" and "relative_frobenius_error_max" not in export["merge"]
+    assert export["exported_validation"] == best["validation"]
+
+
 def test_bench_model_part_on_a_finished_run(first_run):
     """`autollm bench --only model` on a finished run: equal scores with and without the fast path, `choice` equal
     to a per-choice loop, and a search process's memory (it reads the run, writes nothing into it)."""
