@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import yaml
 
@@ -34,15 +34,23 @@ WEBUI_CONFIG = Path("llamaboard_cache") / "user_config.yaml"  # LLaMA-Factory we
 def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", model_dir: Path | None = None):
     """Score an adapter the way a user would load it (fresh base + PeftModel.from_pretrained), or a full
     model folder; returns the evaluator, whose row_scores()/rows give per-chunk scores."""
+    return adapter_scorers(cfg, adapter_dir, (split,), model_dir)[split]
 
+
+def adapter_scorers(cfg, adapter_dir: Path | None, splits: Sequence[str], model_dir: Path | None = None) -> dict:
+    """adapter_score's evaluator for each split, on one model loaded once."""
     model, tokenizer = load_base(model_dir or cfg.base_model.path)
     if adapter_dir is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    rows = load_split(cfg, split)
-    if cfg.evaluation.objective:  # the constraints' raw scores, as the search measured them
-        return Objective(cfg, model.eval(), tokenizer, rows, lambda _: read_raw_constraints(cfg, split))
-    return make_evaluator(cfg, model.eval(), tokenizer, rows)
+    model.eval()
+    scorers = {}
+    for split in splits:
+        rows = load_split(cfg, split)
+        scorers[split] = (  # an objective's constraints: their raw scores, as the search measured them
+            Objective(cfg, model, tokenizer, rows, lambda _, split=split: read_raw_constraints(cfg, split))
+            if cfg.evaluation.objective else make_evaluator(cfg, model, tokenizer, rows))
+    return scorers
 
 
 def read_raw_constraints(cfg, split: str) -> dict[str, float]:

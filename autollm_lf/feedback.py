@@ -46,8 +46,8 @@ def write_bad_cases(session: Session, force: bool = False) -> str:
         cases = read_jsonl(path)
     else:
         scorer = session.scorer("validation")
-        session.weighted.set_weights(best["weights"])
-        scores = scorer.row_scores()
+        scores = session.scored_rows(best["weights"], "validation")[1]  # the search's or the report's, if scored
+        session.weighted.set_weights(best["weights"])  # the greedy answers below are this merge's
         if not METRICS[cfg.evaluation.metric].right_or_wrong:  # loss: use exact match
             correct = ExactMatch(scorer.model, session.tokenizer, cfg.base_model.template, scorer.rows,
                                  cfg.evaluation).correct()

@@ -75,8 +75,7 @@ class GradientOptimizer:
     def evaluate(self, weights: dict) -> tuple[float, dict]:
         """The trial's validation score (as session.score) and `holdout`, the metric on the half of validation the
         fit never saw, from one evaluation pass."""
-        self.session.weighted.set_weights(weights)
-        scores = self.session.scorer("validation").row_scores()
+        _, scores = self.session.scored_rows(weights, "validation")
         return float(np.mean(scores)), {"holdout": float(np.mean([scores[i] for i in self.holdout_rows]))}
 
 

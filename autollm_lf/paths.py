@@ -149,6 +149,11 @@ class RunDir:
         return self.report / "report.html"
 
     @property
+    def row_scores(self) -> Path:
+        """Every report row's score on every held-out row ({"chunks": .., "scores": {model: {split: [..]}}})."""
+        return self.report / "row_scores.json"
+
+    @property
     def bad_cases(self) -> Path:
         return self.report / "bad_cases.jsonl"
 

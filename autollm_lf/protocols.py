@@ -25,6 +25,9 @@ class FitSession(SearchSession, Protocol):
 
     def scorer(self, split: str) -> Evaluator: ...
 
+    def scored_rows(self, weights: Mapping[str, float], split: str,
+                    method: str | None = None) -> tuple[float, list[float]]: ...
+
 
 class Optimizer(Protocol):
     """An entry of search.OPTIMIZERS, built as cls(params, bounds, seed, session). `parallel`: True when it proposes

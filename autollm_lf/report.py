@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from .export import adapter_score
+from .export import adapter_scorers
 from .granularity import param_group, param_name
 from .intervals import (
     by_chunk_intervals,
@@ -140,8 +140,7 @@ def _adapter_row(cfg, name: str, adapter_dir) -> tuple[dict, dict]:
     """A row for an adapter the search never loaded: scored on its own, loaded as a user would load it."""
 
     row, per_row = {"model": name}, {}
-    for split in ("validation", "test"):
-        evaluator = adapter_score(cfg, adapter_dir, split)
+    for split, evaluator in adapter_scorers(cfg, adapter_dir, ("validation", "test")).items():
         per_row[split] = evaluator.row_scores()
         row[split], by_chunk = split_by_chunk(per_row[split], [r["chunk"] for r in evaluator.rows])
         if cfg.evaluation.objective:
@@ -380,7 +379,7 @@ def _write_report_files(session: Session, fp: str) -> dict:
     rows, per_row = report_rows(session)
     chunks = {split: session.row_chunks(split) for split in ("validation", "test")}
     paired = add_intervals(rows, per_row, chunks, cfg)
-    write_json(run.report / "row_scores.json", {"chunks": chunks, "scores": per_row})
+    write_json(run.row_scores, {"chunks": chunks, "scores": per_row})
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
     trials = read_jsonl(run.trials)

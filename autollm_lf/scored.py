@@ -26,3 +26,9 @@ class ScoredMerge:
             return self.objective(weights)
         self.weighted.set_weights(weights)
         return self.scorers[split].score()
+
+    def scored_rows(self, weights: Mapping[str, float], split: str,
+                    method: str | None = None) -> tuple[float, list[float]]:
+        self.weighted.set_weights(weights, method)
+        scores = self.scorers[split].row_scores()
+        return sum(scores) / max(len(scores), 1), scores

@@ -19,7 +19,7 @@ from .metrics import make_evaluator
 from .objective import Objective
 from .paths import ADAPTER_FILE
 from .prepare import load_split
-from .search import search_fingerprint
+from .search import point_key, search_fingerprint
 from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs
 
 logger = get_logger(__name__)
@@ -39,6 +39,9 @@ class Session:
         self.held_tokenizer = HeldTokenizer(self.cfg.base_model.path)  # shared with the loaded deltas
         self.setup_seconds: float | None = None
         self._scorers: dict[str, object] = {}
+        # every row's score of each point scored in this process, so the report and the bad cases reuse the search's
+        # trials (the merges, the best point) instead of scoring them again: same weights, same method, same rows
+        self._row_scores: dict[tuple, tuple[float, list[float]]] = {}
 
     @property
     def shapes(self) -> dict[str, str]:
@@ -140,6 +143,8 @@ class Session:
         return scores
 
     def score(self, weights: dict[str, float], split: str) -> float:
+        if not self.cfg.evaluation.objective:
+            return self.scored_rows(weights, split)[0]
         scorer = self.scorer(split)  # built first: an objective's constraints measure the raw model once
         self.weighted.set_weights(weights)
         return scorer.score()
@@ -147,11 +152,17 @@ class Session:
     def scored_rows(self, weights: dict[str, float], split: str,
                     method: str | None = None) -> tuple[float, list[float]]:
         """Overall score and every row's score (merged with `method`, default search.merge). With an
-        evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric."""
+        evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric.
+        A point scored before in this process is not scored again (with an objective it always is: part_scores
+        reads the weights last set)."""
         scorer = self.scorer(split)
+        key = (split, method or self.cfg.search.merge, self.weighted.mode, point_key(weights))
+        if key in self._row_scores and not self.cfg.evaluation.objective:
+            return self._row_scores[key]
         self.weighted.set_weights(weights, method)
         scores = scorer.row_scores()
         overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
+        self._row_scores[key] = (overall, scores)
         return overall, scores
 
     def row_chunks(self, split: str) -> list[str]:

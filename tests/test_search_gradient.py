@@ -48,6 +48,11 @@ class TinySession:
         self.weighted.set_weights(weights)
         return self._scorer.score()
 
+    def scored_rows(self, weights, split, method=None):
+        self.weighted.set_weights(weights, method)
+        scores = self._scorer.row_scores()
+        return float(np.mean(scores)), scores
+
 
 @pytest.fixture(scope="module")
 def weighted(tiny_model, tiny_adapters):
@@ -215,3 +220,29 @@ def test_sliced_nll_is_the_cross_entropy_and_its_gradient(softcap):
         torch.testing.assert_close(loss, expected.detach())
         torch.testing.assert_close(h.grad, want)
     assert want.abs().sum() > 0
+
+
+def test_a_session_scores_a_point_once_per_method(weighted):
+    """The report and the bad cases reuse the search's scores of a point (same weights, method and rows), and only
+    those: another method or other weights are scored afresh, and a remembered point gives its own scores, not the
+    scores of the weights set last."""
+    from autollm_lf.session import Session
+
+    scorer = TinyScorer(weighted.model)
+    calls = []
+    counted = lambda: calls.append(1) or TinyScorer.row_scores(scorer)
+    scorer.row_scores = counted
+    session = Session.__new__(Session)  # a session's scoring alone, on the tiny merge
+    session.cfg = SimpleNamespace(search=SimpleNamespace(merge="linear"), evaluation=SimpleNamespace(objective=None))
+    session._weighted, session._scorers, session._row_scores = weighted, {"validation": scorer}, {}
+    a = {p: 0.5 for p in weighted.params}
+    b = {p: 1.0 for p in weighted.params}
+    first = session.scored_rows(a, "validation")
+    assert session.score(a, "validation") == first[0] and len(calls) == 1
+    other = session.scored_rows(b, "validation")
+    assert len(calls) == 2 and other[1] != first[1]
+    assert session.scored_rows(a, "validation") == first and len(calls) == 2  # b is set now; a's own scores come back
+    session.scored_rows(a, "validation", "ties")
+    assert len(calls) == 3
+    weighted.set_weights(a)
+    assert TinyScorer.row_scores(scorer) == first[1]
