@@ -19,7 +19,7 @@ from .grams import use_regmean
 from .intervals import mean_interval, paired_difference, resample_index, split_by_chunk
 from .io import read_json
 from .merge import MERGE_METHODS
-from .search import point_key, run_search, seed_points
+from .search import run_search, seed_points
 from .session import Session
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core", "tsv", "iso_c", "iso_cts")
@@ -28,20 +28,15 @@ QUALITY_OPTIMIZERS = ("gradient", "cmaes")
 
 class _MethodSession:
     """The run's Session seen with another search config (merge method, optimiser, budget): the same loaded model
-    and scorers; `score` remembers the points it has scored (the baselines are the same for every seed)."""
+    and scorers; the session scores each point once per method (the baselines are the same for every seed)."""
 
     def __init__(self, session: Session, search):
         self._session = session
         self.cfg = session.cfg.model_copy(update={"search": search})
         self.weighted = session.weighted
         self.scorer = session.scorer
-        self._seen: dict[tuple, float] = {}
-
-    def score(self, weights: dict[str, float], split: str) -> float:
-        key = (split, point_key(weights))
-        if key not in self._seen:
-            self._seen[key] = self._session.score(weights, split)
-        return self._seen[key]
+        self.score = session.score
+        self.scored_rows = session.scored_rows
 
 
 def _search(session: Session, search, params: list[str], seed: int) -> tuple[dict, float]:

@@ -19,7 +19,7 @@ from .metrics import make_evaluator
 from .objective import Objective
 from .paths import ADAPTER_FILE
 from .prepare import load_split
-from .search import point_key, search_fingerprint
+from .search import search_fingerprint
 from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs
 
 logger = get_logger(__name__)
@@ -156,7 +156,8 @@ class Session:
         A point scored before in this process is not scored again (with an objective it always is: part_scores
         reads the weights last set)."""
         scorer = self.scorer(split)
-        key = (split, method or self.cfg.search.merge, self.weighted.mode, point_key(weights))
+        w = self.weighted  # the method it applies, as set_weights picks it (the quality bench switches methods)
+        key = (split, method or w.method, w.dense.density, w.mode, self._point(weights))
         if key in self._row_scores and not self.cfg.evaluation.objective:
             return self._row_scores[key]
         self.weighted.set_weights(weights, method)
@@ -164,6 +165,11 @@ class Session:
         overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
         self._row_scores[key] = (overall, scores)
         return overall, scores
+
+    def _point(self, weights: dict[str, float]) -> tuple:
+        """A point as the model sees it, every LoRA layer's weight per delta: a weight per delta (the report's
+        merges) and that weight on each of its module groups (the search's seeds) are one point."""
+        return tuple(tuple(round(float(x), 9) for x in layer) for layer in self.weighted.bank.module_weights(weights))
 
     def row_chunks(self, split: str) -> list[str]:
         return [r["chunk"] for r in self.scorer(split).rows]

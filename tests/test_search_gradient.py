@@ -242,7 +242,13 @@ def test_a_session_scores_a_point_once_per_method(weighted):
     other = session.scored_rows(b, "validation")
     assert len(calls) == 2 and other[1] != first[1]
     assert session.scored_rows(a, "validation") == first and len(calls) == 2  # b is set now; a's own scores come back
-    session.scored_rows(a, "validation", "ties")
-    assert len(calls) == 3
+    assert session.scored_rows({d: 0.5 for d in weighted.names}, "validation") == first and len(calls) == 2  # per delta
+    ties = session.scored_rows(a, "validation", "ties")
+    assert len(calls) == 3 and ties[1] != first[1]
+    weighted.use_method("ties")  # what the quality bench does between methods: now a's scores are ties'
+    try:
+        assert session.scored_rows(a, "validation") == ties and len(calls) == 3
+    finally:
+        weighted.use_method("linear")
     weighted.set_weights(a)
     assert TinyScorer.row_scores(scorer) == first[1]

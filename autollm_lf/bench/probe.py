@@ -33,9 +33,11 @@ def probe_run(config: str, overrides: list[str], runtime: float) -> dict:
     cfg = load_config(config, None, overrides)  # overrides: search.memory=lean
     session = Session(cfg)
     session.ready_for_trials()
+    best, scorer = cfg.run.read_best()["weights"], session.scorer("validation")
     started = time.perf_counter()
-    for _ in range(3):
-        session.score(cfg.run.read_best()["weights"], "validation")
+    for _ in range(3):  # a trial: set the weights, score (not session.score, which scores a point only once)
+        session.weighted.set_weights(best)
+        scorer.score()
     trial_seconds, trials = (time.perf_counter() - started) / 3, status("VmHWM")
     fit = cfg.search.optimizer == "gradient"
     started = time.perf_counter()
