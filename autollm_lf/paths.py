@@ -149,8 +149,7 @@ class RunDir:
         return self.report / "report.html"
 
     @property
-    def row_scores(self) -> Path:
-        """Every report row's score on every held-out row ({"chunks": .., "scores": {model: {split: [..]}}})."""
+    def row_scores(self) -> Path:  # every report row's score on every held-out row, with the rows' chunks
         return self.report / "row_scores.json"
 
     @property

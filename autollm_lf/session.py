@@ -11,7 +11,6 @@ from .errors import UserError
 from .evaluate import forget_templates
 from .grams import use_regmean
 from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
-from .intervals import split_by_chunk
 from .io import file_digest, read_json, write_json
 from .log import get_logger
 from .merge import MERGE_METHODS, WeightedDeltas, param_delta
@@ -39,9 +38,7 @@ class Session:
         self.held_tokenizer = HeldTokenizer(self.cfg.base_model.path)  # shared with the loaded deltas
         self.setup_seconds: float | None = None
         self._scorers: dict[str, object] = {}
-        # every row's score of each point scored in this process, so the report and the bad cases reuse the search's
-        # trials (the merges, the best point) instead of scoring them again: same weights, same method, same rows
-        self._row_scores: dict[tuple, tuple[float, list[float]]] = {}
+        self._row_scores: dict[tuple, tuple[float, list[float]]] = {}  # (split, point): the report reuses trials
 
     @property
     def shapes(self) -> dict[str, str]:
@@ -156,8 +153,7 @@ class Session:
         A point scored before in this process is not scored again (with an objective it always is: part_scores
         reads the weights last set)."""
         scorer = self.scorer(split)
-        w = self.weighted  # the method it applies, as set_weights picks it (the quality bench switches methods)
-        key = (split, method or w.method, w.dense.density, w.mode, self._point(weights))
+        key = (split, self.weighted.point(weights, method))
         if key in self._row_scores and not self.cfg.evaluation.objective:
             return self._row_scores[key]
         self.weighted.set_weights(weights, method)
@@ -166,19 +162,8 @@ class Session:
         self._row_scores[key] = (overall, scores)
         return overall, scores
 
-    def _point(self, weights: dict[str, float]) -> tuple:
-        """A point as the model sees it, every LoRA layer's weight per delta: a weight per delta (the report's
-        merges) and that weight on each of its module groups (the search's seeds) are one point."""
-        return tuple(tuple(round(float(x), 9) for x in layer) for layer in self.weighted.bank.module_weights(weights))
-
     def row_chunks(self, split: str) -> list[str]:
         return [r["chunk"] for r in self.scorer(split).rows]
-
-    def score_by_chunk(self, weights: dict[str, float], split: str,
-                       method: str | None = None) -> tuple[float, dict[str, float]]:
-        """Overall score and the score on each chunk's rows (see scored_rows)."""
-        overall, scores = self.scored_rows(weights, split, method)
-        return overall, split_by_chunk(scores, self.row_chunks(split))[1]
 
     def part_scores(self, split: str) -> dict[str, float]:
         """Each objective part's score at the weights last set (empty without an objective)."""

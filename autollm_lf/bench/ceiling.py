@@ -8,6 +8,7 @@ from pathlib import Path
 from ..checks import load_config
 from ..config import SearchConfig
 from ..gradient import GradientOptimizer
+from ..intervals import split_by_chunk
 from ..merge import MERGE_METHODS, param_delta
 from ..scored import ScoredMerge
 from ..search import point_key
@@ -75,7 +76,8 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     w = session.weighted
     if w.mode == "scaling":
         return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}
-    by_chunk = lambda weights: session.score_by_chunk(weights, "test", "linear")[1]
+    by_chunk = lambda weights: split_by_chunk(session.scored_rows(weights, "test", "linear")[1],
+                                              session.row_chunks("test"))[1]
     own, best_delta, no_test = own_scores(session, by_chunk)
     if not own:
         return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}

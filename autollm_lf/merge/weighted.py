@@ -135,6 +135,13 @@ class WeightedDeltas:
         self.set_weights(weights)
         return self.mode
 
+    def point(self, weights: Mapping[str, float], method: str | None = None) -> tuple:
+        """What set_weights(weights, method) makes the model compute: the method applied (the quality bench switches
+        it), its density, the apply mode and every LoRA layer's weight per delta (a weight per delta and that weight
+        on each of its module groups are one point)."""
+        layers = tuple(tuple(round(float(x), 9) for x in layer) for layer in self.bank.module_weights(weights))
+        return method or self.method, self.dense.density, self.mode, layers
+
     @no_grad
     def set_weights(self, weights: Mapping[str, float], method: str | None = None) -> None:
         """Weights are named by delta or `delta@group` (see GRANULARITIES); adapters not named get weight 0.
