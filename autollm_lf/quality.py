@@ -31,7 +31,6 @@ class _MethodSession:
     and scorers; the session scores each point once per method (the baselines are the same for every seed)."""
 
     def __init__(self, session: Session, search):
-        self._session = session
         self.cfg = session.cfg.model_copy(update={"search": search})
         self.weighted = session.weighted
         self.scorer = session.scorer

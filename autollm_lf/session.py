@@ -150,16 +150,16 @@ class Session:
                     method: str | None = None) -> tuple[float, list[float]]:
         """Overall score and every row's score (merged with `method`, default search.merge). With an
         evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric.
-        A point scored before in this process is not scored again (with an objective it always is: part_scores
-        reads the weights last set)."""
+        A point is scored once per process (with an objective every time: part_scores reads the weights last set)."""
         scorer = self.scorer(split)
-        key = (split, self.weighted.point(weights, method))
-        if key in self._row_scores and not self.cfg.evaluation.objective:
+        key = None if self.cfg.evaluation.objective else (split, self.weighted.point(weights, method))
+        if key in self._row_scores:
             return self._row_scores[key]
         self.weighted.set_weights(weights, method)
         scores = scorer.row_scores()
         overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
-        self._row_scores[key] = (overall, scores)
+        if key is not None:
+            self._row_scores[key] = (overall, scores)
         return overall, scores
 
     def row_chunks(self, split: str) -> list[str]:
