@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROWS_PER_TASK = 140  # 60 train + 40 validation + 40 test
+ROWS_PER_TASK = 220  # 60 train + 80 validation + 80 test: one test row is 1.25 points of a chunk
 NOUNS = ["stone", "river", "cloud", "table", "horse", "lamp", "shoe", "bread", "chair", "grass", "snow", "wheel",
          "glass", "coat", "bell", "drum", "fork", "kite", "nest", "road", "sand", "tent", "wolf", "yard", "boat",
          "cake", "door", "fish", "gate", "hill", "king", "leaf", "milk", "nose", "park", "ring", "salt", "tree", "wind",
