@@ -106,7 +106,8 @@ def test_auto_mode_tries_fold_only_where_its_copy_fits(tiny_base, tiny_adapters,
     copies = []
     monkeypatch.setattr(FoldMode, "enter", lambda self: copies.append(1) or False)
     assert not weighted.fold_fits()
-    assert weighted.pick_mode(lambda: logits(weighted.model), {"a": 0.5}) == "cat" and copies == []
+    timed = []
+    assert weighted.pick_mode(lambda: timed.append(1), {"a": 0.5}) == "cat" and copies == [] == timed  # one candidate
     monkeypatch.setattr(merge, "FOLD_COPY_BUDGET", weighted.bank.fold_copy_bytes() / weighted.bank.held_bytes() * 1.01)
     assert weighted.fold_fits()
     weighted.pick_mode(lambda: logits(weighted.model), {"a": 0.5})

@@ -32,6 +32,14 @@ def test_seed_points_cover_baselines_and_clip_to_bounds():
     assert pts["human"] == {"a": 0.0, "b": 1.0, "c": 0.5}  # 1.5 clipped to the upper bound
 
 
+def test_alone_seeds_can_be_left_out():
+    """search.alone_seeds: false plans no `only:` trial (raw, uniform and human stay)."""
+    assert [k for k, _ in seed_points(DELTAS, (0.0, 1.0), {"b": 0.5}, alone=False)] == ["raw", "uniform", "human"]
+    kinds = lambda alone: [k for k, w in plan_trials(SimpleNamespace(seed=0, search=SearchConfig(
+        init_points=0, n_iter=2, alone_seeds=alone)), DELTAS) if w is not None]
+    assert kinds(True) == ["raw", "uniform", "only:a", "only:b", "only:c"] and kinds(False) == ["raw", "uniform"]
+
+
 def test_search_logs_every_trial_and_improves_on_seeds(tmp_path):
     cfg = make_cfg(tmp_path)
     session = FakeSession()

@@ -111,9 +111,13 @@ class SearchConfig(Strict):
     init_points: int = Field(5, ge=0)
     n_iter: int = Field(40, ge=0)
     human_weights: dict[str, float] = Field(default_factory=dict)
+    alone_seeds: bool = Field(True, description="a seed trial per delta, that delta's weights alone, before the "
+                                                "optimiser; false saves those trials (the report scores each delta "
+                                                "as trained anyway)")
     apply: Literal["auto", "cat", "fold", "scaling"] = Field(
         "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once "
-                "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET)")
+                "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET; else cat, "
+                "untimed)")
     merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
                                              "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
                                              "count what the deltas share once; regmean: the least-squares merge "
