@@ -85,20 +85,20 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     report = read_json(cfg.run.report_json, {})
     yardsticks = {r["model"]: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
                   for r in report.get("rows", []) if r["model"] in ("raw", "train@all", "shared_base")}
+    n_seed_points = len(seed_points(session.search_params, cfg.search.bounds, cfg.search.human_weights,
+                                    cfg.search.alone_seeds))
 
     def measured(method: str, optimizer: str, trials: int, searches: int) -> dict:
         """`searches` searches of `trials` trials each (the seed points, then the optimiser), scored on test."""
         w.use_method(method, cfg.search.density)
-        seeded = len(seed_points(session.search_params, cfg.search.bounds, cfg.search.human_weights,
-                                 cfg.search.alone_seeds))
         search = cfg.search.model_copy(update={"merge": method, "optimizer": optimizer, "init_points": 0,
-                                               "n_iter": max(trials - seeded, 0), "patience": None})
+                                               "n_iter": max(trials - n_seed_points, 0), "patience": None})
         runs = []
         for seed in range(searches):
             best, seconds = _search(session, search, session.search_params, seed)
             summary = _test_summary(session, best["weights"], method, own, index, level)
             runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary})
-        return {**_combine(method, optimizer, trials, runs, learned_chunks), "seed_points": seeded}
+        return _combine(method, optimizer, trials, runs, learned_chunks)
 
     results = [measured(method, optimizer, budget, seeds) for method in methods for optimizer in optimizers
                if optimizer != "gradient" or MERGE_METHODS[method].row_scaled]
@@ -108,7 +108,7 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     for r in results:
         for run in r["runs"]:
             run.pop("scores")
-    return {"run": str(cfg.run.root), "test_rows": len(chunks), "interval": level,
+    return {"run": str(cfg.run.root), "test_rows": len(chunks), "interval": level, "seed_points": n_seed_points,
             "own_delta": own, "learned": learned_chunks, "base_test": base_overall, "yardsticks": yardsticks,
             "results": results}
 
