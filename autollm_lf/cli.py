@@ -10,6 +10,7 @@ from .checks import load_config
 from .errors import UserError, mask_secrets
 from .log import get_logger, run_log, set_verbosity
 from .pipeline import STAGES, run_stages
+from .quality import QUALITY_METHODS, QUALITY_OPTIMIZERS
 from .rounds import apply_round
 
 STAGE_HELP = {
@@ -82,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=5, metavar="N",
                        help="exact_match: time each side N times, in turn (default 5); the medians and the per-round "
                             "speedups are reported")
+    bench.add_argument("--merge", action="append", choices=QUALITY_METHODS, metavar="METHOD",
+                       help=f"quality: search only this merge method (repeatable; default: "
+                            f"{', '.join(QUALITY_METHODS)})")
+    bench.add_argument("--optimizer", action="append", choices=QUALITY_OPTIMIZERS, metavar="NAME",
+                       help=f"quality: only this optimiser (repeatable; default: {', '.join(QUALITY_OPTIMIZERS)})")
+    bench.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help="quality: searches per method x optimiser, each with its own seed (default 3; 1 with "
+                            "--quick)")
+    bench.add_argument("--larger-budget", type=int, default=None, metavar="TRIALS",
+                       help="quality: one more search of the run's own method and optimiser at this many trials "
+                            "(default 3 x the budget; 0: none)")
     return p
 
 
@@ -102,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.rounds < 1:
                 raise UserError(f"bench --rounds: {args.rounds} is not a positive number of rounds; give 1 or more")
+            for flag, value in (("--seeds", args.seeds), ("--larger-budget", args.larger_budget)):
+                if value is not None and value < (1 if flag == "--seeds" else 0):
+                    raise UserError(f"bench {flag}: {value} is not a valid count; give a whole number "
+                                    f"{'of 1 or more' if flag == '--seeds' else '(0 for none)'}")
+            quality = {"methods": args.merge, "optimizers": args.optimizer, "seeds": args.seeds,
+                       "big_budget": args.larger_budget}
             run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_DEFAULT, args.rounds,
-                      Path(args.model_run))
+                      Path(args.model_run), {k: v for k, v in quality.items() if v is not None})
             return 0
         cfg = load_config(args.config, args.round, args.overrides)
         if cfg.round > 1:

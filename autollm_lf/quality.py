@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 from .checks import load_config
+from .errors import UserError
 from .grams import use_regmean
 from .intervals import mean_interval, paired_difference, resample_index, split_by_chunk
 from .io import read_json
-from .merge import MERGE_METHODS
+from .merge import MERGE_METHODS, row_scaled_methods
 from .search import run_search, seed_points
 from .session import Session
 
@@ -56,8 +57,13 @@ def _test_summary(session: Session, weights: dict, method: str, own: dict, index
             "of_own": {c: by_chunk[c] / own[c] for c in own if own[c] > 0}, "scores": scores}
 
 
-def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_budget: int | None = None,
+def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_budget: int = 0,
                   methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS) -> dict:
+    pairs = [(m, o) for m in methods for o in optimizers if o != "gradient" or MERGE_METHODS[m].row_scaled]
+    if not pairs:
+        raise UserError(f"bench --merge {' '.join(methods)} --optimizer {' '.join(optimizers)}: no pair to "
+                        f"search (the gradient fits only row-scaled merges: {', '.join(row_scaled_methods())}); "
+                        "add --optimizer cmaes")
     cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
@@ -100,8 +106,7 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
             runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary})
         return _combine(method, optimizer, trials, runs, learned_chunks)
 
-    results = [measured(method, optimizer, budget, seeds) for method in methods for optimizer in optimizers
-               if optimizer != "gradient" or MERGE_METHODS[method].row_scaled]
+    results = [measured(method, optimizer, budget, seeds) for method, optimizer in pairs]
     if big_budget:
         results.append(measured(cfg.search.merge, cfg.search.optimizer, big_budget, 1))
     w.use_method(cfg.search.merge, cfg.search.density)

@@ -46,6 +46,21 @@ def test_bench_rounds_must_be_positive():
         "error: bench --rounds: 0 is not a positive number of rounds; give 1 or more"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0"], "error: bench --seeds: 0 is not a valid count; give a whole number of 1 or more"),
+    (["--larger-budget", "-1"],
+     "error: bench --larger-budget: -1 is not a valid count; give a whole number (0 for none)"),
+    (["--merge", "tsv", "--optimizer", "gradient"],
+     "error: bench --merge tsv --optimizer gradient: no pair to search (the gradient fits only row-scaled merges: "
+     "linear, linear_norm, regmean, regmean_core); add --optimizer cmaes"),
+])
+def test_bench_quality_narrowing_is_checked_first(args, message, tmp_path):
+    """A narrowed quality part that cannot run says so in one line, before any model is loaded."""
+    res = subprocess.run([sys.executable, "-m", "autollm_lf", "bench", "--only", "quality", "--model-run",
+                          str(tmp_path / "none.yaml"), *args], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [message]
+
+
 @pytest.mark.slow
 def test_bench_scale_part_trains_on_a_local_ray_cluster(tmp_path, tiny_model):
     """`--only scale`: the deltas of a prepared run as Ray tasks on one 1-CPU node, then on two."""

@@ -288,3 +288,11 @@ def test_bench_quality_on_a_finished_run(first_run):
         assert set(run["of_own"]) == {c for c, own in quality["own_delta"].items() if own > 0}
         assert run["validation"] >= 0 and r["trials"] == 11
     assert "quality (" in res.stdout and "regmean/gradient" in res.stdout
+    # narrowed: one pair, two seeds, and a larger budget of the run's own method and optimiser
+    res = autollm("bench", "--only", "quality", "--quick", "--model-run", str(cfg), "--json", "--merge", "regmean",
+                  "--optimizer", "gradient", "--seeds", "2", "--larger-budget", "13", cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads(res.stdout.strip().splitlines()[-1])["quality"]["results"]
+    own = yaml.safe_load((tmp / "runs" / "e2e" / "config.resolved.yaml").read_text())["search"]
+    assert [(r["merge"], r["optimizer"], r["trials"], [run["seed"] for run in r["runs"]]) for r in results] == [
+        ("regmean", "gradient", 11, [0, 1]), (own["merge"], own["optimizer"], 13, [0])]

@@ -20,9 +20,10 @@
 - model: on a finished run of a real model (`--model-run`, default the Gemma 3 270M example): trial cost with
   and without the fast path, the LM head on scored positions vs all, `choice` vs a per-choice loop, memory.
 
-`--only merge|exact_match|bo|search|model|ceiling|scale` runs one part (repeatable); `--rounds N` times each
-exact-match side N times. `--toy` names the run the exact_match, bo and search parts use (e.g. the Gemma
-example's run, too); `--model-run` the run the model and ceiling parts use.
+`--only merge|exact_match|bo|search|model|ceiling|scale|quality` runs one part (repeatable); `--rounds N` times
+each exact-match side N times; `--merge`, `--optimizer`, `--seeds` and `--larger-budget` narrow the quality part.
+`--toy` names the run the exact_match, bo and search parts use (e.g. the Gemma example's run, too); `--model-run`
+the run the model, ceiling and quality parts use.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ __all__ = ["bench_ceiling", "bench_merge", "bench_model", "bench_scale", "bench_
 
 
 def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5,
-              model_cfg: Path | None = None) -> dict:
-    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model, ceiling, scale)."""
+              model_cfg: Path | None = None, quality: dict | None = None) -> dict:
+    """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model, ceiling, scale, quality);
+    `quality` overrides bench_quality's methods, optimizers, seeds and big_budget (0: no larger budget)."""
     import torch
     torch.manual_seed(0)
     started = time.time()
@@ -72,8 +74,8 @@ def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str]
     if "scale" in parts:
         result["scale"] = bench_scale(toy_cfg, max_deltas=2 if quick else None)
     if "quality" in parts:
-        result["quality"] = bench_quality(model_cfg, budget=QUALITY_BUDGET, seeds=1 if quick else 3,
-                                          big_budget=None if quick else 3 * QUALITY_BUDGET)
+        chosen = {"seeds": 1 if quick else 3, "big_budget": 0 if quick else 3 * QUALITY_BUDGET, **(quality or {})}
+        result["quality"] = bench_quality(model_cfg, budget=QUALITY_BUDGET, **chosen)
     result["seconds"] = time.time() - started
     print_table(result)
     if as_json:
