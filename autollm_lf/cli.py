@@ -10,7 +10,7 @@ from .checks import load_config
 from .errors import UserError, mask_secrets
 from .log import get_logger, run_log, set_verbosity
 from .pipeline import STAGES, run_stages
-from .quality import QUALITY_METHODS, QUALITY_OPTIMIZERS
+from .quality import QUALITY_METHODS, QUALITY_OPTIMIZERS, quality_pairs
 from .rounds import apply_round
 
 STAGE_HELP = {
@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.rounds < 1:
                 raise UserError(f"bench --rounds: {args.rounds} is not a positive number of rounds; give 1 or more")
-            for flag, value in (("--seeds", args.seeds), ("--larger-budget", args.larger_budget)):
-                if value is not None and value < (1 if flag == "--seeds" else 0):
-                    raise UserError(f"bench {flag}: {value} is not a valid count; give a whole number "
-                                    f"{'of 1 or more' if flag == '--seeds' else '(0 for none)'}")
-            quality = {"methods": args.merge, "optimizers": args.optimizer, "seeds": args.seeds,
-                       "big_budget": args.larger_budget}
+            for flag, value, least, hint in (("--seeds", args.seeds, 1, "of 1 or more"),
+                                             ("--larger-budget", args.larger_budget, 0, "(0 for none)")):
+                if value is not None and value < least:
+                    raise UserError(f"bench {flag}: {value} is not a valid count; give a whole number {hint}")
+            quality = {"pairs": quality_pairs(args.merge or QUALITY_METHODS, args.optimizer or QUALITY_OPTIMIZERS),
+                       "seeds": args.seeds, "big_budget": args.larger_budget}
             run_bench(args.json, args.quick, Path(args.toy), args.only or BENCH_DEFAULT, args.rounds,
                       Path(args.model_run), {k: v for k, v in quality.items() if v is not None})
             return 0

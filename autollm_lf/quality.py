@@ -27,6 +27,17 @@ QUALITY_METHODS = ("linear", "regmean", "regmean_core", "tsv", "iso_c", "iso_cts
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
 
 
+def quality_pairs(methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS) -> list[tuple[str, str]]:
+    """Every method x optimiser the quality bench searches; the gradient fits only row-scaled merges. Checked
+    when the flags are read, so a narrowing with nothing to search fails before any bench part runs."""
+    pairs = [(m, o) for m in methods for o in optimizers if o != "gradient" or MERGE_METHODS[m].row_scaled]
+    if not pairs:
+        raise UserError(f"bench --merge {' '.join(methods)} --optimizer {' '.join(optimizers)}: no pair to "
+                        f"search (the gradient fits only row-scaled merges: {', '.join(row_scaled_methods())}); "
+                        "add --optimizer cmaes")
+    return pairs
+
+
 class _MethodSession:
     """The run's Session seen with another search config (merge method, optimiser, budget): the same loaded model
     and scorers; the session scores each point once per method (the baselines are the same for every seed)."""
@@ -58,19 +69,15 @@ def _test_summary(session: Session, weights: dict, method: str, own: dict, index
 
 
 def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_budget: int = 0,
-                  methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS) -> dict:
-    pairs = [(m, o) for m in methods for o in optimizers if o != "gradient" or MERGE_METHODS[m].row_scaled]
-    if not pairs:
-        raise UserError(f"bench --merge {' '.join(methods)} --optimizer {' '.join(optimizers)}: no pair to "
-                        f"search (the gradient fits only row-scaled merges: {', '.join(row_scaled_methods())}); "
-                        "add --optimizer cmaes")
+                  pairs: list[tuple[str, str]] | None = None) -> dict:
+    pairs = pairs or quality_pairs()
     cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
     session = Session(cfg)
     w = session.weighted
     chunk_of = {d: session.specs[d].chunk for d in session.deltas}
-    for method in methods:
+    for method in dict.fromkeys(m for m, _ in pairs):
         space = MERGE_METHODS[method].data_aware
         if space and not w.has_regmean(space):
             use_regmean(cfg, w, chunk_of, cfg.search.regmean_alpha, space)

@@ -52,7 +52,7 @@ __all__ = ["bench_ceiling", "bench_merge", "bench_model", "bench_scale", "bench_
 def run_bench(as_json: bool, quick: bool, toy_cfg: Path | None, parts: list[str], rounds: int = 5,
               model_cfg: Path | None = None, quality: dict | None = None) -> dict:
     """Run the named parts (cli.BENCH_PARTS: merge, exact_match, bo, search, model, ceiling, scale, quality);
-    `quality` overrides bench_quality's methods, optimizers, seeds and big_budget (0: no larger budget)."""
+    `quality` overrides bench_quality's pairs, seeds and big_budget (0: no larger budget)."""
     import torch
     torch.manual_seed(0)
     started = time.time()
