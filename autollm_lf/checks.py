@@ -9,11 +9,11 @@ from pathlib import Path
 from .config import ONE_BASE, GenerateSource, RunConfig, parse_config, path_problems
 from .errors import UserError
 from .gguf import PYPI, converted_path
-from .merge import MERGE_METHODS, row_scaled_methods
+from .merge import MERGE_METHODS
 from .methods import METHODS
 from .metrics import METRICS
 from .paths import find_template
-from .search import OPTIMIZERS
+from .search import OPTIMIZERS, optimizer_problems
 from .train import LORA_INITS, method_template, template_problem, training_cutoff_len
 
 
@@ -71,15 +71,26 @@ def name_problems(raw: dict) -> list[str]:
     problems += [p for key, m in methods for p in unknown(key, "method", m, METHODS)]
     problems += unknown("search.merge", "merge method", search.get("merge"), MERGE_METHODS)
     problems += unknown("search.optimizer", "optimizer", search.get("optimizer"), ["auto", *OPTIMIZERS])
-    merge = search.get("merge", "linear")
-    if search.get("optimizer") == "gradient" and merge in MERGE_METHODS and not MERGE_METHODS[merge].row_scaled:
-        problems.append(f"search.optimizer: gradient cannot fit search.merge {merge!r} (its weights do not scale "
-                        f"the deltas' rows); use it with {', '.join(row_scaled_methods())}, or pick bayes or cmaes")
+    problems += combination_problems(search, evaluation)
     parts = evaluation.get("objective") if isinstance(evaluation.get("objective"), list) else []
     metrics = [("evaluation.metric", evaluation.get("metric"))]
     metrics += [(f"evaluation.objective.{i}.metric", part.get("metric"))
                 for i, part in enumerate(parts) if isinstance(part, dict)]
     return problems + [p for key, metric in metrics for p in unknown(key, "metric", metric, sorted(METRICS))]
+
+
+def combination_problems(search: dict, evaluation: dict) -> list[str]:
+    """The optimiser with the merge method, metric and objective the config names, as the optimiser declares what
+    it needs (search.optimizer_problems; defaults as the schema's)."""
+    from .config import EvaluationConfig, SearchConfig
+    default = lambda model, key: model.model_fields[key].default
+    optimizer = search.get("optimizer", default(SearchConfig, "optimizer"))
+    merge = search.get("merge", default(SearchConfig, "merge"))
+    metric = evaluation.get("metric", default(EvaluationConfig, "metric"))
+    if not all(isinstance(x, str) for x in (optimizer, merge, metric)):
+        return []  # the schema reports the type
+    return [f"search.optimizer: {p}" for p in
+            optimizer_problems(optimizer, merge, metric, objective=bool(evaluation.get("objective")))]
 
 
 def template_problems(cfg: RunConfig) -> list[str]:

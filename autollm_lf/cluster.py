@@ -227,7 +227,7 @@ class RayCluster:
 class TrialActor:
     """One search worker: `make_scorer(*args)` builds the validation scorer once (the model loaded once)."""
 
-    def __init__(self, make_scorer: Callable[..., Callable[[dict], float]], *args):
+    def __init__(self, make_scorer: Callable[..., Callable[[dict], dict]], *args):
         self.scorer = make_scorer(*args)
 
     def node(self) -> str:
@@ -235,7 +235,7 @@ class TrialActor:
 
         return ray.get_runtime_context().get_node_id()
 
-    def score(self, weights: dict[str, float]) -> tuple[float, float]:
+    def score(self, weights: dict[str, float]) -> tuple[dict, float]:
         started = time.perf_counter()
         return self.scorer(weights), time.perf_counter() - started
 
@@ -273,7 +273,7 @@ class TrialPool:
                             f"cluster.storage (mounted on every node) holds them; lower search_actors or set storage")
         return {"scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
-    def map(self, points: list[dict]) -> list[tuple[float, float]]:
+    def map(self, points: list[dict]) -> list[tuple[dict, float]]:
         return self._get([self.actors[i % self.size].score.remote(w) for i, w in enumerate(points)])
 
     @staticmethod

@@ -61,7 +61,10 @@ def read_raw_constraints(cfg, split: str) -> dict[str, float]:
     return read_json(path)
 
 
-def export_best(session: Session, force: bool = False) -> dict:
+def exported_adapter(session: Session, force: bool = False) -> dict:
+    """runs/<name>/merged/: the best merge as one PEFT adapter, written (and checked) unless up to date; its
+    export info. The report reads it too where the adapter can differ from the merge the search scored (ties, dare:
+    a truncated SVD), so that the auto_merge a user reads is the adapter they get."""
     cfg = session.cfg
     best = cfg.run.read_best()
     merged = cfg.run.merged
@@ -69,9 +72,14 @@ def export_best(session: Session, force: bool = False) -> dict:
     done = read_json(merged / EXPORT_MARKER, {})
     if not force and is_fresh(done, fp, merged / ADAPTER_FILE):
         logger.info(f"export: {merged} up to date")
-        info = done
-    else:
-        info = _export_adapter(session, best, merged, fp)
+        return done
+    return _export_adapter(session, best, merged, fp)
+
+
+def export_best(session: Session, force: bool = False) -> dict:
+    cfg = session.cfg
+    merged = cfg.run.merged
+    info = exported_adapter(session, force)
     yamls = write_lf_yamls(cfg, merged)
     place_in_webui(cfg, {"best": merged, **_baseline_adapters(session)})
     if session.full:

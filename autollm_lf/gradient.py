@@ -1,17 +1,16 @@
 """`search.optimizer: gradient`: the merge weights as differentiable scalars (AdaMerging / LoRA Soups style).
 
-One Adam trajectory over the weights, started at the best point the seeds and random points found: each
+One Adam trajectory over the weights, started at the baseline or random point with the best fit score: each
 trial takes STEPS more steps (the optimiser's moments carry over) on the teacher-forced cross-entropy of the
-reference answers of the *fit half* of validation (rows chosen by the run's seed), on minibatches drawn from
-(seed, trial number), projected onto search.bounds after each step. The search loop scores each point with the
-metric like any other trial and logs `holdout`, the metric on the other half of validation, which the fit
-never saw. Resuming replays the trajectory (the steps, not the evaluations), so a killed search continues to
-the same points.
+reference answers of the *fit half* of validation (holdout.py), on minibatches drawn from (seed, trial number),
+projected onto search.bounds after each step. The search loop scores each point like any other trial; it returns
+the trial best on the holdout half, which no step saw (so the trajectory is stopped early where the holdout says).
+Resuming replays the trajectory (the steps, not the evaluations), so a killed search continues to the same points.
 
-Differentiable in place: in `cat` mode each module's A_cat rows are the deltas' A rows times their LoRA scaling
-and weight, A_cat = unit * s * w[owner], written by set_weights; the backward gives A_cat's gradient, and the
-weights' is its sum over their rows times s and the unit rows. Nothing is copied per step, and the decoder
-layers can be checkpointed.
+Differentiable in place: in `cat` mode each module's A_cat rows are a function of the weights (the deltas' A rows
+times their LoRA scaling and weight, or RegMean's weights-inside rows: LowRankWriter.trial_rows), written by
+set_weights; the backward gives A_cat's gradient, and the weights' follows by the chain rule through trial_rows,
+one module at a time. Nothing is copied per step, and the decoder layers can be checkpointed.
 For `linear_norm`, B' is recomputed from the current weights before each step and held fixed within it.
 """
 from __future__ import annotations
@@ -24,9 +23,10 @@ import numpy as np
 
 from .errors import UserError
 from .evaluate import ChunkedHead, logits_bytes, logsumexp_and_label_logits, rows_per_call
+from .holdout import seen_score, validation_halves
 from .hostmem import FIT_MMAP_THRESHOLD, mmap_threshold
-from .merge import MERGE_METHODS, param_name, row_scaled_methods
-from .protocols import FitSession
+from .merge import MERGE_METHODS, differentiable_methods, param_name
+from .protocols import FitSession, Need, Setting, unmet_needs
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing this module stays light
     import torch
@@ -34,23 +34,32 @@ if TYPE_CHECKING:  # torch is imported where it is used: importing this module s
 STEPS = 5          # Adam steps per trial
 BATCH_ROWS = 64    # rows per step
 LEARNING_RATE = 0.05
-FIT_FRACTION = 0.5  # of the validation rows: the fit's; the rest is the holdout it never sees
 
 
 class GradientOptimizer:
-    parallel = False  # one Adam trajectory: each point starts from the one before, scored here (evaluate)
+    parallel = False  # one Adam trajectory: each point starts from the one before
+    needs = (
+        Need(lambda s: s.merge_spec.differentiable,
+             "gradient cannot fit search.merge {merge!r} (its merge is not differentiable in the weights); use it "
+             f"with {', '.join(differentiable_methods())}, or pick bayes or cmaes"),
+        Need(lambda s: getattr(s.metric_cls, "reference_tokens", False),
+             "gradient fits the teacher-forced loss of reference answers, which evaluation.metric {metric!r} does "
+             "not give; pick bayes or cmaes"),
+        Need(lambda s: not s.objective,
+             "gradient fits one loss over the validation rows, not an evaluation.objective's parts and "
+             "constraints; pick bayes or cmaes, or drop the objective"),
+    )
 
     def __init__(self, params: list[str], bounds, seed: int, session: FitSession):
-        if not MERGE_METHODS[session.cfg.search.merge].row_scaled:
-            raise UserError(f"search.optimizer: gradient needs a search.merge whose weights scale the cat factors' "
-                            f"rows ({', '.join(row_scaled_methods())}); pick bayes or cmaes for the others")
+        problems = unmet_needs(type(self), setting_of(session.cfg))
+        if problems:
+            raise UserError(f"search.optimizer: {problems[0]}")
         self.params, self.bounds, self.seed, self.session = params, tuple(bounds), seed, session
         self.best: tuple[dict, float] | None = None
         self.x = self.adam = None
-        rows = len(session.scorer("validation").rows)
-        order = np.random.default_rng(seed).permutation(rows)
-        cut = int(rows * FIT_FRACTION)
-        self.fit_rows, self.holdout_rows = sorted(order[:cut]), sorted(order[cut:]) or sorted(order[:cut])
+        # the fit half of validation (holdout.py): the search chooses on the other half, which no step sees
+        search, objective = session.cfg.search, bool(session.cfg.evaluation.objective)
+        self.fit_rows = validation_halves(session.validation_rows(), seed, search.select, objective).fit
 
     def suggest(self, number: int) -> dict:
         import torch
@@ -70,13 +79,14 @@ class GradientOptimizer:
     def replay(self, trial: dict, own: bool) -> None:
         if own:
             self.suggest(trial["trial"])  # the same steps again: the trajectory goes on from where it was
-        self.register(trial["weights"], trial["validation"], own)
+        self.register(trial["weights"], seen_score(trial), own)
 
-    def evaluate(self, weights: dict) -> tuple[float, dict]:
-        """The trial's validation score (as session.score) and `holdout`, the metric on the half of validation the
-        fit never saw, from one evaluation pass."""
-        _, scores = self.session.scored_rows(weights, "validation")
-        return float(np.mean(scores)), {"holdout": float(np.mean([scores[i] for i in self.holdout_rows]))}
+
+def setting_of(cfg) -> Setting:
+    """The Setting a run's config asks an optimiser to work in."""
+    from .metrics import METRICS
+    merge, metric = cfg.search.merge, cfg.evaluation.metric
+    return Setting(merge, MERGE_METHODS[merge], metric, METRICS[metric], bool(cfg.evaluation.objective))
 
 
 def fit_steps(session: FitSession, params: list[str], x: torch.Tensor, adam, bounds, fit_rows: list[int], rng) -> None:
@@ -126,14 +136,14 @@ def backward_mean_nll(weighted, table: Callable[[], torch.Tensor], batch, budget
     """Backpropagates the mean cross-entropy of the batch's reference tokens into the weights `table()` is built
     from (the model's A_cat must hold unit * table(), as set_weights writes it); returns that mean.
 
-    The gradient reaches the weights through A_cat's own gradient (A_cat = unit * s * w[owner], so
-    dL/dw = sum over w's rows of s * dL/dA_cat . unit). That lets the decoder layers be checkpointed
-    (`checkpoint`): a backward then keeps each layer's input, not its activations, and runs each layer twice.
+    The gradient reaches the weights through A_cat's own gradient (A_cat = unit * s * w[owner], or for a
+    weights-inside RegMean A_i~(w) * s * w_i: dL/dw = <dL/dA_cat, dA_cat/dw>, LowRankWriter.trial_rows). That lets
+    the decoder layers be checkpointed (`checkpoint`): a backward then keeps each layer's input, not its
+    activations, and runs each layer twice.
     Calls take as many rows as keep [rows x answer span x vocabulary] logits within `budget` of the model
     (evaluation.logits_budget); `sliced`: the LM head's logits are only ever held a vocabulary slice at a time
     (sliced_nll). Both are search.memory: lean's (and a GPU's); on Gemma 3 270M on 2 CPU cores they take the fit's
     peak from 1.64x to 1.20x of base + deltas, and its time 1.6x, most of that the allocator's page faults."""
-    import torch
     tokens = sum(len(t) for _, t in batch)
     rows = rows_per_call(weighted.model, max(len(p) + len(t) for p, t in batch) - min(len(p) for p, _ in batch) + 1,
                          budget)
@@ -144,11 +154,13 @@ def backward_mean_nll(weighted, table: Callable[[], torch.Tensor], batch, budget
             loss.backward()
             total += loss.item()
         flat = table()
-        grad = torch.zeros(flat.shape, dtype=torch.float64)
-        for m, unit, index in zip(weighted.bank.cat, weighted.trial_units(), weighted.bank.row_index):
+        spec = MERGE_METHODS[weighted.method]
+        # A_cat = rows(w), differentiable in the weights (LowRankWriter.trial_rows): dL/dw = sum <dL/dA_cat, dA_cat/dw>
+        # module by module, so only one module's float64 rows are held at once
+        for k, m in enumerate(weighted.bank.cat):
             if m.A.grad is not None:  # None: a module the batch never reached
-                grad.index_add_(0, index.cpu(), (m.A.grad * unit).sum(1).double().cpu() * m.scale)
-    flat.backward(grad.to(flat.dtype))
+                rows = weighted.lowrank.trial_rows(spec, k, flat.double())
+                (rows * m.A.grad.double()).sum().backward(retain_graph=True)
     return total
 
 

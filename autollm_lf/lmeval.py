@@ -87,6 +87,7 @@ def lm_eval_problems(cfg, key: str = "evaluation.lm_eval") -> list[str]:
 class LmEval:
     """Evaluator-like: `score()`, `row_scores()` and, once scored, `rows` (one per task sample)."""
     trials_need_tokenizer, scores_rows, right_or_wrong, needs_choices = True, False, True, False
+    reference_tokens = False  # its tasks' samples are lm-eval's, with no reference answer to fit a loss on
 
     @classmethod
     def config_problems(cls, evaluation) -> list[str]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
+from .claims import claims_lines
 from .cluster import TrialPool
 from .config import RunConfig, dump_config, without_secrets
 from .errors import UserError
 from .export import export_best
 from .feedback import write_bad_cases
+from .footprint import check_before_training
 from .gguf import ensure_converted
-from .io import atomic_write_text, write_if_changed, write_json
+from .holdout import halves_of, trial_scores
+from .io import atomic_write_text, read_json, write_if_changed, write_json
 from .judge import JudgeClient
 from .log import get_logger
 from .mix import train_auto_mix
@@ -50,6 +53,7 @@ def check_chunk_keys(s: Session) -> None:
 def stage_train(s: Session) -> None:
     check_chunk_keys(s)
     s.delta_names  # a method that does not fit its chunk stops here, before any training
+    check_before_training(s.base_cfg, s.full)  # a disk too small for the run stops it here too
     if s.cfg.train.shared:  # trained on the configured base; the deltas then train on the base it makes
         build_shared_base(s.base_cfg, force="train" in s.force)
     specs = delta_specs(s.cfg, s.shapes)
@@ -58,12 +62,13 @@ def stage_train(s: Session) -> None:
     train_deltas(s.base_cfg, own, force="train" in s.force, keep_going=s.keep_going)
 
 
-def validation_scorer(cfg: RunConfig, keep_going: bool) -> Callable[[dict[str, float]], float]:
+def validation_scorer(cfg: RunConfig, keep_going: bool) -> Callable[[dict[str, float]], dict]:
     """A search actor's scorer (cluster.TrialPool): this run's base model and every delta, loaded once."""
     session = Session(cfg, keep_going=keep_going)
     session.scorer("validation")  # the model and the validation rows now, not in the first trial
     session.release_tokenizer()
-    return lambda weights: session.score(weights, "validation")
+    halves = halves_of(cfg, session.validation_rows())
+    return lambda weights: trial_scores(session, weights, halves)
 
 
 def trial_pool(s: Session) -> TrialPool | None:
@@ -85,7 +90,10 @@ def stage_search(s: Session) -> None:
                           human=s.human_weights() if s.cfg.search.human_weights else {}, pool=pool)
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})
-    logger.info(f"search: best validation {best['validation']:.4f} at trial {best['trial']} ({best['kind']})")
+    start = best["start"]
+    logger.info(f"search: returns trial {best['trial']} ({best['kind']}): validation {best['validation']:.4f}, "
+                f"holdout {best['holdout']:.4f}; its start, trial {start['trial']} ({start['kind']}): validation "
+                f"{start['validation']:.4f}, holdout {start['holdout']:.4f}")
 
 
 def stage_mix(s: Session) -> None:
@@ -100,6 +108,9 @@ def stage_report(s: Session) -> None:
         sections.append(rounds_section(s.cfg))
     sections.append(write_bad_cases(s, force))  # report/bad_cases.jsonl: the next round's `bad_cases` source
     write_if_changed(s.cfg.run.report_md, "".join(sections))
+    if s.cfg.toy is not None:  # the quick start: what the README promises on any machine, checked here
+        for line in claims_lines(read_json(s.cfg.run.report_json)):
+            logger.info(line)
 
 
 def stage_export(s: Session) -> None:

@@ -19,22 +19,27 @@ from .errors import UserError
 from .grams import use_regmean
 from .intervals import mean_interval, paired_difference, resample_index, split_by_chunk
 from .io import read_json
-from .merge import MERGE_METHODS, row_scaled_methods
-from .search import run_search, seed_points
+from .merge import MERGE_METHODS
+from .search import optimizer_problems, run_search, seed_points
 from .session import Session
 
-QUALITY_METHODS = ("linear", "regmean", "regmean_core", "tsv", "iso_c", "iso_cts")
+QUALITY_METHODS = ("linear", "regmean", "regmean_core", "regmean_w", "tsv", "iso_c", "iso_cts")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
 
 
-def quality_pairs(methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS) -> list[tuple[str, str]]:
-    """Every method x optimiser the quality bench searches; the gradient fits only row-scaled merges. Checked
-    when the flags are read, so a narrowing with nothing to search fails before any bench part runs."""
-    pairs = [(m, o) for m in methods for o in optimizers if o != "gradient" or MERGE_METHODS[m].row_scaled]
+def quality_pairs(methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS,
+                  metric: str = "exact_match") -> list[tuple[str, str]]:
+    """Every method x optimiser the quality bench searches, leaving out the pairs an optimiser declares it cannot
+    work with (search.optimizer_problems). Checked when the flags are read, so a narrowing with nothing to search
+    fails before any bench part runs."""
+    pairs, refused = [], []
+    for m in methods:
+        for o in optimizers:
+            problems = optimizer_problems(o, m, metric, objective=False)
+            (refused if problems else pairs).append(problems[0] if problems else (m, o))
     if not pairs:
         raise UserError(f"bench --merge {' '.join(methods)} --optimizer {' '.join(optimizers)}: no pair to "
-                        f"search (the gradient fits only row-scaled merges: {', '.join(row_scaled_methods())}); "
-                        "add --optimizer cmaes")
+                        f"search ({refused[0]}); add --optimizer cmaes")
     return pairs
 
 
@@ -48,6 +53,7 @@ class _MethodSession:
         self.scorer = session.scorer
         self.score = session.score
         self.scored_rows = session.scored_rows
+        self.validation_rows = session.validation_rows
 
 
 def _search(session: Session, search, params: list[str], seed: int) -> tuple[dict, float]:
@@ -66,6 +72,15 @@ def _test_summary(session: Session, weights: dict, method: str, own: dict, index
     by_chunk = split_by_chunk(scores, session.row_chunks("test"))[1]
     return {"test": overall, "test_ci": mean_interval(scores, index, level), "test_by_chunk": by_chunk,
             "of_own": {c: by_chunk[c] / own[c] for c in own if own[c] > 0}, "scores": scores}
+
+
+def _search_gain(session: Session, best: dict, method: str, test_scores: list[float], index, level: float) -> dict:
+    """The search's own gain on test: its pick - its start (the baseline it would return without the optimiser),
+    paired on the same rows; and the start's kind and test score."""
+    start = best["start"]
+    _, start_scores = session.scored_rows(start["weights"], "test", method)
+    return {"start": start["kind"], "start_test": sum(start_scores) / max(len(start_scores), 1),
+            **paired_difference(test_scores, start_scores, index, level)}
 
 
 def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_budget: int = 0,
@@ -110,7 +125,8 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
         for seed in range(searches):
             best, seconds = _search(session, search, session.search_params, seed)
             summary = _test_summary(session, best["weights"], method, own, index, level)
-            runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary})
+            runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary,
+                         "gain": _search_gain(session, best, method, summary["scores"], index, level)})
         return _combine(method, optimizer, trials, runs, learned_chunks)
 
     results = [measured(method, optimizer, budget, seeds) for method, optimizer in pairs]
@@ -142,8 +158,10 @@ def quality_lines(r: dict) -> list[str]:
         ci = y.get("test_ci") or [float("nan")] * 2
         lines.append(f"  {name:<28} test {y['test']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
     for x in r["results"]:
-        runs = "; ".join(f"seed {run['seed']}: {run['test']:.3f} [{run['test_ci'][0]:.3f}, {run['test_ci'][1]:.3f}]"
-                         for run in x["runs"])
+        runs = "; ".join(f"seed {run['seed']}: {run['test']:.3f} [{run['test_ci'][0]:.3f}, {run['test_ci'][1]:.3f}], "
+                         f"gain over its start ({run['gain']['start']} {run['gain']['start_test']:.3f}) "
+                         f"{run['gain']['difference']:+.3f} [{run['gain']['interval'][0]:+.3f}, "
+                         f"{run['gain']['interval'][1]:+.3f}]" for run in x["runs"])
         lines.append(f"  {x['merge']}/{x['optimizer']} ({x['trials']} trials)".ljust(30)
                      + f"validation {x['validation_mean']:.3f}  test {x['test_mean']:.3f}  worst learned chunk "
                        f"{x['worst_learned_chunk_of_own_mean']:.0%} of its delta  ({runs}; {x['seconds_mean']:.0f}s)")

@@ -67,6 +67,31 @@ def regmean_core_A(slices: Sequence[slice], A_u: torch.Tensor, grams: Sequence[t
     return [(M @ A_u.double()).to(A_u.dtype) for M in inverse_rows]
 
 
+def weighted_core_A(H: Sequence[torch.Tensor], rows: Sequence[slice], U: torch.Tensor, w: torch.Tensor,
+                    ridge: float) -> list[torch.Tensor]:
+    """RegMean with the weights inside its sum, in a basis U (k x d_in) of the deltas' inputs: delta i's new A is
+    A_i~(w) = H_i[rows_i] S_w^-1 U with S_w = sum_j w_j H_j + ridge I, H_j = U C_j' U^T its chunk's shrunk Gram in
+    that basis, rows_i its A rows within U (A_i = U[rows_i]). The merge sum_i w_i s_i B_i A_i~(w) is then the least
+    squares of sum_j w_j |(dW - dW_j) X_j|^2: w_i = 0 drops delta i (its term and its Gram), one-hot is that delta
+    alone, all ones is RegMean (regmean_core_A), and a common factor on every w changes nothing. Differentiable in w
+    (torch.linalg.solve), float64."""
+    import torch
+    S = sum(w[j] * H[j] for j in range(len(H))) + ridge * torch.eye(U.shape[0], dtype=torch.float64)
+    return [torch.linalg.solve(S, Hj[r].T).T @ U for Hj, r in zip(H, rows)]  # S symmetric
+
+
+def weighted_regmean_delta(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float,
+                           w: Sequence[float]) -> torch.Tensor:
+    """The dense reference of the weights-inside form: (sum_i w_i dW_i C_i') (sum_j w_j C_j' + ridge)^-1, the ridge
+    as regmean_delta's (from the unweighted sum), for tests."""
+    import torch
+    shrunk = [shrink(C.double(), alpha) for C in grams]
+    ridge = ridged_sum(shrunk) - torch.stack(shrunk).sum(0)
+    S = sum(wj * C for wj, C in zip(w, shrunk)) + ridge
+    numerator = sum(wj * d.double() @ C for wj, d, C in zip(w, deltas, shrunk))
+    return torch.linalg.solve(S, numerator.T).T
+
+
 def regmean_delta(deltas: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
     """The dense reference: (sum_i dW_i C_i') (sum_j C_j' + ridge)^-1, for tests."""
     import torch

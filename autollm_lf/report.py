@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from .export import adapter_scorers
+from .export import adapter_scorers, exported_adapter
 from .granularity import param_group, param_name
 from .intervals import (
     by_chunk_intervals,
@@ -17,7 +17,7 @@ from .intervals import (
 )
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger, progress
-from .merge import MERGE_METHODS
+from .merge import MERGE_METHODS, apply_switch
 from .mix import MIX_DELTA, mix_spec
 from .paths import SHARED, find_template, is_fresh
 from .search import per_delta
@@ -29,6 +29,21 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 SHARED_BASE_ROW = "shared_base"  # train.shared: the configured base with the shared adapter merged in
+SEARCH_START = "search start"  # the baseline point the search would return without its optimiser (best.json start)
+IN_MEMORY = "auto_merge (in memory)"  # ties/dare: the full-rank merge the search scored, beside the exported adapter
+
+
+def _exported_auto_merge(session: Session, rows: list[dict], per_row: dict) -> tuple[list[dict], dict]:
+    """ties/dare: auto_merge becomes the exported adapter (runs/<name>/merged/, a truncated SVD), loaded as a user
+    loads it; the merge the search scored stays beside it as IN_MEMORY."""
+    merged = session.cfg.run.merged
+    exported_adapter(session)
+    at = next(i for i, r in enumerate(rows) if r["model"] == "auto_merge")
+    in_memory = {**rows[at], "model": IN_MEMORY}
+    row, per_row_exported = _adapter_row(session.cfg, "auto_merge", merged)
+    rows = rows[:at] + [{**row, "weights": in_memory["weights"], "exported": True}, in_memory] + rows[at + 1:]
+    per_row = {**per_row, IN_MEMORY: per_row["auto_merge"], "auto_merge": per_row_exported}
+    return rows, per_row
 
 
 def report_rows(session: Session) -> tuple[list[dict], dict]:
@@ -59,6 +74,12 @@ def report_rows(session: Session) -> tuple[list[dict], dict]:
         row["test_by_chunk"] = split_by_chunk(per_row[name]["test"], session.row_chunks("test"))[1]
         parts = {split: session.part_scores(split) for split in ("validation", "test")}
         result.append({**row, **({"weights": w} if show else {}), **({"parts": parts} if parts["test"] else {})})
+    if not MERGE_METHODS[cfg.search.merge].low_rank:  # the adapter a user gets is a truncated SVD of this merge
+        result, per_row = _exported_auto_merge(session, result, per_row)
+    start = best.get("start")
+    if start is not None:  # the search's own gain is auto_merge - this point (scored once if it is a row already)
+        per_row[SEARCH_START] = {split: session.scored_rows(start["weights"], split)[1]
+                                 for split in ("validation", "test")}
     mix = _mix_dir(cfg)
     if mix is not None:
         row, per_row[f"train@{MIX_DELTA}"] = _adapter_row(cfg, f"train@{MIX_DELTA}", mix)
@@ -83,13 +104,27 @@ def add_intervals(rows: list[dict], per_row: dict, chunks: dict[str, list[str]],
             row[f"{split}_ci"] = mean_interval(scores[split], index[split], level)
             row[f"{split}_rows"] = len(scores[split])
         row["test_by_chunk_ci"] = by_chunk_intervals(scores["test"], chunks["test"], n_boot, seed, level)
-    a, b = "auto_merge", f"train@{ALL_DELTA}"
-    if a not in per_row or b not in per_row:
+    return paired_block("auto_merge", f"train@{ALL_DELTA}", per_row, chunks, index, cfg)
+
+
+def paired_block(a: str, b: str, per_row: dict, chunks: dict, index: dict, cfg) -> dict:
+    """a - b on the same rows, overall and per chunk, on validation and test ({} where either was not scored)."""
+    if cfg.evaluation.objective or a not in per_row or b not in per_row:
         return {}
+    level, n_boot, seed = cfg.report.interval, cfg.report.bootstrap, cfg.seed
     return {"a": a, "b": b, "interval": level, "bootstrap": n_boot, **{
         split: {"overall": paired_difference(per_row[a][split], per_row[b][split], index[split], level),
                 "by_chunk": paired_by_chunk(per_row[a][split], per_row[b][split], chunks[split], n_boot, seed, level)}
         for split in ("validation", "test")}}
+
+
+def search_gain(per_row: dict, chunks: dict, cfg, start: dict | None) -> dict:
+    """The search's own gain: auto_merge - its start (best.json's `start`), paired, on validation and test."""
+    if start is None:
+        return {}
+    index = {split: resample_index(chunks[split], cfg.report.bootstrap, cfg.seed) for split in ("validation", "test")}
+    block = paired_block("auto_merge", SEARCH_START, per_row, chunks, index, cfg)
+    return {**block, "start": {k: start[k] for k in ("kind", "trial", "validation", "holdout")}} if block else {}
 
 
 def row_seconds(session: Session) -> dict[str, float | None]:
@@ -183,7 +218,12 @@ def merge_line(cfg) -> str:
     extra = (f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean itself)"
              if spec.data_aware else " (average_merge, every weight 1, is the method itself at scale 1)"
              if spec.spectral else f" (density {cfg.search.density})" if spec.sparsify else "")
-    return f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}."
+    switch = apply_switch(cfg.search.merge, cfg.search.apply) if cfg.search.apply != "auto" else ""
+    chosen = cfg.run.read_best().get("select_line", "") if cfg.run.best.is_file() else ""
+    return (f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}." + (f" {switch[0].upper()}{switch[1:]}."
+            if switch else "") + (f" auto_merge: {chosen}." if chosen else "")
+            + (" auto_merge is the exported adapter (a truncated SVD of the merge the search scored, which is "
+               f"`{IN_MEMORY}`)." if not MERGE_METHODS[cfg.search.merge].low_rank else ""))
 
 
 def interval_line(rows: list[dict], cfg) -> str:
@@ -196,11 +236,15 @@ def interval_line(rows: list[dict], cfg) -> str:
 
 
 def paired_lines(paired: dict) -> list[str]:
-    """auto_merge - train@all on the same rows, overall and per chunk, with whether the interval excludes 0."""
+    """a - b on the same rows (auto_merge - train@all, or the search's gain), overall and per chunk, with whether
+    the interval excludes 0."""
     if not paired:
         return []
     said = lambda d: ("ahead" if d["interval"][0] > 0 else "behind") if d["excludes_zero"] else "not told apart"
-    lines = ["", f"Paired difference {paired['a']} - {paired['b']} (same rows; {paired['interval']:.0%} interval):", "",
+    start = paired.get("start")
+    b = f"{paired['b']} ({start['kind']}, trial {start['trial']})" if start else paired["b"]
+    title = "The search's own gain" if start else "Paired difference"
+    lines = ["", f"{title} {paired['a']} - {b} (same rows; {paired['interval']:.0%} interval):", "",
              "split | chunk | difference | interval | rows | verdict |", "---|---|---|---|---|---|"]
     for split in ("validation", "test"):
         parts = [("all", paired[split]["overall"])] + list(paired[split]["by_chunk"].items())
@@ -210,7 +254,7 @@ def paired_lines(paired: dict) -> list[str]:
 
 
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost: str = "",
-              paired: dict | None = None) -> str:
+              paired: dict | None = None, gain: dict | None = None) -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
              eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg), "",
@@ -218,6 +262,7 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost:
     lines += [f"{r['model']} | {fmt(r['validation'], r.get('validation_ci'))} | {fmt(r['test'], r.get('test_ci'))} | "
               f"{_seconds(r)} |" for r in rows]
     lines += paired_lines(paired or {})
+    lines += paired_lines(gain or {})
     lines += ["", cost] if cost else []
     lines += ["", "Test score by chunk:", "", "model | " + " | ".join(chunks) + " |", "---|" + "---|" * len(chunks)]
     lines += [f"{r['model']} | " + " | ".join(f"{r['test_by_chunk'][c]:.2f}" if c in r["test_by_chunk"] else "-"
@@ -366,7 +411,7 @@ def write_report(session: Session, force: bool = False) -> str:
     else:
         report = _write_report_files(session, fp)
     md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""),  # the line report.json holds
-                   report.get("paired") or {})
+                   report.get("paired") or {}, report.get("search_gain") or {})
     logger.info(md.split("\n\n![")[0])
     if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
         md += ("\nEvaluator counts (over every row scored for this report): "
@@ -379,6 +424,7 @@ def _write_report_files(session: Session, fp: str) -> dict:
     rows, per_row = report_rows(session)
     chunks = {split: session.row_chunks(split) for split in ("validation", "test")}
     paired = add_intervals(rows, per_row, chunks, cfg)
+    gain = search_gain(per_row, chunks, cfg, run.read_best().get("start"))
     write_json(run.row_scores, {"chunks": chunks, "scores": per_row})
     auto = next(r for r in rows if r["model"] == "auto_merge")
     stats = {split: dict(session.scorer(split).stats) for split in ("validation", "test")}
@@ -387,7 +433,7 @@ def _write_report_files(session: Session, fp: str) -> dict:
               "merge": {"method": cfg.search.merge, "density": cfg.search.density},
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"],
                        "validation_ci": auto.get("validation_ci"), "test_ci": auto.get("test_ci")},
-              "paired": paired,
+              "paired": paired, "search_gain": gain,
               "evaluation_stats": stats, "cost": cost_line(rows, len(trials)), "fingerprint": fp}
     write_json(run.report_json, report)
     images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}

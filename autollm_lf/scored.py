@@ -27,6 +27,10 @@ class ScoredMerge:
         self.weighted.set_weights(weights)
         return self.scorers[split].score()
 
+    def validation_rows(self) -> int:
+        """An oracle scores its points itself: no validation rows to split."""
+        return 0 if self.objective is not None else len(self.scorers["validation"].rows)
+
     def scored_rows(self, weights: Mapping[str, float], split: str,
                     method: str | None = None) -> tuple[float, list[float]]:
         self.weighted.set_weights(weights, method)

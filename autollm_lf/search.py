@@ -22,10 +22,11 @@ import numpy as np
 
 from .gradient import GradientOptimizer
 from .granularity import param_delta
+from .holdout import Halves, halves_of, seen_score, selection_key, trial_scores
 from .io import append_jsonl, atomic_write_text, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger, progress
 from .paths import RunDir
-from .protocols import Optimizer, SearchSession
+from .protocols import Optimizer, SearchSession, Setting, unmet_needs
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -95,7 +96,8 @@ def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], valida
 
 
 # ---- optimisers (protocols.Optimizer): suggest(trial number, pending points) -> weights; register(weights, score,
-# own); replay(logged trial). `parallel = False`: one point at a time, scored by the optimiser's own evaluate().
+# own) with the trial's fit score (holdout.py: the holdout rows are never shown to an optimiser); replay(logged
+# trial). `parallel = False`: one point at a time (each from the one before).
 
 @contextlib.contextmanager
 def quiet():
@@ -106,11 +108,10 @@ def quiet():
 
 
 class PooledOptimizer:
-    """An optimiser whose points the search loop scores, several at once where a pool is given."""
+    """An optimiser that proposes several points at once (a pool scores them together); it needs nothing of the merge
+    method, metric or objective."""
     parallel = True
-
-    def evaluate(self, weights: dict) -> tuple[float, dict]:
-        raise TypeError(f"{type(self).__name__}: the search loop scores its points (parallel = True)")
+    needs = ()
 
 
 class BayesOptimizer(PooledOptimizer):
@@ -141,7 +142,7 @@ class BayesOptimizer(PooledOptimizer):
             self.opt.register(params=weights, target=score)
 
     def replay(self, trial: dict, own: bool) -> None:
-        self.register(trial["weights"], trial["validation"], own)
+        self.register(trial["weights"], seen_score(trial), own)
 
 
 class CmaesOptimizer(PooledOptimizer):
@@ -189,7 +190,7 @@ class CmaesOptimizer(PooledOptimizer):
     def replay(self, trial: dict, own: bool) -> None:
         if own:
             self.suggest(trial["trial"])  # advance the same asks; the logged point (maybe a replacement) is told
-        self.register(trial["weights"], trial["validation"], own)
+        self.register(trial["weights"], seen_score(trial), own)
 
 
 class RandomOptimizer(PooledOptimizer):
@@ -212,18 +213,31 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": GradientOptimizer}
 
 
+def optimizer_problems(optimizer: str, merge: str, metric: str, objective: bool) -> list[str]:
+    """What stops `optimizer` (auto: either of its choices) from working with this merge method, metric and
+    objective on/off, as each optimiser declares it (`needs`); names not in their registries are left to the
+    config check that reports unknown names."""
+    from .merge import MERGE_METHODS
+    from .metrics import METRICS
+    if merge not in MERGE_METHODS or metric not in METRICS:
+        return []
+    setting = Setting(merge, MERGE_METHODS[merge], metric, METRICS[metric], objective)
+    names = ["bayes", "cmaes"] if optimizer == "auto" else [optimizer]
+    return [p for name in names if name in OPTIMIZERS for p in unmet_needs(OPTIMIZERS[name], setting)]
+
+
 # ---- the loop --------------------------------------------------------------------------------------------
 
-Scores = Callable[[list[dict]], list[tuple[float, float]]]  # points -> (validation score, eval seconds) each
+Scores = Callable[[list[dict]], list[tuple[dict, float]]]  # points -> ({validation, fit, holdout}, eval seconds) each
 
 
-def score_here(session: SearchSession) -> Scores:
+def score_here(session: SearchSession, halves: Halves) -> Scores:
     """Trials scored one after the other by this process's session."""
-    def score(points: list[dict]) -> list[tuple[float, float]]:
+    def score(points: list[dict]) -> list[tuple[dict, float]]:
         results = []
         for weights in points:
             started = time.perf_counter()
-            results.append((session.score(weights, "validation"), time.perf_counter() - started))
+            results.append((trial_scores(session, weights, halves), time.perf_counter() - started))
         return results
     return score
 
@@ -231,29 +245,33 @@ def score_here(session: SearchSession) -> Scores:
 def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: str, force: bool = False,
                human: dict[str, float] | None = None, pool=None) -> dict:
     """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
-    best = {weights, validation, trial}. With a pool (cluster.TrialPool) up to pool.size trials run at once:
-    the optimiser proposes them together, the log is written in trial order once the batch is scored."""
+    best = {weights, validation, fit, holdout, trial, kind, select, start}: the trial chosen on the holdout rows
+    (holdout.py) and `start`, the baseline point chosen the same way (what the search would return without its
+    optimiser). With a pool (cluster.TrialPool) up to pool.size trials run at once: the optimiser proposes them
+    together, the log is written in trial order once the batch is scored."""
     run = RunDir(cfg.out)
     trials_path, best_path = run.trials, run.best
     params, bounds, patience = list(deltas), cfg.search.bounds, cfg.search.patience
+    halves = halves_of(cfg, session.validation_rows())
     trials = _resume(trials_path, fp, discard=force)
     plan = plan_trials(cfg, params, human)
     name = optimizer_name(cfg, len(params))
     opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
-    score, width = (pool.map, pool.size) if pool else (score_here(session), 1)
+    score, width = (pool.map, pool.size) if pool else (score_here(session, halves), 1)
     seen = {}
     for t in trials:
         opt.replay(t, own=t["kind"] == name)
         seen[point_key(t["weights"])] = t["trial"]
-    best, stale = _best(trials), _stale(trials, name)
+    best, stale = _best(trials, name, halves), _stale(trials, name)
     seeds = sum(1 for _, w in plan if w is not None)
     if len(trials) < len(plan) and not _patience_hit(stale, patience):
         n_deltas = len(set(map(param_delta, params)))
         logger.info(f"search: budget {len(plan)} trials over {len(params)} weights ({n_deltas} "
-                    f"deltas, granularity {cfg.search.granularity}): {seeds} seeds and random points, then "
+                    f"deltas, granularity {cfg.search.granularity}): {seeds} baseline and random points, then "
                     f"{len(plan) - seeds} from {name}"
                     + (f", stopping after {patience} without a new best" if patience else "")
                     + (f"; {len(trials)} done before" if trials else ""))
+        logger.info(f"search: {halves.line()}")
     replaced = sum(1 for t in trials if "replaces" in t)
     number = len(trials)
     with progress(total=len(plan), initial=len(trials), desc="search", unit="trial") as bar:
@@ -265,29 +283,27 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
             suggested = time.perf_counter()
             batch = _next_batch(plan, number, width, opt, seen, params, bounds, cfg.seed)
             replaced += sum("replaces" in trial for trial, _ in batch)
-            own = batch[0][0]["kind"] == name
-            if own and not opt.parallel:  # gradient: also the metric on the half it did not fit
-                started = time.perf_counter()
-                value, extra = opt.evaluate(batch[0][1])
-                results = [(value, time.perf_counter() - started, extra)]
-            else:
-                results = [(value, seconds, {}) for value, seconds in score([w for _, w in batch])]
+            results = score([w for _, w in batch])
             # seconds: the trial's share of its batch's wall time (the optimiser's own work included), so the
             # trials' seconds add up to the search's wall time however many ran at once
             share = (time.perf_counter() - suggested) / len(batch)
-            for (trial, weights), (value, eval_seconds, extra) in zip(batch, results):
-                trial.update(weights=weights, validation=value, eval_seconds=round(eval_seconds, 4),
-                             seconds=round(share, 4), **extra, fingerprint=fp)
-                opt.register(weights, value, own=trial["kind"] == name)
+            for (trial, weights), (scores, eval_seconds) in zip(batch, results):
+                trial.update(weights=weights, **scores, eval_seconds=round(eval_seconds, 4), seconds=round(share, 4),
+                             fingerprint=fp)
+                opt.register(weights, seen_score(trial), own=trial["kind"] == name)
                 append_jsonl(trials_path, trial)
-                if best is None or value > best["validation"]:
-                    best = {"weights": weights, "validation": value, "trial": trial["trial"], "kind": trial["kind"]}
-                    write_json(best_path, best)
-                    logger.info(f"  trial {trial['trial']:>3} {trial['kind']:<14} validation {value:.4f}  (new best)")
+                trials.append(trial)
+                new = _best(trials, name, halves)
+                if new["trial"] != (best or {}).get("trial"):
+                    logger.info(f"  trial {trial['trial']:>3} {trial['kind']:<14} validation {trial['validation']:.4f}"
+                                f"  holdout {trial['holdout']:.4f}  (new best)")
                     stale = 0
                 elif trial["kind"] == name:
                     stale += 1
-                bar.set_postfix(best=round(best["validation"], 4), refresh=False)
+                if new != best:
+                    best = new
+                    write_json(best_path, best)
+                bar.set_postfix(best=round(best["holdout"], 4), refresh=False)
                 bar.update()
             number += len(batch)
     if replaced:
@@ -343,11 +359,11 @@ def _patience_hit(stale: int, patience: int | None) -> bool:
 
 
 def _stale(trials: list[dict], optimizer: str) -> int:
-    """Optimiser trials since the last new best."""
+    """Optimiser trials since the last new best (chosen as the search chooses: holdout.selection_key)."""
     best, stale = None, 0
     for t in trials:
-        if best is None or t["validation"] > best:
-            best, stale = t["validation"], 0
+        if best is None or selection_key(t) > best:
+            best, stale = selection_key(t), 0
         elif t["kind"] == optimizer:
             stale += 1
     return stale
@@ -367,8 +383,13 @@ def _resume(path: Path, fp: str, discard: bool) -> list[dict]:
     return logged
 
 
-def _best(trials: list[dict]) -> dict | None:
+def _best(trials: list[dict], optimizer: str, halves: Halves) -> dict | None:
+    """The trial the search returns (holdout.selection_key) and its `start`: the baseline or random point chosen the
+    same way, i.e. what the search would return had its optimiser proposed nothing."""
     if not trials:
         return None
-    t = max(trials, key=lambda t: (t["validation"], -t["trial"]))
-    return {"weights": t["weights"], "validation": t["validation"], "trial": t["trial"], "kind": t["kind"]}
+    fields = lambda t: {k: t[k] for k in ("weights", "validation", "trial", "kind")} | {
+        "fit": t.get("fit", t["validation"]), "holdout": t.get("holdout", t["validation"])}
+    planned = [t for t in trials if t["kind"] != optimizer] or trials
+    return {**fields(max(trials, key=selection_key)), "select": halves.select, "select_line": halves.line(),
+            "start": fields(max(planned, key=selection_key))}

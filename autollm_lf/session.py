@@ -162,6 +162,9 @@ class Session:
             self._row_scores[key] = (overall, scores)
         return overall, scores
 
+    def validation_rows(self) -> int:
+        return len(self.scorer("validation").rows)
+
     def row_chunks(self, split: str) -> list[str]:
         return [r["chunk"] for r in self.scorer(split).rows]
 

@@ -85,7 +85,8 @@ class FakePool:
         if len(self.batches) == self.fail_in_batch:
             raise UserError("search: a Ray actor was lost")
         self.batches.append(len(points))
-        return [(self.session.score(w, "validation"), 0.01) for w in points]
+        return [(dict.fromkeys(("validation", "fit", "holdout"), self.session.score(w, "validation")), 0.01)
+                for w in points]
 
 
 def search_cfg(tmp_path, optimizer="bayes", n_iter=12):

@@ -37,9 +37,13 @@ class TinyScorer:
 
 class TinySession:
     def __init__(self, weighted, merge="linear", logits_budget=0.05, memory="fast"):
-        self.weighted, self.cfg = weighted, SimpleNamespace(search=SimpleNamespace(merge=merge, memory=memory),
-                                                            evaluation=SimpleNamespace(logits_budget=logits_budget))
+        self.weighted, self.cfg = weighted, SimpleNamespace(
+            search=SimpleNamespace(merge=merge, memory=memory, select="holdout"),
+            evaluation=SimpleNamespace(logits_budget=logits_budget, metric="exact_match", objective=[]))
         self._scorer = TinyScorer(weighted.model)
+
+    def validation_rows(self):
+        return len(self._scorer.rows)
 
     def scorer(self, split):
         return self._scorer
@@ -188,8 +192,8 @@ class _Called:
 
 
 @pytest.mark.parametrize("merge", ["ties", "tsv"])
-def test_gradient_needs_a_row_scaled_merge(weighted, merge):
-    with pytest.raises(UserError, match=r"\(linear, linear_norm, regmean, regmean_core\)"):
+def test_gradient_needs_a_differentiable_merge(weighted, merge):
+    with pytest.raises(UserError, match=r"linear, linear_norm, regmean, regmean_core, regmean_w, or pick bayes"):
         from autollm_lf.gradient import GradientOptimizer
         GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge=merge))
 

@@ -136,6 +136,10 @@ class SearchConfig(Strict):
                             "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
                             "validation (linear and linear_norm merges)")
     patience: Optional[int] = Field(None, ge=1, description="stop after this many optimiser trials without a new best")
+    select: Literal["holdout", "all"] = Field(
+        "holdout", description="holdout: the optimiser sees half of the validation rows (the gradient fits on them) "
+                               "and the trial returned is the best on the other half, which no fit saw; all: "
+                               "every validation row for both (the choice then rests on rows the fit used)")
     memory: Literal["fast", "lean"] = Field(
         "fast", description="lean: the search's host memory within ~1.2x of base + deltas (glibc mmap thresholds, "
                             "a gradient fit's LM head over vocabulary slices and decoder layers checkpointed), at "

@@ -29,6 +29,7 @@ class Evaluator:
     scores_rows = True  # False: it scores a benchmark of its own (lm_eval), not the run's held-out rows
     right_or_wrong = True  # False: a row's score is no 0/1 verdict (loss); the bad cases then use exact match
     needs_choices = False  # True: every held-out row must carry `choices` (choice)
+    reference_tokens = True  # each row's prompt and reference answer as token ids (`encoded`): a loss to fit
 
     @classmethod
     def config_problems(cls, evaluation) -> list[str]:

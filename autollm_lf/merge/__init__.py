@@ -29,13 +29,13 @@ from .maths import (
     trim,
     weighted_delta,
 )
-from .methods import MERGE_METHODS, MergeMethod, row_scaled_methods
+from .methods import MERGE_METHODS, MergeMethod, apply_switch, differentiable_methods
 from .spectral import CoreSpace, iso_c_merge, tsv_merge
 from .weighted import WeightedDeltas
 
 __all__ = [
     "APPLY_MODES", "CAT", "DARE_CACHE_BYTES", "FOLD_COPY_BUDGET", "GRANULARITIES", "MERGE_METHODS", "CatModule",
-    "CoreSpace", "iso_c_merge", "row_scaled_methods", "tsv_merge",
+    "CoreSpace", "apply_switch", "iso_c_merge", "differentiable_methods", "tsv_merge",
     "DeltaBank", "Granularity", "MergeMethod", "OutputNorm", "WeightedDeltas", "cat_factors", "dare_drop", "dare_mask",
     "dare_seed", "delta_weight", "linear_sum", "load_base", "magnitude_threshold", "module_groups", "normalized_delta",
     "output_basis", "param_delta", "param_name", "parse_granularity", "svd_factors", "ties_norm_sum", "ties_sum",

@@ -3,10 +3,11 @@ and `regmean_core` (RegMean's A rows in place of the deltas' own) and the spectr
 B_cat = Q_B M*: spectral.py). Exact LoRA: the export is the same adapter."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from ..lazytorch import no_grad
-from ..regmean import regmean_A, regmean_core_A
+from ..regmean import RIDGE, regmean_A, regmean_core_A, weighted_core_A
 from .bank import DeltaBank
 from .maths import OutputNorm
 from .methods import MergeMethod
@@ -16,6 +17,18 @@ if TYPE_CHECKING:
     import torch
 
     from .bank import CatModule
+
+
+@dataclass
+class CorePieces:
+    """One cat module's RegMean in the deltas' core space, kept for the weights-inside form (weighted_core_A):
+    the basis U = A_u, each merged delta's shrunk Gram H_j in it, its rows within U and of A_cat, and the ridge."""
+    U: torch.Tensor
+    H: list
+    within: list[slice]
+    cat_rows: list[slice]
+    deltas: list[int]
+    ridge: float
 
 
 class LowRankWriter:
@@ -31,6 +44,7 @@ class LowRankWriter:
         self.unit_B: dict[int, torch.Tensor] = {}  # the unit B_cat, kept once B_cat has held a B'
         self.b_changed = False  # B_cat holds a B' (linear_norm's, a spectral one's), not the unit factors
         self.aware_units: dict[str, list[torch.Tensor]] = {}  # RegMean's A rows per cat module, by space
+        self.core: list[CorePieces] = []  # per cat module, once RegMean's core space is loaded (weights inside)
 
     @no_grad
     def write(self, weights: Mapping[str, float], spec: MergeMethod) -> None:
@@ -40,6 +54,12 @@ class LowRankWriter:
             self._write_spectral(weights, spec)
             return
         w = bank.flat_table(weights)
+        if spec.weights_inside:
+            for k, m in enumerate(bank.cat):
+                m.A.copy_(self.trial_rows(spec, k, w))
+            if self.b_changed:
+                self._restore_unit_B()
+            return
         rows = w[bank.row_flat] * bank.row_scale
         # every module's rows are cast at once per (device, dtype), not module by module (~7 us a cast, times modules)
         cast: dict[tuple, torch.Tensor] = {}
@@ -63,6 +83,31 @@ class LowRankWriter:
             return self.aware_units[spec.data_aware]
         return [m.unit for m in self.bank.cat]
 
+    def trial_rows(self, spec: MergeMethod, k: int, flat: torch.Tensor) -> torch.Tensor:
+        """Cat module k's A_cat rows for the flat weight table `flat` (bank.flat_table), float64 and differentiable in
+        `flat` (what the gradient optimiser fits): the unit rows times w_i * s_i; with the weights inside RegMean's
+        sum (weights_inside), the unit rows of the merged deltas are first A_i~(w) of this module's weights."""
+        import torch
+        bank, m = self.bank, self.bank.cat[k]
+        unit = self.trial_units(spec)[k] if not spec.weights_inside else m.unit
+        flat = flat.to(m.unit.device)
+        scaled = flat[bank.row_index[k]] * m.scale.to(flat.device)
+        rows = unit.double()
+        if spec.weights_inside:
+            if not self.core:
+                raise ValueError("a weights-inside RegMean needs its core-space data first (use_regmean, core)")
+            pieces = self.core[k]
+            width = len(bank.names) + 1
+            offset = width * bank.group_names.index(bank.groups[m.index])
+            new = weighted_core_A(pieces.H, pieces.within, pieces.U, flat[offset + torch.tensor(pieces.deltas)],
+                                  pieces.ridge)
+            parts, at = [], 0
+            for sl, A in sorted(zip(pieces.cat_rows, new), key=lambda x: x[0].start):
+                parts += [rows[at:sl.start], A]
+                at = sl.stop
+            rows = torch.cat(parts + [rows[at:]])
+        return rows * scaled.unsqueeze(1)
+
     def has_regmean(self, space: str) -> bool:
         return space in self.aware_units
 
@@ -81,6 +126,8 @@ class LowRankWriter:
         regmean_core_A. Deltas not in chunk_of (train@all) keep their A and take no part; the deltas' own A rows
         stay as trained."""
         self.aware_units[space] = []
+        if space == "core":
+            self.core = []
         for m in self.bank.cat:
             name = self.bank.layer_names[m.index]
             slices, A_u, within = self.merged_rows(m, chunk_of)
@@ -88,14 +135,24 @@ class LowRankWriter:
             grams_of = [grams.gram(c, name).to(m.unit.device) for c in chunks]
             if space == "core":
                 diags = [grams.diag(c, name).to(m.unit.device) for c in chunks]
-                new = regmean_core_A(within, A_u, grams_of,
-                                     [(A_u.double() * d.double()) @ A_u.double().T for d in diags], alpha)
+                diags = [(A_u.double() * d.double()) @ A_u.double().T for d in diags]
+                new = regmean_core_A(within, A_u, grams_of, diags, alpha)
+                self._keep_core(slices, A_u, within, grams_of, diags, alpha)
             else:
                 new = regmean_A([m.unit[sl] for _, _, sl in slices], grams_of, alpha)
             rows = m.unit.clone()
             for (_, _, sl), A in zip(slices, new):
                 rows[sl] = A
             self.aware_units[space].append(rows)
+
+    def _keep_core(self, slices, A_u, within, grams_of, diags, alpha: float) -> None:
+        """The weights-inside form's pieces of this module (in cat order: use_regmean walks bank.cat)."""
+        import torch
+        H = [alpha * G.double() + (1.0 - alpha) * D for G, D in zip(grams_of, diags)]
+        total = torch.stack(H).sum(0) if H else torch.zeros(0, 0, dtype=torch.float64)
+        scale = float(torch.diagonal(total).mean()) if total.numel() else 0.0
+        self.core.append(CorePieces(A_u.double(), H, within, [sl for _, _, sl in slices], [i for i, _, _ in slices],
+                                    RIDGE * (scale if scale > 0 else 1.0)))
 
     def _write_norm_B(self, w: torch.Tensor) -> None:
         bank = self.bank

@@ -22,10 +22,17 @@ class MergeMethod:
     normalize: bool = False  # shared parts counted once (divided by the total weight of the deltas sharing them)
     data_aware: str | None = None  # RegMean's A rows from the chunks' data: "full" (regmean_A), "core" (regmean_core_A)
     spectral: Callable[[CoreSpace, list[float]], torch.Tensor | None] | None = None  # the merged core (spectral.py)
+    weights_inside: bool = False  # data-aware: the weights weigh each delta's Gram inside RegMean's sum (0 drops it)
 
     @property
     def row_scaled(self) -> bool:
-        """A weight scales its delta's rows of A_cat (what the gradient optimiser differentiates through)."""
+        """A weight scales its delta's rows of A_cat and nothing else (the trial's rows are unit rows times w * s)."""
+        return self.low_rank and self.spectral is None and not self.weights_inside
+
+    @property
+    def differentiable(self) -> bool:
+        """The trial's A_cat rows are a differentiable function of the weights (LowRankWriter.trial_rows): what the
+        gradient optimiser fits."""
         return self.low_rank and self.spectral is None
 
     @property
@@ -47,6 +54,9 @@ MERGE_METHODS: dict[str, MergeMethod] = {
     # regmean_core: the same least squares within the deltas' own input directions (R x R Grams: any model size)
     "regmean": MergeMethod(linear_sum, None, low_rank=True, data_aware="full"),
     "regmean_core": MergeMethod(linear_sum, None, low_rank=True, data_aware="core"),
+    # regmean_w: the weights inside RegMean's sum (core space, regmean.weighted_core_A): w_i weighs chunk i's rows in
+    # the least squares, so 0 drops delta i, one-hot is that delta alone, all ones is regmean_core
+    "regmean_w": MergeMethod(linear_sum, None, low_rank=True, data_aware="core", weights_inside=True),
     # spectral, in the deltas' core space (spectral.py): exact LoRA; the weights scale each delta before the merge
     "tsv": MergeMethod(linear_sum, None, low_rank=True, spectral=tsv_core),
     "iso_c": MergeMethod(linear_sum, None, low_rank=True, spectral=iso_c_core),
@@ -54,6 +64,19 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
-def row_scaled_methods() -> list[str]:
-    """The methods whose weights scale their deltas' rows of A_cat: those the gradient optimiser can fit."""
-    return [name for name, spec in MERGE_METHODS.items() if spec.row_scaled]
+def differentiable_methods() -> list[str]:
+    """The methods whose trial rows are differentiable in the weights: those the gradient optimiser can fit."""
+    return [name for name, spec in MERGE_METHODS.items() if spec.differentiable]
+
+
+def apply_switch(method: str, apply: str) -> str:
+    """The apply mode a merge method overrides (search.apply), said in one line; empty when it keeps it. Read by
+    WeightedDeltas (which switches) for its log line and by the report for its own."""
+    spec = MERGE_METHODS[method]
+    if not spec.low_rank and apply != "fold":
+        return (f"search.apply {apply} switched to fold: {method} is not low rank, so its merge is folded into the "
+                f"base weights (and exported as a truncated SVD)")
+    if spec.needs_cat and apply == "scaling":
+        return (f"search.apply scaling switched to cat: {method} writes more than each adapter's scaling (the "
+                f"cat factors' rows), which scaling cannot")
+    return ""

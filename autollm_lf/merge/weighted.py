@@ -12,12 +12,15 @@ from typing import Callable, Mapping
 
 from ..hostmem import HeldTokenizer
 from ..lazytorch import no_grad
+from ..log import get_logger
 from .apply import APPLY_MODES, FOLD_COPY_BUDGET
 from .bank import CAT, DeltaBank, load_model
 from .dense import DenseMerger
 from .export import export_adapter
 from .lowrank import LowRankWriter
-from .methods import MERGE_METHODS
+from .methods import MERGE_METHODS, apply_switch
+
+logger = get_logger(__name__)
 
 
 class WeightedDeltas:
@@ -33,8 +36,10 @@ class WeightedDeltas:
         if mode not in tuple(APPLY_MODES) + ("auto",):
             raise ValueError(f"unknown apply mode {mode!r}; choose one of {tuple(APPLY_MODES)}")
         spec = self._method_spec(method)
-        # ties/dare merges are not low rank: they are always folded into the base weights; linear_norm, regmean and
-        # the spectral merges change the cat factors per trial, so they need them
+        # a method that is not low rank is always folded into the base weights; one that writes the cat factors per
+        # trial (MergeMethod.needs_cat) needs them: said once in the log (apply_switch), and in the report
+        if mode != "auto" and (switch := apply_switch(method, mode)):
+            logger.info(f"search: {switch}")
         mode = "fold" if not spec.low_rank else ("cat" if spec.needs_cat and mode == "scaling" else mode)
         base = load_model(base_path)  # then the tokenizer, as from_pretrained leaves the heap (hostmem)
         self.held = tokenizer or HeldTokenizer(base_path)
@@ -110,10 +115,6 @@ class WeightedDeltas:
     def regmean_projections(self, deltas) -> dict:
         """regmean_core: per cat module (by name), the A_u its inputs are projected on while the Grams are taken."""
         return {self.bank.layer_names[m.index]: self.lowrank.merged_rows(m, deltas)[1] for m in self.bank.cat}
-
-    def trial_units(self) -> list:
-        """Per cat module, the A rows a trial scales by w_i * s_i (the method's: the deltas' own, or RegMean's)."""
-        return self.lowrank.trial_units(MERGE_METHODS[self.method])
 
     def fold_fits(self) -> bool:
         """`auto` tries `fold` only where its copy stays within FOLD_COPY_BUDGET of what is held anyway."""

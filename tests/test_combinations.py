@@ -1,0 +1,109 @@
+"""Every combination of optimiser x merge method x metric x objective on/off either runs to the end or is refused by
+`validate` (issue 41): what an optimiser cannot work with is declared once on it (`needs`), and a combination that
+passes `validate` must not fail later.
+
+`validate` is asked about the whole product. The search (the stage where combinations meet) then runs for real on a
+tiny trained run, in-process as the CLI runs it, over a set of accepted combinations that holds every pair of values
+of any two of the four dimensions at least once (pairwise covering, built greedily). The metrics run are those a
+local run can score without a server or a benchmark index: `judge` (an LLM server) and `lm_eval` (a task index)
+have their own end-to-end tests, `choice` needs rows that carry choices."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import yaml
+from conftest import autollm, write_config
+
+from autollm_lf.cli import main
+from autollm_lf.merge import MERGE_METHODS
+from autollm_lf.metrics import METRICS
+from autollm_lf.search import OPTIMIZERS
+
+OPTIMIZERS_ = ["auto", *OPTIMIZERS]
+MERGES = list(MERGE_METHODS)
+RUN_METRICS = ["exact_match", "loss", "contains", "regex", "numeric", "python"]
+OBJECTIVE = [{"chunks": ["math"], "weight": 1.0}, {"chunks": ["code"], "weight": 0.0, "max_drop": 0.5}]
+METRIC_KEYS = {"regex": {"pattern": "(.*)"}, "python": {"function": "scorer:score"},
+               "judge": {"judge": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}},
+               "lm_eval": {"lm_eval": {"validation": ["lm_task.yaml"], "test": ["lm_task.yaml"]}}}  # a local task
+
+
+def overrides(optimizer: str, merge: str, metric: str, objective: bool) -> dict:
+    evaluation = {"metric": metric, **METRIC_KEYS.get(metric, {}), **({"objective": OBJECTIVE} if objective else {})}
+    return {"search": {"optimizer": optimizer, "merge": merge, "init_points": 1, "n_iter": 2, "alone_seeds": False,
+                       "apply": "auto"},
+            "evaluation": evaluation}
+
+
+def write_case(base: dict, tmp_path, combo) -> str:
+    raw = json.loads(json.dumps(base))
+    for section, values in overrides(*combo).items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "combo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def refused(base: dict, tmp_path, combo, capsys) -> str | None:
+    """validate's one-line refusal, or None when it accepts the combination."""
+    capsys.readouterr()
+    code = main(["validate", write_case(base, tmp_path, combo)])
+    err = capsys.readouterr().err
+    if code == 0:
+        return None
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, (combo, err)
+    return err
+
+
+def pairwise(accepted: list[tuple]) -> list[tuple]:
+    """A subset of `accepted` holding every pair of values (of any two dimensions) that some accepted combination
+    holds: greedy, the combination covering most uncovered pairs first."""
+    pairs = lambda c: {(i, c[i], j, c[j]) for i, j in itertools.combinations(range(len(c)), 2)}
+    uncovered = set().union(*map(pairs, accepted))
+    chosen = []
+    while uncovered:
+        best = max(accepted, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("combos")
+    path = write_config(tmp, tiny_model, name="combo", baselines=False)
+    (tmp / "lm_task.yaml").write_text(yaml.safe_dump({"task": "autollm_combo", "dataset_path": "json",
+                                                      "output_type": "generate_until", "test_split": "test"}))
+    (tmp / "scorer.py").write_text("def score(predictions, references, rows):\n"
+                                   "    return [float(p.strip() == r.strip())\n"
+                                   "            for p, r in zip(predictions, references)]\n")
+    res = autollm("train", str(path), cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return tmp, yaml.safe_load(path.read_text())
+
+
+@pytest.mark.slow
+def test_every_combination_runs_to_the_end_or_is_refused_at_validate(trained, capsys, monkeypatch):
+    tmp, base = trained
+    monkeypatch.chdir(tmp)
+    monkeypatch.syspath_prepend(str(tmp))  # the python metric's scorer module
+    product = list(itertools.product(OPTIMIZERS_, MERGES, [*METRICS], [False, True]))
+    verdicts = {combo: refused(base, tmp, combo, capsys) for combo in product}
+    refusals = {c: e for c, e in verdicts.items() if e is not None}
+    # what is refused is what the optimisers declare, and only that: gradient with a merge it cannot differentiate,
+    # a metric without reference answers, or an objective; nothing else in the product
+    gradient = lambda c: c[0] == "gradient" and (not MERGE_METHODS[c[1]].differentiable or c[2] == "lm_eval" or c[3])
+    assert {c for c in refusals} == {c for c in product if gradient(c)}
+    assert all("search.optimizer: gradient" in e for e in refusals.values())
+    runnable = [c for c in product if verdicts[c] is None and c[2] in RUN_METRICS]
+    failures = []
+    for combo in pairwise(runnable):
+        capsys.readouterr()
+        code = main(["search", write_case(base, tmp, combo)])
+        out = capsys.readouterr()
+        best = json.loads((tmp / "runs" / "combo" / "search" / "best.json").read_text())
+        if code != 0 or "Traceback" in out.err or not best.get("weights"):
+            failures.append((combo, code, out.err[-500:]))
+    assert not failures, failures
