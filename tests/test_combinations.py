@@ -2,9 +2,10 @@
 `validate` (issue 41): what an optimiser cannot work with is declared once on it (`needs`), and a combination that
 passes `validate` must not fail later.
 
-`validate` is asked about the whole product. The search (the stage where combinations meet) then runs for real on a
-tiny trained run, in-process as the CLI runs it, over a set of accepted combinations that holds every pair of values
-of any two of the four dimensions at least once (pairwise covering, built greedily). The metrics run are those a
+The declarations are read for the whole product, and the CLI's `validate` asked about a pairwise-covering set of it
+(every pair of values of two dimensions at least once). The search (the stage where combinations meet) then runs for
+real on a tiny trained run, in-process as the CLI runs it, over a set of accepted combinations that holds every
+pair of values of any two of the four dimensions at least once (pairwise covering, built greedily). The metrics run are those a
 local run can score without a server or a benchmark index: `judge` (an LLM server) and `lm_eval` (a task index)
 have their own end-to-end tests, `choice` needs rows that carry choices."""
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from conftest import autollm, write_config
 
+from autollm_lf.checks import combination_problems
 from autollm_lf.cli import main
 from autollm_lf.merge import MERGE_METHODS
 from autollm_lf.metrics import METRICS
@@ -79,8 +81,9 @@ def trained(tiny_model, tmp_path_factory):
     (tmp / "scorer.py").write_text("def score(predictions, references, rows):\n"
                                    "    return [float(p.strip() == r.strip())\n"
                                    "            for p, r in zip(predictions, references)]\n")
-    res = autollm("train", str(path), cwd=tmp)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("prepare", "train"):
+        res = autollm(stage, str(path), cwd=tmp)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return tmp, yaml.safe_load(path.read_text())
 
 
@@ -90,14 +93,16 @@ def test_every_combination_runs_to_the_end_or_is_refused_at_validate(trained, ca
     monkeypatch.chdir(tmp)
     monkeypatch.syspath_prepend(str(tmp))  # the python metric's scorer module
     product = list(itertools.product(OPTIMIZERS_, MERGES, [*METRICS], [False, True]))
-    verdicts = {combo: refused(base, tmp, combo, capsys) for combo in product}
-    refusals = {c: e for c, e in verdicts.items() if e is not None}
+    declared = {c: combination_problems(*(lambda o: (o["search"], o["evaluation"]))(overrides(*c))) for c in product}
     # what is refused is what the optimisers declare, and only that: gradient with a merge it cannot differentiate,
     # a metric without reference answers, or an objective; nothing else in the product
     gradient = lambda c: c[0] == "gradient" and (not MERGE_METHODS[c[1]].differentiable or c[2] == "lm_eval" or c[3])
-    assert {c for c in refusals} == {c for c in product if gradient(c)}
-    assert all("search.optimizer: gradient" in e for e in refusals.values())
-    runnable = [c for c in product if verdicts[c] is None and c[2] in RUN_METRICS]
+    assert {c for c, p in declared.items() if p} == {c for c in product if gradient(c)}
+    # the CLI's validate on a set holding every pair of values: it refuses (one line, exit 2) exactly those
+    verdicts = {c: refused(base, tmp, c, capsys) for c in pairwise(product)}
+    assert {c for c, e in verdicts.items() if e} == {c for c in verdicts if gradient(c)}
+    assert all("search.optimizer: gradient" in e for e in verdicts.values() if e)
+    runnable = [c for c in product if not declared[c] and c[2] in RUN_METRICS]
     failures = []
     for combo in pairwise(runnable):
         capsys.readouterr()
