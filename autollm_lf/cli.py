@@ -8,6 +8,7 @@ import sys
 from .bench import run_bench
 from .checks import load_config
 from .errors import UserError, mask_secrets
+from .footprint import show as show_footprint
 from .log import get_logger, run_log, set_verbosity
 from .pipeline import STAGES, run_stages
 from .quality import QUALITY_METHODS, QUALITY_OPTIMIZERS, quality_pairs
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = apply_round(cfg, args.config)
         if args.command == "validate":
             print(f"{args.config}: ok")
+            show_footprint(cfg)  # disk and memory the run needs; exit 2 when the run's disk lacks the space
             return 0
 
         with run_log(cfg.run.log):

@@ -62,6 +62,7 @@ class GgufSource:
     stem: str                        # readable part of the cache folder's name
     sha256: Callable[[], str]        # the file's digest (cheap where it can be)
     materialize: Callable[[Path], Path]  # the file on disk (may write it into the given scratch folder)
+    pieces: tuple[Path, ...] = ()    # the file, or its .partNN pieces in order (read as one by footprint.py)
 
 
 def _file_source(spec: str) -> GgufSource:
@@ -73,7 +74,7 @@ def _file_source(spec: str) -> GgufSource:
             raise UserError(f"{KEY}: {path} is not a GGUF file (it does not start with 'GGUF'); give a llama.cpp "
                             f".gguf model file")
     check_whole(path)
-    return GgufSource(spec, path.stem, lambda: _file_sha256(path), lambda scratch: path)
+    return GgufSource(spec, path.stem, lambda: _file_sha256(path), lambda scratch: path, (path,))
 
 
 def check_whole(path: Path) -> None:
@@ -142,7 +143,7 @@ def _package_source(spec: str) -> GgufSource:
     whole = [f for f in files if f.suffix == ".gguf"]
     if len(whole) == 1:  # the file itself: a GGUF like any other
         src = _file_source(str(whole[0]))
-        return GgufSource(spec, src.stem, src.sha256, src.materialize)
+        return GgufSource(spec, src.stem, src.sha256, src.materialize, src.pieces)
     from packaging.requirements import InvalidRequirement, Requirement
 
     for req in dist.requires or []:  # the pieces may come in the distributions it requires
@@ -165,7 +166,7 @@ def _package_source(spec: str) -> GgufSource:
         raise UserError(f"{KEY}: distribution {name!r} has no SHA256SUMS entry for {model_name}; autollm checks "
                         f"the joined file against it (give the .gguf file's path instead)")
     return GgufSource(spec, Path(model_name).stem, lambda: digest,
-                      lambda scratch: _join(pieces, scratch / model_name, digest, name))
+                      lambda scratch: _join(pieces, scratch / model_name, digest, name), tuple(pieces))
 
 
 def _listed_sha256(files: list[Path], model_name: str) -> str | None:

@@ -1,14 +1,22 @@
 """search.merge: regmean's data: each chunk's Gram matrices, from one forward pass over its training rows on the
-base the deltas were trained from, cached in search/grams/<chunk>.safetensors (a re-run reads them back)."""
+base the deltas were trained from, cached in search/grams/<chunk>.safetensors (a re-run reads them back).
+
+A Gram file is whole or absent: it is written into a folder of the writing process's own (.tmp-<host>-<pid>/),
+flushed to disk and renamed into place, so a killed writer leaves only that folder, which the next run removes; a
+file safetensors cannot open whole (cut short) or with another fingerprint is computed again."""
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Mapping
 
 from .errors import UserError
 from .evaluate import encode_turns
+from .gguf import _alive  # a process id still running here
 from .io import file_digest, fingerprint, read_json
 from .log import get_logger
 from .regmean import GramCollector, GramFiles, cached_fingerprint, padded_batches, save_grams
@@ -49,12 +57,55 @@ def grams_fingerprint(cfg, chunk: str, layer_names: list[str], projections: dict
                        cfg.base_model.template, training_cutoff_len(cfg), layer_names, projected)
 
 
+def gram_path(cfg, chunk: str, space: str = "full") -> Path:
+    """search/grams/<chunk>.safetensors (full space) or <chunk>.<space>.safetensors."""
+    suffix = "" if space == "full" else f".{space}"
+    return cfg.run.search / "grams" / f"{chunk}{suffix}.safetensors"
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def _own_tmp(folder: Path) -> Path:
+    return folder / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale(folder: Path) -> None:
+    """What killed writers on this host left: their .tmp-<host>-<pid>/ folders (and an older version's <chunk>.tmp)."""
+    host = f"{TMP_PREFIX}{socket.gethostname()}-"
+    for tmp in folder.glob(f"{TMP_PREFIX}*"):
+        pid = tmp.name[len(host):] if tmp.name.startswith(host) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in folder.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def write_grams(path: Path, collector: GramCollector, fingerprint: str, rows: int) -> None:
+    """save_grams into this process's own folder, flushed to disk, then renamed into place (whole or absent)."""
+    tmp = _own_tmp(path.parent)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        save_grams(tmp / path.name, collector, fingerprint, rows)
+        with open(tmp / path.name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp / path.name, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself
+        finally:
+            os.close(dir_fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_grams(cfg, weighted, chunks: list[str], space: str = "full", deltas=(),
                  batch_rows: int = 16) -> dict[str, Path]:
-    """Every chunk's Gram file, computed where missing or stale (data, base, modules or, in core space, the deltas'
-    A rows changed). Core space: each module's input projected on the A rows of `deltas`."""
-    suffix = "" if space == "full" else f".{space}"
-    paths = {c: cfg.run.search / "grams" / f"{c}{suffix}.safetensors" for c in chunks}
+    """Every chunk's Gram file, computed where missing, cut short or stale (data, base, modules or, in core space,
+    the deltas' A rows changed). Core space: each module's input projected on the A rows of `deltas`."""
+    paths = {c: gram_path(cfg, c, space) for c in chunks}
+    if cfg.run.search.joinpath("grams").is_dir():
+        remove_stale(cfg.run.search / "grams")
     names = [weighted.layer_names[k] for k in weighted.bank.cat_index]
     projections = weighted.regmean_projections(deltas) if space == "core" else None
     fps = {c: grams_fingerprint(cfg, c, names, projections) for c in chunks}
@@ -71,7 +122,7 @@ def ensure_grams(cfg, weighted, chunks: list[str], space: str = "full", deltas=(
         layers = {n: weighted.bank.layers[k] for n, k in zip(names, weighted.bank.cat_index)}
         collector = GramCollector(layers, projections)
         collector.run(weighted.model, padded_batches(sequences, weighted.pad_token_id or 0, batch_rows))
-        save_grams(paths[chunk], collector, fps[chunk], len(sequences))
+        write_grams(paths[chunk], collector, fps[chunk], len(sequences))
         size = sum(g.nbytes for g in collector.grams.values())
         logger.info(f"search: regmean ({space}) Grams of {chunk}: {len(sequences)} rows, "
                     f"{len(collector.grams)} matrices, {size / 2**20:.1f} MB, {time.perf_counter() - started:.0f} s")

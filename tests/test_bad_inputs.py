@@ -269,8 +269,7 @@ def test_bad_input(workspace, capsys, case_id, edits, command, expected):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "S3cret" not in err
     assert len(err.splitlines()) == 1 or command == "validate", err  # validate lists every problem, one a line
-    if expected:
-        assert in_workspace(expected, workspace) in err, err
+    assert in_workspace(expected, workspace) in err, err
     assert snapshot(workspace) == before
     for log in workspace.rglob("autollm.log"):  # a run's log this case wrote to ends with the same error line
         if log.read_text() != logged.get(log):
@@ -278,14 +277,21 @@ def test_bad_input(workspace, capsys, case_id, edits, command, expected):
 
 
 def test_the_good_config_passes(workspace, capsys):
-    """The control: every case is good_config with one edit, so good_config itself must pass validate (else every
-    case would fail for the same reason), and each case must change it."""
+    """The control: every case is good_config with one edit, so good_config itself must pass validate and prepare
+    (else the validate and prepare cases could fail for the same reason, whatever their edit), and neither may say
+    any case's expected text (an empty one is said by every output: that case would check nothing); prepare, run
+    again on its prepared data, changes no file."""
     path = workspace / "cases" / "good.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(good_config(workspace)))
-    capsys.readouterr()
-    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
-    assert all(expected for *_, expected in CASES)
+    for command in ("validate", "prepare"):
+        before = snapshot(workspace)
+        capsys.readouterr()
+        assert main([command, str(path)]) == 0, capsys.readouterr().err
+        said = "".join(capsys.readouterr())
+        assert command != "prepare" or "up to date" in said, said  # it ran, and found its data prepared
+        assert [case for case, _, _, expected in CASES if in_workspace(expected, workspace) in said] == []
+        assert snapshot(workspace) == before
 
 
 def test_adapters_of_a_different_base_are_refused(workspace, capsys):

@@ -4,10 +4,10 @@ passes `validate` must not fail later.
 
 The declarations are read for the whole product, and the CLI's `validate` asked about a pairwise-covering set of it
 (every pair of values of two dimensions at least once). The search (the stage where combinations meet) then runs for
-real on a tiny trained run, in-process as the CLI runs it, over a set of accepted combinations that holds every
-pair of values of any two of the four dimensions at least once (pairwise covering, built greedily). The metrics run are those a
-local run can score without a server or a benchmark index: `judge` (an LLM server) and `lm_eval` (a task index)
-have their own end-to-end tests, `choice` needs rows that carry choices."""
+real on a tiny trained run, in-process as the CLI runs it, over a set of accepted combinations that holds every pair
+of values of any two of the four dimensions at least once (pairwise covering, built greedily). The metrics run are
+those a local run can score without a server or a benchmark index: `judge` (an LLM server) and `lm_eval` (a task
+index) have their own end-to-end tests, `choice` needs rows that carry choices."""
 from __future__ import annotations
 
 import itertools

@@ -67,3 +67,79 @@ def test_sigkill_during_training_and_search(tiny_model, tmp_path):
     assert strip(final) == strip(lines(ref_run / "search" / "trials.jsonl"))
     best = json.loads((run / "search" / "best.json").read_text())
     assert best == json.loads((ref_run / "search" / "best.json").read_text())
+
+
+# Killed from inside at a fixed point of the Gram pass: on the tiny model a chunk's Grams take milliseconds, so a
+# watcher polling for the first file would race the second. The second chunk's file is cut to half its bytes and
+# the process SIGKILLed while it is in the writer's temporary folder, as a kill -9 mid-write leaves it.
+KILL_IN_GRAM_PASS = '''
+import os, signal, sys
+import safetensors.torch
+from autollm_lf.cli import main
+real, written = safetensors.torch.save_file, []
+
+def save_file(tensors, filename, metadata=None):
+    real(tensors, filename, metadata=metadata)
+    if "grams" in str(filename) and written:
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    written.append(filename)
+
+safetensors.torch.save_file = save_file
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def autollm(*args, cwd, script=None):
+    command = [sys.executable, str(script)] if script else [sys.executable, "-m", "autollm_lf"]
+    return subprocess.run(command + list(args), cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def tensors(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_sigkill_during_the_gram_pass_resumes_to_the_same_grams_and_best(tiny_model, tmp_path):
+    import shutil
+
+    import torch
+    cfg = write_config(tmp_path, tiny_model, name="g", search={"merge": "regmean", "init_points": 2, "n_iter": 4},
+                       baselines=False)
+    for stage in ("prepare", "train", "search"):
+        res = autollm(stage, str(cfg), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "g"
+    ref = tmp_path / "uninterrupted"
+    shutil.move(run / "search", ref)  # the uninterrupted search, put aside: the next one starts from nothing
+    grams = sorted(p.name for p in (ref / "grams").glob("*.safetensors"))
+    assert len(grams) == 2
+
+    killer = tmp_path / "kill_in_gram_pass.py"
+    killer.write_text(KILL_IN_GRAM_PASS)
+    res = autollm("search", str(cfg), cwd=tmp_path, script=killer)
+    assert res.returncode == -signal.SIGKILL, res.stdout[-2000:] + res.stderr[-2000:]
+    folder = run / "search" / "grams"
+    done = [p.name for p in folder.glob("*.safetensors")]
+    assert len(done) == 1, done  # the first chunk's file is whole, the second's never reached its name
+    torn = list(folder.glob(".tmp-*/*"))
+    whole = ref / "grams" / torn[0].with_suffix(".safetensors").name
+    assert len(torn) == 1 and torn[0].stat().st_size == whole.stat().st_size // 2
+    assert not (run / "search" / "trials.jsonl").exists() or not lines(run / "search" / "trials.jsonl")
+    first_mtime = (folder / done[0]).stat().st_mtime_ns
+
+    res = autollm("search", str(cfg), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recomputed = [g for g in grams if f"Grams of {g.removesuffix('.safetensors')}:" in res.stdout + res.stderr]
+    assert recomputed == [g for g in grams if g not in done]  # only the chunk the kill interrupted
+    assert (folder / done[0]).stat().st_mtime_ns == first_mtime
+    assert not list(folder.glob(".tmp-*"))  # the killed writer's folder is gone
+    for name in grams:
+        meta, got = tensors(folder / name)
+        ref_meta, want = tensors(ref / "grams" / name)
+        assert meta == ref_meta and got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds")} for l in ls]
+    assert strip(lines(run / "search" / "trials.jsonl")) == strip(lines(ref / "trials.jsonl"))
+    assert json.loads((run / "search" / "best.json").read_text()) == json.loads((ref / "best.json").read_text())
