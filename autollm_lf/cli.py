@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--optimizer", action="append", choices=QUALITY_OPTIMIZERS, metavar="NAME",
                        help=f"quality: only this optimiser (repeatable; default: {', '.join(QUALITY_OPTIMIZERS)})")
     bench.add_argument("--seeds", type=int, default=None, metavar="N",
-                       help="quality: searches per method x optimiser, each with its own seed (default 3; 1 with "
-                            "--quick)")
+                       help="quality: searches per method x optimiser, each with its own RNG seed (the gradient's "
+                            "minibatches and the fit/holdout split; every search starts from the same baseline "
+                            "points, so these are not independent replications) (default 3; 1 with --quick)")
     bench.add_argument("--larger-budget", type=int, default=None, metavar="TRIALS",
                        help="quality: one more search of the run's own method and optimiser at this many trials "
                             "(default 3 x the budget; 0: none)")

@@ -20,7 +20,7 @@ from .grams import use_regmean
 from .intervals import mean_interval, paired_difference, resample_index, split_by_chunk
 from .io import read_json
 from .merge import MERGE_METHODS
-from .search import optimizer_problems, run_search, seed_points
+from .search import baseline_points, optimizer_problems, run_search
 from .session import Session
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core", "regmean_w", "tsv", "iso_c", "iso_cts")
@@ -113,14 +113,15 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     report = read_json(cfg.run.report_json, {})
     yardsticks = {r["model"]: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
                   for r in report.get("rows", []) if r["model"] in ("raw", "train@all", "shared_base")}
-    n_seed_points = len(seed_points(session.search_params, cfg.search.bounds, cfg.search.human_weights,
-                                    cfg.search.alone_seeds))
+    n_baselines = len(baseline_points(session.search_params, cfg.search.bounds, cfg.search.human_weights,
+                                      cfg.search.alone_baselines))
 
     def measured(method: str, optimizer: str, trials: int, searches: int) -> dict:
-        """`searches` searches of `trials` trials each (the seed points, then the optimiser), scored on test."""
+        """`searches` searches of `trials` trials each (the baseline points, then the optimiser), scored on test,
+        one per RNG seed (the gradient's minibatches and the fit/holdout split: not another start point)."""
         w.use_method(method, cfg.search.density)
         search = cfg.search.model_copy(update={"merge": method, "optimizer": optimizer, "init_points": 0,
-                                               "n_iter": max(trials - n_seed_points, 0), "patience": None})
+                                               "n_iter": max(trials - n_baselines, 0), "patience": None})
         runs = []
         for seed in range(searches):
             best, seconds = _search(session, search, session.search_params, seed)
@@ -136,7 +137,7 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     for r in results:
         for run in r["runs"]:
             run.pop("scores")
-    return {"run": str(cfg.run.root), "test_rows": len(chunks), "interval": level, "seed_points": n_seed_points,
+    return {"run": str(cfg.run.root), "test_rows": len(chunks), "interval": level, "baseline_points": n_baselines,
             "own_delta": own, "learned": learned_chunks, "base_test": base_overall, "yardsticks": yardsticks,
             "results": results}
 

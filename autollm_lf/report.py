@@ -215,13 +215,16 @@ def _seconds(row: dict) -> str:
 
 def merge_line(cfg) -> str:
     spec = MERGE_METHODS[cfg.search.merge]
-    extra = (f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean itself)"
+    extra = (f" (alpha {cfg.search.regmean_alpha}; average_merge, every weight 1, is RegMean itself"
+             + (", in the deltas' core space" if spec.data_aware == "core" else "") + ")"
              if spec.data_aware else " (average_merge, every weight 1, is the method itself at scale 1)"
              if spec.spectral else f" (density {cfg.search.density})" if spec.sparsify else "")
     switch = apply_switch(cfg.search.merge, cfg.search.apply) if cfg.search.apply != "auto" else ""
     chosen = cfg.run.read_best().get("select_line", "") if cfg.run.best.is_file() else ""
-    return (f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}." + (f" {switch[0].upper()}{switch[1:]}."
-            if switch else "") + (f" auto_merge: {chosen}." if chosen else "")
+    alone = (f" The train@ rows are each delta alone as trained, not through `{cfg.search.merge}`."
+             if cfg.search.merge != "linear" else "")
+    return (f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}.{alone}"
+            + (f" {switch[0].upper()}{switch[1:]}." if switch else "") + (f" auto_merge: {chosen}." if chosen else "")
             + (" auto_merge is the exported adapter (a truncated SVD of the merge the search scored, which is "
                f"`{IN_MEMORY}`)." if not MERGE_METHODS[cfg.search.merge].low_rank else ""))
 

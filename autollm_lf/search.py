@@ -45,10 +45,10 @@ def per_delta(weights: dict[str, float]) -> dict[str, float]:
     return {d: sum(ws) / len(ws) for d, ws in groups.items()}
 
 
-def seed_points(params: list[str], bounds: tuple[float, float], human: dict[str, float],
-                alone: bool = True) -> list[tuple[str, dict]]:
-    """The baselines the search starts from: raw (all 0), uniform (all 1), each delta alone (if `alone`:
-    search.alone_seeds), human weights (keyed by delta: every weight of that delta). A point equal to an earlier one
+def baseline_points(params: list[str], bounds: tuple[float, float], human: dict[str, float],
+                    alone: bool = True) -> list[tuple[str, dict]]:
+    """The baseline points the search starts from: raw (all 0), uniform (all 1), each delta alone (if `alone`:
+    search.alone_baselines), human weights (keyed by delta: every weight of that delta). A point equal to an earlier one
     is left out (no trial twice)."""
     lo, hi = bounds
     clip = lambda w: float(min(max(w, lo), hi))
@@ -82,8 +82,8 @@ def plan_trials(cfg, params: list[str], human: dict[str, float] | None = None) -
     """All trials in order; None weights mean 'ask the optimiser'."""
     rng = np.random.default_rng(cfg.seed)
     lo, hi = cfg.search.bounds
-    plan = seed_points(params, cfg.search.bounds, cfg.search.human_weights if human is None else human,
-                       cfg.search.alone_seeds)
+    plan = baseline_points(params, cfg.search.bounds, cfg.search.human_weights if human is None else human,
+                           cfg.search.alone_baselines)
     plan += [("random", {p: float(x) for p, x in zip(params, rng.uniform(lo, hi, len(params)))})
              for _ in range(cfg.search.init_points)]
     plan += [(optimizer_name(cfg, len(params)), None)] * cfg.search.n_iter

@@ -34,7 +34,7 @@ METRIC_KEYS = {"regex": {"pattern": "(.*)"}, "python": {"function": "scorer:scor
 
 def overrides(optimizer: str, merge: str, metric: str, objective: bool) -> dict:
     evaluation = {"metric": metric, **METRIC_KEYS.get(metric, {}), **({"objective": OBJECTIVE} if objective else {})}
-    return {"search": {"optimizer": optimizer, "merge": merge, "init_points": 1, "n_iter": 2, "alone_seeds": False,
+    return {"search": {"optimizer": optimizer, "merge": merge, "init_points": 1, "n_iter": 2, "alone_baselines": False,
                        "apply": "auto"},
             "evaluation": evaluation}
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from autollm_lf.config import SearchConfig
-from autollm_lf.search import plan_trials, run_search, seed_points
+from autollm_lf.search import baseline_points, plan_trials, run_search
 
 DELTAS = ["a", "b", "c"]
 TARGET = {"a": 0.2, "b": 0.7, "c": 0.4}
@@ -28,18 +28,18 @@ def make_cfg(tmp_path, n_iter=12):
                                                                      human_weights={"b": 1.5}))
 
 
-def test_seed_points_cover_baselines_and_clip_to_bounds():
-    pts = dict(seed_points(DELTAS, (0.0, 1.0), {"b": 1.5, "c": 0.5}))
+def test_baseline_points_cover_baselines_and_clip_to_bounds():
+    pts = dict(baseline_points(DELTAS, (0.0, 1.0), {"b": 1.5, "c": 0.5}))
     assert pts["raw"] == {"a": 0.0, "b": 0.0, "c": 0.0} and pts["uniform"] == {"a": 1.0, "b": 1.0, "c": 1.0}
     assert pts["only:b"] == {"a": 0.0, "b": 1.0, "c": 0.0}
     assert pts["human"] == {"a": 0.0, "b": 1.0, "c": 0.5}  # 1.5 clipped to the upper bound
 
 
-def test_alone_seeds_can_be_left_out():
-    """search.alone_seeds: false plans no `only:` trial (raw, uniform and human stay)."""
-    assert [k for k, _ in seed_points(DELTAS, (0.0, 1.0), {"b": 0.5}, alone=False)] == ["raw", "uniform", "human"]
+def test_alone_baselines_can_be_left_out():
+    """search.alone_baselines: false plans no `only:` trial (raw, uniform and human stay)."""
+    assert [k for k, _ in baseline_points(DELTAS, (0.0, 1.0), {"b": 0.5}, alone=False)] == ["raw", "uniform", "human"]
     kinds = lambda alone: [k for k, w in plan_trials(SimpleNamespace(seed=0, search=SearchConfig(
-        init_points=0, n_iter=2, alone_seeds=alone)), DELTAS) if w is not None]
+        init_points=0, n_iter=2, alone_baselines=alone)), DELTAS) if w is not None]
     assert kinds(True) == ["raw", "uniform", "only:a", "only:b", "only:c"] and kinds(False) == ["raw", "uniform"]
 
 
@@ -141,7 +141,7 @@ def test_corner_optimum_no_point_twice_and_bound_warning(tmp_path, capsys, optim
     out = capsys.readouterr().out
     assert len(session.points) == len(set(session.points)), "a point was evaluated twice"
     trials = [json.loads(l) for l in (tmp_path / "search" / "trials.jsonl").read_text().splitlines()]
-    planned = len(seed_points(DELTAS, (0.0, 1.0), HUMAN)) + 3  # the baselines, then init_points random points
+    planned = len(baseline_points(DELTAS, (0.0, 1.0), HUMAN)) + 3  # the baselines, then init_points random points
     assert len(trials) == planned + 20 and all(t["kind"] == optimizer for t in trials[planned:])
     # the optimiser did the work: its best point beats every baseline and random point, and it is a point the
     # optimiser proposed (not a random replacement of a repeated suggestion, which a no-op optimiser gets)
@@ -161,9 +161,9 @@ def test_corner_optimum_no_point_twice_and_bound_warning(tmp_path, capsys, optim
         assert "replaced by random points" in out
 
 
-def test_seed_points_left_out_when_equal():
+def test_baseline_points_left_out_when_equal():
     """human == only:b is one trial, not two."""
-    pts = seed_points(DELTAS, (0.0, 1.0), {"b": 1.0})
+    pts = baseline_points(DELTAS, (0.0, 1.0), {"b": 1.0})
     assert [k for k, _ in pts] == ["raw", "uniform", "only:a", "only:b", "only:c"]
 
 
@@ -215,6 +215,6 @@ def test_optimizer_is_seeded(tmp_path):
 
 def test_granular_weights_seed_per_delta():
     params = ["a@attn", "a@mlp", "b@attn", "b@mlp"]
-    pts = dict(seed_points(params, (0.0, 1.0), {"b": 0.5}))
+    pts = dict(baseline_points(params, (0.0, 1.0), {"b": 0.5}))
     assert pts["only:a"] == {"a@attn": 1.0, "a@mlp": 1.0, "b@attn": 0.0, "b@mlp": 0.0}
     assert pts["human"] == {"a@attn": 0.0, "a@mlp": 0.0, "b@attn": 0.5, "b@mlp": 0.5}

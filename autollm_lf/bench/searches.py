@@ -118,7 +118,7 @@ def quiet_search(scored: ScoredMerge, params: list[str], seed: int, fp: str) -> 
         return best, time.perf_counter() - started
 
 
-QUALITY_BUDGET = 11  # trials per search in `--only quality`: the Gemma example's 8 seed points and 3 fits
+QUALITY_BUDGET = 11  # trials per search in `--only quality`: the Gemma example's 8 baseline points and 3 fits
 
 
 SEARCH_BENCH = [  # (merge method, granularity, optimizer): what `--only search` compares, at one budget

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from ..granularity import parse_granularity
 from ..owned import owned_key_problems
@@ -111,9 +111,10 @@ class SearchConfig(Strict):
     init_points: int = Field(5, ge=0)
     n_iter: int = Field(40, ge=0)
     human_weights: dict[str, float] = Field(default_factory=dict)
-    alone_seeds: bool = Field(True, description="a seed trial per delta, that delta's weights alone, before the "
-                                                "optimiser; false saves those trials (the report scores each delta "
-                                                "as trained anyway)")
+    alone_baselines: bool = Field(
+        True, validation_alias=AliasChoices("alone_baselines", "alone_seeds"),  # alone_seeds: its former name
+        description="a baseline point per delta, that delta's weights alone, before the optimiser; false saves those "
+                    "trials (the report scores each delta as trained anyway)")
     apply: Literal["auto", "cat", "fold", "scaling"] = Field(
         "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once "
                 "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET; else cat, "
