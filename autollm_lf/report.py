@@ -256,8 +256,12 @@ def paired_lines(paired: dict) -> list[str]:
     return lines
 
 
+def granularity_text(cfg, granularity: str) -> str:
+    return f"auto, here {granularity}" if cfg.search.granularity == "auto" else granularity
+
+
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost: str = "",
-              paired: dict | None = None, gain: dict | None = None) -> str:
+              paired: dict | None = None, gain: dict | None = None, granularity: str = "delta") -> str:
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
              eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg), "",
@@ -276,11 +280,11 @@ def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost:
     lines += ["", "model | " + " | ".join(f"{d}_weight" for d in deltas) + " |", "---|" + "---|" * len(deltas)]
     lines += [f"{r['model']} | " + " | ".join(f"{per_delta(r['weights']).get(d, 0.0):.4g}" for d in deltas) + " |"
               for r in rows if "weights" in r]
-    if cfg.search.granularity != "delta":
+    if granularity != "delta":
         lines += ["", f"Weights per delta are means over its module groups (search.granularity: "
-                      f"{cfg.search.granularity}); search/best.json holds each."]
+                      f"{granularity_text(cfg, granularity)}); search/best.json holds each."]
     lines += ["", "![convergence](convergence.png)", "", "![weights](weights.png)", ""]
-    if cfg.search.granularity != "delta":
+    if granularity != "delta":
         lines += ["![weights per module group](weights_heatmap.png)", ""]
     return "\n".join(lines)
 
@@ -364,8 +368,9 @@ def html_view(report: dict, chunks: list[str], deltas: list[str], cfg) -> dict:
     rows = report["rows"]
     notes = [f"Metric: {report['metric']}. Validation is what the search tuned on; test was never tuned on.",
              eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg)]
+    granularity = report.get("granularity", cfg.search.granularity)
     weight_note = (f"Weights per delta are means over its module groups (search.granularity: "
-                   f"{cfg.search.granularity}); search/best.json holds each." if cfg.search.granularity != "delta"
+                   f"{granularity_text(cfg, granularity)}); search/best.json holds each." if granularity != "delta"
                    else "")
     paired = [line.strip("|").split(" | ") for line in paired_lines(report.get("paired") or {})[4:]
               if line and not line.startswith("---")]
@@ -414,7 +419,8 @@ def write_report(session: Session, force: bool = False) -> str:
     else:
         report = _write_report_files(session, fp)
     md = _markdown(report["rows"], chunks, session.deltas, cfg, report.get("cost", ""),  # the line report.json holds
-                   report.get("paired") or {}, report.get("search_gain") or {})
+                   report.get("paired") or {}, report.get("search_gain") or {},
+                   report.get("granularity", cfg.search.granularity))
     logger.info(md.split("\n\n![")[0])
     if any(report["evaluation_stats"].values()):  # e.g. how many judge answers held no score
         md += ("\nEvaluator counts (over every row scored for this report): "
@@ -436,13 +442,13 @@ def _write_report_files(session: Session, fp: str) -> dict:
               "merge": {"method": cfg.search.merge, "density": cfg.search.density},
               "best": {"weights": auto["weights"], "validation": auto["validation"], "test": auto["test"],
                        "validation_ci": auto.get("validation_ci"), "test_ci": auto.get("test_ci")},
-              "paired": paired, "search_gain": gain,
+              "paired": paired, "search_gain": gain, "granularity": session.weighted.granularity,
               "evaluation_stats": stats, "cost": cost_line(rows, len(trials)), "fingerprint": fp}
     write_json(run.report_json, report)
     images = {"Search convergence": run.report / "convergence.png", "Merge weights": run.report / "weights.png"}
     _plot(trials, rows, images["Search convergence"])
     _plot_weights(rows, session.deltas, images["Merge weights"])
-    if cfg.search.granularity != "delta":
+    if session.weighted.granularity != "delta":
         images["Weights per module group"] = run.report / "weights_heatmap.png"
         _plot_heatmap(auto["weights"], session.deltas, images["Weights per module group"])
     mix = mix_spec(cfg, session.shapes, auto["weights"]) if _mix_dir(cfg) else None

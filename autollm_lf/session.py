@@ -10,6 +10,8 @@ from .config import RunConfig
 from .errors import UserError
 from .evaluate import forget_templates
 from .grams import use_regmean
+from .granularity import AUTO, AUTO_CANDIDATES, auto_granularity
+from .holdout import halves_of
 from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
 from .io import file_digest, read_json, write_json
 from .log import get_logger
@@ -93,15 +95,33 @@ class Session:
             started = time.perf_counter()
             if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
                 set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
+            auto = search.granularity == AUTO
             self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
-                                            density=search.density, seed=self.cfg.seed, granularity=search.granularity,
+                                            density=search.density, seed=self.cfg.seed,
+                                            granularity="delta" if auto else search.granularity,
                                             tokenizer=self.held_tokenizer)
+            if auto:
+                self._resolve_granularity()
             space = MERGE_METHODS[search.merge].data_aware
             if space:  # RegMean's A rows, from each delta's chunk's Grams
                 use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
                             search.regmean_alpha, space)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
+
+    def _resolve_granularity(self) -> None:
+        """search.granularity: auto (granularity.auto_granularity), said in the log."""
+        w = self._weighted
+        fit_rows = len(halves_of(self.cfg, len(load_split(self.cfg, "validation"))).fit)
+
+        def weights_at(granularity: str) -> int:
+            w.use_granularity(granularity)
+            return len([p for p in w.params if param_delta(p) in self.deltas])
+        counts = {g: weights_at(g) for g in AUTO_CANDIDATES}
+        chosen = auto_granularity(counts.__getitem__, fit_rows)
+        w.use_granularity(chosen)
+        logger.info(f"search: granularity auto -> {chosen} ({counts[chosen]} weights for {fit_rows} fit rows; "
+                    + ", ".join(f"{g} {n}" for g, n in counts.items()) + ")")
 
     @property
     def tokenizer(self):

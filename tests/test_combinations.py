@@ -19,6 +19,7 @@ from conftest import autollm, write_config
 
 from autollm_lf.checks import combination_problems
 from autollm_lf.cli import main
+from autollm_lf.granularity import auto_granularity
 from autollm_lf.merge import MERGE_METHODS
 from autollm_lf.metrics import METRICS
 from autollm_lf.search import OPTIMIZERS
@@ -112,3 +113,32 @@ def test_every_combination_runs_to_the_end_or_is_refused_at_validate(trained, ca
         if code != 0 or "Traceback" in out.err or not best.get("weights"):
             failures.append((combo, code, out.err[-500:]))
     assert not failures, failures
+
+
+def test_auto_granularity_takes_the_finest_with_no_more_weights_than_fit_rows():
+    counts = {"module": 40, "module_kind": 4, "delta": 2}
+    assert auto_granularity(counts.__getitem__, 40) == "module"
+    assert auto_granularity(counts.__getitem__, 39) == "module_kind"
+    assert auto_granularity(counts.__getitem__, 1) == "delta"  # the coarsest when even it has more
+
+
+@pytest.mark.slow
+def test_auto_granularity_resolves_on_the_run_and_its_report_says_so(trained, capsys, monkeypatch):
+    tmp, base = trained
+    monkeypatch.chdir(tmp)
+    combo = ("cmaes", "linear", "exact_match", False)
+    path = tmp / write_case(base, tmp, combo)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["search"]["granularity"] = "auto"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["search", str(path)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "granularity auto ->" in x)
+    chosen = line.split("-> ")[1].split()[0]
+    counts = dict(part.rsplit(" ", 1) for part in line.split("fit rows; ")[1].rstrip(")").split(", "))
+    fit_rows = int(line.split(" weights for ")[1].split()[0])
+    assert chosen == auto_granularity(lambda g: int(counts[g]), fit_rows)
+    assert int(counts["module"]) > int(counts["delta"])  # the candidates really differ on this run
+    best = json.loads((tmp / "runs" / "combo" / "search" / "best.json").read_text())
+    assert all(("@" in name) == (chosen != "delta") for name in best["weights"])

@@ -85,6 +85,7 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     if ALL_DELTA in w.names:
         yardsticks["train@all"] = by_chunk({ALL_DELTA: 1.0})
     w.use_method("linear")
+    run_granularity = w.granularity  # the run's (search.granularity auto: as resolved)
     w.use_granularity("delta")
     params = [p for p in w.params if param_delta(p) in session.deltas]
     search = SearchConfig(bounds=cfg.search.bounds, init_points=3, n_iter=max(trials - 5 - len(params), 0),
@@ -101,7 +102,7 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
                 "by_chunk": seen[point_key(best["weights"])], "seconds": seconds,
                 "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
     w.use_method(cfg.search.merge, cfg.search.density)
-    w.use_granularity(cfg.search.granularity)
+    w.use_granularity(run_granularity)
     if MERGE_METHODS[cfg.search.merge].row_scaled and gradient_trials:
         results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
     return {"share": CEILING_SHARE, "own_delta": own, "own_delta_name": best_delta, "no_test_rows": no_test,

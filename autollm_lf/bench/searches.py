@@ -158,6 +158,7 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
     best_single = max(singles, key=lambda d: singles[d]["validation"])
     yardsticks["best_single"] = {"delta": best_single, **singles[best_single]}
     results = []
+    run_granularity = w.granularity  # the run's (search.granularity auto: as resolved)
     for method, granularity, optimizer in combos or SEARCH_BENCH:
         w.use_method(method, cfg.search.density)
         w.use_granularity(granularity)
@@ -176,7 +177,7 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
                         "runs": runs, **{f"{k}_mean": statistics.mean(r[k] for r in runs)
                                          for k in ("subset_validation", "validation", "test", "seconds")}})
     w.use_method(cfg.search.merge, cfg.search.density)
-    w.use_granularity(cfg.search.granularity)
+    w.use_granularity(run_granularity)
     return {"trials": trials, "seeds": seeds, "validation_subset_rows": len(subset), "yardsticks": yardsticks,
             "results": results}
 

@@ -129,7 +129,9 @@ class SearchConfig(Strict):
     regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
                                                               "of each Gram's off-diagonal part kept (1: plain "
                                                               "least squares, 0: diagonal only)")
-    granularity: str = Field("delta", description="one weight per delta (`delta`), per delta and attention vs MLP "
+    granularity: str = Field("delta", description="auto: the finest of module, module_kind, delta with no more "
+                                                  "weights than the validation rows the optimiser fits on; "
+                                                  "one weight per delta (`delta`), per delta and attention vs MLP "
                                                   "(`module_kind`), per delta and block of layers (`blocks:N`, "
                                                   "N contiguous blocks), or per delta and module (`module`)")
     optimizer: str = Field(
@@ -149,7 +151,8 @@ class SearchConfig(Strict):
     @field_validator("granularity")
     @classmethod
     def _known_granularity(cls, v):
-        parse_granularity(v)
+        if v != "auto":  # granularity.AUTO: resolved once the validation rows are known (session.Session)
+            parse_granularity(v)
         return v
 
     @field_validator("bounds")
