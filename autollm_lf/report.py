@@ -261,7 +261,8 @@ def granularity_text(cfg, granularity: str) -> str:
 
 
 def _markdown(rows: list[dict], chunks: list[str], deltas: list[str], cfg, cost: str = "",
-              paired: dict | None = None, gain: dict | None = None, granularity: str = "delta") -> str:
+              paired: dict | None = None, gain: dict | None = None, granularity: str | None = None) -> str:
+    granularity = granularity or cfg.search.granularity  # the resolved one (search.granularity: auto) when given
     lines = [f"# autollm-lf report: {cfg.run_label}", "",
              f"Metric: {cfg.evaluation.metric}. Validation is what the search tuned on; test was never tuned on.",
              eval_sets_line(cfg), merge_line(cfg), interval_line(rows, cfg), "",

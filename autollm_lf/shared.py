@@ -3,9 +3,11 @@
 Deltas trained on a base model that never saw the chat format each learn the format as well as their task;
 a weighted sum of them then counts the format once per delta (measured on Gemma 3 270M: any two deltas added
 together scored below either alone). The shared adapter learns what every chunk has in common, once; it is
-merged into full weights (`llamafactory-cli export`, runs/<name>/shared_base/), and the deltas, train@all,
-train@auto_mix and the search all start from that base, so the deltas carry only their task. `raw` in the
-report is that base. The exported merge is an adapter on it (export.yaml and the WebUI point there).
+merged into full weights (`llamafactory-cli export`, runs/<name>/shared_base/), and the deltas, train@auto_mix
+and the search start from that base, so the deltas carry only their task. The yardsticks stay on the configured
+base: `raw` in the report is that base as it is, and train@all is trained from it (what a user would train); the
+shared base has rows of its own (`shared_base`, report.SHARED_BASE_ROW). The exported merge is an adapter on the
+shared base (export.yaml and the WebUI point there).
 """
 from __future__ import annotations
 

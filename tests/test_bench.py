@@ -51,8 +51,9 @@ def test_bench_rounds_must_be_positive():
     (["--larger-budget", "-1"],
      "error: bench --larger-budget: -1 is not a valid count; give a whole number (0 for none)"),
     (["--merge", "tsv", "--optimizer", "gradient"],
-     "error: bench --merge tsv --optimizer gradient: no pair to search (the gradient fits only row-scaled merges: "
-     "linear, linear_norm, regmean, regmean_core); add --optimizer cmaes"),
+     "error: bench --merge tsv --optimizer gradient: no pair to search (gradient cannot fit search.merge 'tsv' (its "
+     "merge is not differentiable in the weights); use it with linear, linear_norm, regmean, regmean_core, "
+     "regmean_w, or pick bayes or cmaes); add --optimizer cmaes"),
 ])
 def test_bench_quality_narrowing_is_checked_first(args, message, tmp_path):
     """A narrowed quality part that cannot run says so in one line, before any model is loaded."""

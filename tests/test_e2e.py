@@ -29,6 +29,24 @@ def own_run(first_run, tmp_path):
     return tmp_path, tmp_path / cfg.name
 
 
+@pytest.fixture(scope="module")
+def loss_run(first_run, tmp_path_factory):
+    """The first run's deltas scored with a graded metric, evaluation.metric: loss (teacher-forced): the tiny run's
+    exact_match is 0 on every row of every model, so no score there tells one model from another. A copy with a new
+    search, report and export (a copied run retrains: its rendered configs name their absolute output paths)."""
+    tmp, cfg, _ = first_run
+    root = tmp_path_factory.mktemp("e2e-loss")
+    shutil.copytree(tmp, root, dirs_exist_ok=True, symlinks=True)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["evaluation"]["metric"] = "loss"
+    raw["train"]["auto_mix"] = False  # its new best would train train@auto_mix again
+    path = root / "e2e-loss.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = autollm("run", str(path), cwd=root)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root, path, res
+
+
 def test_run_writes_the_documented_layout(first_run):
     tmp, _, _ = first_run
     run = tmp / "runs" / "e2e"
@@ -56,14 +74,18 @@ def test_report_and_search_contents(first_run):
     trials = [json.loads(l) for l in (run / "search" / "trials.jsonl").read_text().splitlines()]
     assert len(trials) == 2 + 2 + 1 + 2 + 3  # raw, uniform, one-hot x2, human, random x2, bayes_opt x3
     best = json.loads((run / "search" / "best.json").read_text())
-    assert best["validation"] == max(t["validation"] for t in trials)
+    # the trial the search returns is the one with the best holdout score (then fit, then the earlier), as logged
+    chosen = max(trials, key=lambda t: (t["holdout"], t["fit"], -t["trial"]))
+    assert (best["trial"], best["weights"], best["validation"]) == (chosen["trial"], chosen["weights"],
+                                                                    chosen["validation"])
     assert report["best"]["validation"] == best["validation"]
     auto = next(r for r in report["rows"] if r["model"] == "auto_merge")
-    for r in report["rows"]:
-        if r["model"] in ("raw", "train@code-sft", "train@math-sft", "average_merge", "human_merge"):
-            assert auto["validation"] >= r["validation"]  # they were all seeds of the search
+    assert auto["weights"] == best["weights"]  # (every score here is 0: see test_report_rows_score_their_models)
+    human = next(r for r in report["rows"] if r["model"] == "human_merge")
+    assert human["weights"] == next(t for t in trials if t["kind"] == "human")["weights"] == {"code-sft": 0.0,
+                                                                                            "math-sft": 0.5}
     export = json.loads((run / "merged" / "autollm_export.json").read_text())
-    assert export["exported_validation"] == best["validation"]
+    assert export["weights"] == best["weights"] and export["exported_validation"] == best["validation"]
     for r in report["rows"]:  # every score with its interval, on the rows it rests on
         for split in ("validation", "test"):
             low, high = r[f"{split}_ci"]
@@ -74,6 +96,42 @@ def test_report_and_search_contents(first_run):
     assert set(paired["by_chunk"]) == {"code", "math"}
     md = (run / "report" / "report.md").read_text()
     assert "Paired difference auto_merge - train@all" in md and "95% interval" in md
+
+
+def test_report_rows_score_their_models(loss_run, monkeypatch):
+    """On a graded metric (loss_run): the rows that are points of the search score what the search logged for them,
+    and raw, train@all and auto_merge, loaded here afresh as a user loads them (the base model, deltas/all, the
+    exported adapter), score what the report says on both splits."""
+    from autollm_lf.checks import load_config
+    from autollm_lf.export import adapter_scorers
+
+    tmp, loss_cfg, res = loss_run
+    run = tmp / "runs" / "e2e"
+    trials = [json.loads(l) for l in (run / "search" / "trials.jsonl").read_text().splitlines()]
+    assert len({round(t["validation"], 6) for t in trials}) == len(trials)  # graded: no two points tie
+    best = json.loads((run / "search" / "best.json").read_text())
+    assert best == {**best, **{k: v for k, v in max(trials, key=lambda t: (t["holdout"], t["fit"], -t["trial"]))
+                               .items() if k in ("trial", "weights", "validation", "fit", "holdout")}}
+    row = {r["model"]: r for r in json.loads((run / "report" / "report.json").read_text())["rows"]}
+    assert row["auto_merge"]["weights"] == best["weights"]
+    logged = {t["kind"]: t for t in trials}
+    for model, kind in (("raw", "raw"), ("train@code-sft", "only:code-sft"), ("train@math-sft", "only:math-sft"),
+                        ("average_merge", "uniform"), ("human_merge", "human")):
+        assert row[model]["validation"] == pytest.approx(logged[kind]["validation"], rel=1e-6), model
+    assert row["auto_merge"]["validation"] == pytest.approx(best["validation"], rel=1e-6)
+    monkeypatch.chdir(tmp)  # the config's relative paths, as `autollm run` read them
+    loss = load_config(loss_cfg)
+    for model, adapter in (("auto_merge", run / "merged"), ("train@all", run / "deltas" / "all"), ("raw", None)):
+        for split, scorer in adapter_scorers(loss, adapter, ("validation", "test")).items():
+            assert scorer.score() == pytest.approx(row[model][split], rel=1e-4), (model, split)
+    export = json.loads((run / "merged" / "autollm_export.json").read_text())
+    assert export["exported_validation"] == pytest.approx(row["auto_merge"]["validation"], rel=1e-4)
+    # each row's test score is the mean over the test rows of its per-chunk means
+    test_chunks = [r["chunk"] for r in json.loads((run / "data" / "test.json").read_text())]
+    for r in row.values():
+        assert set(r["test_by_chunk"]) == {"code", "math"}
+        assert r["test"] == pytest.approx(sum(test_chunks.count(c) * v for c, v in r["test_by_chunk"].items())
+                                          / len(test_chunks)), r["model"]
 
 
 def test_second_run_retrains_nothing_and_hand_edit_retrains_one(tiny_model, tmp_path):
@@ -215,6 +273,13 @@ def test_ties_merge_searches_reports_and_exports_with_its_error(own_run):
     export = json.loads((run / "merged" / "autollm_export.json").read_text())
     assert export["merge"]["method"] == "ties" and 0 <= export["merge"]["relative_frobenius_error_max"] < 1
     assert "exported_validation" in export and "search_validation" in export
+    # the auto_merge a user reads is the adapter they get (a truncated SVD); the merge the search scored is beside it
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["auto_merge"]["validation"] == pytest.approx(export["exported_validation"], abs=1e-9)
+    assert rows["auto_merge (in memory)"]["validation"] == pytest.approx(export["search_validation"], abs=1e-9)
+    md = (run / "report" / "report.md").read_text()
+    assert "auto_merge is the exported adapter (a truncated SVD" in md
+    assert "search.apply auto" not in md  # apply: auto is no switch; an explicit scaling or cat would be said
 
 
 def test_spectral_merge_searches_reports_and_exports_exactly(own_run):
@@ -272,21 +337,31 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before
 
 
-def test_bench_quality_on_a_finished_run(first_run):
+def test_bench_quality_on_a_finished_run(loss_run):
     """`autollm bench --only quality`: every merge method x optimiser searched at one budget; each picked point
-    scored on test with its interval and per chunk against the chunk's own delta."""
-    tmp, cfg, _ = first_run
+    scored on test with its interval and per chunk against the chunk's own delta (on a graded metric: loss_run)."""
+    tmp, cfg, _ = loss_run
     res = autollm("bench", "--only", "quality", "--quick", "--model-run", str(cfg), "--json", cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     quality = json.loads(res.stdout.strip().splitlines()[-1])["quality"]
     combos = {(r["merge"], r["optimizer"]) for r in quality["results"]}
     spectral = {("tsv", "cmaes"), ("iso_c", "cmaes"), ("iso_cts", "cmaes")}  # not row scales: no gradient
-    assert combos == {(m, o) for m in ("linear", "regmean", "regmean_core") for o in ("gradient", "cmaes")} | spectral
+    assert combos == {(m, o) for m in ("linear", "regmean", "regmean_core", "regmean_w")
+                      for o in ("gradient", "cmaes")} | spectral
+    # the bench scores in a session of its own: a delta alone on its chunk is the report's train@<delta> row there,
+    # and a linear search's start (the baseline point it would return without its optimiser) is that row on test
+    rows = {r["model"]: r for r in json.loads((tmp / "runs" / "e2e" / "report" / "report.json").read_text())["rows"]}
+    own = quality["own_delta"]
+    assert own == pytest.approx({c: rows[f"train@{c}-sft"]["test_by_chunk"][c] for c in ("code", "math")}, abs=1e-9)
+    row_of = {"raw": "raw", "uniform": "average_merge", "human": "human_merge",
+              **{f"only:{c}-sft": f"train@{c}-sft" for c in own}}
     for r in quality["results"]:
         run = r["runs"][0]
-        assert run["test_ci"][0] <= run["test"] <= run["test_ci"][1]
-        assert set(run["of_own"]) == {c for c, own in quality["own_delta"].items() if own > 0}
-        assert run["validation"] >= 0 and r["trials"] == 11
+        assert run["test_ci"][0] <= run["test"] <= run["test_ci"][1] and r["trials"] == 11
+        assert set(run["of_own"]) == {c for c, v in own.items() if v > 0}
+        assert run["gain"]["difference"] == pytest.approx(run["test"] - run["gain"]["start_test"])
+        if r["merge"] == "linear":
+            assert run["gain"]["start_test"] == pytest.approx(rows[row_of[run["gain"]["start"]]]["test"], abs=1e-9)
     assert "quality (" in res.stdout and "regmean/gradient" in res.stdout
     # narrowed: one pair, two seeds, and a larger budget of the run's own method and optimiser
     res = autollm("bench", "--only", "quality", "--quick", "--model-run", str(cfg), "--json", "--merge", "regmean",

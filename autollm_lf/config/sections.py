@@ -119,12 +119,10 @@ class SearchConfig(Strict):
         "auto", description="how trial weights are applied in place (all exact); auto times cat and fold once "
                 "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET; else cat, "
                 "untimed)")
-    merge: str = Field("linear", description="merge method on the true deltas (merge.MERGE_METHODS): linear, "
-                                             "ties, dare_ties, dare_linear; linear_norm, ties_norm, dare_ties_norm "
-                                             "count what the deltas share once; regmean: the least-squares merge "
-                                             "of the deltas' outputs on their own chunks' training rows; tsv, "
-                                             "iso_c, iso_cts: spectral merges (TSV-M, Iso-C, Iso-CTS) in the "
-                                             "deltas' core space")
+    merge: str = Field("linear", description="merge method on the true deltas: a name in merge.MERGE_METHODS "
+                                             "(autollm_lf/merge/methods.py: what each does; a low_rank one works "
+                                             "on the LoRA factors and is exported exactly, any other is exported "
+                                             "by truncated SVD)")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
     regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
                                                               "of each Gram's off-diagonal part kept (1: plain "
@@ -137,7 +135,8 @@ class SearchConfig(Strict):
     optimizer: str = Field(
         "auto", description="what proposes the trials after the seeds (search.OPTIMIZERS); auto: bayes up to "
                             "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
-                            "validation (linear and linear_norm merges)")
+                            "validation, for the merges it can differentiate "
+                            "(merge.methods.differentiable_methods())")
     patience: Optional[int] = Field(None, ge=1, description="stop after this many optimiser trials without a new best")
     select: Literal["holdout", "all"] = Field(
         "holdout", description="holdout: the optimiser sees half of the validation rows (the gradient fits on them) "

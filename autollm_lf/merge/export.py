@@ -18,12 +18,12 @@ MERGED = "autollm_merged"
 
 def export_adapter(bank: DeltaBank, lowrank: LowRankWriter, dense: DenseMerger, method: str,
                    weights: Mapping[str, float], out_dir: Path) -> dict:
-    """Saves the merge for `weights` to out_dir and returns how it was made (export_info). Low-rank methods (linear,
-    linear_norm, regmean; any granularity): the in-place `cat` factors as they stand for these weights, copied into
-    an adapter PEFT's `cat` builds (same shapes, same scaling): exact. ties/dare: the merged dW of each module is not
-    low rank, so its truncated SVD at the rank `cat` would have (the sum of the deltas' ranks, capped by
-    min(d_in, d_out)); the info says the relative error. The model's adapters are left for the caller to set
-    again (WeightedDeltas.export)."""
+    """Saves the merge for `weights` to out_dir and returns how it was made (export_info). A low-rank method
+    (`low_rank=True` in methods.MERGE_METHODS; any granularity): the in-place `cat` factors as they stand for these
+    weights, copied into an adapter PEFT's `cat` builds (same shapes, same scaling): exact. Any other method (the
+    sparsified ones): the merged dW of each module is not low rank, so its truncated SVD at the rank `cat` would
+    have (the sum of the deltas' ranks, capped by min(d_in, d_out)); the info says the relative error. The model's
+    adapters are left for the caller to set again (WeightedDeltas.export)."""
     spec = MERGE_METHODS[method]
     for layer, unit in zip(bank.layers, bank.unit_scaling):  # add_weighted_adapter reads the unit scalings
         layer.scaling.update(unit)
