@@ -91,37 +91,10 @@ class Session:
     @property
     def weighted(self):
         if self._weighted is None:
-            search = self.cfg.search
             started = time.perf_counter()
-            if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
-                set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
-            auto = search.granularity == AUTO
-            self._weighted = WeightedDeltas(self.cfg.base_model.path, self.adapters, search.apply, method=search.merge,
-                                            density=search.density, seed=self.cfg.seed,
-                                            granularity="delta" if auto else search.granularity,
-                                            tokenizer=self.held_tokenizer)
-            if auto:
-                self._resolve_granularity()
-            space = MERGE_METHODS[search.merge].data_aware
-            if space:  # RegMean's A rows, from each delta's chunk's Grams
-                use_regmean(self.cfg, self._weighted, {d: self.specs[d].chunk for d in self.deltas},
-                            search.regmean_alpha, space)
+            self._weighted = load_merge(self)
             self.setup_seconds = time.perf_counter() - started
         return self._weighted
-
-    def _resolve_granularity(self) -> None:
-        """search.granularity: auto (granularity.auto_granularity), said in the log."""
-        w = self._weighted
-        fit_rows = len(halves_of(self.cfg, len(load_split(self.cfg, "validation"))).fit)
-
-        def weights_at(granularity: str) -> int:
-            w.use_granularity(granularity)
-            return len([p for p in w.params if param_delta(p) in self.deltas])
-        counts = {g: weights_at(g) for g in AUTO_CANDIDATES}
-        chosen = auto_granularity(counts.__getitem__, fit_rows)
-        w.use_granularity(chosen)
-        logger.info(f"search: granularity auto -> {chosen} ({counts[chosen]} weights for {fit_rows} fit rows; "
-                    + ", ".join(f"{g} {n}" for g, n in counts.items()) + ")")
 
     @property
     def tokenizer(self):
@@ -197,6 +170,38 @@ class Session:
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
         return search_fingerprint(self.cfg, self.deltas, delta_fps,
                                   file_digest([self.cfg.run.split("validation")]))
+
+
+def load_merge(s: Session) -> WeightedDeltas:
+    """The base model with every delta loaded once, at the search's granularity (auto: resolved) and, for a
+    data-aware merge, with RegMean's A rows from each delta's chunk's Grams."""
+    search = s.cfg.search
+    if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
+        set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
+    auto = search.granularity == AUTO
+    weighted = WeightedDeltas(s.cfg.base_model.path, s.adapters, search.apply, method=search.merge,
+                              density=search.density, seed=s.cfg.seed,
+                              granularity="delta" if auto else search.granularity, tokenizer=s.held_tokenizer)
+    if auto:
+        resolve_granularity(weighted, s.cfg, s.deltas)
+    space = MERGE_METHODS[search.merge].data_aware
+    if space:
+        use_regmean(s.cfg, weighted, {d: s.specs[d].chunk for d in s.deltas}, search.regmean_alpha, space)
+    return weighted
+
+
+def resolve_granularity(w: WeightedDeltas, cfg: RunConfig, deltas: list[str]) -> None:
+    """search.granularity: auto (granularity.auto_granularity) on the loaded deltas, said in the log."""
+    fit_rows = len(halves_of(cfg, len(load_split(cfg, "validation"))).fit)
+
+    def weights_at(granularity: str) -> int:
+        w.use_granularity(granularity)
+        return len([p for p in w.params if param_delta(p) in deltas])
+    counts = {g: weights_at(g) for g in AUTO_CANDIDATES}
+    chosen = auto_granularity(counts.__getitem__, fit_rows)
+    w.use_granularity(chosen)
+    logger.info(f"search: granularity auto -> {chosen} ({counts[chosen]} weights for {fit_rows} fit rows; "
+                + ", ".join(f"{g} {n}" for g, n in counts.items()) + ")")
 
 
 def pick_apply_mode(s: Session) -> None:

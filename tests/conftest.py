@@ -84,6 +84,21 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def in_place_and_exported_logits(w, weights, base_path: Path, out: Path):
+    """The logits of two token rows with `weights` set in place on the loaded merge `w`, and from the adapter
+    `w.export` writes to `out`, loaded afresh on the base as a user loads it (an exact merge: the two agree)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 33, 40, 71, 2, 9], [40, 41, 42, 5, 6, 7, 8]])
+    w.export(weights, out)
+    with torch.no_grad():
+        w.set_weights(weights)
+        in_place = w.model(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(out)).eval()
+        return in_place, loaded(input_ids=ids).logits
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

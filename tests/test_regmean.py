@@ -2,6 +2,7 @@
 in-place merge and its exported adapter against the dense reference on the tiny model (adapters with non-zero B)."""
 import pytest
 import torch
+from conftest import in_place_and_exported_logits
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -160,13 +161,7 @@ def test_regmean_is_not_the_plain_sum_and_deltas_alone_stay_as_trained(regmean_w
 def test_exported_regmean_adapter_is_exact(regmean_weighted, tiny_model, tmp_path):
     w, _, _ = regmean_weighted
     weights = {"a": 0.9, "b": 0.5, "c": 1.0}
-    ids = torch.tensor([[5, 17, 33, 40, 71, 2, 9], [40, 41, 42, 5, 6, 7, 8]])
-    out = w.export(weights, tmp_path / "merged")
-    with torch.no_grad():
-        w.set_weights(weights)
-        in_place = w.model(input_ids=ids).logits
-        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out)).eval()
-        exported = loaded(input_ids=ids).logits
+    in_place, exported = in_place_and_exported_logits(w, weights, tiny_model, tmp_path / "merged")
     assert torch.allclose(in_place, exported, atol=5e-5), (in_place - exported).abs().max()
 
 

@@ -4,8 +4,7 @@ changes nothing); the in-place merge on the tiny model against the dense referen
 its gradient in the weights against finite differences."""
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from conftest import in_place_and_exported_logits
 
 from autollm_lf.merge import CAT, MERGE_METHODS, WeightedDeltas
 from autollm_lf.regmean import (
@@ -138,13 +137,7 @@ def test_in_place_regmean_w_equals_the_dense_reference(regmean_w):
 def test_exported_regmean_w_adapter_is_exact(regmean_w, tiny_model, tmp_path):
     w, _, _ = regmean_w
     weights = {"a": 0.9, "b": 0.2, "c": 0.6}
-    ids = torch.tensor([[5, 17, 33, 40, 71, 2, 9], [40, 41, 42, 5, 6, 7, 8]])
-    out = w.export(weights, tmp_path / "merged")
-    with torch.no_grad():
-        w.set_weights(weights)
-        in_place = w.model(input_ids=ids).logits
-        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(out)).eval()
-        exported = loaded(input_ids=ids).logits
+    in_place, exported = in_place_and_exported_logits(w, weights, tiny_model, tmp_path / "merged")
     assert torch.allclose(in_place, exported, atol=5e-5), (in_place - exported).abs().max()
 
 

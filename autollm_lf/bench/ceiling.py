@@ -9,9 +9,9 @@ from ..checks import load_config
 from ..config import SearchConfig
 from ..gradient import GradientOptimizer
 from ..intervals import split_by_chunk
-from ..merge import MERGE_METHODS, param_delta
+from ..merge import param_delta
 from ..scored import ScoredMerge
-from ..search import point_key
+from ..search import optimizer_problems, point_key
 from ..session import Session
 from ..train import ALL_DELTA
 from .searches import quiet_search
@@ -103,7 +103,8 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
                 "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
     w.use_method(cfg.search.merge, cfg.search.density)
     w.use_granularity(run_granularity)
-    if MERGE_METHODS[cfg.search.merge].row_scaled and gradient_trials:
+    fits = not optimizer_problems("gradient", cfg.search.merge, cfg.evaluation.metric, bool(cfg.evaluation.objective))
+    if fits and gradient_trials:  # what the gradient optimiser declares it can fit (its `needs`)
         results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
     return {"share": CEILING_SHARE, "own_delta": own, "own_delta_name": best_delta, "no_test_rows": no_test,
             "rows_per_chunk": cfg.data.test_per_chunk,

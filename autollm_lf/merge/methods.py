@@ -25,11 +25,6 @@ class MergeMethod:
     weights_inside: bool = False  # data-aware: the weights weigh each delta's Gram inside RegMean's sum (0 drops it)
 
     @property
-    def row_scaled(self) -> bool:
-        """A weight scales its delta's rows of A_cat and nothing else (the trial's rows are unit rows times w * s)."""
-        return self.low_rank and self.spectral is None and not self.weights_inside
-
-    @property
     def differentiable(self) -> bool:
         """The trial's A_cat rows are a differentiable function of the weights (LowRankWriter.trial_rows): what the
         gradient optimiser fits."""
