@@ -76,11 +76,18 @@ def test_no_held_out_rows_anywhere_is_refused():
 
 
 @pytest.mark.slow
-def test_autollm_layout_runs_end_to_end(tmp_path, tiny_model):
-    """Tune on eval_data, report on test_data, through the real CLI and real trainings."""
+def test_autollm_layout_runs_end_to_end(tmp_path, tiny_model, monkeypatch):
+    """Tune on eval_data, report on test_data, through the real CLI and real trainings: the rows each split is scored
+    on are the fixed sets' own, and every test_data answer rewritten changes no trial and no validation score (the
+    search run again, every trial scored afresh) but every model's test score. The metric is graded (loss): the tiny
+    models' exact_match is 0 on nearly every row, which would make both checks hold whatever rows were scored."""
     import yaml
 
+    from autollm_lf.checks import load_config
+    from autollm_lf.prepare import load_split
+
     raw = layout_cfg(tmp_path)
+    raw["evaluation"]["metric"] = "loss"
     raw.update(base_model={"path": str(tiny_model), "template": "default"}, run_dir="runs",
                train={"args": {"num_train_epochs": 1.0, "per_device_train_batch_size": 8, "learning_rate": 0.01},
                       "auto_mix": False},
@@ -89,9 +96,34 @@ def test_autollm_layout_runs_end_to_end(tmp_path, tiny_model):
     path.write_text(yaml.safe_dump(raw))
     res = autollm("run", str(path), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    report = (tmp_path / "runs" / "layout" / "report" / "report.md").read_text()
+    run = tmp_path / "runs" / "layout"
+    report = (run / "report" / "report.md").read_text()
     assert ("Validation: 40 rows of evaluation.validation (eval_data). "
             "Test: 40 rows of evaluation.test (test_data).") in report
-    rows = json.loads((tmp_path / "runs" / "layout" / "report" / "report.json").read_text())["rows"]
+    rows = json.loads((run / "report" / "report.json").read_text())["rows"]
     assert {r["model"] for r in rows} >= {"raw", "train@all", "auto_merge", *(f"train@{d}-sft" for d in DELTAS)}
     assert all(set(r["test_by_chunk"]) == set(DELTAS) for r in rows)
+    # the rows each split's evaluator scores (session.scorer reads them through load_split) are the fixed sets'
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    given = {name: sorted((r["instruction"], r["output"])
+                          for r in json.loads((tmp_path / "layout" / f"{name}.json").read_text()))
+             for name in ("eval_data", "test_data")}
+    for split, name in (("validation", "eval_data"), ("test", "test_data")):
+        assert sorted((r["prompt"], r["response"]) for r in load_split(cfg, split)) == given[name]
+        assert all(r[f"{split}_rows"] == 40 for r in rows)
+
+    trials = (run / "search" / "trials.jsonl").read_text().splitlines()
+    scored = lambda lines: [{k: v for k, v in json.loads(l).items() if k not in ("eval_seconds", "seconds")}
+                            for l in lines]
+    test_data = json.loads((tmp_path / "layout" / "test_data.json").read_text())
+    (tmp_path / "layout" / "test_data.json").write_text(json.dumps([{**r, "output": r["output"] + " and so on"}
+                                                                    for r in test_data]))
+    res = autollm("run", str(path), "--force", "search", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count("up to date, not retrained") == len(DELTAS) + 1  # the deltas and train@all
+    assert "search: budget" in res.stdout  # searched again, every trial scored afresh
+    assert scored((run / "search" / "trials.jsonl").read_text().splitlines()) == scored(trials)
+    after = json.loads((run / "report" / "report.json").read_text())["rows"]
+    assert [(r["model"], r["validation"]) for r in after] == [(r["model"], r["validation"]) for r in rows]
+    assert all(a["test"] != b["test"] for a, b in zip(after, rows)), [(r["model"], r["test"]) for r in after]
