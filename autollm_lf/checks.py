@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ONE_BASE, GenerateSource, RunConfig, parse_config, path_problems
 from .errors import UserError
 from .gguf import PYPI, converted_path
-from .merge import MERGE_METHODS
+from .merge import AUTO_MERGE, MERGE_METHODS
 from .methods import METHODS
 from .metrics import METRICS
 from .paths import find_template
@@ -69,7 +69,7 @@ def name_problems(raw: dict) -> list[str]:
     methods += [(f"train.templates.{m}", m) for m in section(train, "templates")]
     methods += [(f"train.method_args.{m}", m) for m in section(train, "method_args")]
     problems += [p for key, m in methods for p in unknown(key, "method", m, METHODS)]
-    problems += unknown("search.merge", "merge method", search.get("merge"), MERGE_METHODS)
+    problems += unknown("search.merge", "merge method", search.get("merge"), [AUTO_MERGE, *MERGE_METHODS])
     problems += unknown("search.optimizer", "optimizer", search.get("optimizer"), ["auto", *OPTIMIZERS])
     problems += combination_problems(search, evaluation)
     parts = evaluation.get("objective") if isinstance(evaluation.get("objective"), list) else []

@@ -34,7 +34,7 @@ from .gguf import gguf_source
 from .grams import gram_path
 from .io import read_json
 from .log import get_logger
-from .merge import FOLD_COPY_BUDGET, MERGE_METHODS
+from .merge import FOLD_COPY_BUDGET, MERGE_METHODS, data_space, merge_candidates
 from .methods import METHODS
 from .paths import ADAPTER_FILE, ALL_DELTA, MIX_DELTA, SHARED
 from .shared import MARKER as SHARED_MARKER
@@ -312,7 +312,7 @@ class Planned:
     @property
     def chunk_grams(self) -> int:
         """One chunk's Gram file in the form the merge method declares (0 for a method without data)."""
-        space = MERGE_METHODS[self.cfg.search.merge].data_aware
+        space = data_space(self.cfg.search.merge)
         return GRAM_FORMS[space](self.shape, [self.lora[s.name] for s in self.merged]) if space and self.merged else 0
 
     @property
@@ -331,7 +331,7 @@ def adapter_rows(p: Planned) -> list[Need]:
 
 
 def gram_rows(p: Planned) -> list[Need]:
-    space = MERGE_METHODS[p.cfg.search.merge].data_aware
+    space = data_space(p.cfg.search.merge)
     chunks = dict.fromkeys(s.chunk for s in p.merged) if p.chunk_grams else {}
     return [Need("Grams", gram_path(p.cfg, c, space), p.chunk_grams) for c in chunks]
 
@@ -373,7 +373,7 @@ def search_memory(p: Planned) -> dict[str, int]:
 
 def fold_copy(cfg, copy: int, held: int) -> int:
     """What `fold` copies, where the search will use it (search.apply; `auto` as WeightedDeltas.fold_fits)."""
-    apply, spec = cfg.search.apply, MERGE_METHODS[cfg.search.merge]
+    apply, spec = cfg.search.apply, MERGE_METHODS[merge_candidates(cfg.search.merge)[0]]
     folds = apply == "fold" or not spec.low_rank or (apply == "auto" and copy <= FOLD_COPY_BUDGET * held)
     return copy if folds else 0
 

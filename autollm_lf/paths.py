@@ -122,6 +122,11 @@ class RunDir:
     def best(self) -> Path:
         return self.search / "best.json"
 
+    @property
+    def merge_choice(self) -> Path:
+        """search.merge: auto: each candidate method's best baseline point and the one chosen (merge_choice.py)."""
+        return self.search / "merge_auto.json"
+
     def raw_constraints(self, split: str) -> Path:
         """The raw model's score on each constraint of evaluation.objective, on one split."""
         return self.search / f"raw_constraints.{split}.json"

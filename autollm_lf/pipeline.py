@@ -16,6 +16,7 @@ from .holdout import halves_of, trial_scores
 from .io import atomic_write_text, read_json, write_if_changed, write_json
 from .judge import JudgeClient
 from .log import get_logger
+from .merge_choice import choose_merge
 from .mix import train_auto_mix
 from .prepare import prepare
 from .report import write_report
@@ -84,6 +85,7 @@ def trial_pool(s: Session) -> TrialPool | None:
 
 def stage_search(s: Session) -> None:
     check_chunk_keys(s)
+    choose_merge(s, force="search" in s.force)  # search.merge: auto
     s.ready_for_trials()
     with trial_pool(s) or contextlib.nullcontext() as pool:
         best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,

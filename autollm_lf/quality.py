@@ -90,6 +90,7 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
     session = Session(cfg)
+    cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w = session.weighted
     chunk_of = {d: session.specs[d].chunk for d in session.deltas}
     for method in dict.fromkeys(m for m, _ in pairs):

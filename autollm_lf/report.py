@@ -18,6 +18,7 @@ from .intervals import (
 from .io import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
 from .log import get_logger, progress
 from .merge import MERGE_METHODS, apply_switch
+from .merge_choice import choice_line
 from .mix import MIX_DELTA, mix_spec
 from .paths import SHARED, find_template, is_fresh
 from .search import per_delta
@@ -223,7 +224,9 @@ def merge_line(cfg) -> str:
     chosen = cfg.run.read_best().get("select_line", "") if cfg.run.best.is_file() else ""
     alone = (f" The train@ rows are each delta alone as trained, not through `{cfg.search.merge}`."
              if cfg.search.merge != "linear" else "")
-    return (f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}.{alone}"
+    logged = read_json(cfg.run.merge_choice) if cfg.run.merge_choice.is_file() else None
+    auto = f" search.merge: auto: {choice_line(logged)}." if logged and logged["chosen"] == cfg.search.merge else ""
+    return (f"Merges (average, human, auto) use `{cfg.search.merge}`{extra}.{auto}{alone}"
             + (f" {switch[0].upper()}{switch[1:]}." if switch else "") + (f" auto_merge: {chosen}." if chosen else "")
             + (" auto_merge is the exported adapter (a truncated SVD of the merge the search scored, which is "
                f"`{IN_MEMORY}`)." if not MERGE_METHODS[cfg.search.merge].low_rank else ""))

@@ -217,13 +217,15 @@ def optimizer_problems(optimizer: str, merge: str, metric: str, objective: bool)
     """What stops `optimizer` (auto: either of its choices) from working with this merge method, metric and
     objective on/off, as each optimiser declares it (`needs`); names not in their registries are left to the
     config check that reports unknown names."""
-    from .merge import MERGE_METHODS
+    from .merge import MERGE_METHODS, merge_candidates
     from .metrics import METRICS
-    if merge not in MERGE_METHODS or metric not in METRICS:
+    merges = [m for m in merge_candidates(merge) if m in MERGE_METHODS]  # search.merge: auto, each candidate
+    if not merges or metric not in METRICS:
         return []
-    setting = Setting(merge, MERGE_METHODS[merge], metric, METRICS[metric], objective)
     names = ["bayes", "cmaes"] if optimizer == "auto" else [optimizer]
-    return [p for name in names if name in OPTIMIZERS for p in unmet_needs(OPTIMIZERS[name], setting)]
+    settings = [Setting(m, MERGE_METHODS[m], metric, METRICS[metric], objective) for m in merges]
+    return list(dict.fromkeys(p for name in names if name in OPTIMIZERS for setting in settings
+                              for p in unmet_needs(OPTIMIZERS[name], setting)))
 
 
 # ---- the loop --------------------------------------------------------------------------------------------

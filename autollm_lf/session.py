@@ -15,7 +15,8 @@ from .holdout import halves_of
 from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
 from .io import file_digest, read_json, write_json
 from .log import get_logger
-from .merge import MERGE_METHODS, WeightedDeltas, param_delta
+from .merge import MERGE_METHODS, WeightedDeltas, merge_candidates, param_delta
+from .merge_choice import logged_choice, with_merge
 from .metrics import make_evaluator
 from .objective import Objective
 from .paths import ADAPTER_FILE
@@ -31,6 +32,7 @@ class Session:
 
     def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False,
                  full: bool = False):
+        self.requested_merge = cfg.search.merge  # `auto` until the search chooses (merge_choice.py)
         self.base_cfg = cfg  # prepare's: the base as configured
         self.cfg = cfg.on_shared_base() if cfg.train.shared else cfg  # every later stage's (train.shared)
         self.force = force
@@ -41,6 +43,8 @@ class Session:
         self.setup_seconds: float | None = None
         self._scorers: dict[str, object] = {}
         self._row_scores: dict[tuple, tuple[float, list[float]]] = {}  # (split, point): the report reuses trials
+        if chosen := logged_choice(cfg):  # search.merge: auto, chosen by an earlier search
+            self.use_merge(chosen)
 
     @property
     def shapes(self) -> dict[str, str]:
@@ -166,10 +170,17 @@ class Session:
         scorer = self.scorer(split)
         return scorer.part_scores() if self.cfg.evaluation.objective else {}
 
-    def search_fingerprint(self) -> str:
+    def use_merge(self, method: str) -> None:
+        """search.merge: auto resolved to `method` for every later stage (and on the loaded model)."""
+        self.cfg, self.base_cfg = with_merge(self.cfg, method), with_merge(self.base_cfg, method)
+        if self._weighted is not None:
+            self._weighted.use_method(method, self.cfg.search.density)
+
+    def search_fingerprint(self, merge: str | None = None) -> str:
+        """The search's fingerprint (with search.merge as `merge`: the auto choice's, before it is resolved)."""
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
-        return search_fingerprint(self.cfg, self.deltas, delta_fps,
-                                  file_digest([self.cfg.run.split("validation")]))
+        cfg = with_merge(self.cfg, merge) if merge else self.cfg
+        return search_fingerprint(cfg, self.deltas, delta_fps, file_digest([self.cfg.run.split("validation")]))
 
 
 def load_merge(s: Session) -> WeightedDeltas:
@@ -179,12 +190,15 @@ def load_merge(s: Session) -> WeightedDeltas:
     if search.memory == "lean":  # before the model's tensors are allocated (hostmem)
         set_mmap_threshold(SEARCH_MMAP_THRESHOLD)
     auto = search.granularity == AUTO
-    weighted = WeightedDeltas(s.cfg.base_model.path, s.adapters, search.apply, method=search.merge,
+    # search.merge: auto not chosen yet: loaded as a candidate that needs `cat` (merge_choice switches between them)
+    method = next((m for m in merge_candidates(search.merge) if MERGE_METHODS[m].needs_cat),
+                  merge_candidates(search.merge)[0])
+    weighted = WeightedDeltas(s.cfg.base_model.path, s.adapters, search.apply, method=method,
                               density=search.density, seed=s.cfg.seed,
                               granularity="delta" if auto else search.granularity, tokenizer=s.held_tokenizer)
     if auto:
         resolve_granularity(weighted, s.cfg, s.deltas)
-    space = MERGE_METHODS[search.merge].data_aware
+    space = MERGE_METHODS[search.merge].data_aware if search.merge in MERGE_METHODS else None
     if space:
         use_regmean(s.cfg, weighted, {d: s.specs[d].chunk for d in s.deltas}, search.regmean_alpha, space)
     return weighted
@@ -206,7 +220,7 @@ def resolve_granularity(w: WeightedDeltas, cfg: RunConfig, deltas: list[str]) ->
 
 def pick_apply_mode(s: Session) -> None:
     """search.apply: auto -> time one trial each way on the validation split and keep the cheaper."""
-    if not MERGE_METHODS[s.cfg.search.merge].low_rank:
+    if not MERGE_METHODS[s.weighted.method].low_rank:
         logger.info(f"search: merge {s.cfg.search.merge} (density {s.cfg.search.density}), "
                     f"folded into the base weights")
     elif s.cfg.search.apply == "auto":

@@ -142,3 +142,41 @@ def test_auto_granularity_resolves_on_the_run_and_its_report_says_so(trained, ca
     assert int(counts["module"]) > int(counts["delta"])  # the candidates really differ on this run
     best = json.loads((tmp / "runs" / "combo" / "search" / "best.json").read_text())
     assert all(("@" in name) == (chosen != "delta") for name in best["weights"])
+
+
+@pytest.mark.slow
+def test_auto_merge_is_chosen_on_the_holdout_rows_and_the_search_runs_the_chosen(trained, capsys, monkeypatch):
+    """search.merge: auto scores the baseline points under linear and regmean_w, keeps the one whose best point is
+    best on the holdout rows (a tie: linear), and the search then runs with it: its own baseline trials are the
+    chosen candidate's scores; a second run reads the choice instead of scoring again."""
+    from autollm_lf.checks import load_config
+    from autollm_lf.holdout import selection_key
+    from autollm_lf.report import merge_line
+    from autollm_lf.session import Session
+    tmp, base = trained
+    monkeypatch.chdir(tmp)
+    path = tmp / write_case(base, tmp, ("gradient", "auto", "loss", False))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0
+    assert main(["search", str(path), "--force", "search"]) == 0
+    search_dir = tmp / "runs" / "combo" / "search"
+    logged = json.loads((search_dir / "merge_auto.json").read_text())
+    by_method = {c["method"]: c for c in logged["candidates"]}
+    assert list(by_method) == ["linear", "regmean_w"]
+    key = lambda c: selection_key(c)[:2]
+    best_key = max(map(key, logged["candidates"]))
+    assert logged["chosen"] == next(c["method"] for c in logged["candidates"] if key(c) == best_key)
+    uniform = {m: next(p for p in c["points"] if p["kind"] == "uniform")["validation"] for m, c in by_method.items()}
+    assert uniform["linear"] != uniform["regmean_w"]  # both methods were really applied
+    trials = [json.loads(line) for line in (search_dir / "trials.jsonl").read_text().splitlines()]
+    chosen_points = {p["kind"]: p for p in by_method[logged["chosen"]]["points"]}
+    for t in trials:
+        if t["kind"] in chosen_points:  # the search's baseline trials are the chosen method's
+            assert t["holdout"] == pytest.approx(chosen_points[t["kind"]]["holdout"], abs=1e-9)
+    assert "merge auto -> " + logged["chosen"] in capsys.readouterr().out
+    session = Session(load_config(path))
+    assert session.cfg.search.merge == logged["chosen"]  # a later process (report, export) reads the choice
+    assert f"merge auto -> {logged['chosen']}" in merge_line(session.cfg)
+    assert main(["search", str(path)]) == 0
+    assert json.loads((search_dir / "merge_auto.json").read_text()) == logged  # not chosen again
+    assert "merge auto -> " not in capsys.readouterr().out

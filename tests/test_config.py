@@ -92,7 +92,7 @@ def test_unknown_merge_method_and_bad_density(tmp_path):
     with pytest.raises(UserError) as e:
         load_config(write(tmp_path, {**GOOD, "search": {"merge": "tie", "density": 0}}))
     msg = str(e.value)
-    assert "search.merge: unknown merge method 'tie'; choose one of linear, ties" in msg
+    assert "search.merge: unknown merge method 'tie'; choose one of auto, linear, ties" in msg
     assert "search.density:" in msg
 
 

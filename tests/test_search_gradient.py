@@ -129,8 +129,10 @@ def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model
     reference.set_weights(point)
     ids = torch.tensor([[5, 17, 33, 40, 71, 2, 9, 60]])
     with torch.no_grad():
+        # fold adds the merge into the base weights, cat keeps it beside them: fp32 sums in another order, 8e-5
+        # apart on this CPU's kernels (lean); a wrong merge is orders of magnitude further
         torch.testing.assert_close(weighted.model(input_ids=ids).logits, reference.model(input_ids=ids).logits,
-                                   atol=5e-5, rtol=0)
+                                   atol=2e-4, rtol=1e-4)
 
 
 def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypatch):

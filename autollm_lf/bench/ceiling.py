@@ -73,6 +73,7 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
     session = Session(cfg)
+    cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w = session.weighted
     if w.mode == "scaling":
         return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}

@@ -24,6 +24,7 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
     session = Session(cfg)
+    cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w, template = session.weighted, cfg.base_model.template
     weights = cfg.run.read_best()["weights"]
     rows = load_split(cfg, "validation")

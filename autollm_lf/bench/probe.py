@@ -32,6 +32,7 @@ def probe_run(config: str, overrides: list[str], runtime: float) -> dict:
     """What `autollm search` holds on this run: trials, and a gradient fit."""
     cfg = load_config(config, None, overrides)  # overrides: search.memory=lean
     session = Session(cfg)
+    cfg = session.base_cfg  # search.merge: auto as the run resolved it
     session.ready_for_trials()
     best, scorer = cfg.run.read_best()["weights"], session.scorer("validation")
     started = time.perf_counter()

@@ -73,6 +73,7 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
     session = Session(cfg)
+    cfg = session.base_cfg  # search.merge: auto as the run resolved it
     validation = load_split(cfg, "validation")
     rows = min(rows or len(validation), len(validation))
     subset = [validation[i] for i in sorted(random.Random(0).sample(range(len(validation)), rows))]
@@ -139,6 +140,7 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
     if cfg is None or not cfg.run.best.exists():
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
     session = Session(cfg)
+    cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w = session.weighted
     if w.mode == "scaling":
         return {"skipped": "search.apply: scaling cannot switch to normalised merges; use auto, cat or fold"}

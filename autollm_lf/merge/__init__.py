@@ -29,12 +29,22 @@ from .maths import (
     trim,
     weighted_delta,
 )
-from .methods import MERGE_METHODS, MergeMethod, apply_switch, differentiable_methods
+from .methods import (
+    AUTO_MERGE,
+    AUTO_MERGES,
+    MERGE_METHODS,
+    MergeMethod,
+    apply_switch,
+    data_space,
+    differentiable_methods,
+    merge_candidates,
+)
 from .spectral import CoreSpace, iso_c_merge, tsv_merge
 from .weighted import WeightedDeltas
 
 __all__ = [
-    "APPLY_MODES", "CAT", "DARE_CACHE_BYTES", "FOLD_COPY_BUDGET", "GRANULARITIES", "MERGE_METHODS", "CatModule",
+    "APPLY_MODES", "AUTO_MERGE", "AUTO_MERGES", "CAT", "data_space", "merge_candidates",
+    "DARE_CACHE_BYTES", "FOLD_COPY_BUDGET", "GRANULARITIES", "MERGE_METHODS", "CatModule",
     "CoreSpace", "apply_switch", "iso_c_merge", "differentiable_methods", "tsv_merge",
     "DeltaBank", "Granularity", "MergeMethod", "OutputNorm", "WeightedDeltas", "cat_factors", "dare_drop", "dare_mask",
     "dare_seed", "delta_weight", "linear_sum", "load_base", "magnitude_threshold", "module_groups", "normalized_delta",

@@ -59,6 +59,24 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
+# search.merge: auto: the search picks one of these on the holdout rows (merge_choice.py). linear first: a tie (the
+# best baseline point is one where both compute the same, e.g. raw or a delta alone) keeps the plain sum; regmean_w
+# is the data-aware one whose weight 0 drops a delta (regmean's cannot)
+AUTO_MERGE = "auto"
+AUTO_MERGES = ("linear", "regmean_w")
+
+
+def merge_candidates(merge: str) -> tuple[str, ...]:
+    """The methods search.merge may end as: AUTO_MERGES for `auto`, else the one named."""
+    return AUTO_MERGES if merge == AUTO_MERGE else (merge,)
+
+
+def data_space(merge: str) -> str | None:
+    """The Grams the run's merge (any candidate of `auto`) needs: `full`, `core` or None (footprint, load)."""
+    spaces = [MERGE_METHODS[m].data_aware for m in merge_candidates(merge) if m in MERGE_METHODS]
+    return next((s for s in spaces if s), None)
+
+
 def differentiable_methods() -> list[str]:
     """The methods whose trial rows are differentiable in the weights: those the gradient optimiser can fit."""
     return [name for name, spec in MERGE_METHODS.items() if spec.differentiable]
