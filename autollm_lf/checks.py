@@ -8,13 +8,13 @@ from pathlib import Path
 
 from .config import ONE_BASE, GenerateSource, RunConfig, parse_config, path_problems
 from .errors import UserError
-from .gguf import PYPI, converted_path
+from .evaluate.metrics import METRICS
 from .merge import AUTO_MERGE, MERGE_METHODS
-from .methods import METHODS
-from .metrics import METRICS
+from .models.gguf import PYPI, converted_path
 from .paths import find_template
-from .search import OPTIMIZERS, optimizer_problems
-from .train import LORA_INITS, method_template, template_problem, training_cutoff_len
+from .search.loop import OPTIMIZERS, optimizer_problems
+from .train.deltas import LORA_INITS, method_template, template_problem, training_cutoff_len
+from .train.methods import METHODS
 
 
 def load_config(path: str | Path, round: int | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -6,12 +6,12 @@ import os
 import sys
 
 from .bench import run_bench
+from .bench.quality import QUALITY_METHODS, QUALITY_OPTIMIZERS, quality_pairs
 from .checks import load_config
 from .errors import UserError, mask_secrets
 from .footprint import show as show_footprint
 from .log import get_logger, run_log, set_verbosity
 from .pipeline import STAGES, run_stages
-from .quality import QUALITY_METHODS, QUALITY_OPTIMIZERS, quality_pairs
 from .rounds import apply_round
 
 STAGE_HELP = {

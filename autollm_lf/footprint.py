@@ -28,17 +28,17 @@ from typing import Iterator
 import yaml
 
 from .errors import UserError
-from .export import FULL_MARKER
-from .gguf import MARKER as GGUF_MARKER
-from .gguf import gguf_source
-from .grams import gram_path
-from .io import read_json
+from .export.best import FULL_MARKER
+from .fileio import read_json
 from .log import get_logger
 from .merge import FOLD_COPY_BUDGET, MERGE_METHODS, data_space, merge_candidates
-from .methods import METHODS
+from .merge.grams import gram_path
+from .models.gguf import MARKER as GGUF_MARKER
+from .models.gguf import gguf_source
 from .paths import ADAPTER_FILE, ALL_DELTA, MIX_DELTA, SHARED
-from .shared import MARKER as SHARED_MARKER
-from .train import DONE_MARKER, TEMPLATE_SAMPLE, DeltaSpec, delta_specs, method_template, render_template
+from .train.deltas import DONE_MARKER, TEMPLATE_SAMPLE, DeltaSpec, delta_specs, method_template, render_template
+from .train.methods import METHODS
+from .train.shared_base import MARKER as SHARED_MARKER
 
 logger = get_logger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .io import read_json
+from .fileio import read_json
 
 # Bookkeeping files in data/ start with "_": prepare.chunk_name() never makes a name that does, so no chunk
 # can overwrite them (validation/test/dataset_info are reserved chunk names instead).

@@ -4,28 +4,28 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-from .claims import claims_lines
-from .cluster import TrialPool
 from .config import RunConfig, dump_config, without_secrets
+from .data.prepare import prepare
+from .data.toy import ensure_toy
 from .errors import UserError
-from .export import export_best
-from .feedback import write_bad_cases
+from .evaluate.judge import JudgeClient
+from .export.best import export_best
+from .fileio import atomic_write_text, read_json, write_if_changed, write_json
 from .footprint import check_before_training
-from .gguf import ensure_converted
-from .holdout import halves_of, trial_scores
-from .io import atomic_write_text, read_json, write_if_changed, write_json
-from .judge import JudgeClient
 from .log import get_logger
-from .merge_choice import choose_merge
-from .mix import train_auto_mix
-from .prepare import prepare
-from .report import write_report
+from .models.gguf import ensure_converted
+from .report.claims import claims_lines
+from .report.feedback import write_bad_cases
+from .report.write import write_report
 from .rounds import check_round_base, ensure_round_base, rounds_section
-from .search import run_search
+from .search.holdout import halves_of, trial_scores
+from .search.loop import run_search
+from .search.merge_choice import choose_merge
 from .session import Session
-from .shared import build_shared_base
-from .toy import ensure_toy
-from .train import ALL_DELTA, delta_specs, train_deltas
+from .train.auto_mix import train_auto_mix
+from .train.cluster import TrialPool
+from .train.deltas import ALL_DELTA, delta_specs, train_deltas
+from .train.shared_base import build_shared_base
 
 logger = get_logger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .config import BadCasesSource, RunConfig, path_problems
 from .errors import UserError
-from .export import EXPORT_MARKER, full_export_checked, write_lf_yamls
-from .io import read_json, write_json
+from .export.best import EXPORT_MARKER, full_export_checked, write_lf_yamls
+from .fileio import read_json, write_json
 from .log import get_logger
 from .paths import ADAPTER_FILE, RunDir
 

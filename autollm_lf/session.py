@@ -7,22 +7,22 @@ from functools import cached_property
 from pathlib import Path
 
 from .config import RunConfig
+from .data.prepare import load_split
 from .errors import UserError
 from .evaluate import forget_templates
-from .grams import use_regmean
+from .evaluate.metrics import make_evaluator
+from .evaluate.objective import Objective
+from .fileio import file_digest, read_json, write_json
 from .granularity import AUTO, AUTO_CANDIDATES, auto_granularity
-from .holdout import halves_of
 from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
-from .io import file_digest, read_json, write_json
 from .log import get_logger
 from .merge import MERGE_METHODS, WeightedDeltas, merge_candidates, param_delta
-from .merge_choice import logged_choice, with_merge
-from .metrics import make_evaluator
-from .objective import Objective
+from .merge.grams import use_regmean
 from .paths import ADAPTER_FILE
-from .prepare import load_split
-from .search import search_fingerprint
-from .train import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs
+from .search.holdout import halves_of
+from .search.loop import search_fingerprint
+from .search.merge_choice import logged_choice, with_merge
+from .train.deltas import ALL_DELTA, DONE_MARKER, DeltaSpec, delta_specs
 
 logger = get_logger(__name__)
 

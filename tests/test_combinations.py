@@ -19,10 +19,10 @@ from conftest import autollm, write_config
 
 from autollm_lf.checks import combination_problems
 from autollm_lf.cli import main
+from autollm_lf.evaluate.metrics import METRICS
 from autollm_lf.granularity import auto_granularity
 from autollm_lf.merge import MERGE_METHODS
-from autollm_lf.metrics import METRICS
-from autollm_lf.search import OPTIMIZERS
+from autollm_lf.search.loop import OPTIMIZERS
 
 OPTIMIZERS_ = ["auto", *OPTIMIZERS]
 MERGES = list(MERGE_METHODS)
@@ -150,8 +150,8 @@ def test_auto_merge_is_chosen_on_the_holdout_rows_and_the_search_runs_the_chosen
     best on the holdout rows (a tie: linear), and the search then runs with it: its own baseline trials are the
     chosen candidate's scores; a second run reads the choice instead of scoring again."""
     from autollm_lf.checks import load_config
-    from autollm_lf.holdout import selection_key
-    from autollm_lf.report import merge_line
+    from autollm_lf.report.write import merge_line
+    from autollm_lf.search.holdout import selection_key
     from autollm_lf.session import Session
     tmp, base = trained
     monkeypatch.chdir(tmp)

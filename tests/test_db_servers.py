@@ -139,7 +139,7 @@ def test_postgres_reads_and_masks_the_password_everywhere(tmp_path, capsys, post
 
 
 def _pg_source(postgres, query: str, db: str = "postgres", user: str = WRITER, **extra):
-    from autollm_lf.sqlsource import read_sql
+    from autollm_lf.data.sources.sql import read_sql
     url = f"postgresql+psycopg://{user}@127.0.0.1:{postgres['port']}/{db}"
     src = RunConfig.model_validate(config(Path(tempfile.mkdtemp()), [{"type": "sql", "url": url, "query": query,
                                                                       **extra}])).data.sources[0]
@@ -254,7 +254,7 @@ def test_mariadb_writes_and_outfile_refused(tmp_path, capsys, mariadb, query):
 
 
 def test_mariadb_session_is_read_only_and_reads(tmp_path, capsys, mariadb):
-    from autollm_lf.sqlsource import read_sql
+    from autollm_lf.data.sources.sql import read_sql
     query = "SELECT @@session.tx_read_only AS session_ro, CURRENT_USER() AS who"
     src = RunConfig.model_validate(config(tmp_path, [{"type": "sql", "url": _maria_url(mariadb),
                                                       "query": query}])).data.sources[0]
@@ -284,7 +284,7 @@ def test_mariadb_write_in_a_function_call_does_not_happen(tmp_path, capsys, mari
 def test_mariadb_file_privilege_refused_unless_trusted(tmp_path, mariadb):
     """INTO OUTFILE writes a server file inside a READ ONLY transaction (shown here with read_only: trusted): an
     account with the FILE privilege is refused before the query runs, however the query is spelled."""
-    from autollm_lf.sqlsource import read_sql
+    from autollm_lf.data.sources.sql import read_sql
     target = mariadb["out"] / "trusted.csv"
     sneaky = f"SELECT id FROM examples LIMIT 1 INTO/**/OUTFILE '{target}'"
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import autollm, write_config
 
-from autollm_lf.intervals import fmt
-from autollm_lf.mix import mix_probs
+from autollm_lf.evaluate.intervals import fmt
+from autollm_lf.train.auto_mix import mix_probs
 
 pytestmark = pytest.mark.slow  # real llamafactory-cli runs
 
@@ -89,9 +89,9 @@ def test_chat_yaml_loads_in_chatmodel_and_answers_like_our_greedy_decoding(expor
     from peft import PeftModel
 
     from autollm_lf.checks import load_config
+    from autollm_lf.data.prepare import load_split
+    from autollm_lf.evaluate.metrics import make_evaluator
     from autollm_lf.merge import load_base
-    from autollm_lf.metrics import make_evaluator
-    from autollm_lf.prepare import load_split
 
     _, run, _ = exported
     args = yaml.safe_load((run / "chat.yaml").read_text())

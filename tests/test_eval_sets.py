@@ -9,8 +9,8 @@ import pytest
 from conftest import autollm
 
 from autollm_lf.config import RunConfig
+from autollm_lf.data.prepare import prepare
 from autollm_lf.errors import UserError
-from autollm_lf.prepare import prepare
 
 LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "autollm_layout"
 DELTAS = ["delta_1", "delta_2", "delta_3", "delta_4"]
@@ -84,7 +84,7 @@ def test_autollm_layout_runs_end_to_end(tmp_path, tiny_model, monkeypatch):
     import yaml
 
     from autollm_lf.checks import load_config
-    from autollm_lf.prepare import load_split
+    from autollm_lf.data.prepare import load_split
 
     raw = layout_cfg(tmp_path)
     raw["evaluation"]["metric"] = "loss"

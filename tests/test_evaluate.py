@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig
 from autollm_lf.evaluate import ExactMatch, NegativeLoss, encode_prompt_response, plan_batches
-from autollm_lf.metrics import METRICS
+from autollm_lf.evaluate.metrics import METRICS
 
 
 def half_trained(tiny_model, rows, tok, steps: int = 120):

@@ -14,7 +14,7 @@ import torch
 from conftest import write_config
 from safetensors import safe_open
 
-from autollm_lf import cli, footprint, grams
+from autollm_lf import cli, footprint
 from autollm_lf.checks import load_config
 from autollm_lf.errors import UserError
 from autollm_lf.footprint import (
@@ -30,7 +30,7 @@ from autollm_lf.footprint import (
     read_gguf_header,
     shape_from_config,
 )
-from autollm_lf.merge import WeightedDeltas
+from autollm_lf.merge import WeightedDeltas, grams
 
 ALL = frozenset(footprint.LINEAR)
 FAKE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,

@@ -8,9 +8,9 @@ from conftest import chat_stub
 
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
-from autollm_lf.generate import parse_examples
-from autollm_lf.prepare import prepare
-from autollm_lf.sources import read_rows
+from autollm_lf.data.prepare import prepare
+from autollm_lf.data.sources import read_rows
+from autollm_lf.data.sources.generate import parse_examples
 
 GOOD = json.dumps([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(3)])
 ANSWERS = {  # document marker -> the scripted model's answer

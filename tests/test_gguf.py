@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from autollm_lf import gguf
 from autollm_lf.cli import main
+from autollm_lf.models import gguf
 
 REPO = Path(__file__).resolve().parent.parent
 

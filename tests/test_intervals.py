@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from autollm_lf.intervals import (
+from autollm_lf.evaluate.intervals import (
     by_chunk_intervals,
     fmt,
     mean_interval,

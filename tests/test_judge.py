@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig, JudgeConfig
 from autollm_lf.errors import UserError
-from autollm_lf.judge import parse_score
-from autollm_lf.metrics import METRICS
+from autollm_lf.evaluate.judge import parse_score
+from autollm_lf.evaluate.metrics import METRICS
 
 ROWS = [{"prompt": p, "response": p[::-1]} for p in ["ab", "abc", "ba", "cab"]]
 

@@ -1,7 +1,7 @@
 """lfcli.apply_overrides: top-level keys found by PyYAML (not by a line pattern), comments and order kept."""
 import yaml
 
-from autollm_lf.lfcli import apply_overrides, top_level_lines
+from autollm_lf.train.lfcli import apply_overrides, top_level_lines
 
 TEXT = ("# header\nlearning_rate: 1.0e-4  # per step\nlora_target:\n  - q_proj\n  - v_proj\n\n### dataset\n"
         "dataset: a\nnested:\n  key: 1\n")

@@ -8,8 +8,8 @@ import yaml
 from transformers import AutoTokenizer
 
 from autollm_lf.config import RunConfig
+from autollm_lf.data.prepare import load_split, prepare
 from autollm_lf.evaluate import encode_prompt_response
-from autollm_lf.prepare import load_split, prepare
 
 
 def make_dataset_dir(root, n=16):

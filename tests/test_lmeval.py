@@ -10,7 +10,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autollm_lf.config import EvaluationConfig
-from autollm_lf.lmeval import LmEval
+from autollm_lf.evaluate.lmeval import LmEval
 
 pytestmark = pytest.mark.slow  # lm-eval runs the tasks; the command-line check loads the model again
 

@@ -53,7 +53,7 @@ def test_quiet_run_prints_nothing_and_logs_everything(tmp_path, tiny_model, caps
     out, err = capsys.readouterr()
     assert out == "" and err == ""
     log = (tmp_path / "runs" / "logged" / "autollm.log").read_text()
-    assert "autollm_lf.pipeline: == prepare" in log and "autollm_lf.prepare: chunk" in log
+    assert "autollm_lf.pipeline: == prepare" in log and "autollm_lf.data.prepare: chunk" in log
     assert main(["prepare", str(config), "-v"]) == 0  # after the command too
     assert "== prepare" in capsys.readouterr().out
     assert (tmp_path / "runs" / "logged" / "autollm.log").read_text().count("== prepare") == 2  # appended

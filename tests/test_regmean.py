@@ -7,7 +7,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from autollm_lf.merge import CAT, WeightedDeltas
-from autollm_lf.regmean import (
+from autollm_lf.merge.regmean import (
     GramCollector,
     GramFiles,
     padded_batches,

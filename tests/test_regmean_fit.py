@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import load_file
 from test_search_gradient import TinySession
 
-from autollm_lf import gradient
 from autollm_lf.config import RunConfig, SearchConfig
-from autollm_lf.grams import ensure_grams
+from autollm_lf.data.prepare import prepare
 from autollm_lf.merge import WeightedDeltas
-from autollm_lf.prepare import prepare
-from autollm_lf.regmean import GramCollector, GramFiles, padded_batches, save_grams
-from autollm_lf.search import run_search
+from autollm_lf.merge.grams import ensure_grams
+from autollm_lf.merge.regmean import GramCollector, GramFiles, padded_batches, save_grams
+from autollm_lf.search.loop import run_search
+from autollm_lf.search.optimizers import gradient
 
 CHUNK_OF = {"a": "ca", "b": "cb", "c": "cc"}
 

@@ -7,7 +7,7 @@ import torch
 from conftest import in_place_and_exported_logits
 
 from autollm_lf.merge import CAT, MERGE_METHODS, WeightedDeltas
-from autollm_lf.regmean import (
+from autollm_lf.merge.regmean import (
     RIDGE,
     GramCollector,
     GramFiles,

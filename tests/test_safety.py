@@ -14,8 +14,8 @@ from conftest import chat_stub
 
 from autollm_lf.cli import main
 from autollm_lf.config import RunConfig
+from autollm_lf.data.sources.sql import read_only_engine
 from autollm_lf.errors import mask_secrets
-from autollm_lf.sqlsource import read_only_engine
 
 
 def make_db(path: Path, n: int = 20) -> Path:

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from autollm_lf.errors import UserError
-from autollm_lf.scheduler import device_groups, run_on_devices
+from autollm_lf.train.scheduler import device_groups, run_on_devices
 
 
 def test_device_groups():

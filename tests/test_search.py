@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from autollm_lf.config import SearchConfig
-from autollm_lf.search import baseline_points, plan_trials, run_search
+from autollm_lf.search.loop import baseline_points, plan_trials, run_search
 
 DELTAS = ["a", "b", "c"]
 TARGET = {"a": 0.2, "b": 0.7, "c": 0.4}

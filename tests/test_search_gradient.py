@@ -10,7 +10,7 @@ import torch
 from autollm_lf.config import SearchConfig
 from autollm_lf.errors import UserError
 from autollm_lf.merge import WeightedDeltas
-from autollm_lf.search import run_search
+from autollm_lf.search.loop import run_search
 
 
 class TinyScorer:
@@ -103,7 +103,7 @@ def test_gradient_resumes_after_kill_and_is_seeded(weighted, tmp_path):
 
 @pytest.mark.parametrize("memory", ["fast", "lean"])  # lean: sliced LM head, checkpointed layers, mmap thresholds
 def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model, tiny_adapters, memory):
-    from autollm_lf import gradient
+    from autollm_lf.search.optimizers import gradient
 
     session = TinySession(weighted, memory=memory)
     opt = gradient.GradientOptimizer(weighted.params, (0.0, 1.0), 0, session)
@@ -140,7 +140,7 @@ def test_the_fit_in_row_slices_gives_the_whole_batch_gradient(weighted, monkeypa
     the same mean loss and gradient, and the gradient that reaches the weights through A_cat's is autograd's
     straight through A_cat = unit * s * w[owner] (torch.func.functional_call)."""
 
-    from autollm_lf import gradient
+    from autollm_lf.search.optimizers import gradient
     monkeypatch.setattr("autollm_lf.evaluate.logits.MIN_LOGITS_BYTES", 0)  # a tiny model's logits: cut them anyway
 
     session = TinySession(weighted)
@@ -196,7 +196,7 @@ class _Called:
 @pytest.mark.parametrize("merge", ["ties", "tsv"])
 def test_gradient_needs_a_differentiable_merge(weighted, merge):
     with pytest.raises(UserError, match=r"linear, linear_norm, regmean, regmean_core, regmean_w, or pick bayes"):
-        from autollm_lf.gradient import GradientOptimizer
+        from autollm_lf.search.optimizers.gradient import GradientOptimizer
         GradientOptimizer(weighted.params, (0.0, 1.0), 0, TinySession(weighted, merge=merge))
 
 
@@ -206,7 +206,7 @@ def test_sliced_nll_is_the_cross_entropy_and_its_gradient(softcap):
     slice, the soft-capping's derivative by hand), against autograd through whole logits (Gemma's final
     soft-capping: cap * tanh(logits / cap))."""
     from autollm_lf.evaluate import ChunkedHead
-    from autollm_lf.gradient import sliced_nll
+    from autollm_lf.search.optimizers.gradient import sliced_nll
 
     torch.manual_seed(0)
     head = ChunkedHead.__new__(ChunkedHead)

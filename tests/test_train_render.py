@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from autollm_lf import lfcli
 from autollm_lf.errors import UserError
 from autollm_lf.paths import RunDir
-from autollm_lf.train import DeltaSpec, apply_overrides, config_for_delta, render_template
+from autollm_lf.train import lfcli
+from autollm_lf.train.deltas import DeltaSpec, apply_overrides, config_for_delta, render_template
 
 
 def test_overrides_replace_in_place_and_append_new_keys():
@@ -75,7 +75,7 @@ def test_failed_training_shows_log_tail(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("init", ["shared", "per_delta", "frozen_a"])
 def test_lora_init_sets_its_keys_on_merged_deltas_only(tmp_path, init):
-    from autollm_lf.train import FROZEN_A_RATIO, delta_seed
+    from autollm_lf.train.deltas import FROZEN_A_RATIO, delta_seed
     cfg = fake_cfg(tmp_path, learning_rate=0.002)
     cfg.train.lora_init = init
     math, code = (yaml.safe_load(config_for_delta(cfg, DeltaSpec(n, [c], merged=True))[1])

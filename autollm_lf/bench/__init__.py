@@ -31,10 +31,10 @@ import json
 import time
 from pathlib import Path
 
-from ..quality import bench_quality, quality_lines
 from .ceiling import bench_ceiling, ceiling_lines, ceiling_value, own_scores
 from .cost import bench_merge, merge_lines
 from .model import bench_model, model_lines, per_choice_loglikelihoods
+from .quality import bench_quality, quality_lines
 from .scale import bench_scale, scale_lines
 from .searches import (
     QUALITY_BUDGET,

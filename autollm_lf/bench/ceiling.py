@@ -7,13 +7,13 @@ from pathlib import Path
 
 from ..checks import load_config
 from ..config import SearchConfig
-from ..gradient import GradientOptimizer
-from ..intervals import split_by_chunk
+from ..evaluate.intervals import split_by_chunk
 from ..merge import param_delta
-from ..scored import ScoredMerge
-from ..search import optimizer_problems, point_key
+from ..search.loop import optimizer_problems, point_key
+from ..search.optimizers.gradient import GradientOptimizer
+from ..search.scored import ScoredMerge
 from ..session import Session
-from ..train import ALL_DELTA
+from ..train.deltas import ALL_DELTA
 from .searches import quiet_search
 
 CEILING_SHARE = 0.8  # the merge-quality goal: on every chunk, this share of what that chunk's own delta scores

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..merge import WeightedDeltas, delta_weight
-from ..tiny import build_char_tokenizer
+from ..models.tiny import build_char_tokenizer
 
 SHAPES = {  # Qwen2-0.5B's dimensions; `quick` is for the test of this command
     "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

@@ -6,9 +6,9 @@ import random
 from pathlib import Path
 
 from ..checks import load_config
-from ..choice import Choice
-from ..metrics import make_evaluator
-from ..prepare import load_split
+from ..data.prepare import load_split
+from ..evaluate.choice import Choice
+from ..evaluate.metrics import make_evaluator
 from ..session import Session
 from .cost import search_process_rss, timed
 

@@ -17,8 +17,8 @@ import transformers
 from ..checks import load_config
 from ..config import EvaluationConfig
 from ..evaluate import ExactMatch
-from ..gradient import GradientOptimizer
 from ..merge import WeightedDeltas
+from ..search.optimizers.gradient import GradientOptimizer
 from ..session import Session, release_tokenizer
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..checks import load_config
 from ..config import ClusterConfig
-from ..io import read_json
-from ..train import DONE_MARKER, delta_specs, train_specs
+from ..fileio import read_json
+from ..train.deltas import DONE_MARKER, delta_specs, train_specs
 
 
 def bench_scale(toy_cfg: Path | None, nodes: int = 2, max_deltas: int | None = None) -> dict:

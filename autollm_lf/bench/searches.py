@@ -12,14 +12,14 @@ from pathlib import Path
 
 from ..checks import load_config
 from ..config import EvaluationConfig, SearchConfig
+from ..data.prepare import load_split
 from ..evaluate import ExactMatch, greedy_generate
+from ..evaluate.metrics import make_evaluator
 from ..merge import load_base, param_delta
-from ..metrics import make_evaluator
-from ..prepare import load_split
-from ..scored import ScoredMerge
-from ..search import run_search
+from ..search.loop import run_search
+from ..search.scored import ScoredMerge
 from ..session import Session
-from ..train import ALL_DELTA
+from ..train.deltas import ALL_DELTA
 from .cost import timed
 
 

@@ -7,32 +7,32 @@ checks.load_config, the entry point every command uses.
 Parts: sources.py (the `data:` section and every source type), sections.py (the other sections), run.py
 (RunConfig), load.py (reading a file, path checks, writing the resolved config).
 """
+from .data_section import (
+           PACKAGE_ROOT,
+           BadCasesSource,
+           DataConfig,
+           FileSource,
+           GenerateSource,
+           LlamaFactorySource,
+           SqlSource,
+)
 from .load import dump_config, override_keys, parse_config, path_problems, source_urls, without_secrets
 from .run import RunConfig
 from .sections import (
-    ONE_BASE,
-    ClusterConfig,
-    EvaluationConfig,
-    ExportConfig,
-    JudgeConfig,
-    LmEvalConfig,
-    ModelConfig,
-    ObjectivePart,
-    ReportConfig,
-    RoundsConfig,
-    SearchConfig,
-    SharedConfig,
-    ToyConfig,
-    TrainConfig,
-)
-from .sources import (
-    PACKAGE_ROOT,
-    BadCasesSource,
-    DataConfig,
-    FileSource,
-    GenerateSource,
-    LlamaFactorySource,
-    SqlSource,
+           ONE_BASE,
+           ClusterConfig,
+           EvaluationConfig,
+           ExportConfig,
+           JudgeConfig,
+           LmEvalConfig,
+           ModelConfig,
+           ObjectivePart,
+           ReportConfig,
+           RoundsConfig,
+           SearchConfig,
+           SharedConfig,
+           ToyConfig,
+           TrainConfig,
 )
 
 __all__ = ["ONE_BASE", "PACKAGE_ROOT", "BadCasesSource", "ClusterConfig", "DataConfig", "EvaluationConfig",

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from ..errors import UserError, mask_secrets, mask_url, raw_at_problem, remember_secrets
 from ..paths import RunDir
 from ..yamlsafe import load_yaml, load_yaml_text
+from .data_section import BadCasesSource, FileSource, GenerateSource, LlamaFactorySource, SqlSource
 from .run import RunConfig
-from .sources import BadCasesSource, FileSource, GenerateSource, LlamaFactorySource, SqlSource
 
 
 def _format_errors(err: ValidationError, file: Path) -> str:

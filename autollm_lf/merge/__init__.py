@@ -29,7 +29,7 @@ from .maths import (
     trim,
     weighted_delta,
 )
-from .methods import (
+from .registry import (
     AUTO_MERGE,
     AUTO_MERGES,
     MERGE_METHODS,

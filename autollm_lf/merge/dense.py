@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ..lazytorch import no_grad
 from .bank import DeltaBank
 from .maths import dare_drop, dare_mask, dare_seed, magnitude_threshold, trim
-from .methods import MergeMethod
+from .registry import MergeMethod
 
 if TYPE_CHECKING:
     import torch

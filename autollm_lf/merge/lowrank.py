@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
 from ..lazytorch import no_grad
-from ..regmean import RIDGE, regmean_A, regmean_core_A, weighted_core_A
 from .bank import DeltaBank
 from .maths import OutputNorm
-from .methods import MergeMethod
+from .registry import MergeMethod
+from .regmean import RIDGE, regmean_A, regmean_core_A, weighted_core_A
 from .spectral import CoreSpace
 
 if TYPE_CHECKING:

@@ -13,12 +13,12 @@ from typing import Callable, Mapping
 from ..hostmem import HeldTokenizer
 from ..lazytorch import no_grad
 from ..log import get_logger
+from .adapter import export_adapter
 from .apply import APPLY_MODES, FOLD_COPY_BUDGET
 from .bank import CAT, DeltaBank, load_model
 from .dense import DenseMerger
-from .export import export_adapter
 from .lowrank import LowRankWriter
-from .methods import MERGE_METHODS, apply_switch
+from .registry import MERGE_METHODS, apply_switch
 
 logger = get_logger(__name__)
 
