@@ -12,9 +12,10 @@ from .evaluate.metrics import METRICS
 from .merge import AUTO_MERGE, MERGE_METHODS
 from .models.gguf import PYPI, converted_path
 from .paths import find_template
-from .search.loop import OPTIMIZERS, optimizer_problems
-from .train.deltas import LORA_INITS, method_template, template_problem, training_cutoff_len
+from .search.optimizers import OPTIMIZERS, optimizer_problems
+from .train.deltas import LORA_INITS
 from .train.methods import METHODS
+from .train.render import method_template, template_problem, training_cutoff_len
 
 
 def load_config(path: str | Path, round: int | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -36,8 +36,9 @@ from .merge.grams import gram_path
 from .models.gguf import MARKER as GGUF_MARKER
 from .models.gguf import gguf_source
 from .paths import ADAPTER_FILE, ALL_DELTA, MIX_DELTA, SHARED
-from .train.deltas import DONE_MARKER, TEMPLATE_SAMPLE, DeltaSpec, delta_specs, method_template, render_template
+from .train.deltas import DONE_MARKER, DeltaSpec, delta_specs
 from .train.methods import METHODS
+from .train.render import TEMPLATE_SAMPLE, method_template, render_template
 from .train.shared_base import MARKER as SHARED_MARKER
 
 logger = get_logger(__name__)

@@ -105,3 +105,12 @@ def param_group(param: str) -> str | None:
     """The group of a `<delta>@<group>` weight; None for a per-delta weight."""
     _, sep, group = param.partition(GROUP_SEPARATOR)
     return group if sep else None
+
+
+def per_delta(weights: dict[str, float]) -> dict[str, float]:
+    """Weights by delta: as they are, or each delta's mean over its module groups (`delta@group` names), for what
+    reads one number per delta (the report's weights table, train@auto_mix's data mix)."""
+    groups: dict[str, list[float]] = {}
+    for name, w in weights.items():
+        groups.setdefault(param_delta(name), []).append(float(w))
+    return {d: sum(ws) / len(ws) for d, ws in groups.items()}

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from .config import BadCasesSource, RunConfig, path_problems
 from .errors import UserError
-from .export.best import EXPORT_MARKER, full_export_checked, write_lf_yamls
+from .export.best import full_export_checked, write_lf_yamls
 from .fileio import read_json, write_json
 from .log import get_logger
 from .paths import ADAPTER_FILE, RunDir
+from .session import EXPORT_MARKER
 
 logger = get_logger(__name__)
 

@@ -1,10 +1,14 @@
 """One run's state within a process: config, chunks, deltas and (lazily) the base model with every delta loaded
-once, its tokenizer and the evaluators of each split; what every stage after prepare works on."""
+once, its tokenizer and the evaluators of each split; what every stage after prepare works on. Also the models as a
+user loads them, scored (adapter_scorers), and the best merge exported as one PEFT adapter (exported_adapter): what
+the report and export are given."""
 from __future__ import annotations
 
+import math
 import time
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 from .config import RunConfig
 from .data.prepare import load_split
@@ -12,13 +16,13 @@ from .errors import UserError
 from .evaluate import forget_templates
 from .evaluate.metrics import make_evaluator
 from .evaluate.objective import Objective
-from .fileio import file_digest, read_json, write_json
+from .fileio import file_digest, fingerprint, read_json, write_json
 from .granularity import AUTO, AUTO_CANDIDATES, auto_granularity
 from .hostmem import SEARCH_MMAP_THRESHOLD, HeldTokenizer, free_host_memory, set_mmap_threshold
 from .log import get_logger
-from .merge import MERGE_METHODS, WeightedDeltas, merge_candidates, param_delta
+from .merge import MERGE_METHODS, WeightedDeltas, load_base, merge_candidates, param_delta
 from .merge.grams import use_regmean
-from .paths import ADAPTER_FILE
+from .paths import ADAPTER_FILE, is_fresh
 from .search.holdout import halves_of
 from .search.loop import search_fingerprint
 from .search.merge_choice import logged_choice, with_merge
@@ -268,3 +272,77 @@ def check_adapter_base(adapter_dir: Path, base_path: Path) -> None:
     if trained_on and Path(trained_on).resolve() != Path(base_path).resolve():
         raise UserError(f"{adapter_dir} was trained on {trained_on}, not on base_model.path {base_path}; "
                         f"run `autollm train` to retrain it on this base")
+
+
+# ---- models as a user loads them: the exported merge, any adapter or full model, scored --------------------------
+# The session scores; the report (its exported auto_merge, train@all, raw) and export (the adapter it hands over, the
+# full weights it checks) are given these scorers and the adapter from here.
+
+EXPORT_MARKER = "autollm_export.json"
+
+
+def adapter_score(cfg, adapter_dir: Path | None, split: str = "validation", model_dir: Path | None = None):
+    """Score an adapter the way a user would load it (fresh base + PeftModel.from_pretrained), or a full
+    model folder; returns the evaluator, whose row_scores()/rows give per-chunk scores."""
+    return adapter_scorers(cfg, adapter_dir, (split,), model_dir)[split]
+
+
+def adapter_scorers(cfg, adapter_dir: Path | None, splits: Sequence[str], model_dir: Path | None = None) -> dict:
+    """adapter_score's evaluator for each split, on one model loaded once."""
+    model, tokenizer = load_base(model_dir or cfg.base_model.path)
+    if adapter_dir is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    scorers = {}
+    for split in splits:
+        rows = load_split(cfg, split)
+        scorers[split] = (  # an objective's constraints: their raw scores, as the search measured them
+            Objective(cfg, model, tokenizer, rows, lambda _, split=split: read_raw_constraints(cfg, split))
+            if cfg.evaluation.objective else make_evaluator(cfg, model, tokenizer, rows))
+    return scorers
+
+
+def read_raw_constraints(cfg, split: str) -> dict[str, float]:
+    path = cfg.run.raw_constraints(split)
+    if not path.is_file():
+        raise UserError(f"{path} missing: the raw model's scores for evaluation.objective's constraints; run "
+                        f"`autollm search` (or `report`) first")
+    return read_json(path)
+
+
+def exported_adapter(session: Session, force: bool = False) -> dict:
+    """runs/<name>/merged/: the best merge as one PEFT adapter, written (and checked) unless up to date; its
+    export info. The report reads it too where the adapter can differ from the merge the search scored (ties, dare:
+    a truncated SVD), so that the auto_merge a user reads is the adapter they get."""
+    cfg = session.cfg
+    best = cfg.run.read_best()
+    merged = cfg.run.merged
+    fp = fingerprint(best["weights"], session.search_fingerprint())
+    done = read_json(merged / EXPORT_MARKER, {})
+    if not force and is_fresh(done, fp, merged / ADAPTER_FILE):
+        logger.info(f"export: {merged} up to date")
+        return done
+    return _export_adapter(session, best, merged, fp)
+
+
+def _export_adapter(session: Session, best: dict, merged: Path, fp: str) -> dict:
+    cfg = session.cfg
+    session.weighted.export(best["weights"], merged)
+    score = adapter_score(cfg, merged).score()
+    info = {"fingerprint": fp, "weights": best["weights"], "search_validation": best["validation"],
+            "exported_validation": score, "base_model": str(cfg.base_model.path),
+            "merge": session.weighted.export_info}
+    write_json(merged / EXPORT_MARKER, info)
+    if not MERGE_METHODS[cfg.search.merge].low_rank:  # a truncated SVD of a full-rank merge: report the loss
+        m = info["merge"]
+        logger.info(f"export: {merged} ({cfg.search.merge} as rank <= {m['rank_max']} SVD: relative error per module "
+                    f"max {m['relative_frobenius_error_max']:.3g}, mean {m['relative_frobenius_error_mean']:.3g}; "
+                    f"validation {score:.4f} vs the search's {best['validation']:.4f})")
+        return info
+    if not math.isclose(score, best["validation"], rel_tol=1e-4, abs_tol=1e-6):  # one flipped row is far more
+        raise UserError(f"exported adapter scores {score:.4f} on validation, "
+                        f"the search found {best['validation']:.4f}; "
+                        f"the merge is not exact for these adapters (see {merged / EXPORT_MARKER})")
+    logger.info(f"export: {merged} (validation {score:.4f}, same as the search's best)")
+    return info

@@ -22,7 +22,7 @@ from autollm_lf.cli import main
 from autollm_lf.evaluate.metrics import METRICS
 from autollm_lf.granularity import auto_granularity
 from autollm_lf.merge import MERGE_METHODS
-from autollm_lf.search.loop import OPTIMIZERS
+from autollm_lf.search.optimizers import OPTIMIZERS
 
 OPTIMIZERS_ = ["auto", *OPTIMIZERS]
 MERGES = list(MERGE_METHODS)

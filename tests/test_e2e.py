@@ -103,7 +103,7 @@ def test_report_rows_score_their_models(loss_run, monkeypatch):
     and raw, train@all and auto_merge, loaded here afresh as a user loads them (the base model, deltas/all, the
     exported adapter), score what the report says on both splits."""
     from autollm_lf.checks import load_config
-    from autollm_lf.export.best import adapter_scorers
+    from autollm_lf.session import adapter_scorers
 
     tmp, loss_cfg, res = loss_run
     run = tmp / "runs" / "e2e"

@@ -9,7 +9,8 @@ import yaml
 from autollm_lf.config import RunConfig, TrainConfig
 from autollm_lf.data.prepare import prepare
 from autollm_lf.errors import UserError
-from autollm_lf.train.deltas import delta_specs, render_template
+from autollm_lf.train.deltas import delta_specs
+from autollm_lf.train.render import render_template
 
 
 def mixed_rows(n=24, seed=0):

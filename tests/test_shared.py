@@ -8,7 +8,7 @@ from conftest import autollm, write_config
 
 from autollm_lf.checks import load_config
 from autollm_lf.data.prepare import prepare
-from autollm_lf.export.best import adapter_score
+from autollm_lf.session import adapter_score
 
 
 def test_prepare_writes_a_seeded_sample_of_every_chunk(tiny_model, tmp_path, monkeypatch):

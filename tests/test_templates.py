@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from autollm_lf.errors import UserError
-from autollm_lf.train.deltas import check_template
+from autollm_lf.train.render import check_template
 
 
 @pytest.mark.parametrize("name, folder_files, expected", [

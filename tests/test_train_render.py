@@ -9,7 +9,9 @@ import yaml
 from autollm_lf.errors import UserError
 from autollm_lf.paths import RunDir
 from autollm_lf.train import lfcli
-from autollm_lf.train.deltas import DeltaSpec, apply_overrides, config_for_delta, render_template
+from autollm_lf.train.deltas import DeltaSpec, config_for_delta
+from autollm_lf.train.lfcli import apply_overrides
+from autollm_lf.train.render import render_template
 
 
 def test_overrides_replace_in_place_and_append_new_keys():

@@ -9,7 +9,8 @@ from ..checks import load_config
 from ..config import SearchConfig
 from ..evaluate.intervals import split_by_chunk
 from ..merge import param_delta
-from ..search.loop import optimizer_problems, point_key
+from ..search.loop import point_key
+from ..search.optimizers import optimizer_problems
 from ..search.optimizers.gradient import GradientOptimizer
 from ..search.scored import ScoredMerge
 from ..session import Session

@@ -20,7 +20,8 @@ from ..evaluate.intervals import mean_interval, paired_difference, resample_inde
 from ..fileio import read_json
 from ..merge import MERGE_METHODS
 from ..merge.grams import use_regmean
-from ..search.loop import baseline_points, optimizer_problems, run_search
+from ..search.loop import baseline_points, run_search
+from ..search.optimizers import optimizer_problems
 from ..session import Session
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core", "regmean_w", "tsv", "iso_c", "iso_cts")

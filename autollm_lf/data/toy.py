@@ -13,7 +13,8 @@ from ..fileio import atomic_write_text, fingerprint, read_json, write_json
 from ..log import get_logger
 from ..models.tiny import make_tiny_llama
 from ..paths import TEMPLATES_DIR, is_fresh
-from ..train.deltas import hardware_defaults, render_template, run_llamafactory
+from ..train.deltas import run_llamafactory
+from ..train.render import hardware_defaults, render_template
 
 logger = get_logger(__name__)
 

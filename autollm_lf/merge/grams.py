@@ -16,10 +16,15 @@ from typing import Mapping
 
 from ..errors import UserError
 from ..evaluate import encode_turns
-from ..fileio import file_digest, fingerprint, read_json
+from ..fileio import (
+    _alive,  # a process id still running here
+    file_digest,
+    fingerprint,
+    read_json,
+)
 from ..log import get_logger
-from ..models.gguf import _alive  # a process id still running here
-from ..train.deltas import model_fingerprint, training_cutoff_len
+from ..train.deltas import model_fingerprint
+from ..train.render import training_cutoff_len
 from .regmean import GramCollector, GramFiles, cached_fingerprint, padded_batches, save_grams
 
 logger = get_logger(__name__)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import fingerprint, read_json, write_json
+from ..fileio import _alive, fingerprint, read_json, write_json
 from ..log import get_logger
 
 logger = get_logger(__name__)
@@ -259,16 +259,6 @@ def _remove_stale(target: Path) -> None:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def convert(gguf_file: Path, out: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..search.loop import per_delta
+from ..granularity import per_delta
 
 Report = dict  # report.json
 

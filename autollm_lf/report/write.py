@@ -13,15 +13,14 @@ from ..evaluate.intervals import (
     resample_index,
     split_by_chunk,
 )
-from ..export.best import adapter_scorers, exported_adapter
 from ..fileio import atomic_write_text, file_digest, fingerprint, read_json, read_jsonl, write_json
-from ..granularity import param_group, param_name
+from ..granularity import param_group, param_name, per_delta
 from ..log import get_logger, progress
 from ..merge import MERGE_METHODS, apply_switch
-from ..paths import SHARED, find_template, is_fresh
-from ..search.loop import per_delta
+from ..paths import MIX_DELTA, SHARED, find_template, is_fresh
 from ..search.merge_choice import choice_line
-from ..train.auto_mix import MIX_DELTA, mix_spec
+from ..session import adapter_scorers, exported_adapter
+from ..train.auto_mix import mix_spec
 from ..train.deltas import ALL_DELTA, DONE_MARKER
 
 if TYPE_CHECKING:

@@ -9,12 +9,8 @@ No point is evaluated twice: a repeated suggestion is replaced by a seeded rando
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,8 +21,9 @@ from ..granularity import param_delta
 from ..log import get_logger, progress
 from ..paths import RunDir
 from .holdout import Halves, halves_of, seen_score, selection_key, trial_scores
-from .optimizers.gradient import GradientOptimizer
-from .optimizers.protocol import Optimizer, SearchSession, Setting, unmet_needs
+from .optimizers import OPTIMIZERS
+from .optimizers.protocol import Optimizer, SearchSession
+from .optimizers.random_search import random_point
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -34,15 +31,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 BAYES_MAX_WEIGHTS = 12  # optimizer auto: a GP over more weights than this learns little in ~40 trials; CMA-ES does
-
-
-def per_delta(weights: dict[str, float]) -> dict[str, float]:
-    """Weights by delta: as they are, or each delta's mean over its module groups (`delta@group` names), for what
-    reads one number per delta (the report's weights table, train@auto_mix's data mix)."""
-    groups: dict[str, list[float]] = {}
-    for name, w in weights.items():
-        groups.setdefault(param_delta(name), []).append(float(w))
-    return {d: sum(ws) / len(ws) for d, ws in groups.items()}
 
 
 def baseline_points(params: list[str], bounds: tuple[float, float], human: dict[str, float],
@@ -68,11 +56,6 @@ def point_key(weights: dict) -> tuple:
     return tuple(sorted((k, round(float(v), 9)) for k, v in weights.items()))
 
 
-def random_point(params: list[str], bounds, seed) -> dict:
-    lo, hi = bounds
-    return {p: float(x) for p, x in zip(params, np.random.default_rng(seed).uniform(lo, hi, len(params)))}
-
-
 def optimizer_name(cfg, n_weights: int) -> str:
     name = cfg.search.optimizer
     return ("bayes" if n_weights <= BAYES_MAX_WEIGHTS else "cmaes") if name == "auto" else name
@@ -93,139 +76,6 @@ def plan_trials(cfg, params: list[str], human: dict[str, float] | None = None) -
 def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], validation_fp: str) -> str:
     return fingerprint(cfg.search.model_dump(mode="json", exclude={"patience"}), cfg.evaluation.model_dump(mode="json"),
                        cfg.seed, deltas, delta_fps, validation_fp)
-
-
-# ---- optimisers (protocols.Optimizer): suggest(trial number, pending points) -> weights; register(weights, score,
-# own) with the trial's fit score (holdout.py: the holdout rows are never shown to an optimiser); replay(logged
-# trial). `parallel = False`: one point at a time (each from the one before).
-
-@contextlib.contextmanager
-def quiet():
-    """bayes_opt and cma print to the console; our log keeps one line per new best."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-class PooledOptimizer:
-    """An optimiser that proposes several points at once (a pool scores them together); it needs nothing of the merge
-    method, metric or objective."""
-    parallel = True
-    needs = ()
-
-
-class BayesOptimizer(PooledOptimizer):
-    """bayes_opt's Gaussian process with expected improvement, fed every trial (seeds included)."""
-
-    def __init__(self, params: list[str], bounds, seed: int, session: SearchSession):
-        from bayes_opt import BayesianOptimization
-        self.seed = seed
-        self.opt = BayesianOptimization(f=None, pbounds={p: tuple(bounds) for p in params}, random_state=seed,
-                                        verbose=0, allow_duplicate_points=True)
-
-    def suggest(self, number: int, pending: list[dict] = ()) -> dict:
-        """The next point; points still being scored (a parallel batch) count as scoring the worst seen so far
-        (constant liar), on a copy of the GP, so the batch spreads out."""
-        opt = self.opt
-        if pending:
-            opt = copy.deepcopy(self.opt)
-            lie = float(min(opt.space.target))
-            with quiet():
-                for weights in pending:
-                    opt.register(params=weights, target=lie)
-        opt._random_state.seed(self.seed * 100_003 + number)  # same suggestion after a restart
-        with quiet():
-            return {p: float(v) for p, v in opt.suggest().items()}
-
-    def register(self, weights: dict, score: float, own: bool) -> None:
-        with quiet():
-            self.opt.register(params=weights, target=score)
-
-    def replay(self, trial: dict, own: bool) -> None:
-        self.register(trial["weights"], seen_score(trial), own)
-
-
-class CmaesOptimizer(PooledOptimizer):
-    """CMA-ES (the `cma` package, as mergekit-evolve), started at the best point registered before its first
-    suggestion, step 0.3 of the bounds' width, bounded. Generation g is asked under numpy seed (seed, g), so a
-    replay asks the same populations; a replayed own trial is told its logged score."""
-
-    def __init__(self, params: list[str], bounds, seed: int, session: SearchSession):
-        self.params, self.bounds, self.seed = params, tuple(bounds), seed
-        self.es, self.best, self.generation = None, None, 0
-        self.queue, self.asked, self.told_x, self.told_y = [], [], [], []
-
-    def suggest(self, number: int, pending: list[dict] = ()) -> dict | None:
-        """The next point of this generation; None while the generation is asked out but not yet told."""
-        import cma
-        lo, hi = self.bounds
-        if not self.queue and pending:
-            return None
-        if not self.queue:
-            np.random.seed((self.seed * 7919 + self.generation) % 2**32)
-            if self.es is None:
-                x0 = np.clip(self.best[0] if self.best else np.full(len(self.params), (lo + hi) / 2), lo, hi)
-                with quiet():
-                    self.es = cma.CMAEvolutionStrategy(list(x0), 0.3 * (hi - lo), {
-                        "bounds": [lo, hi], "seed": self.seed + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0})
-            with quiet():
-                self.asked = self.es.ask()
-            self.queue, self.told_x, self.told_y = list(self.asked), [], []
-            self.generation += 1
-        x = np.clip(self.queue.pop(0), lo, hi)
-        return {p: float(v) for p, v in zip(self.params, x)}
-
-    def register(self, weights: dict, score: float, own: bool) -> None:
-        x = np.array([weights[p] for p in self.params])
-        if self.best is None or score > self.best[1]:
-            self.best = (x, score)
-        if not own or self.es is None:
-            return
-        self.told_x.append(x)
-        self.told_y.append(-score)  # cma minimises
-        if len(self.told_y) == len(self.asked):
-            with quiet():
-                self.es.tell(self.told_x, self.told_y)
-
-    def replay(self, trial: dict, own: bool) -> None:
-        if own:
-            self.suggest(trial["trial"])  # advance the same asks; the logged point (maybe a replacement) is told
-        self.register(trial["weights"], seen_score(trial), own)
-
-
-class RandomOptimizer(PooledOptimizer):
-    """Uniform random points (the baseline every optimiser must beat)."""
-
-    def __init__(self, params: list[str], bounds, seed: int, session: SearchSession):
-        self.params, self.bounds, self.seed = params, bounds, seed
-
-    def suggest(self, number: int, pending: list[dict] = ()) -> dict:
-        return random_point(self.params, self.bounds, [self.seed, number, 7])
-
-    def register(self, weights: dict, score: float, own: bool) -> None:
-        pass
-
-    def replay(self, trial: dict, own: bool) -> None:
-        pass
-
-
-OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
-    "bayes": BayesOptimizer, "cmaes": CmaesOptimizer, "random": RandomOptimizer, "gradient": GradientOptimizer}
-
-
-def optimizer_problems(optimizer: str, merge: str, metric: str, objective: bool) -> list[str]:
-    """What stops `optimizer` (auto: either of its choices) from working with this merge method, metric and
-    objective on/off, as each optimiser declares it (`needs`); names not in their registries are left to the
-    config check that reports unknown names."""
-    from ..evaluate.metrics import METRICS
-    from ..merge import MERGE_METHODS, merge_candidates
-    merges = [m for m in merge_candidates(merge) if m in MERGE_METHODS]  # search.merge: auto, each candidate
-    if not merges or metric not in METRICS:
-        return []
-    names = ["bayes", "cmaes"] if optimizer == "auto" else [optimizer]
-    settings = [Setting(m, MERGE_METHODS[m], metric, METRICS[metric], objective) for m in merges]
-    return list(dict.fromkeys(p for name in names if name in OPTIMIZERS for setting in settings
-                              for p in unmet_needs(OPTIMIZERS[name], setting)))
 
 
 # ---- the loop --------------------------------------------------------------------------------------------

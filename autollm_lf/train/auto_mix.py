@@ -7,15 +7,10 @@ one LLaMA-Factory run trains one stage, so preference/KTO/PT chunks cannot be in
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ..granularity import per_delta
 from ..log import get_logger
 from ..paths import MIX_DELTA
-from ..search.loop import per_delta
 from .deltas import DeltaSpec, delta_specs, train_one
-
-if TYPE_CHECKING:
-    from ..session import Session
 
 logger = get_logger(__name__)
 
@@ -50,7 +45,8 @@ def mix_spec(cfg, shapes: dict[str, str], best_weights: dict[str, float]):
     return DeltaSpec(MIX_DELTA, list(probs), "sft", args), probs
 
 
-def train_auto_mix(session: Session, force: bool = False) -> None:
+def train_auto_mix(session, force: bool = False) -> None:
+    """session: the run's session (session.Session, a stage above this one): its cfg and its chunks' shapes."""
     cfg = session.cfg
     if not cfg.train.auto_mix:
         return

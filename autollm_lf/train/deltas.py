@@ -2,25 +2,23 @@
 (one per free device group, one at a time on a CPU) or as Ray tasks on a cluster (`cluster:`, cluster.py)."""
 from __future__ import annotations
 
-import difflib
 import hashlib
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import yaml
 
 from ..config.owned import OWNED_TRAIN_KEYS
 from ..errors import UserError
 from ..fileio import atomic_write_text, file_digest, fingerprint, read_json, write_json
 from ..log import get_logger
-from ..paths import ADAPTER_FILE, ALL_DELTA, TEMPLATES_DIR, RunDir, dataset_file_stem, find_template, is_fresh, sft_view
+from ..paths import ADAPTER_FILE, ALL_DELTA, RunDir, dataset_file_stem, is_fresh, sft_view
 from .cluster import RayCluster
-from .lfcli import apply_overrides, run_llamafactory
+from .lfcli import run_llamafactory
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
+from .render import check_template, hardware_defaults, method_template, render_template
 from .scheduler import device_groups, run_on_devices, visible_gpus
 
 logger = get_logger(__name__)
@@ -41,67 +39,6 @@ class DeltaSpec:
     def chunk(self) -> str | None:
         """The one chunk a per-chunk delta trains on (None for train@all and train@auto_mix)."""
         return self.datasets[0] if len(self.datasets) == 1 and self.name != ALL_DELTA else None
-
-
-LF_DEFAULT_CUTOFF = 2048  # LLaMA-Factory's DataArguments.cutoff_len
-CUTOFF_LINE = re.compile(r"^cutoff_len:\s*(\d+)", re.M)
-
-
-def training_cutoff_len(cfg) -> int:
-    """The cutoff_len the SFT deltas train with: train.method_args.sft, else train.args, else their template's."""
-    for args in (cfg.train.method_args.get("sft", {}), cfg.train.args):
-        if "cutoff_len" in args:
-            return int(args["cutoff_len"])
-    path = find_template(method_template(cfg, "sft"))
-    found = CUTOFF_LINE.search(path.read_text(encoding="utf-8")) if path else None
-    return int(found.group(1)) if found else LF_DEFAULT_CUTOFF
-
-
-def method_template(cfg, method: str) -> str:
-    """The LLaMA-Factory config template `method` renders: train.templates' choice, else the method's own."""
-    return cfg.train.templates.get(method, METHODS[method].template)
-
-
-def hardware_defaults() -> dict[str, Any]:
-    """bf16 where a GPU supports it; on CPU no half precision and no gradient checkpointing."""
-    import torch
-
-    gpu = torch.cuda.is_available()
-    return {"bf16": bool(gpu and torch.cuda.is_bf16_supported()), "cpu": not gpu}
-
-
-# What config_for_delta hands every template (besides the method's own args), with sample values.
-TEMPLATE_SAMPLE = {"delta": "chunk-sft", "model_name_or_path": "model", "template": "default", "dataset_dir": "data",
-                   "dataset": "chunk", "output_dir": "deltas/chunk-sft", "seed": 0, "bf16": False, "cpu": True}
-
-
-def template_problem(template_file: str, method: str) -> str | None:
-    """Why a training template would fail when rendered (syntax, or a variable nobody sets), else None:
-    found at `validate`, not when the first training starts. Rendered once with sample values."""
-    path = find_template(template_file)
-    if path is None:
-        return f"no template {template_file!r} in autollm_lf/templates/; name a file there or give a path"
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    try:
-        env.from_string(path.read_text(encoding="utf-8")).render(**TEMPLATE_SAMPLE, **METHODS[method].args)
-    except jinja2.TemplateSyntaxError as e:
-        return f"{path} line {e.lineno}: {e.message}; fix the template"
-    except jinja2.UndefinedError as e:
-        return (f"{path}: {e.message}; autollm sets only "
-                f"{', '.join(sorted(set(TEMPLATE_SAMPLE) | set(METHODS[method].args)))}")
-    except UnicodeDecodeError:
-        return f"{path}: not UTF-8 text"
-    return None
-
-
-def render_template(template_file: str, overrides: dict[str, Any], **variables: Any) -> str:
-    path = find_template(template_file)
-    if path is None:
-        raise UserError(f"train.template: no template {template_file!r} in {TEMPLATES_DIR}; "
-                        f"name a file there or give a path")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    text = env.from_string(path.read_text(encoding="utf-8")).render(**variables)
-    return apply_overrides(text, overrides)
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -322,42 +259,6 @@ def train_specs(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bo
 def train_one(cfg, spec: DeltaSpec, force: bool = False) -> Path:
     """One delta (the shared adapter, train@auto_mix), trained where the others are."""
     return train_specs(cfg, [spec], force)[spec.name]
-
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
-
-
-def _layout(template) -> tuple:
-    """What a chat template writes around a conversation (two templates with the same layout train alike)."""
-    slots = tuple(repr(getattr(template, f).slots) for f in ("format_user", "format_assistant", "format_system",
-                                                              "format_prefix", "format_observation"))
-    return slots, tuple(template.stop_words), template.replace_eos, template.efficient_eos, type(template)
-
-
-def _is_multimodal(template) -> bool:
-    return any(getattr(template.mm_plugin, t, None) for t in ("image_token", "video_token", "audio_token"))
-
-
-def check_template(name: str, model_dir: Path) -> None:
-    """base_model.template must be one of LLaMA-Factory's and fit the model. A multimodal template (its mm_plugin
-    has image, video or audio tokens) needs the model's processor: on a text-only model LLaMA-Factory stops every
-    training with "Processor was not found". Say so before any training, naming the text-only template that
-    writes the same conversation (gemma3 -> gemma)."""
-    from llamafactory.data.template import TEMPLATES
-
-    template = TEMPLATES.get(name)
-    if template is None:
-        close = difflib.get_close_matches(name, list(TEMPLATES), n=3)
-        raise UserError(f"base_model.template: LLaMA-Factory has no template {name!r}"
-                        + (f"; did you mean {' or '.join(close)}?" if close
-                           else "; see LLaMA-Factory's data/template.py"))
-    if not _is_multimodal(template) or any((Path(model_dir) / f).is_file() for f in PROCESSOR_FILES):
-        return
-    twins = [n for n, t in TEMPLATES.items() if not _is_multimodal(t) and _layout(t) == _layout(template)]
-    instead = f"use template {twins[0]!r} instead (the same conversation format, text only)" if twins else \
-        "use a text-only template with the same format"
-    raise UserError(f"base_model.template: {name!r} is a multimodal template and {model_dir} has no processor "
-                    f"(a text-only model; LLaMA-Factory would stop with 'Processor was not found'); {instead}")
 
 
 def train_deltas(cfg, specs: list[DeltaSpec], force: bool = False, keep_going: bool = False) -> dict[str, Path]:

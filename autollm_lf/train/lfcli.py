@@ -145,3 +145,13 @@ def _update_progress(bar, progress_path: Path) -> None:
         if "loss" in last:
             bar.set_postfix(loss=round(last["loss"], 4), refresh=False)
         bar.refresh()
+
+
+def full_export(yaml_path: Path, export_dir: Path) -> Path:
+    """`llamafactory-cli export YAML`: the adapter merged into full weights in export_dir (log: export.log)."""
+
+    shutil.rmtree(export_dir, ignore_errors=True)  # never a half-old folder
+    run_llamafactory(yaml_path, export_dir, desc=f"llamafactory-cli export {yaml_path.name}", command="export")
+    if not (export_dir / "config.json").is_file():
+        raise UserError(f"llamafactory-cli export wrote no model to {export_dir}; see {export_dir / 'export.log'}")
+    return export_dir

@@ -12,11 +12,12 @@ shared base (export.yaml and the WebUI point there).
 from __future__ import annotations
 
 from ..config import RunConfig
-from ..export.best import full_export, render_lf_yaml
 from ..fileio import fingerprint, read_json, write_json
 from ..log import get_logger
 from ..paths import SHARED, is_fresh
 from .deltas import DONE_MARKER, DeltaSpec, train_one
+from .lfcli import full_export
+from .render import render_lf_yaml
 
 logger = get_logger(__name__)
 
