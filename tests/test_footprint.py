@@ -17,20 +17,9 @@ from safetensors import safe_open
 from autollm_lf import cli, footprint
 from autollm_lf.checks import load_config
 from autollm_lf.errors import UserError
-from autollm_lf.footprint import (
-    F32,
-    Footprint,
-    Lora,
-    Need,
-    adapter_bytes,
-    check_disk,
-    core_grams,
-    full_grams,
-    gguf_shape,
-    read_gguf_header,
-    shape_from_config,
-)
+from autollm_lf.footprint import Footprint, Lora, Need, adapter_bytes, check_disk, core_grams, full_grams
 from autollm_lf.merge import WeightedDeltas, grams
+from autollm_lf.models.shape import F32, gguf_shape, read_gguf_header, shape_from_config
 
 ALL = frozenset(footprint.LINEAR)
 FAKE = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,

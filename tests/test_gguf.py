@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from autollm_lf.cli import main
-from autollm_lf.models import gguf
+from autollm_lf.models import gguf, gguf_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_tokenizer_agrees_with_sentencepiece(gemma_file):
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    fields = gguf.load_tokenizer_fields(gemma_file)
+    fields = gguf_tokenizer.load_tokenizer_fields(gemma_file)
     proto = pb.ModelProto()
     proto.trainer_spec.model_type, proto.trainer_spec.byte_fallback = pb.TrainerSpec.BPE, True
     proto.trainer_spec.unk_id, proto.trainer_spec.bos_id = fields.unk_id, fields.bos_id
@@ -99,7 +99,7 @@ def test_tokenizer_agrees_with_sentencepiece(gemma_file):
     for piece, score, kind in zip(fields.tokens, fields.scores, fields.types):
         proto.pieces.add(piece=piece, score=score, type=kind)  # GGUF token types are SentencePiece's
     reference = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    ours = gguf.build_tokenizer(fields)
+    ours = gguf_tokenizer.build_tokenizer(fields)
     texts = [PARAGRAPH, SENTENCE, "Antidisestablishmentarianism, supercalifragilistic: 12345678 + 3.14159 = ?",
              "ünïcödé 漢字 emoji 🤖 and <b>bold</b> text\n\nnew paragraph\ttab", "Q: What is 17 * 23?\nA: 391"]
     for text in texts:
@@ -108,14 +108,14 @@ def test_tokenizer_agrees_with_sentencepiece(gemma_file):
 
 def test_merges_rank_by_merged_score():
     """'abc' from a, b, c: SentencePiece merges the pair whose merge scores highest first (bc over ab)."""
-    tok = gguf.GgufTokenizer(tokens=["<unk>", "<s>", "</s>", "a", "b", "c", "bc", "ab", "abc"],
+    tok = gguf_tokenizer.GgufTokenizer(tokens=["<unk>", "<s>", "</s>", "a", "b", "c", "bc", "ab", "abc"],
                              scores=[0, 0, 0, -10, -11, -12, -1, -2, -3], types=[2, 3, 3, 1, 1, 1, 1, 1, 1],
                              bos_id=1, eos_id=2, pad_id=2, unk_id=0, add_bos=False, add_eos=False,
                              add_space_prefix=False, context_length=None)
-    merges = gguf.bpe_merges(tok)
+    merges = gguf_tokenizer.bpe_merges(tok)
     assert merges[:2] == [("b", "c"), ("a", "b")]  # bc (-1) ranks before ab (-2)
     assert ("a", "bc") in merges and ("ab", "c") in merges
-    built = gguf.build_tokenizer(tok)
+    built = gguf_tokenizer.build_tokenizer(tok)
     assert built.convert_ids_to_tokens(built("abcab", add_special_tokens=False)["input_ids"]) == ["abc", "ab"]
     assert built.convert_ids_to_tokens(built("ab", add_special_tokens=False)["input_ids"]) == ["ab"]
 
