@@ -5,7 +5,8 @@ import sqlite3
 import pytest
 
 from autollm_lf.config import RunConfig
-from autollm_lf.data.prepare import chunk_name, prepare
+from autollm_lf.data.prepare import prepare
+from autollm_lf.data.records import chunk_name
 from autollm_lf.data.toy import TASKS, build_source_db
 from autollm_lf.errors import UserError
 
