@@ -1,5 +1,5 @@
-"""Stage 1: read rows from the sources (records.py), chunk them, hold out validation and test splits (split.py, stratified by
-chunk), and write LLaMA-Factory data files (formats.py) plus dataset_info.json."""
+"""Stage 1: read rows from the sources (records.py), chunk them, hold out validation and test splits (split.py,
+stratified by chunk), and write LLaMA-Factory data files (formats.py) plus dataset_info.json."""
 from __future__ import annotations
 
 import os

@@ -8,11 +8,8 @@ from collections import defaultdict
 from ..config import RunConfig
 from ..errors import UserError
 from ..evaluate.metrics import METRICS
-from ..log import get_logger
 from ..rows import Row
 from .records import chunk_name, detect_shape, reference, validate_rows
-
-logger = get_logger(__name__)
 
 
 def _refuse_colliding_chunks(rows: list[Row], column: str) -> None:
