@@ -150,7 +150,7 @@ def test_auto_merge_is_chosen_on_the_holdout_rows_and_the_search_runs_the_chosen
     best on the holdout rows (a tie: linear), and the search then runs with it: its own baseline trials are the
     chosen candidate's scores; a second run reads the choice instead of scoring again."""
     from autollm_lf.checks import load_config
-    from autollm_lf.report.write import merge_line
+    from autollm_lf.report.markdown import merge_line
     from autollm_lf.search.holdout import selection_key
     from autollm_lf.session import Session
     tmp, base = trained

@@ -24,8 +24,6 @@ from .split import check_scorable, held_out_per_chunk, split_chunks
 logger = get_logger(__name__)
 
 
-
-
 def prepare(cfg: RunConfig) -> dict[str, str]:
     """Write runs/<name>/data/ and return {chunk: shape}. Everything is computed first and written to a new
     folder that replaces the old one only when complete: a failed prepare leaves the last good one intact."""

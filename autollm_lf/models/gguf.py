@@ -47,7 +47,6 @@ GGUF_MAGIC = b"GGUF"
 KEY = "base_model.gguf"
 
 
-
 def cache_root() -> Path:
     return Path(os.environ.get("AUTOLLM_LF_CACHE") or Path.home() / ".cache" / "autollm-lf") / "gguf"
 

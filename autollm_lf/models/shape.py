@@ -94,7 +94,6 @@ def _product(dims) -> int:
     return n
 
 
-
 # ---- GGUF header: metadata and tensor table, streamed across a file's pieces --------------------------------
 
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
