@@ -447,8 +447,8 @@ def _md_table(md: str, header_start: str) -> list[list[str]]:
 
 def test_report_html_shows_what_report_md_shows(tmp_path):
     from autollm_lf.config import RunConfig
-    from autollm_lf.report.html import _html
     from autollm_lf.report.markdown import _markdown
+    from autollm_lf.report.page import _html
     cfg = RunConfig.model_validate({**base_config(tmp_path), "train": {"shared": {"rows_per_chunk": 4}},
                                     "search": {"granularity": "module_kind", "merge": "ties"}})
     weights = {"a-sft@attention": 0.2, "a-sft@mlp": 0.6, "b-sft@attention": 1.0, "b-sft@mlp": 0.5}

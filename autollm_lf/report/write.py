@@ -1,5 +1,5 @@
 """Stage 4: the AutoLLM README's table on validation and test, the weights table, a convergence plot: report.md
-(markdown.py), report.json, report.html (html.py) and the figures (plots.py), from the scores (scores.py)."""
+(markdown.py), report.json, report.html (page.py) and the figures (plots.py), from the scores (scores.py)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ from ..log import get_logger
 from ..paths import is_fresh
 from ..train.auto_mix import mix_spec
 from ..train.deltas import DONE_MARKER
-from .html import _html
 from .markdown import _markdown, cost_line
+from .page import _html
 from .plots import _plot, _plot_heatmap, _plot_weights
 from .scores import _mix_dir, add_intervals, report_rows, search_gain
 
