@@ -12,7 +12,7 @@ from typing import Any
 from .errors import UserError
 from .fileio import read_json
 
-# Bookkeeping files in data/ start with "_": prepare.chunk_name() never makes a name that does, so no chunk
+# Bookkeeping files in data/ start with "_": records.chunk_name() never makes a name that does, so no chunk
 # can overwrite them (validation/test/dataset_info are reserved chunk names instead).
 MANIFEST, SUMMARY = "_manifest.json", "_summary.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -124,7 +124,7 @@ class RunDir:
 
     @property
     def merge_choice(self) -> Path:
-        """search.merge: auto: each candidate method's best baseline point and the one chosen (merge_choice.py)."""
+        """search.merge: auto: each candidate method's best baseline point and the one chosen (search.merge_choice)."""
         return self.search / "merge_auto.json"
 
     def raw_constraints(self, split: str) -> Path:

@@ -1,8 +1,8 @@
 """The row: one example as it travels from a source through prepare to training files and evaluation.
 
-Readers (sources.py, sqlsource.py, lfdata.py, generate.py) return raw records (`Record`: a source's columns,
-any names); prepare.py maps them onto `Row`'s fields and adds provenance and chunk. Every key is optional: a row
-has the fields of its shape (methods.SHAPES: sft, preference, kto) and the bookkeeping its source gave it.
+Readers (data/sources/: one file per source type) return raw records (`Record`: a source's columns, any names);
+data/records.py maps them onto `Row`'s fields and adds provenance and chunk. Every key is optional: a row has the
+fields of its shape (train/methods.py's SHAPE_FIELDS: sft, preference, kto, pt) and the bookkeeping its source gave it.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class Session:
 
     def __init__(self, cfg: RunConfig, force: frozenset[str] = frozenset(), keep_going: bool = False,
                  full: bool = False):
-        self.requested_merge = cfg.search.merge  # `auto` until the search chooses (merge_choice.py)
+        self.requested_merge = cfg.search.merge  # `auto` until the search chooses (search/merge_choice.py)
         self.base_cfg = cfg  # prepare's: the base as configured
         self.cfg = cfg.on_shared_base() if cfg.train.shared else cfg  # every later stage's (train.shared)
         self.force = force

@@ -4,8 +4,9 @@
 (metrics, merge methods, optimisers, training methods, LoRA inits) and what needs a stage's code are checked by
 checks.load_config, the entry point every command uses.
 
-Parts: sources.py (the `data:` section and every source type), sections.py (the other sections), run.py
-(RunConfig), load.py (reading a file, path checks, writing the resolved config).
+Parts: data_section.py (the `data:` section and every source type), sections.py (the other sections), owned.py
+(the LLaMA-Factory keys autollm decides itself), run.py (RunConfig), load.py (reading a file, path checks, writing
+the resolved config).
 """
 from .data_section import (
            PACKAGE_ROOT,

@@ -134,10 +134,10 @@ class SearchConfig(Strict):
                                                   "(`module_kind`), per delta and block of layers (`blocks:N`, "
                                                   "N contiguous blocks), or per delta and module (`module`)")
     optimizer: str = Field(
-        "auto", description="what proposes the trials after the seeds (search.OPTIMIZERS); auto: bayes up to "
+        "auto", description="what proposes the trials after the seeds (optimizers.OPTIMIZERS); auto: bayes up to "
                             "12 weights, cmaes beyond; gradient: Adam on the teacher-forced loss of half of "
                             "validation, for the merges it can differentiate "
-                            "(merge.methods.differentiable_methods())")
+                            "(merge.registry.differentiable_methods())")
     patience: Optional[int] = Field(None, ge=1, description="stop after this many optimiser trials without a new best")
     select: Literal["holdout", "all"] = Field(
         "holdout", description="holdout: the optimiser sees half of the validation rows (the gradient fits on them) "

@@ -5,7 +5,8 @@ reference (and then stops) exactly when the argmax at every reference position, 
 included, is the reference token, so one forward pass per batch scores a trial. `contains`, `regex`,
 `numeric`, `python` and `judge` score answers produced by batched greedy `generate`.
 
-Parts: encode.py, base.py (Evaluator), batches.py, prefix.py, logits.py, teacher.py, generated.py.
+Parts: encode.py, base.py (Evaluator), batches.py, prefix.py, logits.py, teacher.py, generated.py; metrics.py (every
+metric in one registry: choice.py, judge.py with llm.py, lmeval.py), objective.py, intervals.py.
 """
 from .base import Batch, Evaluator
 from .batches import plan_batches, shared_prefix

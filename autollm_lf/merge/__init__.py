@@ -4,9 +4,10 @@ W = W0 + sum_i w_i * dW_i, with dW_i = s_i * B_i @ A_i (s_i = lora_alpha / r). W
 computes y = W0 x + sum_i scaling_i * B_i A_i x, so setting scaling_i = w_i * s_i gives exactly the weighted sum:
 no weight copies, no reloads, one float per adapter per layer per trial.
 
-Parts: maths.py (pure functions), methods.py (the merge methods' registry), bank.py (base and adapters loaded
+Parts: maths.py (pure functions), registry.py (the merge methods' registry), bank.py (base and adapters loaded
 once, the cat factors), apply.py (one object per apply mode), lowrank.py, spectral.py and dense.py (what a trial
-writes), export.py (one PEFT adapter), weighted.py (WeightedDeltas, the one object the pipeline holds).
+writes), adapter.py (one PEFT adapter), weighted.py (WeightedDeltas, the one object the pipeline holds), regmean.py
+(RegMean's Grams and solve) and grams.py (each chunk's Grams, from its training rows).
 """
 from ..granularity import GRANULARITIES, Granularity, module_groups, param_delta, param_name, parse_granularity
 from .apply import APPLY_MODES, FOLD_COPY_BUDGET

@@ -19,7 +19,7 @@ MERGED = "autollm_merged"
 def export_adapter(bank: DeltaBank, lowrank: LowRankWriter, dense: DenseMerger, method: str,
                    weights: Mapping[str, float], out_dir: Path) -> dict:
     """Saves the merge for `weights` to out_dir and returns how it was made (export_info). A low-rank method
-    (`low_rank=True` in methods.MERGE_METHODS; any granularity): the in-place `cat` factors as they stand for these
+    (`low_rank=True` in registry.MERGE_METHODS; any granularity): the in-place `cat` factors as they stand for these
     weights, copied into an adapter PEFT's `cat` builds (same shapes, same scaling): exact. Any other method (the
     sparsified ones): the merged dW of each module is not low rank, so its truncated SVD at the rank `cat` would
     have (the sum of the deltas' ranks, capped by min(d_in, d_out)); the info says the relative error. The model's

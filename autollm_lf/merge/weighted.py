@@ -1,6 +1,6 @@
 """`WeightedDeltas`: the base model with every delta loaded once (the bank); `set_weights` is the only per-trial work.
 
-It picks the apply mode (apply.py) and the merge method (methods.py) and hands a trial's weights to the part that
+It picks the apply mode (apply.py) and the merge method (registry.py) and hands a trial's weights to the part that
 writes them: the low-rank writer (lowrank.py, on the cat factors) or the dense merger (dense.py, folded).
 Weights may differ per module group (`granularity`, see granularity.GRANULARITIES): each module reads its own.
 """

@@ -59,7 +59,7 @@ class GgufSource:
     stem: str                        # readable part of the cache folder's name
     sha256: Callable[[], str]        # the file's digest (cheap where it can be)
     materialize: Callable[[Path], Path]  # the file on disk (may write it into the given scratch folder)
-    pieces: tuple[Path, ...] = ()    # the file, or its .partNN pieces in order (read as one by footprint.py)
+    pieces: tuple[Path, ...] = ()    # the file, or its .partNN pieces in order (read as one by shape.py)
 
 
 def _file_source(spec: str) -> GgufSource:

@@ -79,7 +79,7 @@ def seen_score(trial: dict) -> float:
 
 
 def trial_scores(session, weights: dict, halves: Halves) -> dict[str, float]:
-    """A point's validation, fit and holdout scores from one evaluation pass (session: protocols.SearchSession)."""
+    """A point's validation, fit and holdout scores from one evaluation pass (session: a protocol.SearchSession)."""
     if halves.select == "all":
         return halves.scores(session.score(weights, "validation"), [])
     overall, rows = session.scored_rows(weights, "validation")

@@ -1,5 +1,6 @@
-"""A loaded merge scored by evaluators it is given (or by a function of the weights): a session (protocols.FitSession)
-with no run behind it, for the bench's searches on a subset of rows and its oracles on test."""
+"""A loaded merge scored by evaluators it is given (or by a function of the weights): a session (a
+optimizers.protocol.FitSession) with no run behind it, for the bench's searches on a subset of rows and its oracles
+on test."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -34,7 +34,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 SKIP_BACK = ("checkpoint-",)  # LLaMA-Factory's intermediate checkpoints stay on the node
 
 
-class Job(Protocol):  # train.TrainingJob, as far as this module reads it
+class Job(Protocol):  # deltas.TrainingJob, as far as this module reads it
     spec: Any
     config: Path
     text: str

@@ -1,6 +1,6 @@
 """Running `llamafactory-cli` (train, export) as an argument list, with its YAML's top-level keys overridden.
 
-Used where trainings run: on this machine (train.py) and inside a Ray task on a cluster node (cluster.py).
+Used where trainings run: on this machine (deltas.py) and inside a Ray task on a cluster node (cluster.py).
 """
 from __future__ import annotations
 

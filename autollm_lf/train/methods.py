@@ -1,6 +1,6 @@
 """Training methods: which LLaMA-Factory stage, which data shape, which template, which defaults.
 
-A new method is one entry in METHODS. Data shapes are detected per chunk by prepare.py.
+A new method is one entry in METHODS. Data shapes are detected per chunk by data/records.py.
 """
 from __future__ import annotations
 

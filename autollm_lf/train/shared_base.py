@@ -6,7 +6,7 @@ together scored below either alone). The shared adapter learns what every chunk 
 merged into full weights (`llamafactory-cli export`, runs/<name>/shared_base/), and the deltas, train@auto_mix
 and the search start from that base, so the deltas carry only their task. The yardsticks stay on the configured
 base: `raw` in the report is that base as it is, and train@all is trained from it (what a user would train); the
-shared base has rows of its own (`shared_base`, report.SHARED_BASE_ROW). The exported merge is an adapter on the
+shared base has rows of its own (`shared_base`, report.scores.SHARED_BASE_ROW). The exported merge is an adapter on the
 shared base (export.yaml and the WebUI point there).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The seams between the search and what it drives, as Protocols (like cluster.Job): what the search needs of a
 session, what the gradient optimiser needs besides, and what every optimiser offers the loop. session.Session and
-bench's ScoredMerge are sessions; search.OPTIMIZERS holds the optimisers."""
+bench's ScoredMerge are sessions; optimizers.OPTIMIZERS holds the optimisers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class SearchSession(Protocol):
-    """What search.run_search needs: the score of a point on a split (it only ever asks for validation)."""
+    """What loop.run_search needs: the score of a point on a split (it only ever asks for validation)."""
 
     def score(self, weights: Mapping[str, float], split: str) -> float: ...
 
@@ -41,7 +41,7 @@ class Setting:
     merge: str
     merge_spec: object      # merge.MergeMethod
     metric: str
-    metric_cls: type        # an entry of metrics.METRICS
+    metric_cls: type        # an entry of evaluate.metrics.METRICS
     objective: bool
 
 
@@ -60,7 +60,7 @@ def unmet_needs(optimizer: type, setting: Setting) -> list[str]:
 
 
 class Optimizer(Protocol):
-    """An entry of search.OPTIMIZERS, built as cls(params, bounds, seed, session). `parallel`: True when it proposes
+    """An entry of optimizers.OPTIMIZERS, built as cls(params, bounds, seed, session). `parallel`: True when it proposes
     several points at once (a pool scores them together); False for one trajectory, whose points it scores itself
     (`evaluate`, which then returns extra fields for the trial log). `needs`: what it needs of the merge, the metric
     and the objective (Need), checked before anything trains."""
