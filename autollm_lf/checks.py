@@ -10,7 +10,8 @@ from .config import ONE_BASE, GenerateSource, RunConfig, parse_config, path_prob
 from .errors import UserError
 from .evaluate.metrics import METRICS
 from .merge import AUTO_MERGE, MERGE_METHODS
-from .models.gguf import PYPI, converted_path
+from .models.gguf import converted_path
+from .models.gguf_source import PYPI
 from .paths import find_template
 from .search.optimizers import OPTIMIZERS, optimizer_problems
 from .train.deltas import LORA_INITS

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..fileio import read_json
-from .gguf import gguf_source
+from .gguf_source import gguf_source
 
 F32 = 4
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
