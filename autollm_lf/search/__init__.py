@@ -4,3 +4,7 @@ Parts: loop.py (the loop: trials, resume, the best point), optimizers/ (one file
 Protocols in optimizers/protocol.py), holdout.py (fit and holdout rows), merge_choice.py (search.merge: auto),
 scored.py (a session with no run behind it, for the bench).
 """
+from .loop import run_search
+from .optimizers import OPTIMIZERS, optimizer_problems
+
+__all__ = ["OPTIMIZERS", "optimizer_problems", "run_search"]
