@@ -123,7 +123,7 @@ class SearchConfig(Strict):
                                              "(autollm_lf/merge/registry.py: what each does; a low_rank one works "
                                              "on the LoRA factors and is exported exactly, any other is exported "
                                              "by truncated SVD), or auto: linear or regmean_w, the one whose best "
-                                             "baseline point scores best on the holdout rows (merge_choice.py)")
+                                             "baseline point scores best on the holdout rows (search/merge_choice.py)")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
     regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
                                                               "of each Gram's off-diagonal part kept (1: plain "
@@ -264,7 +264,7 @@ class RoundsConfig(Strict):
 
 
 class ClusterConfig(Strict):
-    """A Ray cluster: every delta a Ray task, the search's trials on Ray actors (cluster.py)."""
+    """A Ray cluster: every delta a Ray task, the search's trials on Ray actors (train/cluster.py)."""
     address: str = Field("local", description="`local` starts Ray on this machine (its GPUs); `auto` joins the "
                                               "cluster this machine belongs to (`ray start`); `ray://host:10001` "
                                               "a remote one through Ray Client")

@@ -59,9 +59,9 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
-# search.merge: auto: the search picks one of these on the holdout rows (merge_choice.py). linear first: a tie (the
-# best baseline point is one where both compute the same, e.g. raw or a delta alone) keeps the plain sum; regmean_w
-# is the data-aware one whose weight 0 drops a delta (regmean's cannot)
+# search.merge: auto: the search picks one of these on the holdout rows (search/merge_choice.py). linear first: a tie
+# (the best baseline point is one where both compute the same, e.g. raw or a delta alone) keeps the plain sum;
+# regmean_w is the data-aware one whose weight 0 drops a delta (regmean's cannot)
 AUTO_MERGE = "auto"
 AUTO_MERGES = ("linear", "regmean_w")
 

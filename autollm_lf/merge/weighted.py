@@ -159,7 +159,7 @@ class WeightedDeltas:
             self.dense.write(self.bank.cat_module_weights(weights), spec, self.modes["fold"].base_copies)
 
     def export(self, weights: Mapping[str, float], out_dir: Path) -> Path:
-        """Save the merge as one ordinary PEFT adapter (merge/export.py); `export_info` says how it was made."""
+        """Save the merge as one ordinary PEFT adapter (merge/adapter.py); `export_info` says how it was made."""
         self.export_info = export_adapter(self.bank, self.lowrank, self.dense, self.method, weights, out_dir)
         self.bank.model.base_model.set_adapter(self.bank.names if self.mode == "scaling" else CAT)
         if self.mode == "fold":
