@@ -83,7 +83,7 @@ def name_problems(raw: dict) -> list[str]:
 
 def combination_problems(search: dict, evaluation: dict) -> list[str]:
     """The optimiser with the merge method, metric and objective the config names, as the optimiser declares what
-    it needs (search.optimizer_problems; defaults as the schema's)."""
+    it needs (optimizers.optimizer_problems; defaults as the schema's)."""
     from .config import EvaluationConfig, SearchConfig
     default = lambda model, key: model.model_fields[key].default
     optimizer = search.get("optimizer", default(SearchConfig, "optimizer"))

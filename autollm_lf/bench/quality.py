@@ -31,7 +31,7 @@ QUALITY_OPTIMIZERS = ("gradient", "cmaes")
 def quality_pairs(methods=QUALITY_METHODS, optimizers=QUALITY_OPTIMIZERS,
                   metric: str = "exact_match") -> list[tuple[str, str]]:
     """Every method x optimiser the quality bench searches, leaving out the pairs an optimiser declares it cannot
-    work with (search.optimizer_problems). Checked when the flags are read, so a narrowing with nothing to search
+    work with (optimizers.optimizer_problems). Checked when the flags are read, so a narrowing with nothing to search
     fails before any bench part runs."""
     pairs, refused = [], []
     for m in methods:
