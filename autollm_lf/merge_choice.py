@@ -4,7 +4,8 @@ Each candidate (merge.AUTO_MERGES: `linear`, `regmean_w`) scores the search's ba
 delta alone, human) on the validation rows; the candidate whose best point is best on the holdout half (as the search
 chooses its trial: holdout.selection_key; a tie keeps the earlier candidate) becomes search.merge for the rest of the
 run. Cost: the baseline points once more per extra candidate, and the Gram pass of a data-aware one. The chosen
-candidate's points are not scored again by the search (the session keeps each point's rows). The choice is written to
+candidate's points are not scored again by the search (the session keeps each point's rows), unless search.apply: auto
+then moves the weights to another apply mode. The choice is written to
 search/merge_auto.json with the search's fingerprint, so a re-run or a later `autollm report` reads it.
 """
 from __future__ import annotations
