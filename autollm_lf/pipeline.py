@@ -16,6 +16,7 @@ from .holdout import halves_of, trial_scores
 from .io import atomic_write_text, read_json, write_if_changed, write_json
 from .judge import JudgeClient
 from .log import get_logger
+from .merge import AUTO_MERGE
 from .merge_choice import choose_merge
 from .mix import train_auto_mix
 from .prepare import prepare
@@ -85,10 +86,11 @@ def trial_pool(s: Session) -> TrialPool | None:
 
 def stage_search(s: Session) -> None:
     check_chunk_keys(s)
-    choose_merge(s, force="search" in s.force)  # search.merge: auto
+    choose_merge(s, force="search" in s.force)  # search.merge: auto: its race ran the chosen search (forced or not)
     s.ready_for_trials()
     with trial_pool(s) or contextlib.nullcontext() as pool:
-        best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
+        force = "search" in s.force and s.requested_merge != AUTO_MERGE
+        best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force,
                           human=s.human_weights() if s.cfg.search.human_weights else {}, pool=pool)
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})
