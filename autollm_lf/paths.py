@@ -127,6 +127,10 @@ class RunDir:
         """search.merge: auto: each candidate method's best baseline point and the one chosen (search.merge_choice)."""
         return self.search / "merge_auto.json"
 
+    def candidate_search(self, method: str) -> Path:
+        """search.merge: auto: the folder of one raced candidate's search (its trials.jsonl and best.json)."""
+        return self.search / "merge_auto" / method
+
     def raw_constraints(self, split: str) -> Path:
         """The raw model's score on each constraint of evaluation.objective, on one split."""
         return self.search / f"raw_constraints.{split}.json"

@@ -13,6 +13,7 @@ from .export.best import export_best
 from .fileio import atomic_write_text, read_json, write_if_changed, write_json
 from .footprint import check_before_training
 from .log import get_logger
+from .merge import AUTO_MERGE
 from .models.gguf import ensure_converted
 from .report.claims import claims_lines
 from .report.feedback import write_bad_cases
@@ -85,10 +86,11 @@ def trial_pool(s: Session) -> TrialPool | None:
 
 def stage_search(s: Session) -> None:
     check_chunk_keys(s)
-    choose_merge(s, force="search" in s.force)  # search.merge: auto
+    choose_merge(s, force="search" in s.force)  # search.merge: auto: its race ran the chosen search (forced or not)
     s.ready_for_trials()
     with trial_pool(s) or contextlib.nullcontext() as pool:
-        best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force="search" in s.force,
+        force = "search" in s.force and s.requested_merge != AUTO_MERGE
+        best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force,
                           human=s.human_weights() if s.cfg.search.human_weights else {}, pool=pool)
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})

@@ -145,11 +145,12 @@ def test_auto_granularity_resolves_on_the_run_and_its_report_says_so(trained, ca
 
 
 @pytest.mark.slow
-def test_auto_merge_is_chosen_on_the_holdout_rows_and_the_search_runs_the_chosen(trained, capsys, monkeypatch):
-    """search.merge: auto scores the baseline points under linear and regmean_w, keeps the one whose best point is
-    best on the holdout rows (a tie: linear), and the search then runs with it: its own baseline trials are the
-    chosen candidate's scores; a second run reads the choice instead of scoring again."""
+def test_auto_merge_races_the_candidates_and_keeps_the_best_on_the_holdout_rows(trained, capsys, monkeypatch):
+    """search.merge: auto scores the baseline points under linear, regmean_w and regmean, runs the whole search for
+    the two whose best point is best on the holdout rows, and keeps the one whose returned trial is best there (a tie:
+    the earlier); that search's trials become the run's; a second run reads the choice instead of racing again."""
     from autollm_lf.checks import load_config
+    from autollm_lf.merge import AUTO_MERGES
     from autollm_lf.report.markdown import merge_line
     from autollm_lf.search.holdout import selection_key
     from autollm_lf.session import Session
@@ -161,22 +162,30 @@ def test_auto_merge_is_chosen_on_the_holdout_rows_and_the_search_runs_the_chosen
     assert main(["search", str(path), "--force", "search"]) == 0
     search_dir = tmp / "runs" / "combo" / "search"
     logged = json.loads((search_dir / "merge_auto.json").read_text())
-    by_method = {c["method"]: c for c in logged["candidates"]}
-    assert list(by_method) == ["linear", "regmean_w"]
+    candidates = logged["candidates"]
+    assert [c["method"] for c in candidates] == list(AUTO_MERGES)
     key = lambda c: selection_key(c)[:2]
-    best_key = max(map(key, logged["candidates"]))
-    assert logged["chosen"] == next(c["method"] for c in logged["candidates"] if key(c) == best_key)
-    uniform = {m: next(p for p in c["points"] if p["kind"] == "uniform")["validation"] for m, c in by_method.items()}
-    assert uniform["linear"] != uniform["regmean_w"]  # both methods were really applied
-    trials = [json.loads(line) for line in (search_dir / "trials.jsonl").read_text().splitlines()]
-    chosen_points = {p["kind"]: p for p in by_method[logged["chosen"]]["points"]}
-    for t in trials:
-        if t["kind"] in chosen_points:  # the search's baseline trials are the chosen method's
-            assert t["holdout"] == pytest.approx(chosen_points[t["kind"]]["holdout"], abs=1e-9)
+    raced = [c for c in candidates if "search" in c]
+    assert len(raced) == 2 and all(key(c) >= key(o) for c in raced for o in candidates if o not in raced)
+    best = max(key(c["search"]) for c in raced)
+    assert logged["chosen"] == next(c["method"] for c in raced if key(c["search"]) == best)
+    uniform = {c["method"]: next(p for p in c["points"] if p["kind"] == "uniform")["validation"] for c in candidates}
+    assert len(set(uniform.values())) == 3  # the three methods were really applied
+    chosen_dir = search_dir / "merge_auto" / logged["chosen"]
+    assert (search_dir / "trials.jsonl").read_text() == (chosen_dir / "trials.jsonl").read_text()
+    assert json.loads((search_dir / "best.json").read_text())["holdout"] == pytest.approx(
+        next(c for c in raced if c["method"] == logged["chosen"])["search"]["holdout"])
+    for c in raced:  # each raced search's own baseline trials are that method's scores
+        trials = [json.loads(line) for line in (search_dir / "merge_auto" / c["method"] / "trials.jsonl")
+                  .read_text().splitlines()]
+        points = {p["kind"]: p for p in c["points"]}
+        assert all(t["holdout"] == pytest.approx(points[t["kind"]]["holdout"], abs=1e-9) for t in trials
+                   if t["kind"] in points)
     assert "merge auto -> " + logged["chosen"] in capsys.readouterr().out
     session = Session(load_config(path))
     assert session.cfg.search.merge == logged["chosen"]  # a later process (report, export) reads the choice
     assert f"merge auto -> {logged['chosen']}" in merge_line(session.cfg)
     assert main(["search", str(path)]) == 0
-    assert json.loads((search_dir / "merge_auto.json").read_text()) == logged  # not chosen again
-    assert "merge auto -> " not in capsys.readouterr().out
+    assert json.loads((search_dir / "merge_auto.json").read_text()) == logged  # not raced again
+    out = capsys.readouterr().out
+    assert "merge auto -> " not in out and "(new best)" not in out  # nothing scored again

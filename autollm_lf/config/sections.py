@@ -122,8 +122,8 @@ class SearchConfig(Strict):
     merge: str = Field("linear", description="merge method on the true deltas: a name in merge.MERGE_METHODS "
                                              "(autollm_lf/merge/registry.py: what each does; a low_rank one works "
                                              "on the LoRA factors and is exported exactly, any other is exported "
-                                             "by truncated SVD), or auto: linear or regmean_w, the one whose best "
-                                             "baseline point scores best on the holdout rows (search/merge_choice.py)")
+                                             "by truncated SVD), or auto: linear, regmean_w or regmean, raced on "
+                                             "the holdout rows (search/merge_choice.py)")
     density: float = Field(0.5, gt=0, le=1, description="ties/dare: fraction of each delta's entries kept")
     regmean_alpha: float = Field(0.5, ge=0, le=1, description="regmean: C' = alpha C + (1 - alpha) diag(C), the share "
                                                               "of each Gram's off-diagonal part kept (1: plain "

@@ -59,11 +59,11 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
-# search.merge: auto: the search picks one of these on the holdout rows (search/merge_choice.py). linear first: a tie
-# (the best baseline point is one where both compute the same, e.g. raw or a delta alone) keeps the plain sum;
-# regmean_w is the data-aware one whose weight 0 drops a delta (regmean's cannot)
+# search.merge: auto: the search races these on the holdout rows (search/merge_choice.py). linear first: a tie (the
+# best point is one where they compute the same, e.g. raw or a delta alone) keeps the plain sum; regmean_w's weight
+# 0 drops a delta (regmean's cannot), regmean solves in the full input space (a stronger start on Gemma 3 270M)
 AUTO_MERGE = "auto"
-AUTO_MERGES = ("linear", "regmean_w")
+AUTO_MERGES = ("linear", "regmean_w", "regmean")
 
 
 def merge_candidates(merge: str) -> tuple[str, ...]:

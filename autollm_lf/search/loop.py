@@ -95,14 +95,15 @@ def score_here(session: SearchSession, halves: Halves) -> Scores:
 
 
 def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: str, force: bool = False,
-               human: dict[str, float] | None = None, pool=None) -> dict:
+               human: dict[str, float] | None = None, pool=None, where: Path | None = None) -> dict:
     """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
     best = {weights, validation, fit, holdout, trial, kind, select, start}: the trial chosen on the holdout rows
     (holdout.py) and `start`, the baseline point chosen the same way (what the search would return without its
     optimiser). With a pool (cluster.TrialPool) up to pool.size trials run at once: the optimiser proposes them
-    together, the log is written in trial order once the batch is scored."""
+    together, the log is written in trial order once the batch is scored. `where`: a folder for the trials log and
+    best.json other than the run's (search.merge: auto's candidates)."""
     run = RunDir(cfg.out)
-    trials_path, best_path = run.trials, run.best
+    trials_path, best_path = (where / run.trials.name, where / run.best.name) if where else (run.trials, run.best)
     params, bounds, patience = list(deltas), cfg.search.bounds, cfg.search.patience
     halves = halves_of(cfg, session.validation_rows())
     trials = _resume(trials_path, fp, discard=force)

@@ -1,17 +1,21 @@
-"""search.merge: auto: the merge method chosen on the holdout rows, before the optimiser runs.
+"""search.merge: auto: the merge method chosen on the holdout rows, by a race between the candidates.
 
-Each candidate (merge.AUTO_MERGES: `linear`, `regmean_w`) scores the search's baseline points (raw, uniform, each
-delta alone, human) on the validation rows; the candidate whose best point is best on the holdout half (as the search
-chooses its trial: holdout.selection_key; a tie keeps the earlier candidate) becomes search.merge for the rest of the
-run. Cost: the baseline points once more per extra candidate, and the Gram pass of a data-aware one. The chosen
-candidate's points are not scored again by the search (the session keeps each point's rows). The choice is written to
+1. Each candidate (merge.AUTO_MERGES: `linear`, `regmean_w`, `regmean`) scores the search's baseline points (raw,
+   uniform, each delta alone, human) on validation.
+2. The RACE candidates whose best point is best on the holdout half (holdout.selection_key; ties keep the earlier)
+   run the whole search, each into search/merge_auto/<method>/ (its own trials log, resumed like the run's).
+3. The candidate whose returned trial is best on the holdout half (ties: the earlier) becomes search.merge for the
+   rest of the run; its trials log and best.json become the run's, so the search stage finds them done.
+A baseline alone does not tell which method the optimiser can take further (under `regmean` a weight of 0 cannot drop
+a delta, under `regmean_w` it can), hence the race. Cost: the baseline points once per candidate, the Gram passes of
+the data-aware ones, and RACE searches instead of one; the log and the report say each. The choice is written to
 search/merge_auto.json with the search's fingerprint, so a re-run or a later `autollm report` reads it.
 """
 from __future__ import annotations
 
 import time
 
-from ..fileio import read_json, write_json
+from ..fileio import atomic_write_text, read_json, write_json
 from ..log import get_logger
 from ..merge import AUTO_MERGE, MERGE_METHODS, merge_candidates
 from ..merge.grams import use_regmean
@@ -19,6 +23,8 @@ from .holdout import halves_of, selection_key, trial_scores
 from .loop import baseline_points
 
 logger = get_logger(__name__)
+
+RACE = 2  # candidates whose optimiser runs: those with the best baseline points
 
 
 def with_merge(cfg, method: str):
@@ -34,7 +40,7 @@ def logged_choice(cfg) -> str | None:
 
 def choose_merge(s, force: bool = False) -> None:
     """Resolve search.merge: auto for session `s` (session.Session): read the logged choice when it is this search's,
-    else score every candidate's baseline points and keep the best on the holdout rows."""
+    else race the candidates (module docstring)."""
     if s.requested_merge != AUTO_MERGE:
         return
     fp = s.search_fingerprint(merge=AUTO_MERGE)
@@ -44,22 +50,44 @@ def choose_merge(s, force: bool = False) -> None:
         return
     started = time.perf_counter()
     halves = halves_of(s.cfg, s.validation_rows())
+    candidates = [_baselines(s, method, halves) for method in merge_candidates(AUTO_MERGE)]
+    racing = sorted(candidates, key=lambda c: selection_key(c)[:2], reverse=True)[:RACE]  # stable: ties keep order
+    for c in candidates:
+        if c in racing:
+            c["search"] = _race(s, c["method"], force)
+    finished = [c for c in candidates if "search" in c]
+    chosen = max(finished, key=lambda c: selection_key(c["search"])[:2])["method"]  # first of equals kept
+    for path in (s.cfg.run.trials, s.cfg.run.best):  # the chosen search becomes the run's
+        atomic_write_text(path, (s.cfg.run.candidate_search(chosen) / path.name).read_text(encoding="utf-8"))
+    write_json(s.cfg.run.merge_choice, {"fingerprint": fp, "chosen": chosen, "candidates": candidates,
+                                        "seconds": round(time.perf_counter() - started, 1), "select": halves.select})
+    s.use_merge(chosen)
+    logger.info(f"search: {choice_line(read_json(s.cfg.run.merge_choice))}")
+
+
+def _baselines(s, method: str, halves) -> dict:
+    """`method`'s baseline points scored: every one, and the best on the holdout rows."""
+    _ensure_data(s, method)
+    s.weighted.use_method(method, s.cfg.search.density)
     search = s.cfg.search
     points = baseline_points(s.search_params, search.bounds, s.human_weights() if search.human_weights else {},
                              search.alone_baselines)
-    candidates = []
-    for method in merge_candidates(AUTO_MERGE):
-        _ensure_data(s, method)
-        s.weighted.use_method(method)
-        scored = [{"trial": i, "kind": kind, **trial_scores(s, weights, halves)} for i, (kind, weights) in
-                  enumerate(points)]
-        candidates.append({"method": method, **max(scored, key=selection_key), "points": scored})
-    chosen = max(candidates, key=lambda c: selection_key(c)[:2])["method"]  # the first of equals: a tie keeps linear
-    seconds = round(time.perf_counter() - started, 1)
-    write_json(s.cfg.run.merge_choice, {"fingerprint": fp, "chosen": chosen, "candidates": candidates,
-                                        "points": len(points), "seconds": seconds, "select": halves.select})
-    s.use_merge(chosen)
-    logger.info(f"search: {choice_line(read_json(s.cfg.run.merge_choice))}")
+    scored = [{"trial": i, "kind": kind, **trial_scores(s, weights, halves)} for i, (kind, weights) in
+              enumerate(points)]
+    return {"method": method, **max(scored, key=selection_key), "points": scored}
+
+
+def _race(s, method: str, force: bool) -> dict:
+    """The whole search with `method`, in its own folder; returns its best (run_search's)."""
+    from .loop import run_search  # the loop, as the search stage runs it
+    s.use_merge(method)
+    started = time.perf_counter()
+    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force,
+                      human=s.human_weights() if s.cfg.search.human_weights else {},
+                      where=s.cfg.run.candidate_search(method))
+    logger.info(f"search: merge auto: {method}'s search returns trial {best['trial']} ({best['kind']}): holdout "
+                f"{best['holdout']:.4f} ({time.perf_counter() - started:.0f} s)")
+    return {k: best[k] for k in ("trial", "kind", "validation", "fit", "holdout")}
 
 
 def _ensure_data(s, method: str) -> None:
@@ -71,6 +99,8 @@ def _ensure_data(s, method: str) -> None:
 def choice_line(logged: dict) -> str:
     """One line for the log and the report: what `auto` chose, on what, at what cost."""
     on = "holdout" if logged.get("select") == "holdout" else "validation"
-    best = ", ".join(f"{c['method']} {c[on]:.4f} ({c['kind']})" for c in logged["candidates"])
-    return (f"merge auto -> {logged['chosen']}: each candidate's best baseline point on the {on} rows: {best}; "
-            f"cost {logged['points']} baseline points per candidate, {logged['seconds']:.0f} s with the Grams")
+    base = ", ".join(f"{c['method']} {c[on]:.4f} ({c['kind']})" for c in logged["candidates"])
+    raced = ", ".join(f"{c['method']} {c['search'][on]:.4f}" for c in logged["candidates"] if "search" in c)
+    return (f"merge auto -> {logged['chosen']}: the best baseline point of each candidate on the {on} rows: {base}; "
+            f"the searches of the best {sum('search' in c for c in logged['candidates'])} return {raced}; "
+            f"{logged['seconds']:.0f} s in all (Grams, baselines and every search)")
