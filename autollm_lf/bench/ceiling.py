@@ -5,7 +5,6 @@ import statistics
 import time
 from pathlib import Path
 
-from ..checks import load_config
 from ..config import SearchConfig
 from ..evaluate.intervals import split_by_chunk
 from ..merge import param_delta
@@ -15,6 +14,7 @@ from ..search.optimizers.gradient import GradientOptimizer
 from ..search.scored import ScoredMerge
 from ..session import Session
 from ..train.deltas import ALL_DELTA
+from .finished import finished_session
 from .searches import quiet_search
 
 CEILING_SHARE = 0.8  # the merge-quality goal: on every chunk, this share of what that chunk's own delta scores
@@ -70,10 +70,9 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     at the run's granularity fitted on all of test's reference answers, from the run's best weights
     (`gradient_trials` trials of its Adam steps; the best point by ceiling_value). If neither meets the goal on
     every chunk, a search tuned on validation is not likely to; train@all's ratios are shown beside them."""
-    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
-    if cfg is None or not cfg.run.best.exists():
+    session = finished_session(cfg_path)
+    if session is None:
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
-    session = Session(cfg)
     cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w = session.weighted
     if w.mode == "scaling":

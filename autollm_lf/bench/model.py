@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..checks import load_config
 from ..data.prepare import load_split
 from ..evaluate.choice import Choice
 from ..evaluate.metrics import make_evaluator
-from ..session import Session
 from .cost import search_process_rss, timed
+from .finished import finished_session
 
 
 def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
@@ -20,10 +19,9 @@ def bench_model(cfg_path: Path | None, rounds: int = 3) -> dict:
     choices) vs a plain per-choice loop, and a search process's memory against base + adapters."""
     import torch
 
-    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
-    if cfg is None or not cfg.run.best.exists():
+    session = finished_session(cfg_path)
+    if session is None:
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
-    session = Session(cfg)
     cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w, template = session.weighted, cfg.base_model.template
     weights = cfg.run.read_best()["weights"]

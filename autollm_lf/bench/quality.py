@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..checks import load_config
 from ..errors import UserError
 from ..evaluate.intervals import mean_interval, paired_difference, resample_index, split_by_chunk
 from ..fileio import read_json
@@ -23,6 +22,7 @@ from ..merge.grams import use_regmean
 from ..search.loop import baseline_points, run_search
 from ..search.optimizers import optimizer_problems
 from ..session import Session
+from .finished import finished_session
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core", "regmean_w", "tsv", "iso_c", "iso_cts")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
@@ -87,10 +87,9 @@ def _search_gain(session: Session, best: dict, method: str, test_scores: list[fl
 def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_budget: int = 0,
                   pairs: list[tuple[str, str]] | None = None) -> dict:
     pairs = pairs or quality_pairs()
-    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
-    if cfg is None or not cfg.run.best.exists():
+    session = finished_session(cfg_path)
+    if session is None:
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}
-    session = Session(cfg)
     cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w = session.weighted
     chunk_of = {d: session.specs[d].chunk for d in session.deltas}

@@ -18,9 +18,9 @@ from ..evaluate.metrics import make_evaluator
 from ..merge import load_base, param_delta
 from ..search.loop import run_search
 from ..search.scored import ScoredMerge
-from ..session import Session
 from ..train.deltas import ALL_DELTA
 from .cost import timed
+from .finished import finished_session
 
 
 def bench_exact_match(toy_cfg: Path | None, rounds: int = 5) -> dict:
@@ -69,10 +69,9 @@ def bench_bo_vs_random(toy_cfg: Path | None, trials: int = 30, seeds: int = 3, r
     from bayes_opt import BayesianOptimization
 
 
-    cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
-    if cfg is None or not cfg.run.best.exists():
+    session = finished_session(toy_cfg)
+    if session is None:
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
-    session = Session(cfg)
     cfg = session.base_cfg  # search.merge: auto as the run resolved it
     validation = load_split(cfg, "validation")
     rows = min(rows or len(validation), len(validation))
@@ -136,10 +135,9 @@ def bench_search(toy_cfg: Path | None, trials: int = 40, seeds: int = 3, rows: i
     points, optimiser; `trials` in all) with `seeds` seeds on the validation split (or a fixed subset of `rows` rows);
     the weights it picks are then scored on the whole validation and test splits. train@all and the best single delta
     are the yardsticks. One loaded model: methods and granularities are switched in place."""
-    cfg = load_config(toy_cfg) if toy_cfg and toy_cfg.exists() else None
-    if cfg is None or not cfg.run.best.exists():
+    session = finished_session(toy_cfg)
+    if session is None:
         return {"skipped": "run `sh autollm.sh` first (needs the toy's trained deltas)"}
-    session = Session(cfg)
     cfg = session.base_cfg  # search.merge: auto as the run resolved it
     w = session.weighted
     if w.mode == "scaling":

@@ -1,0 +1,14 @@
+"""The run a bench part measures: a finished run's Session (its best.json written), loaded once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checks import load_config
+from ..session import Session
+
+
+def finished_session(cfg_path: Path | None) -> Session | None:
+    """The Session of the finished run `cfg_path` configures (search.merge: auto as that run resolved it, in
+    session.cfg and session.base_cfg), or None where there is no config or no finished search yet."""
+    cfg = load_config(cfg_path) if cfg_path and cfg_path.exists() else None
+    return Session(cfg) if cfg is not None and cfg.run.best.exists() else None
