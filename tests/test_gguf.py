@@ -287,8 +287,10 @@ def test_teacher_forced_pass_equals_plain_forward_on_gemma(gemma_folder):
         assert nll == pytest.approx(-plain, abs=2e-3)
         assert hit == float((logits.argmax(-1) == torch.tensor(t)).all())
     # evaluation.logits_budget (default 5% of the weights): the 262k-wide logits of these batches are over it, so
-    # they are reduced over vocabulary slices, which the check finds bit-exact here; whole logits score the same
-    assert exact.columns < model.config.vocab_size and exact.head_checked and exact.head_ok
+    # they are reduced over vocabulary slices where the check finds that bit-exact (the AMD EPYC), else through the
+    # model's own head in calls of fewer rows (this Xeon's AVX-512 kernels round the sliced head differently);
+    # either way whole logits score the same
+    assert exact.columns < model.config.vocab_size and exact.head_checked
     whole = cfg.model_copy(update={"logits_budget": 1.0})
     assert ExactMatch(model, tok, "gemma", rows, whole).row_scores() == exact.row_scores()
     assert NegativeLoss(model, tok, "gemma", rows, whole).row_scores() == pytest.approx(loss.row_scores(), abs=1e-5)
