@@ -91,7 +91,7 @@ def stage_search(s: Session) -> None:
     with trial_pool(s) or contextlib.nullcontext() as pool:
         force = "search" in s.force and s.requested_merge != AUTO_MERGE
         best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force,
-                          human=s.human_weights() if s.cfg.search.human_weights else {}, pool=pool)
+                          human=s.search_human(), pool=pool)
     if s.setup_seconds is not None:  # measured when this stage loaded the model (the report's cost column)
         write_json(s.cfg.run.search_cost, {"setup_seconds": round(s.setup_seconds, 1)})
     start = best["start"]

@@ -75,6 +75,10 @@ class Session:
         human = self.cfg.search.human_weights
         return {d: float(human.get(d, human.get(self.specs[d].chunk, 0.0))) for d in self.deltas}
 
+    def search_human(self) -> dict[str, float]:
+        """The human point the search starts from: human_weights where search.human_weights is set, else none."""
+        return self.human_weights() if self.cfg.search.human_weights else {}
+
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""

@@ -64,7 +64,7 @@ def _search(session: Session, search, params: list[str], seed: int) -> tuple[dic
         with contextlib.redirect_stdout(io.StringIO()):
             best = run_search(target.cfg.model_copy(update={"run_dir": Path(tmp), "seed": seed}), target,
                               params, fp=f"quality-{search.merge}-{search.optimizer}-{seed}",
-                              human=session.human_weights() if search.human_weights else {})
+                              human=session.search_human())
         return best, time.perf_counter() - started
 
 

@@ -20,7 +20,7 @@ from ..log import get_logger
 from ..merge import AUTO_MERGE, MERGE_METHODS, merge_candidates
 from ..merge.grams import use_regmean
 from .holdout import halves_of, selection_key, trial_scores
-from .loop import baseline_points
+from .loop import baseline_points, run_search
 
 logger = get_logger(__name__)
 
@@ -70,8 +70,7 @@ def _baselines(s, method: str, halves) -> dict:
     _ensure_data(s, method)
     s.weighted.use_method(method, s.cfg.search.density)
     search = s.cfg.search
-    points = baseline_points(s.search_params, search.bounds, s.human_weights() if search.human_weights else {},
-                             search.alone_baselines)
+    points = baseline_points(s.search_params, search.bounds, s.search_human(), search.alone_baselines)
     scored = [{"trial": i, "kind": kind, **trial_scores(s, weights, halves)} for i, (kind, weights) in
               enumerate(points)]
     return {"method": method, **max(scored, key=selection_key), "points": scored}
@@ -79,11 +78,9 @@ def _baselines(s, method: str, halves) -> dict:
 
 def _race(s, method: str, force: bool) -> dict:
     """The whole search with `method`, in its own folder; returns its best (run_search's)."""
-    from .loop import run_search  # the loop, as the search stage runs it
     s.use_merge(method)
     started = time.perf_counter()
-    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force,
-                      human=s.human_weights() if s.cfg.search.human_weights else {},
+    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force, human=s.search_human(),
                       where=s.cfg.run.candidate_search(method))
     logger.info(f"search: merge auto: {method}'s search returns trial {best['trial']} ({best['kind']}): holdout "
                 f"{best['holdout']:.4f} ({time.perf_counter() - started:.0f} s)")
