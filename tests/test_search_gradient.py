@@ -101,6 +101,20 @@ def test_gradient_resumes_after_kill_and_is_seeded(weighted, tmp_path):
     assert trials(tmp_path / "other")[-1]["weights"] != full[-1]["weights"]
 
 
+def test_a_finished_search_run_again_fits_nothing(weighted, tmp_path, monkeypatch):
+    """The gradient's replay refits its trajectory (minutes on a real model): only a search with trials left needs it."""
+    from autollm_lf.search.optimizers import gradient
+
+    done = run_search(cfg(tmp_path, n_iter=2), TinySession(weighted), weighted.params, fp="x")
+    before = (tmp_path / "search" / "trials.jsonl").read_text()
+    fits = []
+    monkeypatch.setattr(gradient, "fit_steps", lambda *a, **k: fits.append(1))
+    again = run_search(cfg(tmp_path, n_iter=2), TinySession(weighted), weighted.params, fp="x")
+    assert fits == [] and again == done and (tmp_path / "search" / "trials.jsonl").read_text() == before
+    run_search(cfg(tmp_path, n_iter=3), TinySession(weighted), weighted.params, fp="y")  # another search: it fits
+    assert fits
+
+
 @pytest.mark.parametrize("memory", ["fast", "lean"])  # lean: sliced LM head, checkpointed layers, mmap thresholds
 def test_gradient_lowers_the_loss_and_keeps_the_merge_exact(weighted, tiny_model, tiny_adapters, memory):
     from autollm_lf.search.optimizers import gradient

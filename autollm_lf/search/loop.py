@@ -111,13 +111,12 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
     name = optimizer_name(cfg, len(params))
     opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
     score, width = (pool.map, pool.size) if pool else (score_here(session, halves), 1)
-    seen = {}
-    for t in trials:
-        opt.replay(t, own=t["kind"] == name)
-        seen[point_key(t["weights"])] = t["trial"]
+    seen = {point_key(t["weights"]): t["trial"] for t in trials}
     best, stale = _best(trials, name, halves), _stale(trials, name)
     seeds = sum(1 for _, w in plan if w is not None)
     if len(trials) < len(plan) and not _patience_hit(stale, patience):
+        for t in trials:  # only a search with trials left needs the optimiser's state (a gradient replay refits)
+            opt.replay(t, own=t["kind"] == name)
         n_deltas = len(set(map(param_delta, params)))
         logger.info(f"search: budget {len(plan)} trials over {len(params)} weights ({n_deltas} "
                     f"deltas, granularity {cfg.search.granularity}): {seeds} baseline and random points, then "
