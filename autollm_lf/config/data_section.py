@@ -61,7 +61,22 @@ def no_credentials(url: str) -> str:
     return url
 
 
-class GenerateSource(SourceBase):
+class ChatEndpoint(Strict):
+    """An OpenAI-compatible chat endpoint (a `generate` source, the judge): where, which model, the key's variable,
+    how many requests at once and how often to retry. Each user sets its own prompt, timeout and answer length."""
+    base_url: str
+    model: str
+    api_key_env: Optional[str] = Field(None, description="name of the environment variable holding the API key")
+    concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(2, ge=0, le=10)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v):
+        return no_credentials(v)
+
+
+class GenerateSource(SourceBase, ChatEndpoint):
     """An LLM writes examples from documents (rows of another source) through an OpenAI-compatible chat endpoint."""
     type: Literal["generate"]
     documents: DocumentSource
@@ -70,22 +85,12 @@ class GenerateSource(SourceBase):
     chunk: Optional[str] = Field(None, description="chunk value of the generated rows (default: the document's "
                                                    "data.chunk_by column, else 'generated')")
     per_document: int = Field(3, ge=1, le=100, description="examples asked for per document")
-    base_url: str
-    model: str
-    api_key_env: Optional[str] = Field(None, description="name of the environment variable holding the API key")
     prompt_template: str = "generate.j2"
-    concurrency: int = Field(4, ge=1, le=64)
-    retries: int = Field(2, ge=0, le=10)
     timeout: float = Field(120.0, gt=0)
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(0.0, ge=0)
     cache_dir: Optional[Path] = Field(None, description="answers cached by prompt hash "
                                                         "(default runs/<name>/cache/generate)")
-
-    @field_validator("base_url")
-    @classmethod
-    def _no_credentials_in_url(cls, v):
-        return no_credentials(v)
 
 
 class BadCasesSource(SourceBase):

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from ..granularity import parse_granularity
-from .data_section import Source, Strict, no_credentials
+from .data_section import ChatEndpoint, Source, Strict
 from .owned import owned_key_problems
 
 ONE_BASE = "give exactly one of base_model.path (a Hugging Face folder) and base_model.gguf (a .gguf file or " \
@@ -163,21 +163,11 @@ class SearchConfig(Strict):
         return v
 
 
-class JudgeConfig(Strict):
+class JudgeConfig(ChatEndpoint):
     """An OpenAI-compatible chat endpoint that grades answers (`evaluation.metric: judge`)."""
-    base_url: str
-    model: str
-    api_key_env: Optional[str] = Field(None, description="name of the environment variable holding the API key")
     prompt_template: str = "judge.j2"
-    concurrency: int = Field(4, ge=1, le=64)
-    retries: int = Field(2, ge=0, le=10)
     timeout: float = Field(60.0, gt=0)
     max_tokens: int = Field(64, ge=1)
-
-    @field_validator("base_url")
-    @classmethod
-    def _no_credentials_in_url(cls, v):
-        return no_credentials(v)
 
 
 class LmEvalConfig(Strict):
