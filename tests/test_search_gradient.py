@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from autollm_lf.config import SearchConfig
+from autollm_lf.config import EvaluationConfig, SearchConfig
 from autollm_lf.errors import UserError
 from autollm_lf.merge import WeightedDeltas
 from autollm_lf.search.loop import run_search
@@ -102,7 +102,7 @@ def test_gradient_resumes_after_kill_and_is_seeded(weighted, tmp_path):
 
 
 def test_a_finished_search_run_again_fits_nothing(weighted, tmp_path, monkeypatch):
-    """The gradient's replay refits its trajectory (minutes on a real model): only a search with trials left needs it."""
+    """The gradient's replay refits its trajectory (minutes on a real model): only a search with work left does it."""
     from autollm_lf.search.optimizers import gradient
 
     done = run_search(cfg(tmp_path, n_iter=2), TinySession(weighted), weighted.params, fp="x")
@@ -111,8 +111,19 @@ def test_a_finished_search_run_again_fits_nothing(weighted, tmp_path, monkeypatc
     monkeypatch.setattr(gradient, "fit_steps", lambda *a, **k: fits.append(1))
     again = run_search(cfg(tmp_path, n_iter=2), TinySession(weighted), weighted.params, fp="x")
     assert fits == [] and again == done and (tmp_path / "search" / "trials.jsonl").read_text() == before
-    run_search(cfg(tmp_path, n_iter=3), TinySession(weighted), weighted.params, fp="y")  # another search: it fits
-    assert fits
+    monkeypatch.undo()
+    run_search(cfg(tmp_path, n_iter=3), TinySession(weighted), weighted.params, fp="x")  # a larger budget goes on
+    longer = (tmp_path / "search" / "trials.jsonl").read_text()
+    assert longer.startswith(before) and len(longer.splitlines()) == len(before.splitlines()) + 1
+    assert run_search(cfg(tmp_path, n_iter=2), TinySession(weighted), weighted.params, fp="x") == done  # and back
+
+
+def test_the_budget_is_not_part_of_the_search_fingerprint():
+    from autollm_lf.search.loop import search_fingerprint
+    fp = lambda **search: search_fingerprint(SimpleNamespace(search=SearchConfig(**search),
+                                                             evaluation=EvaluationConfig(), seed=0), ["a"], {}, "v")
+    assert fp(n_iter=3) == fp(n_iter=9) == fp(n_iter=3, patience=2)
+    assert fp(n_iter=3) != fp(n_iter=3, merge="regmean") and fp(n_iter=3) != fp(n_iter=3, init_points=4)
 
 
 @pytest.mark.parametrize("memory", ["fast", "lean"])  # lean: sliced LM head, checkpointed layers, mmap thresholds

@@ -74,7 +74,9 @@ def plan_trials(cfg, params: list[str], human: dict[str, float] | None = None) -
 
 
 def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], validation_fp: str) -> str:
-    return fingerprint(cfg.search.model_dump(mode="json", exclude={"patience"}), cfg.evaluation.model_dump(mode="json"),
+    # patience and n_iter only say where the search stops: a larger budget goes on from the trials logged
+    return fingerprint(cfg.search.model_dump(mode="json", exclude={"patience", "n_iter"}),
+                       cfg.evaluation.model_dump(mode="json"),
                        cfg.seed, deltas, delta_fps, validation_fp)
 
 
@@ -112,7 +114,7 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
     opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
     score, width = (pool.map, pool.size) if pool else (score_here(session, halves), 1)
     seen = {point_key(t["weights"]): t["trial"] for t in trials}
-    best, stale = _best(trials, name, halves), _stale(trials, name)
+    best, stale = _best(trials[:len(plan)], name, halves), _stale(trials, name)  # a budget lowered: its first trials
     seeds = sum(1 for _, w in plan if w is not None)
     if len(trials) < len(plan) and not _patience_hit(stale, patience):
         for t in trials:  # only a search with trials left needs the optimiser's state (a gradient replay refits)

@@ -3,16 +3,21 @@
 1. Each candidate (merge.AUTO_MERGES: `linear`, `regmean_w`, `regmean`) scores the search's baseline points (raw,
    uniform, each delta alone, human) on validation.
 2. The RACE candidates whose best point is best on the holdout half (holdout.selection_key; ties keep the earlier)
-   run the whole search, each into search/merge_auto/<method>/ (its own trials log, resumed like the run's).
-3. The candidate whose returned trial is best on the holdout half (ties: the earlier) becomes search.merge for the
+   run the search, each into search/merge_auto/<method>/ (its own trials log, resumed like the run's), first with a
+   third of the optimiser's budget (`first_round`).
+3. The candidate whose returned trial is then best on the holdout half (ties: the earlier) goes on to the whole
+   budget (its log resumed: search.n_iter is not part of the search's fingerprint) and becomes search.merge for the
    rest of the run; its trials log and best.json become the run's, so the search stage finds them done.
 A baseline alone does not tell which method the optimiser can take further (under `regmean` a weight of 0 cannot drop
-a delta, under `regmean_w` it can), hence the race. Cost: the baseline points once per candidate, the Gram passes of
-the data-aware ones, and RACE searches instead of one; the log and the report say each. The choice is written to
-search/merge_auto.json with the search's fingerprint, so a re-run or a later `autollm report` reads it.
+a delta, under `regmean_w` it can), hence the race; a third of the budget told the same as the whole on the Gemma
+example's two runs and costs (RACE - 1) x two thirds of a search less. Cost: the baseline points once per candidate,
+the Gram passes of the data-aware ones, and a third of a search more per other racer; the log and the report say
+each. The choice is written to search/merge_auto.json with the search's fingerprint, so a re-run or a later
+`autollm report` reads it.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from ..fileio import atomic_write_text, read_json, write_json
@@ -52,11 +57,14 @@ def choose_merge(s, force: bool = False) -> None:
     halves = halves_of(s.cfg, s.validation_rows())
     candidates = [_baselines(s, method, halves) for method in merge_candidates(AUTO_MERGE)]
     racing = sorted(candidates, key=lambda c: selection_key(c)[:2], reverse=True)[:RACE]  # stable: ties keep order
+    first = first_round(s.cfg.search.n_iter)
     for c in candidates:
         if c in racing:
-            c["search"] = _race(s, c["method"], force)
-    finished = [c for c in candidates if "search" in c]
-    chosen = max(finished, key=lambda c: selection_key(c["search"])[:2])["method"]  # first of equals kept
+            c["search"] = _race(s, c["method"], first, force)
+    leader = max([c for c in candidates if "search" in c], key=lambda c: selection_key(c["search"])[:2])  # first kept
+    chosen = leader["method"]
+    if first < s.cfg.search.n_iter:
+        leader["whole"] = _race(s, chosen, s.cfg.search.n_iter, force=False)  # resumes the first round's log
     for path in (s.cfg.run.trials, s.cfg.run.best):  # the chosen search becomes the run's
         atomic_write_text(path, (s.cfg.run.candidate_search(chosen) / path.name).read_text(encoding="utf-8"))
     write_json(s.cfg.run.merge_choice, {"fingerprint": fp, "chosen": chosen, "candidates": candidates,
@@ -76,15 +84,22 @@ def _baselines(s, method: str, halves) -> dict:
     return {"method": method, **max(scored, key=selection_key), "points": scored}
 
 
-def _race(s, method: str, force: bool) -> dict:
-    """The whole search with `method`, in its own folder; returns its best (run_search's)."""
+def first_round(n_iter: int) -> int:
+    """The optimiser trials every racer runs before the leader alone goes on: a third of search.n_iter (at least 1)."""
+    return min(n_iter, max(1, math.ceil(n_iter / 3)))
+
+
+def _race(s, method: str, n_iter: int, force: bool) -> dict:
+    """The search with `method` up to `n_iter` optimiser trials, in its own folder; returns its best (run_search's)."""
     s.use_merge(method)
     started = time.perf_counter()
-    best = run_search(s.cfg, s, s.search_params, s.search_fingerprint(), force=force, human=s.search_human(),
+    cfg = s.cfg.model_copy(update={"search": s.cfg.search.model_copy(update={"n_iter": n_iter})})
+    best = run_search(cfg, s, s.search_params, s.search_fingerprint(), force=force, human=s.search_human(),
                       where=s.cfg.run.candidate_search(method))
-    logger.info(f"search: merge auto: {method}'s search returns trial {best['trial']} ({best['kind']}): holdout "
-                f"{best['holdout']:.4f} ({time.perf_counter() - started:.0f} s)")
-    return {k: best[k] for k in ("trial", "kind", "validation", "fit", "holdout")}
+    logger.info(f"search: merge auto: {method}'s search after {n_iter} of {s.cfg.search.n_iter} optimiser trials "
+                f"returns trial {best['trial']} ({best['kind']}): holdout {best['holdout']:.4f} "
+                f"({time.perf_counter() - started:.0f} s)")
+    return {k: best[k] for k in ("trial", "kind", "validation", "fit", "holdout")} | {"n_iter": n_iter}
 
 
 def _ensure_data(s, method: str) -> None:
@@ -97,7 +112,11 @@ def choice_line(logged: dict) -> str:
     """One line for the log and the report: what `auto` chose, on what, at what cost."""
     on = "holdout" if logged.get("select") == "holdout" else "validation"
     base = ", ".join(f"{c['method']} {c[on]:.4f} ({c['kind']})" for c in logged["candidates"])
-    raced = ", ".join(f"{c['method']} {c['search'][on]:.4f}" for c in logged["candidates"] if "search" in c)
+    raced = [c for c in logged["candidates"] if "search" in c]
+    rounds = f" after {raced[0]['search']['n_iter']} optimiser trials" if "n_iter" in raced[0]["search"] else ""
+    whole = next((f"; {c['method']} went on to {c['whole']['n_iter']}: {c['whole'][on]:.4f}" for c in raced
+                  if "whole" in c), "")
     return (f"merge auto -> {logged['chosen']}: the best baseline point of each candidate on the {on} rows: {base}; "
-            f"the searches of the best {sum('search' in c for c in logged['candidates'])} return {raced}; "
-            f"{logged['seconds']:.0f} s in all (Grams, baselines and every search)")
+            f"the searches of the best {len(raced)} return{rounds} "
+            + ", ".join(f"{c['method']} {c['search'][on]:.4f}" for c in raced)
+            + f"{whole}; {logged['seconds']:.0f} s in all (Grams, baselines and every search)")
