@@ -12,8 +12,8 @@ A baseline alone does not tell which method the optimiser can take further (unde
 a delta, under `regmean_w` it can), hence the race; a third of the budget told the same as the whole on the Gemma
 example's two sets of deltas and on the toy, and costs (RACE - 1) x two thirds of a search less. Cost: the baseline
 points once per candidate, the Gram passes of the data-aware ones, and a third of a search more per other racer;
-the log and the report say each. The choice is written to search/merge_auto.json with the search's fingerprint, so a re-run or a later
-`autollm report` reads it.
+the log and the report say each. The choice is written to search/merge_auto.json with the search's fingerprint, so
+a re-run or a later `autollm report` reads it.
 """
 from __future__ import annotations
 
