@@ -36,9 +36,9 @@ class TinyScorer:
 
 
 class TinySession:
-    def __init__(self, weighted, merge="linear", logits_budget=0.05, memory="fast"):
+    def __init__(self, weighted, merge="linear", logits_budget=0.05, memory="fast", n_iter=40):
         self.weighted, self.cfg = weighted, SimpleNamespace(
-            search=SimpleNamespace(merge=merge, memory=memory, select="holdout"),
+            search=SimpleNamespace(merge=merge, memory=memory, select="holdout", bounds=(0.0, 1.0), n_iter=n_iter),
             evaluation=SimpleNamespace(logits_budget=logits_budget, metric="exact_match", objective=[]))
         self._scorer = TinyScorer(weighted.model)
 
@@ -124,6 +124,30 @@ def test_the_budget_is_not_part_of_the_search_fingerprint():
                                                              evaluation=EvaluationConfig(), seed=0), ["a"], {}, "v")
     assert fp(n_iter=3) == fp(n_iter=9) == fp(n_iter=3, patience=2)
     assert fp(n_iter=3) != fp(n_iter=3, merge="regmean") and fp(n_iter=3) != fp(n_iter=3, init_points=4)
+    # the gradient's step size follows a short budget: another n_iter there is another trajectory
+    grad = lambda n_iter: fp(n_iter=n_iter, optimizer="gradient")
+    assert grad(8) == grad(40) and grad(3) != grad(9)
+
+
+def test_a_short_budget_takes_steps_that_can_cross_the_bounds():
+    from autollm_lf.search.optimizers.gradient import LEARNING_RATE, STEPS, learning_rate
+    assert learning_rate(SearchConfig(n_iter=40)) == LEARNING_RATE  # the toy's budget: its steps as they were
+    for n_iter, bounds in ((1, (0.0, 1.0)), (3, (0.0, 1.0)), (3, (0.0, 2.0)), (7, (-1.0, 1.0))):
+        search = SearchConfig(n_iter=n_iter, bounds=bounds)
+        assert STEPS * n_iter * learning_rate(search) >= 2 * (bounds[1] - bounds[0]) - 1e-9
+
+
+def test_one_trial_of_a_short_budget_moves_a_weight_further_than_a_long_budgets_can(weighted, tiny_adapters):
+    from autollm_lf.search.optimizers import gradient
+
+    def moved(n_iter):
+        session = TinySession(weighted, n_iter=n_iter)
+        opt = gradient.GradientOptimizer(weighted.params, (0.0, 1.0), 0, session)
+        opt.register({p: 1.0 for p in weighted.params}, 0.0, own=False)
+        return max(abs(1.0 - w) for w in opt.suggest(0).values())
+
+    assert moved(40) <= gradient.STEPS * gradient.LEARNING_RATE + 1e-6  # Adam's steps are about lr each at most
+    assert moved(1) > gradient.STEPS * gradient.LEARNING_RATE + 0.05
 
 
 @pytest.mark.parametrize("memory", ["fast", "lean"])  # lean: sliced LM head, checkpointed layers, mmap thresholds

@@ -22,6 +22,7 @@ from ..log import get_logger, progress
 from ..paths import RunDir
 from .holdout import Halves, halves_of, seen_score, selection_key, trial_scores
 from .optimizers import OPTIMIZERS
+from .optimizers.gradient import learning_rate
 from .optimizers.protocol import Optimizer, SearchSession
 from .optimizers.random_search import random_point
 
@@ -74,8 +75,10 @@ def plan_trials(cfg, params: list[str], human: dict[str, float] | None = None) -
 
 
 def search_fingerprint(cfg, deltas: list[str], delta_fps: dict[str, str], validation_fp: str) -> str:
-    # patience and n_iter only say where the search stops: a larger budget goes on from the trials logged
-    return fingerprint(cfg.search.model_dump(mode="json", exclude={"patience", "n_iter"}),
+    # patience and n_iter only say where the search stops: a larger budget goes on from the trials logged; but for
+    # the gradient a short budget sizes its steps (learning_rate), and another step size is another trajectory
+    steps = {"learning_rate": learning_rate(cfg.search)} if cfg.search.optimizer == "gradient" else {}
+    return fingerprint(cfg.search.model_dump(mode="json", exclude={"patience", "n_iter"}) | steps,
                        cfg.evaluation.model_dump(mode="json"),
                        cfg.seed, deltas, delta_fps, validation_fp)
 
