@@ -148,8 +148,9 @@ def test_auto_granularity_resolves_on_the_run_and_its_report_says_so(trained, ca
 def test_auto_merge_races_the_candidates_and_keeps_the_best_on_the_holdout_rows(trained, capsys, monkeypatch):
     """search.merge: auto scores the baseline points under linear, regmean_w and regmean, runs a third of the search
     for the two whose best point is best on the holdout rows, and keeps the one whose returned trial is best there (a
-    tie: the earlier), which alone goes on to the whole budget; that search's trials become the run's; a second run
-    reads the choice instead of racing again."""
+    tie: the earlier) goes on to the whole budget, with the other if the first round cannot tell them apart (paired on
+    the holdout rows); the best of those at the end is chosen and its trials become the run's; a second run reads the
+    choice instead of racing again."""
     from autollm_lf.checks import load_config
     from autollm_lf.merge import AUTO_MERGES
     from autollm_lf.report.markdown import merge_line
@@ -168,21 +169,24 @@ def test_auto_merge_races_the_candidates_and_keeps_the_best_on_the_holdout_rows(
     key = lambda c: selection_key(c)[:2]
     raced = [c for c in candidates if "search" in c]
     assert len(raced) == 2 and all(key(c) >= key(o) for c in raced for o in candidates if o not in raced)
-    best = max(key(c["search"]) for c in raced)
-    assert logged["chosen"] == next(c["method"] for c in raced if key(c["search"]) == best)
+    first = max(raced, key=lambda c: key(c["search"]))
+    other = next(c for c in raced if c is not first)
+    went = [c for c in raced if "whole" in c]
+    assert other["apart"]["of"] == first["method"] and "apart" not in first
+    assert went == ([first] if other["apart"]["excludes_zero"] else raced)
+    assert logged["chosen"] == max(went, key=lambda c: key(c["whole"]))["method"]
     uniform = {c["method"]: next(p for p in c["points"] if p["kind"] == "uniform")["validation"] for c in candidates}
     assert len(set(uniform.values())) == 3  # the three methods were really applied
     chosen_dir = search_dir / "merge_auto" / logged["chosen"]
     assert (search_dir / "trials.jsonl").read_text() == (chosen_dir / "trials.jsonl").read_text()
     leader = next(c for c in raced if c["method"] == logged["chosen"])
     assert [c["search"]["n_iter"] for c in raced] == [1, 1] and leader["whole"]["n_iter"] == 2  # n_iter 2: 1, then 2
-    assert [c for c in raced if "whole" in c] == [leader]
     assert json.loads((search_dir / "best.json").read_text())["holdout"] == pytest.approx(leader["whole"]["holdout"])
     assert leader["whole"]["holdout"] >= leader["search"]["holdout"]  # it went on from its first round
     for c in raced:  # each raced search's own baseline trials are that method's scores
         trials = [json.loads(line) for line in (search_dir / "merge_auto" / c["method"] / "trials.jsonl")
                   .read_text().splitlines()]
-        assert sum(t["kind"] == "gradient" for t in trials) == (2 if c is leader else 1)
+        assert sum(t["kind"] == "gradient" for t in trials) == (2 if c in went else 1)
         points = {p["kind"]: p for p in c["points"]}
         assert all(t["holdout"] == pytest.approx(points[t["kind"]]["holdout"], abs=1e-9) for t in trials
                    if t["kind"] in points)

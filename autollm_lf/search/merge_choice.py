@@ -5,14 +5,17 @@
 2. The RACE candidates whose best point is best on the holdout half (holdout.selection_key; ties keep the earlier)
    run the search, each into search/merge_auto/<method>/ (its own trials log, resumed like the run's), first with a
    third of the optimiser's budget (`first_round`).
-3. The candidate whose returned trial is then best on the holdout half (ties: the earlier) goes on to the whole
-   budget (its log resumed: search.n_iter is not part of the search's fingerprint) and becomes search.merge for the
-   rest of the run; its trials log and best.json become the run's, so the search stage finds them done.
+3. The candidate whose returned trial is then best on the holdout half goes on to the whole budget (its log resumed:
+   search.n_iter is not part of the search's fingerprint), and so does every other racer the first round cannot tell
+   from it (their returned trials' paired difference on the holdout rows, report.interval, includes 0). Of those, the
+   one best on the holdout half at the end (ties: the earlier) becomes search.merge for the rest of the run; its trials
+   log and best.json become the run's, so the search stage finds them done.
 A baseline alone does not tell which method the optimiser can take further (under `regmean` a weight of 0 cannot drop
-a delta, under `regmean_w` it can), hence the race; a third of the budget told the same as the whole on the Gemma
-example's two sets of deltas and on the toy, and costs (RACE - 1) x two thirds of a search less. Cost: the baseline
-points once per candidate, the Gram passes of the data-aware ones, and a third of a search more per other racer;
-the log and the report say each. The choice is written to search/merge_auto.json with the search's fingerprint, so
+a delta, under `regmean_w` it can), hence the race. A third of the budget told the same as the whole on the Gemma
+example's deltas and on the toy; on the conflict example it could not tell the two apart (one holdout row between
+them), and there both go on. Cost: the baseline points once per candidate, the Gram passes of the data-aware ones, a
+third of a search more per other racer, and the whole search again per racer not told apart; the log and the report
+say each. The choice is written to search/merge_auto.json with the search's fingerprint, so
 a re-run or a later `autollm report` reads it.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 
+from ..evaluate.intervals import paired_difference, resample_index
 from ..fileio import atomic_write_text, read_json, write_json
 from ..log import get_logger
 from ..merge import AUTO_MERGE, MERGE_METHODS, merge_candidates
@@ -61,10 +65,17 @@ def choose_merge(s, force: bool = False) -> None:
     for c in candidates:
         if c in racing:
             c["search"] = _race(s, c["method"], first, force)
-    leader = max([c for c in candidates if "search" in c], key=lambda c: selection_key(c["search"])[:2])  # first kept
-    chosen = leader["method"]
+    raced = [c for c in candidates if "search" in c]
+    leader = max(raced, key=lambda c: selection_key(c["search"])[:2])  # ties: the first kept
     if first < s.cfg.search.n_iter:
-        leader["whole"] = _race(s, chosen, s.cfg.search.n_iter, force=False)  # resumes the first round's log
+        for c in raced:
+            if c is not leader:
+                c["apart"] = _told_apart(s, leader, c, halves)
+        going_on = [c for c in raced if c is leader or not c["apart"]["excludes_zero"]]
+        for c in going_on:
+            c["whole"] = _race(s, c["method"], s.cfg.search.n_iter, force=False)  # resumes the first round's log
+        leader = max(going_on, key=lambda c: selection_key(c["whole"])[:2])
+    chosen = leader["method"]
     for path in (s.cfg.run.trials, s.cfg.run.best):  # the chosen search becomes the run's
         atomic_write_text(path, (s.cfg.run.candidate_search(chosen) / path.name).read_text(encoding="utf-8"))
     write_json(s.cfg.run.merge_choice, {"fingerprint": fp, "chosen": chosen, "candidates": candidates,
@@ -102,6 +113,20 @@ def _race(s, method: str, n_iter: int, force: bool) -> dict:
     return {k: best[k] for k in ("trial", "kind", "validation", "fit", "holdout")} | {"n_iter": n_iter}
 
 
+def _told_apart(s, leader: dict, other: dict, halves) -> dict:
+    """leader - other on the holdout rows, paired: the per-row scores of the trials their first rounds returned, each
+    merged with its own method (report.interval, a bootstrap within chunks); `excludes_zero`: told apart."""
+    rows = []
+    for c in (leader, other):
+        best = read_json(s.cfg.run.candidate_search(c["method"]) / s.cfg.run.best.name)
+        s.use_merge(c["method"])
+        rows.append(s.scored_rows(best["weights"], "validation")[1])  # scored once per process: the race's pass
+    chunks = s.row_chunks("validation")
+    index = resample_index([chunks[i] for i in halves.holdout], s.cfg.report.bootstrap, s.cfg.seed)
+    a, b = ([r[i] for i in halves.holdout] for r in rows)
+    return {"of": leader["method"]} | paired_difference(a, b, index, s.cfg.report.interval)
+
+
 def _ensure_data(s, method: str) -> None:
     space = MERGE_METHODS[method].data_aware
     if space and not s.weighted.has_regmean(space):
@@ -114,9 +139,18 @@ def choice_line(logged: dict) -> str:
     base = ", ".join(f"{c['method']} {c[on]:.4f} ({c['kind']})" for c in logged["candidates"])
     raced = [c for c in logged["candidates"] if "search" in c]
     rounds = f" after {raced[0]['search']['n_iter']} optimiser trials" if "n_iter" in raced[0]["search"] else ""
-    whole = next((f"; {c['method']} went on to {c['whole']['n_iter']}: {c['whole'][on]:.4f}" for c in raced
-                  if "whole" in c), "")
+    went = [c for c in raced if "whole" in c]
+    close = [c for c in raced if "apart" in c and not c["apart"]["excludes_zero"]]
+    whole = "" if not went else (
+        (f"; not told apart from {close[0]['apart']['of']} ({_difference(close[0]['apart'])}), " if close else "; ")
+        + " and ".join(c["method"] for c in went) + f" went on to {went[0]['whole']['n_iter']}: "
+        + ", ".join(f"{c['method']} {c['whole'][on]:.4f}" for c in went))
     return (f"merge auto -> {logged['chosen']}: the best baseline point of each candidate on the {on} rows: {base}; "
             f"the searches of the best {len(raced)} return{rounds} "
             + ", ".join(f"{c['method']} {c['search'][on]:.4f}" for c in raced)
             + f"{whole}; {logged['seconds']:.0f} s in all (Grams, baselines and every search)")
+
+
+def _difference(apart: dict) -> str:
+    low, high = apart["interval"]
+    return f"{apart['difference']:+.4f} [{low:+.4f}, {high:+.4f}] on {apart['rows']} holdout rows"
