@@ -47,6 +47,7 @@ class Session:
         self.setup_seconds: float | None = None
         self._scorers: dict[str, object] = {}
         self._row_scores: dict[tuple, tuple[float, list[float]]] = {}  # (split, point): the report reuses trials
+        self._parts: dict[str, dict[str, float]] = {}  # split: the objective's parts at the point last scored there
         if chosen := logged_choice(cfg):  # search.merge: auto, chosen by an earlier search
             self.use_merge(chosen)
 
@@ -155,14 +156,18 @@ class Session:
                     method: str | None = None) -> tuple[float, list[float]]:
         """Overall score and every row's score (merged with `method`, default search.merge). With an
         evaluation.objective the overall score is the objective's; the rows are scored by evaluation.metric.
-        A point is scored once per process (with an objective every time: part_scores reads the weights last set)."""
+        A point is scored once per process (with an objective every time: part_scores reads the parts last scored)."""
         scorer = self.scorer(split)
         key = None if self.cfg.evaluation.objective else (split, self.weighted.point(weights, method))
         if key in self._row_scores:
             return self._row_scores[key]
         self.weighted.set_weights(weights, method)
         scores = scorer.row_scores()
-        overall = scorer.score() if self.cfg.evaluation.objective else sum(scores) / max(len(scores), 1)
+        if self.cfg.evaluation.objective:  # the parts once: the objective is their total, part_scores reads them
+            self._parts[split] = scorer.part_scores()
+            overall = scorer.total(self._parts[split])
+        else:
+            overall = sum(scores) / max(len(scores), 1)
         if key is not None:
             self._row_scores[key] = (overall, scores)
         return overall, scores
@@ -174,9 +179,9 @@ class Session:
         return [r["chunk"] for r in self.scorer(split).rows]
 
     def part_scores(self, split: str) -> dict[str, float]:
-        """Each objective part's score at the weights last set (empty without an objective)."""
-        scorer = self.scorer(split)
-        return scorer.part_scores() if self.cfg.evaluation.objective else {}
+        """Each objective part's score at the point scored_rows last scored on `split` (empty without an
+        objective)."""
+        return self._parts.get(split, {}) if self.cfg.evaluation.objective else {}
 
     def use_merge(self, method: str) -> None:
         """search.merge: auto resolved to `method` for every later stage (and on the loaded model)."""

@@ -33,7 +33,7 @@ def own_run(first_run, tmp_path):
 def loss_run(first_run, tmp_path_factory):
     """The first run's deltas scored with a graded metric, evaluation.metric: loss (teacher-forced): the tiny run's
     exact_match is 0 on every row of every model, so no score there tells one model from another. A copy with a new
-    search, report and export (a copied run retrains: its rendered configs name their absolute output paths)."""
+    search, report and export (nothing retrained: a copied run's deltas are up to date)."""
     tmp, cfg, _ = first_run
     root = tmp_path_factory.mktemp("e2e-loss")
     shutil.copytree(tmp, root, dirs_exist_ok=True, symlinks=True)
@@ -44,6 +44,7 @@ def loss_run(first_run, tmp_path_factory):
     path.write_text(yaml.safe_dump(raw))
     res = autollm("run", str(path), cwd=root)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("up to date, not retrained") == 3 and "training delta" not in res.stdout
     return root, path, res
 
 
@@ -134,11 +135,13 @@ def test_report_rows_score_their_models(loss_run, monkeypatch):
                                           / len(test_chunks)), r["model"]
 
 
-def test_second_run_retrains_nothing_and_hand_edit_retrains_one(tiny_model, tmp_path):
-    """A run of its own: rendered configs name their absolute output paths, so a copied run is not "the same"."""
-    tmp, cfg = tmp_path, write_config(tmp_path, tiny_model)
-    first = autollm("run", str(cfg), cwd=tmp)
+def test_second_run_retrains_nothing_and_hand_edit_retrains_one(own_run):
+    """On a copy of the first run, elsewhere: its rendered configs name the first run's folder, but a delta's
+    fingerprint reads the run folder's own path as a placeholder, so the copy is "the same" run."""
+    tmp, cfg = own_run
+    first = autollm("run", str(cfg), cwd=tmp)  # the copy's first run: no delta trained again
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("up to date, not retrained") == 4 and "training delta" not in first.stdout
     run = tmp / "runs" / "e2e"
     mtimes = {d: (run / "deltas" / d / "adapter_model.safetensors").stat().st_mtime_ns
               for d in ("math-sft", "code-sft", "all", "auto_mix")}
@@ -267,6 +270,7 @@ def test_ties_merge_searches_reports_and_exports_with_its_error(own_run):
     ties_cfg.write_text(yaml.safe_dump(raw))
     res = autollm("run", str(ties_cfg), cwd=tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("up to date, not retrained") == 3 and "training delta" not in res.stdout
     assert "search: merge ties (density 0.6)" in res.stdout and "relative error per module" in res.stdout
     report = json.loads((run / "report" / "report.json").read_text())
     assert report["merge"] == {"method": "ties", "density": 0.6}

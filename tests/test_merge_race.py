@@ -41,7 +41,7 @@ def race(tmp_path, monkeypatch, n_iter, first: dict, whole: dict, apart: dict):
         return {"method": method, "trial": 1, "kind": "uniform", "validation": base[method], "fit": base[method],
                 "holdout": base[method], "points": []}
 
-    def run(s, method, n, force):
+    def run(s, method, n, force, kept):
         runs.append((method, n))
         folder = s.cfg.run.candidate_search(method)
         folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,9 @@ def test_a_leader_told_apart_goes_on_alone(tmp_path, monkeypatch):
                         whole={"regmean_w": 0.70, "regmean": 0.62}, apart={"regmean_w": True})
     assert runs == [("regmean_w", 1), ("regmean", 1), ("regmean", 3)]
     assert logged["chosen"] == "regmean"  # the runner-up, told apart, never ran its whole budget
-    assert "regmean went on to 3: regmean 0.6200" in merge_choice.choice_line(logged)
+    line = merge_choice.choice_line(logged)
+    assert "regmean_w told apart from regmean (+0.0100 [+0.0100, +0.0400]" in line, line
+    assert "regmean went on to 3: regmean 0.6200" in line
 
 
 def test_racers_not_told_apart_both_go_on_and_the_end_decides(tmp_path, monkeypatch):

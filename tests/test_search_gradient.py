@@ -118,6 +118,25 @@ def test_a_finished_search_run_again_fits_nothing(weighted, tmp_path, monkeypatc
     assert run_search(cfg(tmp_path, n_iter=2), TinySession(weighted), weighted.params, fp="x") == done  # and back
 
 
+def test_a_kept_optimiser_goes_on_without_refitting_as_a_replay_would(weighted, tmp_path, monkeypatch):
+    """The merge race's two rounds in one process: the second takes the first's optimiser back (`kept`) instead of
+    replaying its trials, which for the gradient refits them; the trials are those of one straight search."""
+    from autollm_lf.search.optimizers import gradient
+
+    run_search(cfg(tmp_path / "straight", n_iter=3), TinySession(weighted), weighted.params, fp="x")
+    fit, fits = gradient.fit_steps, []
+    monkeypatch.setattr(gradient, "fit_steps", lambda *a, **k: (fits.append(1), fit(*a, **k))[1])
+    session, kept = TinySession(weighted), {}
+    run_search(cfg(tmp_path / "rounds", n_iter=1), session, weighted.params, fp="x", kept=kept)
+    run_search(cfg(tmp_path / "rounds", n_iter=3), session, weighted.params, fp="x", kept=kept)
+    assert len(fits) == 3  # one per gradient trial: nothing refitted
+    for a, b in zip(trials(tmp_path / "rounds"), trials(tmp_path / "straight"), strict=True):
+        assert a["weights"] == pytest.approx(b["weights"], rel=1e-6, abs=1e-7)
+    finished = {}  # a finished search skips the replay: its optimiser has seen nothing and is not kept
+    run_search(cfg(tmp_path / "rounds", n_iter=2), session, weighted.params, fp="x", kept=finished)
+    assert finished == {} and len(fits) == 3
+
+
 def test_the_budget_is_not_part_of_the_search_fingerprint():
     from autollm_lf.search.loop import search_fingerprint
     fp = lambda **search: search_fingerprint(SimpleNamespace(search=SearchConfig(**search),

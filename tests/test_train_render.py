@@ -99,3 +99,39 @@ def test_float_overrides_stay_floats_for_pyyaml(value):
     out = apply_overrides("learning_rate: 1.0e-4\n", {"learning_rate": value, "extra": value})
     parsed = yaml.safe_load(out)
     assert parsed == {"learning_rate": value, "extra": value} and isinstance(parsed["extra"], float)
+
+
+def test_a_run_folder_copied_elsewhere_retrains_nothing(tmp_path):
+    """The rendered config names the run folder's absolute paths; a delta's fingerprint reads them as <run folder>,
+    so a copied or moved run finds its deltas up to date. A delta whose marker holds the fingerprint of before (the
+    paths in it) is up to date too."""
+    import shutil
+
+    from autollm_lf.fileio import file_digest, fingerprint, write_json
+    from autollm_lf.train.deltas import ADAPTER_FILE, DONE_MARKER, TrainingJob, record_trained, training_job
+
+    def job(root):
+        cfg = fake_cfg(root, learning_rate=0.001)
+        cfg.base_model.path = tmp_path / "m"  # one base model for both folders
+        if not cfg.run.split("math").exists():
+            cfg.run.split("math").parent.mkdir(parents=True, exist_ok=True)
+            cfg.run.split("math").write_text('[{"instruction": "1+1", "output": "2"}]')
+            write_json(cfg.run.dataset_info, {"math": {"file_name": "math.json"}})
+        return training_job(cfg, DeltaSpec("math", ["math"]), "base", force=False,
+                            hardware={"bf16": False, "cpu": True})
+
+    first = job(tmp_path / "a")
+    assert isinstance(first, TrainingJob) and str(tmp_path / "a") in first.text
+    first.out.mkdir(parents=True)
+    (first.out / ADAPTER_FILE).write_bytes(b"lora")
+    record_trained(first, 1.0)
+    assert job(tmp_path / "a") is None
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert job(tmp_path / "b") is None  # copied: up to date
+    (tmp_path / "b" / "run" / "data" / "math.json").write_text('[{"instruction": "1+1", "output": "3"}]')
+    assert isinstance(job(tmp_path / "b"), TrainingJob)  # its data changed: trained again
+    legacy = fingerprint(first.text, file_digest([first.data[0]]), {"math": {"file_name": "math.json"}}, "base")
+    write_json(first.out / DONE_MARKER, {"fingerprint": legacy})  # as fingerprinted before: its own paths in it
+    assert job(tmp_path / "a") is None
+    write_json(first.out / DONE_MARKER, {"fingerprint": "something else"})
+    assert isinstance(job(tmp_path / "a"), TrainingJob)

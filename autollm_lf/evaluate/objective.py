@@ -73,7 +73,10 @@ class Objective:
         return {name: evaluator.score() for name, _, evaluator in self.parts}
 
     def score(self) -> float:
-        scores = self.part_scores()
+        return self.total(self.part_scores())
+
+    def total(self, scores: dict[str, float]) -> float:
+        """The objective from its parts' scores (part_scores): weighted, less the penalty of each constraint broken."""
         total = 0.0
         for name, part, _ in self.parts:
             total += part.weight * scores[name]

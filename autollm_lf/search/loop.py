@@ -100,13 +100,16 @@ def score_here(session: SearchSession, halves: Halves) -> Scores:
 
 
 def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: str, force: bool = False,
-               human: dict[str, float] | None = None, pool=None, where: Path | None = None) -> dict:
+               human: dict[str, float] | None = None, pool=None, where: Path | None = None,
+               kept: dict | None = None) -> dict:
     """Run (or finish) the search over the weights named in `deltas` (delta or delta@group names); returns
     best = {weights, validation, fit, holdout, trial, kind, select, start}: the trial chosen on the holdout rows
     (holdout.py) and `start`, the baseline point chosen the same way (what the search would return without its
     optimiser). With a pool (cluster.TrialPool) up to pool.size trials run at once: the optimiser proposes them
     together, the log is written in trial order once the batch is scored. `where`: a folder for the trials log and
-    best.json other than the run's (search.merge: auto's candidates)."""
+    best.json other than the run's (search.merge: auto's candidates). `kept`: a dict the caller holds across calls in
+    one process (the race's rounds): the optimiser is kept there at the end, and a later call on the same log takes it
+    back instead of replaying the trials into a new one (a gradient's replay refits its whole trajectory)."""
     run = RunDir(cfg.out)
     trials_path, best_path = (where / run.trials.name, where / run.best.name) if where else (run.trials, run.best)
     params, bounds, patience = list(deltas), cfg.search.bounds, cfg.search.patience
@@ -114,14 +117,17 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
     trials = _resume(trials_path, fp, discard=force)
     plan = plan_trials(cfg, params, human)
     name = optimizer_name(cfg, len(params))
-    opt = OPTIMIZERS[name](params, bounds, cfg.seed, session)
+    held = (kept or {}).get(trials_path)
+    fresh = not (held and held[1] == len(trials))  # a kept optimiser has seen exactly these trials already
+    opt = OPTIMIZERS[name](params, bounds, cfg.seed, session) if fresh else held[0]
     score, width = (pool.map, pool.size) if pool else (score_here(session, halves), 1)
     seen = {point_key(t["weights"]): t["trial"] for t in trials}
     best, stale = _best(trials[:len(plan)], name, halves), _stale(trials, name)  # a budget lowered: its first trials
     seeds = sum(1 for _, w in plan if w is not None)
     if len(trials) < len(plan) and not _patience_hit(stale, patience):
-        for t in trials:  # only a search with trials left needs the optimiser's state (a gradient replay refits)
-            opt.replay(t, own=t["kind"] == name)
+        for t in trials if fresh else []:  # only a search with trials left needs the optimiser's state (a gradient
+            opt.replay(t, own=t["kind"] == name)  # replay refits)
+        fresh = False  # from here on the optimiser has seen every trial
         n_deltas = len(set(map(param_delta, params)))
         logger.info(f"search: budget {len(plan)} trials over {len(params)} weights ({n_deltas} "
                     f"deltas, granularity {cfg.search.granularity}): {seeds} baseline and random points, then "
@@ -163,6 +169,8 @@ def run_search(cfg: RunConfig, session: SearchSession, deltas: list[str], fp: st
                 bar.set_postfix(best=round(best["holdout"], 4), refresh=False)
                 bar.update()
             number += len(batch)
+    if kept is not None and not fresh:  # kept only where it has seen every trial (a finished search skips replay)
+        kept[trials_path] = (opt, len(trials))
     if replaced:
         logger.info(f"search: {replaced} repeated suggestion(s) replaced by random points "
                     f"(no point is evaluated twice)")

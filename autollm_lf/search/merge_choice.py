@@ -61,10 +61,10 @@ def choose_merge(s, force: bool = False) -> None:
     halves = halves_of(s.cfg, s.validation_rows())
     candidates = [_baselines(s, method, halves) for method in merge_candidates(AUTO_MERGE)]
     racing = sorted(candidates, key=lambda c: selection_key(c)[:2], reverse=True)[:RACE]  # stable: ties keep order
-    first = first_round(s.cfg.search.n_iter)
+    first, kept = first_round(s.cfg.search.n_iter), {}  # kept: each racer's optimiser, between its two rounds
     for c in candidates:
         if c in racing:
-            c["search"] = _race(s, c["method"], first, force)
+            c["search"] = _race(s, c["method"], first, force, kept)
     raced = [c for c in candidates if "search" in c]
     leader = max(raced, key=lambda c: selection_key(c["search"])[:2])  # ties: the first kept
     if first < s.cfg.search.n_iter:
@@ -73,7 +73,7 @@ def choose_merge(s, force: bool = False) -> None:
                 c["apart"] = _told_apart(s, leader, c, halves)
         going_on = [c for c in raced if c is leader or not c["apart"]["excludes_zero"]]
         for c in going_on:
-            c["whole"] = _race(s, c["method"], s.cfg.search.n_iter, force=False)  # resumes the first round's log
+            c["whole"] = _race(s, c["method"], s.cfg.search.n_iter, False, kept)  # goes on from the first round
         leader = max(going_on, key=lambda c: selection_key(c["whole"])[:2])
     chosen = leader["method"]
     for path in (s.cfg.run.trials, s.cfg.run.best):  # the chosen search becomes the run's
@@ -100,13 +100,14 @@ def first_round(n_iter: int) -> int:
     return min(n_iter, max(1, math.ceil(n_iter / 3)))
 
 
-def _race(s, method: str, n_iter: int, force: bool) -> dict:
-    """The search with `method` up to `n_iter` optimiser trials, in its own folder; returns its best (run_search's)."""
+def _race(s, method: str, n_iter: int, force: bool, kept: dict) -> dict:
+    """The search with `method` up to `n_iter` optimiser trials, in its own folder; returns its best (run_search's).
+    `kept`: run_search's optimisers, so the second round goes on from the first without refitting it."""
     s.use_merge(method)
     started = time.perf_counter()
     cfg = s.cfg.model_copy(update={"search": s.cfg.search.model_copy(update={"n_iter": n_iter})})
     best = run_search(cfg, s, s.search_params, s.search_fingerprint(), force=force, human=s.search_human(),
-                      where=s.cfg.run.candidate_search(method))
+                      where=s.cfg.run.candidate_search(method), kept=kept)
     logger.info(f"search: merge auto: {method}'s search after {n_iter} of {s.cfg.search.n_iter} optimiser trials "
                 f"returns trial {best['trial']} ({best['kind']}): holdout {best['holdout']:.4f} "
                 f"({time.perf_counter() - started:.0f} s)")
@@ -140,10 +141,10 @@ def choice_line(logged: dict) -> str:
     raced = [c for c in logged["candidates"] if "search" in c]
     rounds = f" after {raced[0]['search']['n_iter']} optimiser trials" if "n_iter" in raced[0]["search"] else ""
     went = [c for c in raced if "whole" in c]
-    close = [c for c in raced if "apart" in c and not c["apart"]["excludes_zero"]]
-    whole = "" if not went else (
-        (f"; not told apart from {close[0]['apart']['of']} ({_difference(close[0]['apart'])}), " if close else "; ")
-        + " and ".join(c["method"] for c in went) + f" went on to {went[0]['whole']['n_iter']}: "
+    said = "".join(f"; {c['method']} {'' if c['apart']['excludes_zero'] else 'not '}told apart from "
+                   f"{c['apart']['of']} ({_difference(c['apart'])})" for c in raced if "apart" in c)
+    whole = "" if not went else (f"{said}, " if said else "; ") + (
+        " and ".join(c["method"] for c in went) + f" went on to {went[0]['whole']['n_iter']}: "
         + ", ".join(f"{c['method']} {c['whole'][on]:.4f}" for c in went))
     return (f"merge auto -> {logged['chosen']}: the best baseline point of each candidate on the {on} rows: {base}; "
             f"the searches of the best {len(raced)} return{rounds} "

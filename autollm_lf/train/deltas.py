@@ -172,15 +172,21 @@ class TrainingJob:
     data: list[Path]  # dataset_info.json and the datasets' files (the config's dataset_dir)
 
 
+RUN_FOLDER = "<run folder>"  # what a delta's fingerprint reads in place of its run folder's path
+
+
 def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict[str, Any]) -> TrainingJob | None:
     """The job for one delta, or None when it is already trained with the same config text, data and base."""
     cfg_path, text = config_for_delta(cfg, spec, hardware)
     data_files = [cfg.run.split(dataset_file_stem(d)) for d in spec.datasets] + [cfg.run.dataset_info]
     info = read_json(cfg.run.dataset_info, {})
     # the delta's own dataset_info entries, not the whole file: an entry added for another delta retrains nothing
-    fp = fingerprint(text, file_digest(data_files[:-1]), {d: info.get(d) for d in spec.datasets}, base_fp)
-    delta_dir = cfg.run.delta(spec.name)
-    if not force and is_fresh(read_json(delta_dir / DONE_MARKER, {}), fp, delta_dir / ADAPTER_FILE):
+    inputs = (file_digest(data_files[:-1]), {d: info.get(d) for d in spec.datasets}, base_fp)
+    # the config's text with the run folder's own path left out: a run folder copied or moved retrains nothing
+    fp = fingerprint(text.replace(str(cfg.run.root), RUN_FOLDER), *inputs)
+    delta_dir, done = cfg.run.delta(spec.name), read_json(cfg.run.delta(spec.name) / DONE_MARKER, {})
+    legacy = fingerprint(text, *inputs)  # a delta trained before (its path in its fingerprint) is not retrained
+    if not force and any(is_fresh(done, f, delta_dir / ADAPTER_FILE) for f in (fp, legacy)):
         logger.info(f"delta {spec.name}: up to date, not retrained")
         return None
     return TrainingJob(spec, cfg_path, text, fp, delta_dir, Path(cfg.base_model.path), data_files)
