@@ -6,7 +6,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -175,6 +175,12 @@ class TrainingJob:
 RUN_FOLDER = "<run folder>"  # what a delta's fingerprint reads in place of its run folder's path
 
 
+def config_fingerprints(cfg, text: str, of: Callable[[str], str]) -> list[str]:
+    """`of(config text)` twice, the one to record first: with the run folder's own path left out (a run folder copied
+    or moved is up to date), then as fingerprinted before that (its path in it: not redone after an upgrade)."""
+    return [of(t) for t in (text.replace(str(cfg.run.root), RUN_FOLDER), text)]
+
+
 def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict[str, Any]) -> TrainingJob | None:
     """The job for one delta, or None when it is already trained with the same config text, data and base."""
     cfg_path, text = config_for_delta(cfg, spec, hardware)
@@ -182,14 +188,13 @@ def training_job(cfg, spec: DeltaSpec, base_fp: str, force: bool, hardware: dict
     info = read_json(cfg.run.dataset_info, {})
     # the delta's own dataset_info entries, not the whole file: an entry added for another delta retrains nothing
     inputs = (file_digest(data_files[:-1]), {d: info.get(d) for d in spec.datasets}, base_fp)
-    # the config's text with the run folder's own path left out: a run folder copied or moved retrains nothing
-    fp = fingerprint(text.replace(str(cfg.run.root), RUN_FOLDER), *inputs)
-    delta_dir, done = cfg.run.delta(spec.name), read_json(cfg.run.delta(spec.name) / DONE_MARKER, {})
-    legacy = fingerprint(text, *inputs)  # a delta trained before (its path in its fingerprint) is not retrained
-    if not force and any(is_fresh(done, f, delta_dir / ADAPTER_FILE) for f in (fp, legacy)):
+    fps = config_fingerprints(cfg, text, lambda t: fingerprint(t, *inputs))
+    delta_dir = cfg.run.delta(spec.name)
+    done = read_json(delta_dir / DONE_MARKER, {})
+    if not force and any(is_fresh(done, f, delta_dir / ADAPTER_FILE) for f in fps):
         logger.info(f"delta {spec.name}: up to date, not retrained")
         return None
-    return TrainingJob(spec, cfg_path, text, fp, delta_dir, Path(cfg.base_model.path), data_files)
+    return TrainingJob(spec, cfg_path, text, fps[0], delta_dir, Path(cfg.base_model.path), data_files)
 
 
 def record_trained(job: TrainingJob, seconds: float, where: dict[str, Any] | None = None) -> Path:

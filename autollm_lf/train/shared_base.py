@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..fileio import fingerprint, read_json, write_json
 from ..log import get_logger
 from ..paths import SHARED, is_fresh
-from .deltas import DONE_MARKER, RUN_FOLDER, DeltaSpec, train_one
+from .deltas import DONE_MARKER, DeltaSpec, config_fingerprints, train_one
 from .lfcli import full_export
 from .render import render_lf_yaml
 
@@ -33,13 +33,12 @@ def build_shared_base(cfg: RunConfig, force: bool = False) -> None:
     yaml_path = render_lf_yaml("export.yaml.j2", cfg.run.config(f"{SHARED}_export"), run=cfg.name,
                                model_name_or_path=cfg.base_model.path, adapter_name_or_path=adapter,
                                template=cfg.base_model.template, export_dir=target)
-    text, done = yaml_path.read_text(encoding="utf-8"), read_json(target / MARKER, {})
-    fps = [fingerprint(read_json(adapter / DONE_MARKER)["fingerprint"], t)  # a moved or copied run folder: the same
-           for t in (text.replace(str(cfg.run.root), RUN_FOLDER), text)]  # (and as fingerprinted before that)
-    fp = fps[0]
+    trained = read_json(adapter / DONE_MARKER)["fingerprint"]
+    fps = config_fingerprints(cfg, yaml_path.read_text(encoding="utf-8"), lambda t: fingerprint(trained, t))
+    done = read_json(target / MARKER, {})
     if not force and any(is_fresh(done, f, target / "config.json") for f in fps):
         logger.info(f"shared base: {target} up to date")
         return
     full_export(yaml_path, target)
-    write_json(target / MARKER, {"fingerprint": fp, "adapter": str(adapter)})
+    write_json(target / MARKER, {"fingerprint": fps[0], "adapter": str(adapter)})
     logger.info(f"shared base: {adapter} merged into {target}; the deltas train on it")
