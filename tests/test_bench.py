@@ -88,8 +88,9 @@ def test_bench_scale_part_trains_on_a_local_ray_cluster(tmp_path, tiny_model):
 def test_ceiling_value_is_one_only_when_every_chunk_reaches_its_share():
     from autollm_lf.bench import ceiling_value
     own = {"code": 0.5, "math": 0.25, "pref": 0.0}
-    assert ceiling_value({"code": 0.4, "math": 0.2, "pref": 0.0}, own) == pytest.approx(1.0)  # 80% exactly
+    assert ceiling_value({"code": 0.475, "math": 0.2375, "pref": 0.0}, own) == pytest.approx(1.0)  # 95% exactly
+    assert ceiling_value({"code": 0.47, "math": 0.2375, "pref": 0.0}, own) < 1.0
     assert ceiling_value({"code": 0.9, "math": 0.9, "pref": 0.0}, own) == pytest.approx(1.0)  # beyond counts as 1
-    # code halfway to its 0.4, math none of the way, a chunk whose own delta scores 0 is met by anything
-    assert ceiling_value({"code": 0.2, "math": 0.0, "pref": 0.0}, own) == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    # code halfway to its 0.4 (80%), math none of the way, a chunk whose own delta scores 0 is met by anything
+    assert ceiling_value({"code": 0.2, "math": 0.0, "pref": 0.0}, own, share=0.8) == pytest.approx((0.5 + 0 + 1) / 3)
     assert ceiling_value({"code": 0.2, "math": 0.2, "pref": 0.0}, own, share=1.0) == pytest.approx((0.4 + 0.8 + 1) / 3)

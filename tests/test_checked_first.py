@@ -498,7 +498,7 @@ def test_ceiling_own_scores_handles_chunks_without_test_rows_and_several_deltas(
     own, best, no_test = own_scores(session, lambda w: alone[next(iter(w))])
     assert own == {"math": 0.6, "rude": 0.5} and best == {"math": "math-sft", "rude": "rude-orpo"}
     assert no_test == ["bad_cases", "scraped"]
-    assert ceiling_value({"math": 0.48, "rude": 0.2}, own) == pytest.approx((1.0 + 0.5) / 2)
+    assert ceiling_value({"math": 0.48, "rude": 0.2}, own, share=0.8) == pytest.approx((1.0 + 0.5) / 2)
 
 
 def test_gradient_with_a_spectral_merge_fails_at_validate(tmp_path, capsys):
