@@ -69,7 +69,7 @@ def test_a_leader_told_apart_goes_on_alone(tmp_path, monkeypatch):
     assert runs == [("regmean_w", 1), ("regmean", 1), ("regmean", 3)]
     assert logged["chosen"] == "regmean"  # the runner-up, told apart, never ran its whole budget
     line = merge_choice.choice_line(logged)
-    assert "regmean_w told apart from regmean (+0.0100 [+0.0100, +0.0400]" in line, line
+    assert "regmean_w told apart from regmean (regmean - regmean_w +0.0100 [+0.0100, +0.0400]" in line, line
     assert "regmean went on to 3: regmean 0.6200" in line
 
 

@@ -142,7 +142,8 @@ def choice_line(logged: dict) -> str:
     rounds = f" after {raced[0]['search']['n_iter']} optimiser trials" if "n_iter" in raced[0]["search"] else ""
     went = [c for c in raced if "whole" in c]
     said = "".join(f"; {c['method']} {'' if c['apart']['excludes_zero'] else 'not '}told apart from "
-                   f"{c['apart']['of']} ({_difference(c['apart'])})" for c in raced if "apart" in c)
+                   f"{c['apart']['of']} ({c['apart']['of']} - {c['method']} {_difference(c['apart'])})"
+                   for c in raced if "apart" in c)
     whole = "" if not went else (f"{said}, " if said else "; ") + (
         " and ".join(c["method"] for c in went) + f" went on to {went[0]['whole']['n_iter']}: "
         + ", ".join(f"{c['method']} {c['whole'][on]:.4f}" for c in went))
