@@ -94,3 +94,47 @@ def test_ceiling_value_is_one_only_when_every_chunk_reaches_its_share():
     # code halfway to its 0.4 (80%), math none of the way, a chunk whose own delta scores 0 is met by anything
     assert ceiling_value({"code": 0.2, "math": 0.0, "pref": 0.0}, own, share=0.8) == pytest.approx((0.5 + 0 + 1) / 3)
     assert ceiling_value({"code": 0.2, "math": 0.2, "pref": 0.0}, own, share=1.0) == pytest.approx((0.4 + 0.8 + 1) / 3)
+
+
+def test_ceiling_tunes_the_runs_merge_and_takes_each_delta_alone_as_trained(tmp_path, monkeypatch):
+    """On a `regmean` run the oracles and the auto_merge yardstick are merged with `regmean` (the merge the goal is
+    about), each chunk's own delta alone with `linear` (under regmean a one-hot point still holds every Gram), and
+    train@all, trained on the user's base apart from the shared base, comes from the run's report (same test rows)."""
+    from types import SimpleNamespace
+
+    from autollm_lf.bench import ceiling
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"rows": [{"model": "train@all", "test_by_chunk": {"a": 0.5, "b": 0.25}}]}))
+    scored = []  # (weights, method) of every scoring pass
+
+    def scored_rows(weights, split, method=None):
+        scored.append((dict(weights), method))
+        hits = {"a": weights.get("a-sft", 0.0), "b": weights.get("b-sft", 0.0)}
+        return 0.0, [hits["a"]] * 2 + [hits["b"]] * 2
+
+    weighted = SimpleNamespace(method="regmean", granularity="module_kind", mode="cat", names=["a-sft", "b-sft"],
+                               params=["a-sft", "b-sft"], use_granularity=lambda g: setattr(weighted, "granularity", g))
+    cfg = SimpleNamespace(search=SimpleNamespace(bounds=[0.0, 1.0], merge="regmean"), data=SimpleNamespace(
+        test_per_chunk=2), run=SimpleNamespace(read_best=lambda: {"weights": {"a-sft": 0.5, "b-sft": 1.0}},
+                                               report_json=report), model_copy=lambda update: cfg)
+    session = SimpleNamespace(base_cfg=cfg, cfg=cfg, weighted=weighted, deltas=["a-sft", "b-sft"],
+                              specs={"a-sft": SimpleNamespace(chunk="a"), "b-sft": SimpleNamespace(chunk="b")},
+                              scored_rows=scored_rows, row_chunks=lambda split: ["a", "a", "b", "b"])
+    searched = {}
+
+    def quiet_search(merge, params, seed, fp):
+        searched["merge"] = merge["cfg"].search.merge
+        value = merge["objective"]({"a-sft": 1.0, "b-sft": 1.0})
+        return {"validation": value, "weights": {"a-sft": 1.0, "b-sft": 1.0}}, 0.1
+
+    monkeypatch.setattr(ceiling, "finished_session", lambda path: session)
+    monkeypatch.setattr(ceiling, "ScoredMerge", lambda cfg, w, scorers, objective: {"cfg": cfg, "objective": objective})
+    monkeypatch.setattr(ceiling, "quiet_search", quiet_search)
+    r = ceiling.bench_ceiling(tmp_path / "run.yaml", trials=8, gradient_trials=0)
+    alone = [(w, m) for w, m in scored if len(w) == 1]
+    assert alone and all(m == "linear" for _, m in alone)  # each delta alone, as trained
+    assert ({"a-sft": 0.5, "b-sft": 1.0}, "regmean") in scored  # auto_merge as the run merged it
+    assert searched["merge"] == "regmean" and ({"a-sft": 1.0, "b-sft": 1.0}, "regmean") in scored
+    assert r["yardsticks"]["train@all"]["by_chunk"] == {"a": 0.5, "b": 0.25}
+    assert r["merge"] == "regmean" and r["granularity"] == "module_kind" and weighted.granularity == "module_kind"
+    assert "the run's merge, regmean at module_kind" in "\n".join(ceiling.ceiling_lines(r))

@@ -337,7 +337,7 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert fitted["trials"] == 3
     assert fitted["start_value"] == pytest.approx(ceiling["yardsticks"]["auto_merge"]["value"])
     assert fitted["value"] == pytest.approx(ceiling_value(fitted["by_chunk"], own))
-    assert "ceiling (weights searched on TEST itself" in res.stdout
+    assert "with weights searched on TEST itself" in res.stdout
     assert sorted(p for p in (tmp / "runs").rglob("*")) == before
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import SearchConfig
 from ..evaluate.intervals import split_by_chunk
+from ..fileio import read_json
 from ..merge import param_delta
 from ..search.loop import point_key
 from ..search.optimizers import optimizer_problems
@@ -35,7 +36,7 @@ def gradient_ceiling(session: Session, by_chunk, own: dict[str, float], trials: 
         seen.append(by_chunk(opt.suggest(number)))
     values = [ceiling_value(scores, own) for scores in seen]
     best = max(range(len(values)), key=values.__getitem__)
-    return {"granularity": f"{session.cfg.search.granularity}, gradient", "weights": len(start),
+    return {"granularity": f"{session.weighted.granularity}, gradient", "weights": len(start),
             "trials": len(seen), "value": values[best], "by_chunk": seen[best], "start_value": values[0],
             "seconds": time.perf_counter() - started,
             "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}}
@@ -57,6 +58,16 @@ def own_scores(session: Session, by_chunk) -> tuple[dict[str, float], dict[str, 
     return own, best, sorted(no_test - set(own))
 
 
+def train_all_by_chunk(session: Session, alone) -> dict[str, float] | None:
+    """train@all's per-chunk test scores: scored here where it is loaded beside the deltas, else (trained on the
+    user's base, apart from a shared base) as the run's report scored it on the same test rows; None without it."""
+    if ALL_DELTA in session.weighted.names:
+        return alone({ALL_DELTA: 1.0})
+    path = session.cfg.run.report_json
+    rows = read_json(path)["rows"] if path.is_file() else []
+    return next((r["test_by_chunk"] for r in rows if r["model"] == f"train@{ALL_DELTA}"), None)
+
+
 def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: float = CEILING_SHARE) -> float:
     """Mean over chunks of how far the merge gets towards `share` of the chunk's own delta (1 = there or beyond):
     the largest value, len(own) / len(own) = 1, means every chunk meets the goal at once."""
@@ -65,7 +76,8 @@ def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: floa
 
 def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int = 6, seed: int = 0) -> dict:
     """What the best weights could reach on the per-chunk goal, measured from above, by two oracles that tune on the
-    TEST split itself (which no real search may see): the search loop (cmaes, `trials`, one weight per delta)
+    TEST split itself (which no real search may see), merged as the run merges (its method): the search loop
+    (cmaes, `trials`, one weight per delta)
     maximising ceiling_value (every chunk towards 95% of its own delta's test score), and the gradient optimiser
     at the run's granularity fitted on all of test's reference answers, from the run's best weights
     (`gradient_trials` trials of its Adam steps; the best point by ceiling_value). If neither meets the goal on
@@ -77,20 +89,22 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     w = session.weighted
     if w.mode == "scaling":
         return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}
-    by_chunk = lambda weights: split_by_chunk(session.scored_rows(weights, "test", "linear")[1],
-                                              session.row_chunks("test"))[1]
-    own, best_delta, no_test = own_scores(session, by_chunk)
+    method, run_granularity = w.method, w.granularity  # the run's (search.merge / granularity auto: as resolved)
+    scored = lambda weights, how: split_by_chunk(session.scored_rows(weights, "test", how)[1],
+                                                 session.row_chunks("test"))[1]
+    by_chunk = lambda weights: scored(weights, method)  # merged as the run merges: the oracles tune that merge
+    # each delta alone as trained (`linear`: under `regmean` a one-hot point still holds every delta's Gram)
+    own, best_delta, no_test = own_scores(session, lambda weights: scored(weights, "linear"))
     if not own:
         return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}
     yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
-    if ALL_DELTA in w.names:
-        yardsticks["train@all"] = by_chunk({ALL_DELTA: 1.0})
-    w.use_method("linear")
-    run_granularity = w.granularity  # the run's (search.granularity auto: as resolved)
+    train_all = train_all_by_chunk(session, lambda weights: scored(weights, "linear"))
+    if train_all:
+        yardsticks["train@all"] = train_all
     w.use_granularity("delta")
     params = [p for p in w.params if param_delta(p) in session.deltas]
     search = SearchConfig(bounds=cfg.search.bounds, init_points=3, n_iter=max(trials - 5 - len(params), 0),
-                          optimizer="cmaes", granularity="delta", merge="linear")
+                          optimizer="cmaes", granularity="delta", merge=method)
     seen = {}  # point -> its per-chunk test scores (the search scores no point twice)
 
     def oracle(weights):
@@ -102,13 +116,13 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     results = [{"granularity": "delta", "weights": len(params), "trials": len(seen), "value": best["validation"],
                 "by_chunk": seen[point_key(best["weights"])], "seconds": seconds,
                 "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
-    w.use_method(cfg.search.merge, cfg.search.density)
     w.use_granularity(run_granularity)
-    fits = not optimizer_problems("gradient", cfg.search.merge, cfg.evaluation.metric, bool(cfg.evaluation.objective))
-    if fits and gradient_trials:  # what the gradient optimiser declares it can fit (its `needs`)
+    fits = gradient_trials and not optimizer_problems("gradient", method, cfg.evaluation.metric,
+                                                      bool(cfg.evaluation.objective))
+    if fits:  # what the gradient optimiser declares it can fit (its `needs`)
         results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
-    return {"share": CEILING_SHARE, "own_delta": own, "own_delta_name": best_delta, "no_test_rows": no_test,
-            "rows_per_chunk": cfg.data.test_per_chunk,
+    return {"share": CEILING_SHARE, "merge": method, "granularity": run_granularity, "own_delta": own,
+            "own_delta_name": best_delta, "no_test_rows": no_test, "rows_per_chunk": cfg.data.test_per_chunk,
             "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own)} for k, v in yardsticks.items()},
             "results": results}
 
@@ -118,7 +132,8 @@ def ceiling_lines(r: dict) -> list[str]:
         return ["ceiling: " + r["skipped"]]
     chunks = list(r["own_delta"])
     row = lambda name, scores: f"  {name:<34}" + "".join(f"{scores[c]:>{max(8, len(c) + 2)}.2f}" for c in chunks)
-    lines = [f"ceiling (weights searched on TEST itself, {r['rows_per_chunk']} rows per chunk; goal: every chunk "
+    lines = [f"ceiling (the run's merge, {r['merge']} at {r['granularity']}, with weights searched on TEST itself, "
+             f"{r['rows_per_chunk']} rows per chunk; goal: every chunk "
              f">= {r['share']:.0%} of its own delta):",
              f"  {'':<34}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
              row("own delta", r["own_delta"]),
