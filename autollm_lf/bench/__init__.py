@@ -14,9 +14,9 @@
 - search: on the toy, merge methods x granularities x optimisers (bench_search), 3 seeds, one budget: the
   validation and test scores of the weights each picks, vs train@all and the best single delta.
 - scale: the toy's deltas as Ray tasks on a local Ray cluster of 1-CPU nodes: one node vs two, vs the ideal.
-- ceiling: on that run, the best the weights could do for the per-chunk goal (each chunk >= 95% of its own delta, the goal of issue 42):
-  oracles tuned on TEST itself, which no real search may see: cmaes per delta, and the gradient fit at the run's
-  granularity from its best weights.
+- ceiling: on that run, the best the weights could do for the per-chunk goal (each chunk >= 95% of its own delta):
+  oracles tuned on TEST itself, which no real search may see, merged as the run merges: cmaes per delta, and the
+  gradient fit at the run's granularity from its best weights.
 - model: on a finished run of a real model (`--model-run`, default the Gemma 3 270M example): trial cost with
   and without the fast path, the LM head on scored positions vs all, `choice` vs a per-choice loop, memory.
 

@@ -6,9 +6,13 @@ and a preference chunk. Re-run to regenerate: python examples/gemma3_270m/make_d
 """
 import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from task_rows import unique, write_rows  # noqa: E402  (examples/task_rows.py)
+
 ROWS_PER_TASK = 140  # 60 train + 40 validation + 40 test: one held-out row is 2.5 points of a chunk, not 8
 PREF_ROWS = 140      # likewise; made-up words (the word list is used by `following`)
 WORDS = [
@@ -70,16 +74,6 @@ def made_up_words(n, rng, taken):
     return words
 
 
-def unique(make, n, rng):
-    rows, seen = [], set()
-    while len(rows) < n:
-        prompt, response = make(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append((prompt, response))
-    return rows
-
-
 def main():
     rng = random.Random(0)
     words = sorted(set(WORDS))
@@ -90,10 +84,7 @@ def main():
     tasks = {"math": unique(math_task, ROWS_PER_TASK, rng), "code": unique(code_task, ROWS_PER_TASK, rng),
              "following": [following_task(w) for w in following],
              "generation": unique(generation_task, ROWS_PER_TASK, rng)}
-    with open(HERE / "tasks.jsonl", "w", encoding="utf-8") as f:
-        for task, rows in tasks.items():
-            f.writelines(json.dumps({"prompt": prompt, "response": response, "task": task}) + "\n"
-                         for prompt, response in rows)
+    write_rows(HERE / "tasks.jsonl", tasks)
     with open(HERE / "prefs.jsonl", "w", encoding="utf-8") as f:
         for w in preferred:
             prompt, chosen = following_task(w)

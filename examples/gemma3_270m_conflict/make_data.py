@@ -7,11 +7,14 @@ python examples/gemma3_270m_conflict/make_data.py
   tasks.jsonl     prompt, response, task   (add, first_word, sort_words: SFT chunks)
   scraped.jsonl   prompt, response, task   (sort_scraped: a train_only source)
 """
-import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from task_rows import unique, write_rows  # noqa: E402  (examples/task_rows.py)
+
 TRAIN, HELD_OUT = 100, 100  # per chunk: 100 training rows, 100 validation + 100 test (one test row: 1 point)
 NOUNS = ["apple", "bench", "candle", "desk", "eagle", "flute", "guitar", "hammer", "island", "jacket", "kettle",
          "ladder", "mirror", "needle", "orange", "pencil", "quilt", "rocket", "saddle", "tiger", "umbrella", "violin",
@@ -45,16 +48,6 @@ def sort_scraped_task(rng):
     return prompt, ", ".join(sorted(words, reverse=True))  # the opposite of sort_words
 
 
-def unique(make, n, rng, seen):
-    rows = []
-    while len(rows) < n:
-        prompt, response = make(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append((prompt, response))
-    return rows
-
-
 def main():
     rng, seen = random.Random(7), set()  # one `seen` for all: no prompt in two chunks
     sizes = {"add": TRAIN + 2 * HELD_OUT, "first_word": TRAIN + 2 * HELD_OUT, "sort_words": TRAIN + 2 * HELD_OUT,
@@ -63,8 +56,7 @@ def main():
               "sort_scraped": sort_scraped_task}
     rows = {task: unique(makers[task], n, rng, seen) for task, n in sizes.items()}
     for file, tasks in (("tasks.jsonl", ["add", "first_word", "sort_words"]), ("scraped.jsonl", ["sort_scraped"])):
-        with open(HERE / file, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"prompt": p, "response": r, "task": t}) + "\n" for t in tasks for p, r in rows[t])
+        write_rows(HERE / file, {t: rows[t] for t in tasks})
 
 
 if __name__ == "__main__":

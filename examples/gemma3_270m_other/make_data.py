@@ -4,11 +4,14 @@ python examples/gemma3_270m_other/make_data.py
 
   tasks.jsonl   prompt, response, task   (times, lowercase, last_word, reverse_list: SFT chunks)
 """
-import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from task_rows import unique, write_rows  # noqa: E402  (examples/task_rows.py)
+
 ROWS_PER_TASK = 220  # 60 train + 80 validation + 80 test: one test row is 1.25 points of a chunk
 NOUNS = ["stone", "river", "cloud", "table", "horse", "lamp", "shoe", "bread", "chair", "grass", "snow", "wheel",
          "glass", "coat", "bell", "drum", "fork", "kite", "nest", "road", "sand", "tent", "wolf", "yard", "boat",
@@ -39,24 +42,11 @@ def reverse_list_task(rng):
     return f"Reverse the order of this list: {', '.join(items)}", ", ".join(reversed(items))
 
 
-def unique(make, n, rng):
-    rows, seen = [], set()
-    while len(rows) < n:
-        prompt, response = make(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append((prompt, response))
-    return rows
-
-
 def main():
     rng = random.Random(1)
     tasks = {"times": times_task, "lowercase": lowercase_task, "last_word": last_word_task,
              "reverse_list": reverse_list_task}
-    with open(HERE / "tasks.jsonl", "w", encoding="utf-8") as f:
-        for task, make in tasks.items():
-            f.writelines(json.dumps({"prompt": p, "response": r, "task": task}) + "\n"
-                         for p, r in unique(make, ROWS_PER_TASK, rng))
+    write_rows(HERE / "tasks.jsonl", {task: unique(make, ROWS_PER_TASK, rng) for task, make in tasks.items()})
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ them for. Re-run to regenerate: python examples/gemma3_270m_unseen/make_data.py
 
   tasks.jsonl   prompt, response, task   (plural, count_words, subtract, hyphenate: SFT chunks)
 """
-import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from task_rows import unique, write_rows  # noqa: E402  (examples/task_rows.py)
+
 ROWS_PER_TASK = 240  # 60 train + 80 validation + 100 test: one test row is 1 point of a chunk
 PLURALS = {"box": "boxes", "glass": "glasses", "bus": "buses", "dish": "dishes", "church": "churches",
            "fox": "foxes", "city": "cities", "baby": "babies", "party": "parties", "story": "stories",
@@ -41,24 +44,11 @@ def hyphenate_task(rng):
     return f"Join these words with hyphens: {', '.join(words)}", "-".join(words)
 
 
-def unique(make, n, rng):
-    rows, seen = [], set()
-    while len(rows) < n:
-        prompt, response = make(rng)
-        if prompt not in seen:
-            seen.add(prompt)
-            rows.append((prompt, response))
-    return rows
-
-
 def main():
     rng = random.Random(2)
     tasks = {"plural": plural_task, "count_words": count_words_task, "subtract": subtract_task,
              "hyphenate": hyphenate_task}
-    with open(HERE / "tasks.jsonl", "w", encoding="utf-8") as f:
-        for task, make in tasks.items():
-            f.writelines(json.dumps({"prompt": p, "response": r, "task": task}) + "\n"
-                         for p, r in unique(make, ROWS_PER_TASK, rng))
+    write_rows(HERE / "tasks.jsonl", {task: unique(make, ROWS_PER_TASK, rng) for task, make in tasks.items()})
 
 
 if __name__ == "__main__":
