@@ -131,11 +131,11 @@ def ceiling_lines(r: dict) -> list[str]:
     if "skipped" in r:
         return ["ceiling: " + r["skipped"]]
     chunks = list(r["own_delta"])
-    row = lambda name, scores: f"  {name:<34}" + "".join(f"{scores[c]:>{max(8, len(c) + 2)}.2f}" for c in chunks)
+    row = lambda name, scores: f"  {name:<40}" + "".join(f"{scores[c]:>{max(8, len(c) + 2)}.2f}" for c in chunks)
     lines = [f"ceiling (the run's merge, {r['merge']} at {r['granularity']}, with weights searched on TEST itself, "
              f"{r['rows_per_chunk']} rows per chunk; goal: every chunk "
              f">= {r['share']:.0%} of its own delta):",
-             f"  {'':<34}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
+             f"  {'':<40}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
              row("own delta", r["own_delta"]),
              row(f"{r['share']:.0%} of it", {c: r["share"] * v for c, v in r["own_delta"].items()})]
     named = r.get("own_delta_name", {})
