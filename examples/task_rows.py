@@ -14,6 +14,11 @@ def unique(make, n, rng, seen=None):
     return rows
 
 
+def draw(makers, n, rng):
+    """{task: n rows of distinct prompts from its maker}, task by task from one `rng` (the order is the draw's)."""
+    return {task: unique(make, n, rng) for task, make in makers.items()}
+
+
 def write_rows(path, rows_by_task):
     """{task: [(prompt, response), ...]} as one JSON object a line, task by task."""
     with open(path, "w", encoding="utf-8") as f:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..config import SearchConfig
 from ..evaluate.intervals import split_by_chunk
-from ..fileio import read_json
 from ..merge import param_delta
 from ..search.loop import point_key
 from ..search.optimizers import optimizer_problems
@@ -15,7 +14,7 @@ from ..search.optimizers.gradient import GradientOptimizer
 from ..search.scored import ScoredMerge
 from ..session import Session
 from ..train.deltas import ALL_DELTA
-from .finished import finished_session
+from .finished import finished_session, report_rows
 from .searches import quiet_search
 
 CEILING_SHARE = 0.95  # the merge-quality goal (issue 42): on every chunk, this share of what its own delta scores
@@ -63,9 +62,7 @@ def train_all_by_chunk(session: Session, alone) -> dict[str, float] | None:
     user's base, apart from a shared base) as the run's report scored it on the same test rows; None without it."""
     if ALL_DELTA in session.weighted.names:
         return alone({ALL_DELTA: 1.0})
-    path = session.cfg.run.report_json
-    rows = read_json(path)["rows"] if path.is_file() else []
-    return next((r["test_by_chunk"] for r in rows if r["model"] == f"train@{ALL_DELTA}"), None)
+    return report_rows(session.cfg).get(f"train@{ALL_DELTA}", {}).get("test_by_chunk")
 
 
 def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: float = CEILING_SHARE) -> float:
@@ -77,11 +74,11 @@ def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: floa
 def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int = 6, seed: int = 0) -> dict:
     """What the best weights could reach on the per-chunk goal, measured from above, by two oracles that tune on the
     TEST split itself (which no real search may see), merged as the run merges (its method): the search loop
-    (cmaes, `trials`, one weight per delta)
-    maximising ceiling_value (every chunk towards 95% of its own delta's test score), and the gradient optimiser
-    at the run's granularity fitted on all of test's reference answers, from the run's best weights
-    (`gradient_trials` trials of its Adam steps; the best point by ceiling_value). If neither meets the goal on
-    every chunk, a search tuned on validation is not likely to; train@all's ratios are shown beside them."""
+    (cmaes, `trials`, one weight per delta) maximising ceiling_value (every chunk towards 95% of its own delta's
+    test score), and the gradient optimiser at the run's granularity fitted on all of test's reference answers,
+    from the run's best weights (`gradient_trials` trials of its Adam steps; the best point by ceiling_value). If
+    neither meets the goal on every chunk, a search tuned on validation is not likely to; train@all's ratios are
+    shown beside them."""
     session = finished_session(cfg_path)
     if session is None:
         return {"skipped": f"run `autollm run {cfg_path}` first (needs its trained deltas)"}

@@ -16,13 +16,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..evaluate.intervals import mean_interval, paired_difference, resample_index, split_by_chunk
-from ..fileio import read_json
 from ..merge import MERGE_METHODS
 from ..merge.grams import use_regmean
 from ..search.loop import baseline_points, run_search
 from ..search.optimizers import optimizer_problems
 from ..session import Session
-from .finished import finished_session
+from .finished import finished_session, report_rows
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core", "regmean_w", "tsv", "iso_c", "iso_cts")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
@@ -111,9 +110,8 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
         learned[c] = paired_difference([scores[i] for i in cols], [base_scores[i] for i in cols],
                                        resample_index([c] * len(cols), n_boot, cfg.seed), level)
     learned_chunks = [c for c, d in learned.items() if d["excludes_zero"] and d["difference"] > 0]
-    report = read_json(cfg.run.report_json, {})
-    yardsticks = {r["model"]: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
-                  for r in report.get("rows", []) if r["model"] in ("raw", "train@all", "shared_base")}
+    yardsticks = {m: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
+                  for m, r in report_rows(cfg).items() if m in ("raw", "train@all", "shared_base")}
     n_baselines = len(baseline_points(session.search_params, cfg.search.bounds, cfg.search.human_weights,
                                       cfg.search.alone_baselines))
 

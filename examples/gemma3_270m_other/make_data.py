@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from task_rows import unique, write_rows  # noqa: E402  (examples/task_rows.py)
+from task_rows import draw, write_rows  # noqa: E402  (examples/task_rows.py)
 
 ROWS_PER_TASK = 220  # 60 train + 80 validation + 80 test: one test row is 1.25 points of a chunk
 NOUNS = ["stone", "river", "cloud", "table", "horse", "lamp", "shoe", "bread", "chair", "grass", "snow", "wheel",
@@ -46,7 +46,7 @@ def main():
     rng = random.Random(1)
     tasks = {"times": times_task, "lowercase": lowercase_task, "last_word": last_word_task,
              "reverse_list": reverse_list_task}
-    write_rows(HERE / "tasks.jsonl", {task: unique(make, ROWS_PER_TASK, rng) for task, make in tasks.items()})
+    write_rows(HERE / "tasks.jsonl", draw(tasks, ROWS_PER_TASK, rng))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from task_rows import unique, write_rows  # noqa: E402  (examples/task_rows.py)
+from task_rows import draw, write_rows  # noqa: E402  (examples/task_rows.py)
 
 ROWS_PER_TASK = 240  # 60 train + 80 validation + 100 test: one test row is 1 point of a chunk
 PLURALS = {"box": "boxes", "glass": "glasses", "bus": "buses", "dish": "dishes", "church": "churches",
@@ -48,7 +48,7 @@ def main():
     rng = random.Random(2)
     tasks = {"plural": plural_task, "count_words": count_words_task, "subtract": subtract_task,
              "hyphenate": hyphenate_task}
-    write_rows(HERE / "tasks.jsonl", {task: unique(make, ROWS_PER_TASK, rng) for task, make in tasks.items()})
+    write_rows(HERE / "tasks.jsonl", draw(tasks, ROWS_PER_TASK, rng))
 
 
 if __name__ == "__main__":
