@@ -57,16 +57,6 @@ class RunDir:
         """The run's label in reports and the WebUI: <name>, or <name>-round<K> for round K >= 2."""
         return name if round == 1 else f"{name}-round{round}"
 
-    @staticmethod
-    def delta_name(chunk: str, method: str) -> str:
-        """A chunk's delta trained with one method: <chunk>-<method> (its deltas/ folder and configs/ file)."""
-        return f"{chunk}-{method}"
-
-    @staticmethod
-    def webui_name(label: str, adapter: str) -> str:
-        """An adapter's folder under the WebUI's saves/<model>/lora/: <label>-<adapter> (e.g. toy-best)."""
-        return f"{label}-{adapter}"
-
     # ---- prepare: LLaMA-Factory's dataset_dir ----
     @property
     def data(self) -> Path:
@@ -202,6 +192,16 @@ class RunDir:
         if best is None:
             raise UserError(f"{self.best} missing; run `autollm search` first")
         return best
+
+
+def delta_name(chunk: str, method: str) -> str:
+    """A chunk's delta trained with one method: <chunk>-<method> (its deltas/ folder and configs/ file)."""
+    return f"{chunk}-{method}"
+
+
+def webui_name(label: str, adapter: str) -> str:
+    """An adapter's folder under the WebUI's saves/<model>/lora/: <label>-<adapter> (e.g. toy-best)."""
+    return f"{label}-{adapter}"
 
 
 def is_fresh(marker: dict, fingerprint: str, *outputs: Path) -> bool:

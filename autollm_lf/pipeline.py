@@ -41,7 +41,7 @@ def stage_prepare(s: Session) -> None:
 
 def check_chunk_keys(s: Session) -> None:
     """Config keys that name chunks can only be checked once the data says which chunks exist."""
-    known = set(s.chunks) | set(s.delta_names)
+    known = set(s.chunks) | set(s.specs)
     for key, names, allowed in (("train.chunk_args", s.cfg.train.chunk_args, known),
                                 ("search.human_weights", s.cfg.search.human_weights, known),
                                 ("train.chunk_methods", s.cfg.train.chunk_methods, set(s.chunks))):
@@ -49,12 +49,12 @@ def check_chunk_keys(s: Session) -> None:
         if unknown:
             raise UserError(f"{key}: unknown chunk {', '.join(map(repr, unknown))}; "
                             f"the chunks are {', '.join(s.chunks)}"
-                            f" (deltas: {', '.join(d for d in s.delta_names if d != ALL_DELTA)})")
+                            f" (deltas: {', '.join(d for d in s.specs if d != ALL_DELTA)})")
 
 
 def stage_train(s: Session) -> None:
     check_chunk_keys(s)
-    s.delta_names  # a method that does not fit its chunk stops here, before any training
+    s.specs  # a method that does not fit its chunk stops here, before any training
     check_before_training(s.base_cfg, s.full)  # a disk too small for the run stops it here too
     if s.cfg.train.shared:  # trained on the configured base; the deltas then train on the base it makes
         build_shared_base(s.base_cfg, force="train" in s.force)

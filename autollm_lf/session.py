@@ -39,8 +39,7 @@ class Session:
         self.requested_merge = cfg.search.merge  # `auto` until the search chooses (search/merge_choice.py)
         self.base_cfg = cfg  # prepare's: the base as configured
         self.cfg = cfg.on_shared_base() if cfg.train.shared else cfg  # every later stage's (train.shared)
-        self.force = force
-        self.keep_going = keep_going
+        self.force, self.keep_going = force, keep_going
         self.full = full  # export also merges into full weights with `llamafactory-cli export` and checks them
         self._weighted = None
         self.held_tokenizer = HeldTokenizer(self.cfg.base_model.path)  # shared with the loaded deltas
@@ -67,10 +66,6 @@ class Session:
         """Every delta the config asks for, by name: <chunk>-<method>, then train@all's."""
         return {spec.name: spec for spec in delta_specs(self.cfg, self.shapes)}
 
-    @property
-    def delta_names(self) -> list[str]:
-        return list(self.specs)
-
     def human_weights(self) -> dict[str, float]:
         """search.human_weights keyed by delta, or by chunk for all of its deltas."""
         human = self.cfg.search.human_weights
@@ -83,12 +78,12 @@ class Session:
     @cached_property
     def adapters(self) -> dict[str, Path]:
         """The trained deltas (with --keep-going, those that failed are left out, saying so)."""
-        names = [n for n in self.delta_names if not self.all_on_user_base(n)]
+        names = [n for n in self.specs if not self.all_on_user_base(n)]
         return trained_adapters(self.cfg, names, self.keep_going)
 
     def all_on_user_base(self, name: str) -> bool:
-        """train@all with train.shared: trained from the configured base (the yardstick a user would train), so not
-        loaded beside the deltas on the shared base; the report scores it on its own (train_all_adapter)."""
+        """train@all with train.shared: trained from the configured base (what a user would train), so not loaded
+        beside the deltas on the shared base but scored on its own (train_all_adapter)."""
         return name == ALL_DELTA and bool(self.cfg.train.shared)
 
     @property
@@ -99,7 +94,7 @@ class Session:
     @property
     def deltas(self) -> list[str]:
         """The chunk deltas the search weighs (train@all is a baseline, not a search dimension)."""
-        return [d for d in self.delta_names if d != ALL_DELTA and d in self.adapters]
+        return [d for d in self.specs if d != ALL_DELTA and d in self.adapters]
 
     @property
     def weighted(self):
@@ -123,7 +118,7 @@ class Session:
         """The split's evaluator: evaluation.metric on every row, or the evaluation.objective over its parts."""
         if split not in self._scorers:
             w, rows = self.weighted, load_split(self.cfg, split)
-            raw = lambda objective: self._raw_constraints(objective, split)
+            raw = lambda objective: raw_constraints(self, objective, split)
             self._scorers[split] = Objective(self.cfg, w.model, self.tokenizer, rows, raw) \
                 if self.cfg.evaluation.objective else make_evaluator(self.cfg, w.model, self.tokenizer, rows)
         return self._scorers[split]
@@ -132,18 +127,11 @@ class Session:
         release_tokenizer(self.weighted, list(self._scorers.values()))
 
     def ready_for_trials(self) -> None:
-        """What the search does before its first trial: the validation rows as token ids, the tokenizer freed if
-        no trial needs it, the apply mode picked (that runs the model: by then only what trials hold is loaded)."""
+        """Before the first trial: the validation rows as token ids, the tokenizer freed if no trial needs it, the
+        apply mode picked (that runs the model: by then only what trials hold is loaded)."""
         self.scorer("validation")
         self.release_tokenizer()
         pick_apply_mode(self)
-
-    def _raw_constraints(self, objective, split: str) -> dict[str, float]:
-        """The raw model's score on each constraint part (every weight 0), recorded for reloaded adapters."""
-        self.weighted.set_weights({d: 0.0 for d in self.deltas})
-        scores = objective.constraint_scores()
-        write_json(self.cfg.run.raw_constraints(split), scores)
-        return scores
 
     def score(self, weights: dict[str, float], split: str) -> float:
         if not self.cfg.evaluation.objective:
@@ -179,8 +167,7 @@ class Session:
         return [r["chunk"] for r in self.scorer(split).rows]
 
     def part_scores(self, split: str) -> dict[str, float]:
-        """Each objective part's score at the point scored_rows last scored on `split` (empty without an
-        objective)."""
+        """Each objective part's score at the point scored_rows last scored on `split` (none without an objective)."""
         return self._parts.get(split, {}) if self.cfg.evaluation.objective else {}
 
     def use_merge(self, method: str) -> None:
@@ -194,6 +181,14 @@ class Session:
         delta_fps = {n: read_json(p / DONE_MARKER)["fingerprint"] for n, p in self.adapters.items()}
         cfg = with_merge(self.cfg, merge) if merge else self.cfg
         return search_fingerprint(cfg, self.deltas, delta_fps, file_digest([self.cfg.run.split("validation")]))
+
+
+def raw_constraints(s: Session, objective, split: str) -> dict[str, float]:
+    """The raw model's score on each constraint part (every weight 0), recorded for reloaded adapters."""
+    s.weighted.set_weights({d: 0.0 for d in s.deltas})
+    scores = objective.constraint_scores()
+    write_json(s.cfg.run.raw_constraints(split), scores)
+    return scores
 
 
 def load_merge(s: Session) -> WeightedDeltas:

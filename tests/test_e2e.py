@@ -364,9 +364,11 @@ def test_bench_quality_on_a_finished_run(loss_run):
         assert run["test_ci"][0] <= run["test"] <= run["test_ci"][1] and r["trials"] == 11
         assert set(run["of_own"]) == {c for c, v in own.items() if v > 0}
         assert run["gain"]["difference"] == pytest.approx(run["test"] - run["gain"]["start_test"])
+        # paired with the report's train@all on the same test rows
+        assert run["vs_train_all"]["difference"] == pytest.approx(run["test"] - rows["train@all"]["test"])
         if r["merge"] == "linear":
             assert run["gain"]["start_test"] == pytest.approx(rows[row_of[run["gain"]["start"]]]["test"], abs=1e-9)
-    assert "quality (" in res.stdout and "regmean/gradient" in res.stdout
+    assert "quality (" in res.stdout and "regmean/gradient" in res.stdout and "- train@all " in res.stdout
     # narrowed: one pair, two seeds, and a larger budget of the run's own method and optimiser
     res = autollm("bench", "--only", "quality", "--quick", "--model-run", str(cfg), "--json", "--merge", "regmean",
                   "--optimizer", "gradient", "--seeds", "2", "--larger-budget", "13", cwd=tmp)

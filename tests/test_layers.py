@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "autollm_lf"
 DOC = (REPO / "docs" / "how-it-works.md").read_text(encoding="utf-8")
 MAX_LINES = 400
+MAX_CLASS_LINES = 150
 
 
 def floors() -> tuple[dict[str, int], dict[str, str]]:
@@ -130,3 +131,10 @@ def test_no_file_over_the_limit():
     long = {str(p.relative_to(REPO)): n for p in sources()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}, f"split these along a natural seam (at most {MAX_LINES} lines)"
+
+
+def test_no_class_over_the_limit():
+    long = {f"{p.relative_to(REPO)}:{node.name}": n for p in sources()
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))) if isinstance(node, ast.ClassDef)
+            if (n := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES}
+    assert long == {}, f"move what is not the class's own state out of it (at most {MAX_CLASS_LINES} lines)"

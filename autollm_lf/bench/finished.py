@@ -18,3 +18,8 @@ def finished_session(cfg_path: Path | None) -> Session | None:
 def report_rows(cfg) -> dict[str, dict]:
     """The run's report rows by model (raw, train@all, ...: scored on the same test rows), {} before its report."""
     return {r["model"]: r for r in read_json(cfg.run.report_json, {}).get("rows", [])}
+
+
+def report_row_scores(cfg, model: str, split: str = "test") -> list[float] | None:
+    """One report row's score on every held-out row of `split` (report/row_scores.json), None before the report."""
+    return read_json(cfg.run.row_scores, {}).get("scores", {}).get(model, {}).get(split)

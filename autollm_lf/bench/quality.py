@@ -3,7 +3,8 @@
 Every merge method x optimiser runs the real search loop on validation at the same trial budget, with several
 seeds; the weights each picks are scored on test, with the bootstrap interval over test rows, and per chunk as a
 fraction of that chunk's own delta's test score (on the chunks that delta learned: its score above the base's with
-an interval that excludes 0). One larger budget shows what more trials buy. One loaded model: methods are switched
+an interval that excludes 0); each pick's gain over its own start and its difference from the run's train@all,
+paired on the same test rows. One larger budget shows what more trials buy. One loaded model: methods are switched
 in place, the seeds' baseline points are scored once per method."""
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..merge.grams import use_regmean
 from ..search.loop import baseline_points, run_search
 from ..search.optimizers import optimizer_problems
 from ..session import Session
-from .finished import finished_session, report_rows
+from .finished import finished_session, report_row_scores, report_rows
 
 QUALITY_METHODS = ("linear", "regmean", "regmean_core", "regmean_w", "tsv", "iso_c", "iso_cts")
 QUALITY_OPTIMIZERS = ("gradient", "cmaes")
@@ -110,6 +111,7 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
         learned[c] = paired_difference([scores[i] for i in cols], [base_scores[i] for i in cols],
                                        resample_index([c] * len(cols), n_boot, cfg.seed), level)
     learned_chunks = [c for c, d in learned.items() if d["excludes_zero"] and d["difference"] > 0]
+    train_all = report_row_scores(cfg, "train@all")  # paired with each search's pick on the same rows
     yardsticks = {m: {k: r.get(k) for k in ("test", "test_ci", "test_by_chunk")}
                   for m, r in report_rows(cfg).items() if m in ("raw", "train@all", "shared_base")}
     n_baselines = len(baseline_points(session.search_params, cfg.search.bounds, cfg.search.human_weights,
@@ -126,7 +128,8 @@ def bench_quality(cfg_path: Path | None, budget: int = 14, seeds: int = 3, big_b
             best, seconds = _search(session, search, session.search_params, seed)
             summary = _test_summary(session, best["weights"], method, own, index, level)
             runs.append({"seed": seed, "validation": best["validation"], "seconds": seconds, **summary,
-                         "gain": _search_gain(session, best, method, summary["scores"], index, level)})
+                         "gain": _search_gain(session, best, method, summary["scores"], index, level),
+                         "vs_train_all": train_all and paired_difference(summary["scores"], train_all, index, level)})
         return _combine(method, optimizer, trials, runs, learned_chunks)
 
     results = [measured(method, optimizer, budget, seeds) for method, optimizer in pairs]
@@ -160,10 +163,14 @@ def quality_lines(r: dict) -> list[str]:
     for x in r["results"]:
         runs = "; ".join(f"seed {run['seed']}: {run['test']:.3f} [{run['test_ci'][0]:.3f}, {run['test_ci'][1]:.3f}], "
                          f"gain over its start ({run['gain']['start']} {run['gain']['start_test']:.3f}) "
-                         f"{run['gain']['difference']:+.3f} [{run['gain']['interval'][0]:+.3f}, "
-                         f"{run['gain']['interval'][1]:+.3f}]" for run in x["runs"])
+                         f"{_paired(run['gain'])}" + (f", - train@all {_paired(run['vs_train_all'])}"
+                                                      if run.get("vs_train_all") else "") for run in x["runs"])
         lines.append(f"  {x['merge']}/{x['optimizer']} ({x['trials']} trials)".ljust(30)
                      + f"validation {x['validation_mean']:.3f}  test {x['test_mean']:.3f}  worst learned chunk "
                        f"{x['worst_learned_chunk_of_own_mean']:.0%} of its delta  ({runs}; {x['seconds_mean']:.0f}s)")
     return lines
 
+
+
+def _paired(d: dict) -> str:
+    return f"{d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"

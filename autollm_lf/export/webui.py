@@ -8,7 +8,7 @@ import yaml
 
 from ..fileio import file_digest, write_if_changed
 from ..log import get_logger
-from ..paths import ADAPTER_FILE, RunDir
+from ..paths import ADAPTER_FILE, webui_name
 
 logger = get_logger(__name__)
 
@@ -37,7 +37,7 @@ def place_in_webui(cfg, adapters: dict[str, Path]) -> list[Path]:
     lora_dir = cfg.export.saves_dir / label / "lora"
     placed = []
     for name, src in adapters.items():
-        dst = lora_dir / RunDir.webui_name(cfg.run_label, name)
+        dst = lora_dir / webui_name(cfg.run_label, name)
         for f in ADAPTER_FILES:
             _copy_if_changed(src / f, dst / f)
         placed.append(dst)

@@ -31,6 +31,17 @@ class CorePieces:
     ridge: float
 
 
+def core_pieces(slices, A_u, within, grams_of, diags, alpha: float) -> CorePieces:
+    """The weights-inside form's pieces of one cat module: each delta's H_i = alpha C_i' + (1 - alpha) D_i in core
+    space, and a ridge scaled to the mean diagonal of their sum."""
+    import torch
+    H = [alpha * G.double() + (1.0 - alpha) * D for G, D in zip(grams_of, diags)]
+    total = torch.stack(H).sum(0) if H else torch.zeros(0, 0, dtype=torch.float64)
+    scale = float(torch.diagonal(total).mean()) if total.numel() else 0.0
+    return CorePieces(A_u.double(), H, within, [sl for _, _, sl in slices], [i for i, _, _ in slices],
+                      RIDGE * (scale if scale > 0 else 1.0))
+
+
 class LowRankWriter:
     """Writes a low-rank method's merge into the bank's cat factors: A_cat's rows are the unit rows (the deltas' own,
     or RegMean's) times their delta's weight in their module and its LoRA scaling; a normalised method also replaces
@@ -137,22 +148,13 @@ class LowRankWriter:
                 diags = [grams.diag(c, name).to(m.unit.device) for c in chunks]
                 diags = [(A_u.double() * d.double()) @ A_u.double().T for d in diags]
                 new = regmean_core_A(within, A_u, grams_of, diags, alpha)
-                self._keep_core(slices, A_u, within, grams_of, diags, alpha)
+                self.core.append(core_pieces(slices, A_u, within, grams_of, diags, alpha))  # in cat order
             else:
                 new = regmean_A([m.unit[sl] for _, _, sl in slices], grams_of, alpha)
             rows = m.unit.clone()
             for (_, _, sl), A in zip(slices, new):
                 rows[sl] = A
             self.aware_units[space].append(rows)
-
-    def _keep_core(self, slices, A_u, within, grams_of, diags, alpha: float) -> None:
-        """The weights-inside form's pieces of this module (in cat order: use_regmean walks bank.cat)."""
-        import torch
-        H = [alpha * G.double() + (1.0 - alpha) * D for G, D in zip(grams_of, diags)]
-        total = torch.stack(H).sum(0) if H else torch.zeros(0, 0, dtype=torch.float64)
-        scale = float(torch.diagonal(total).mean()) if total.numel() else 0.0
-        self.core.append(CorePieces(A_u.double(), H, within, [sl for _, _, sl in slices], [i for i, _, _ in slices],
-                                    RIDGE * (scale if scale > 0 else 1.0)))
 
     def _write_norm_B(self, w: torch.Tensor) -> None:
         bank = self.bank

@@ -14,7 +14,7 @@ from ..config.owned import OWNED_TRAIN_KEYS
 from ..errors import UserError
 from ..fileio import atomic_write_text, file_digest, fingerprint, read_json, write_json
 from ..log import get_logger
-from ..paths import ADAPTER_FILE, ALL_DELTA, RunDir, dataset_file_stem, is_fresh, sft_view
+from ..paths import ADAPTER_FILE, ALL_DELTA, dataset_file_stem, delta_name, is_fresh, sft_view
 from .cluster import RayCluster
 from .lfcli import run_llamafactory
 from .methods import AUTO_METHODS, METHODS, SHAPE_WORDS
@@ -151,7 +151,7 @@ def delta_specs(cfg, shapes: dict[str, str]) -> list[DeltaSpec]:
                 raise UserError(f"train: method {m!r} does not fit chunk {chunk!r}: its data is {SHAPE_WORDS[shape]}, "
                                 f"{m} needs {SHAPE_WORDS[METHODS[m].shape]}; set train.chunk_methods.{chunk} "
                                 f"(e.g. {AUTO_METHODS[shape]}) or give the chunk such data")
-            name = RunDir.delta_name(chunk, m)
+            name = delta_name(chunk, m)
             args = {**cfg.train.method_args.get(m, {}), **cfg.train.chunk_args.get(chunk, {}),
                     **cfg.train.chunk_args.get(name, {})}
             specs.append(DeltaSpec(name, [chunk], m, args, merged=True))
