@@ -90,12 +90,13 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     scored = lambda weights, how: split_by_chunk(session.scored_rows(weights, "test", how)[1],
                                                  session.row_chunks("test"))[1]
     by_chunk = lambda weights: scored(weights, method)  # merged as the run merges: the oracles tune that merge
-    # each delta alone as trained (`linear`: under `regmean` a one-hot point still holds every delta's Gram)
-    own, best_delta, no_test = own_scores(session, lambda weights: scored(weights, "linear"))
+    # a delta alone as trained (`linear`: under `regmean` a one-hot point still holds every delta's Gram)
+    alone = lambda weights: scored(weights, "linear")
+    own, best_delta, no_test = own_scores(session, alone)
     if not own:
         return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}
     yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
-    train_all = train_all_by_chunk(session, lambda weights: scored(weights, "linear"))
+    train_all = train_all_by_chunk(session, alone)
     if train_all:
         yardsticks["train@all"] = train_all
     w.use_granularity("delta")

@@ -171,6 +171,5 @@ def quality_lines(r: dict) -> list[str]:
     return lines
 
 
-
 def _paired(d: dict) -> str:
     return f"{d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
