@@ -96,6 +96,14 @@ def test_ceiling_value_is_one_only_when_every_chunk_reaches_its_share():
     assert ceiling_value({"code": 0.2, "math": 0.2, "pref": 0.0}, own, share=1.0) == pytest.approx((0.4 + 0.8 + 1) / 3)
 
 
+def test_overall_score_weights_each_chunk_by_its_rows():
+    from collections import Counter
+
+    from autollm_lf.bench.ceiling import overall_score
+    assert overall_score({"a": 1.0, "b": 0.0}, Counter({"a": 3, "b": 1})) == pytest.approx(0.75)
+    assert overall_score({"a": 0.5, "b": 0.5}, Counter({"a": 1, "b": 9})) == pytest.approx(0.5)
+
+
 def test_ceiling_tunes_the_runs_merge_and_takes_each_delta_alone_as_trained(tmp_path, monkeypatch):
     """On a `regmean` run the oracles and the auto_merge yardstick are merged with `regmean` (the merge the goal is
     about), each chunk's own delta alone with `linear` (under regmean a one-hot point still holds every Gram), and
@@ -136,5 +144,9 @@ def test_ceiling_tunes_the_runs_merge_and_takes_each_delta_alone_as_trained(tmp_
     assert ({"a-sft": 0.5, "b-sft": 1.0}, "regmean") in scored  # auto_merge as the run merged it
     assert searched["merge"] == "regmean" and ({"a-sft": 1.0, "b-sft": 1.0}, "regmean") in scored
     assert r["yardsticks"]["train@all"]["by_chunk"] == {"a": 0.5, "b": 0.25}
+    # the overall test score, row-weighted: train@all (.5 x 2 + .25 x 2) / 4, auto_merge (.5 x 2 + 1 x 2) / 4
+    assert r["yardsticks"]["train@all"]["overall"] == pytest.approx(0.375)
+    assert r["yardsticks"]["auto_merge"]["overall"] == pytest.approx(0.75) and r["test_rows"] == 4
+    assert r["results"][0]["overall"] == pytest.approx(1.0) == r["results"][0]["best_overall_any_trial"]
     assert r["merge"] == "regmean" and r["granularity"] == "module_kind" and weighted.granularity == "module_kind"
     assert "the run's merge, regmean at module_kind" in "\n".join(ceiling.ceiling_lines(r))

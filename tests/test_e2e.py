@@ -332,6 +332,9 @@ def test_bench_model_part_on_a_finished_run(first_run):
     assert oracle["trials"] >= len(own) + 2 and set(oracle["by_chunk"]) >= set(own)
     assert all(oracle["best_per_chunk_any_trial"][c] >= own[c] for c in own)
     assert oracle["value"] == pytest.approx(ceiling_value(oracle["by_chunk"], own))
+    # its overall test score: row-weighted from the chunks it reports, and no trial's above the best any trial had
+    assert min(oracle["by_chunk"].values()) <= oracle["overall"] <= oracle["best_overall_any_trial"]
+    assert oracle["best_overall_any_trial"] <= max(oracle["best_per_chunk_any_trial"].values())
     fitted = ceiling["results"][1]  # the gradient oracle: from the run's best point, which it counts
     # its trajectory starts at the run's best weights: the start is auto_merge's value (not a maximum of itself)
     assert fitted["trials"] == 3

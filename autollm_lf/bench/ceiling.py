@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..config import SearchConfig
@@ -18,10 +19,13 @@ from .finished import finished_session, report_rows
 from .searches import quiet_search
 
 CEILING_SHARE = 0.95  # the merge-quality goal (issue 42): on every chunk, this share of what its own delta scores
+# the search oracle's tie-break: among points equally far towards the per-chunk goal (every point that meets it
+# scores 1), the better overall test score wins, so the oracle also bounds the overall goal (auto_merge vs train@all)
+OVERALL_TIE_BREAK = 1e-3
 
 
 def gradient_ceiling(session: Session, by_chunk, own: dict[str, float], trials: int,
-                     start_scores: dict[str, float]) -> dict:
+                     start_scores: dict[str, float], rows: Counter) -> dict:
     """The gradient oracle of bench_ceiling: Adam on every test row's teacher-forced loss, from the run's best
     weights (whose per-chunk test scores are `start_scores`), each point scored by ceiling_value on test."""
     test = session.scorer("test")
@@ -37,8 +41,9 @@ def gradient_ceiling(session: Session, by_chunk, own: dict[str, float], trials: 
     best = max(range(len(values)), key=values.__getitem__)
     return {"granularity": f"{session.weighted.granularity}, gradient", "weights": len(start),
             "trials": len(seen), "value": values[best], "by_chunk": seen[best], "start_value": values[0],
-            "seconds": time.perf_counter() - started,
-            "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own}}
+            "seconds": time.perf_counter() - started, "overall": overall_score(seen[best], rows),
+            "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own},
+            "best_overall_any_trial": max(overall_score(s, rows) for s in seen)}
 
 
 def own_scores(session: Session, by_chunk) -> tuple[dict[str, float], dict[str, str], list[str]]:
@@ -71,6 +76,11 @@ def ceiling_value(by_chunk: dict[str, float], own: dict[str, float], share: floa
     return statistics.mean(min(1.0, by_chunk[c] / (share * own[c])) if own[c] > 0 else 1.0 for c in own)
 
 
+def overall_score(by_chunk: dict[str, float], rows: Counter) -> float:
+    """The test score over every row from the per-chunk means and each chunk's number of test `rows`."""
+    return sum(by_chunk[c] * n for c, n in rows.items()) / sum(rows.values())
+
+
 def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int = 6, seed: int = 0) -> dict:
     """What the best weights could reach on the per-chunk goal, measured from above, by two oracles that tune on the
     TEST split itself (which no real search may see), merged as the run merges (its method): the search loop
@@ -93,6 +103,7 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     # a delta alone as trained (`linear`: under `regmean` a one-hot point still holds every delta's Gram)
     alone = lambda weights: scored(weights, "linear")
     own, best_delta, no_test = own_scores(session, alone)
+    rows = Counter(session.row_chunks("test"))
     if not own:
         return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}
     yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
@@ -107,21 +118,26 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
 
     def oracle(weights):
         seen[point_key(weights)] = scores = by_chunk(weights)
-        return ceiling_value(scores, own)
+        return ceiling_value(scores, own) + OVERALL_TIE_BREAK * overall_score(scores, rows)
 
     best, seconds = quiet_search(ScoredMerge(cfg.model_copy(update={"search": search}), w, {}, objective=oracle),
                                  params, seed, fp="ceiling")
-    results = [{"granularity": "delta", "weights": len(params), "trials": len(seen), "value": best["validation"],
-                "by_chunk": seen[point_key(best["weights"])], "seconds": seconds,
-                "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own}}]
+    found = seen[point_key(best["weights"])]
+    results = [{"granularity": "delta", "weights": len(params), "trials": len(seen),
+                "value": ceiling_value(found, own), "by_chunk": found, "seconds": seconds,
+                "overall": overall_score(found, rows),
+                "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own},
+                "best_overall_any_trial": max(overall_score(s, rows) for s in seen.values())}]
     w.use_granularity(run_granularity)
     fits = gradient_trials and not optimizer_problems("gradient", method, cfg.evaluation.metric,
                                                       bool(cfg.evaluation.objective))
     if fits:  # what the gradient optimiser declares it can fit (its `needs`)
-        results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"]))
+        results.append(gradient_ceiling(session, by_chunk, own, gradient_trials, yardsticks["auto_merge"], rows))
     return {"share": CEILING_SHARE, "merge": method, "granularity": run_granularity, "own_delta": own,
             "own_delta_name": best_delta, "no_test_rows": no_test, "rows_per_chunk": cfg.data.test_per_chunk,
-            "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own)} for k, v in yardsticks.items()},
+            "test_rows": sum(rows.values()),
+            "yardsticks": {k: {"by_chunk": v, "value": ceiling_value(v, own), "overall": overall_score(v, rows)}
+                           for k, v in yardsticks.items()},
             "results": results}
 
 
@@ -129,19 +145,22 @@ def ceiling_lines(r: dict) -> list[str]:
     if "skipped" in r:
         return ["ceiling: " + r["skipped"]]
     chunks = list(r["own_delta"])
-    row = lambda name, scores: f"  {name:<40}" + "".join(f"{scores[c]:>{max(8, len(c) + 2)}.2f}" for c in chunks)
+    width = lambda c: max(8, len(c) + 2)
+    row = lambda name, scores, overall=None: f"  {name:<40}" + "".join(
+        f"{scores[c]:>{width(c)}.2f}" for c in chunks) + ("" if overall is None else f"{overall:>12.3f}")
     lines = [f"ceiling (the run's merge, {r['merge']} at {r['granularity']}, with weights searched on TEST itself, "
-             f"{r['rows_per_chunk']} rows per chunk; goal: every chunk "
+             f"{r.get('test_rows', '?')} rows, {r['rows_per_chunk']} per chunk; goal: every chunk "
              f">= {r['share']:.0%} of its own delta):",
-             f"  {'':<40}" + "".join(f"{c:>{max(8, len(c) + 2)}}" for c in chunks),
+             f"  {'':<40}" + "".join(f"{c:>{width(c)}}" for c in chunks) + f"{'all rows':>12}",
              row("own delta", r["own_delta"]),
              row(f"{r['share']:.0%} of it", {c: r["share"] * v for c, v in r["own_delta"].items()})]
     named = r.get("own_delta_name", {})
     lines += [f"  (own delta: the best of the chunk's deltas alone: {', '.join(named.values())})"] if named else []
     lines += [f"  (no test rows, not scored: {', '.join(r['no_test_rows'])})"] if r.get("no_test_rows") else []
-    lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"]) for k, y in r["yardsticks"].items()]
+    lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"], y.get("overall")) for k, y in r["yardsticks"].items()]
     for x in r["results"]:
-        lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"]))
-        lines.append(row("  best chunk by chunk", x["best_per_chunk_any_trial"]))
+        lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"], x.get("overall")))
+        lines.append(row("  best chunk by chunk (and all rows)", x["best_per_chunk_any_trial"],
+                         x.get("best_overall_any_trial")))
         lines.append(f"    ({x['weights']} weights, {x['trials']} trials, {x['seconds']:.0f}s)")
     return lines
