@@ -37,13 +37,10 @@ def gradient_ceiling(session: Session, by_chunk, own: dict[str, float], trials: 
     started, seen = time.perf_counter(), [start_scores]
     for number in range(1, trials + 1):
         seen.append(by_chunk(opt.suggest(number)))
-    values = [ceiling_value(scores, own) for scores in seen]
-    best = max(range(len(values)), key=values.__getitem__)
+    best = max(seen, key=lambda scores: ceiling_value(scores, own))  # the first of equals
     return {"granularity": f"{session.weighted.granularity}, gradient", "weights": len(start),
-            "trials": len(seen), "value": values[best], "by_chunk": seen[best], "start_value": values[0],
-            "seconds": time.perf_counter() - started, "overall": overall_score(seen[best], rows),
-            "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own},
-            "best_overall_any_trial": max(overall_score(s, rows) for s in seen)}
+            "start_value": ceiling_value(seen[0], own), "seconds": time.perf_counter() - started,
+            **oracle_summary(best, seen, own, rows)}
 
 
 def own_scores(session: Session, by_chunk) -> tuple[dict[str, float], dict[str, str], list[str]]:
@@ -81,6 +78,16 @@ def overall_score(by_chunk: dict[str, float], rows: Counter) -> float:
     return sum(by_chunk[c] * n for c, n in rows.items()) / sum(rows.values())
 
 
+def oracle_summary(found: dict[str, float], seen: list[dict[str, float]], own: dict[str, float],
+                   rows: Counter) -> dict:
+    """An oracle's result: the per-chunk scores of the point it `found`, their goal value and overall test score, and
+    the best each chunk (and the overall score) reached in any point it `seen`."""
+    return {"trials": len(seen), "value": ceiling_value(found, own), "by_chunk": found,
+            "overall": overall_score(found, rows),
+            "best_per_chunk_any_trial": {c: max(s[c] for s in seen) for c in own},
+            "best_overall_any_trial": max(overall_score(s, rows) for s in seen)}
+
+
 def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int = 6, seed: int = 0) -> dict:
     """What the best weights could reach on the per-chunk goal, measured from above, by two oracles that tune on the
     TEST split itself (which no real search may see), merged as the run merges (its method): the search loop
@@ -97,13 +104,13 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
     if w.mode == "scaling":
         return {"skipped": "search.apply: scaling cannot switch granularity; use auto, cat or fold"}
     method, run_granularity = w.method, w.granularity  # the run's (search.merge / granularity auto: as resolved)
-    scored = lambda weights, how: split_by_chunk(session.scored_rows(weights, "test", how)[1],
-                                                 session.row_chunks("test"))[1]
+    test_chunks = session.row_chunks("test")
+    scored = lambda weights, how: split_by_chunk(session.scored_rows(weights, "test", how)[1], test_chunks)[1]
     by_chunk = lambda weights: scored(weights, method)  # merged as the run merges: the oracles tune that merge
     # a delta alone as trained (`linear`: under `regmean` a one-hot point still holds every delta's Gram)
     alone = lambda weights: scored(weights, "linear")
     own, best_delta, no_test = own_scores(session, alone)
-    rows = Counter(session.row_chunks("test"))
+    rows = Counter(test_chunks)
     if not own:
         return {"skipped": f"no chunk of {cfg_path} has test rows (train_only sources, bad cases): nothing to reach"}
     yardsticks = {"auto_merge": by_chunk(cfg.run.read_best()["weights"])}
@@ -122,12 +129,8 @@ def bench_ceiling(cfg_path: Path | None, trials: int = 40, gradient_trials: int 
 
     best, seconds = quiet_search(ScoredMerge(cfg.model_copy(update={"search": search}), w, {}, objective=oracle),
                                  params, seed, fp="ceiling")
-    found = seen[point_key(best["weights"])]
-    results = [{"granularity": "delta", "weights": len(params), "trials": len(seen),
-                "value": ceiling_value(found, own), "by_chunk": found, "seconds": seconds,
-                "overall": overall_score(found, rows),
-                "best_per_chunk_any_trial": {c: max(s[c] for s in seen.values()) for c in own},
-                "best_overall_any_trial": max(overall_score(s, rows) for s in seen.values())}]
+    results = [{"granularity": "delta", "weights": len(params), "seconds": seconds,
+                **oracle_summary(seen[point_key(best["weights"])], list(seen.values()), own, rows)}]
     w.use_granularity(run_granularity)
     fits = gradient_trials and not optimizer_problems("gradient", method, cfg.evaluation.metric,
                                                       bool(cfg.evaluation.objective))
@@ -149,7 +152,7 @@ def ceiling_lines(r: dict) -> list[str]:
     row = lambda name, scores, overall=None: f"  {name:<40}" + "".join(
         f"{scores[c]:>{width(c)}.2f}" for c in chunks) + ("" if overall is None else f"{overall:>12.3f}")
     lines = [f"ceiling (the run's merge, {r['merge']} at {r['granularity']}, with weights searched on TEST itself, "
-             f"{r.get('test_rows', '?')} rows, {r['rows_per_chunk']} per chunk; goal: every chunk "
+             f"{r['test_rows']} rows, {r['rows_per_chunk']} per chunk; goal: every chunk "
              f">= {r['share']:.0%} of its own delta):",
              f"  {'':<40}" + "".join(f"{c:>{width(c)}}" for c in chunks) + f"{'all rows':>12}",
              row("own delta", r["own_delta"]),
@@ -157,10 +160,10 @@ def ceiling_lines(r: dict) -> list[str]:
     named = r.get("own_delta_name", {})
     lines += [f"  (own delta: the best of the chunk's deltas alone: {', '.join(named.values())})"] if named else []
     lines += [f"  (no test rows, not scored: {', '.join(r['no_test_rows'])})"] if r.get("no_test_rows") else []
-    lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"], y.get("overall")) for k, y in r["yardsticks"].items()]
+    lines += [row(f"{k} ({y['value']:.3f})", y["by_chunk"], y["overall"]) for k, y in r["yardsticks"].items()]
     for x in r["results"]:
-        lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"], x.get("overall")))
+        lines.append(row(f"oracle {x['granularity']} ({x['value']:.3f})", x["by_chunk"], x["overall"]))
         lines.append(row("  best chunk by chunk (and all rows)", x["best_per_chunk_any_trial"],
-                         x.get("best_overall_any_trial")))
+                         x["best_overall_any_trial"]))
         lines.append(f"    ({x['weights']} weights, {x['trials']} trials, {x['seconds']:.0f}s)")
     return lines
